@@ -1,0 +1,31 @@
+# The two commands: `make demo` and `make test`. Each creates or updates .venv first.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+# Everything runs offline and keeps its state inside the project folder.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
+export U2NET_HOME ?= $(CURDIR)/.cache/u2net
+
+.PHONY: venv demo test clean-demo
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: venv
+	$(BIN)/episode2lora run data/sample --name demo
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf data/runs/demo

@@ -1,0 +1,3 @@
+from episode2lora.cli import main
+
+main()

@@ -1,0 +1,162 @@
+"""`episode2lora`: run, inspect, resume and clean runs from the terminal."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+err = Console(stderr=True)
+
+RUNS_DIR = typer.Option(Path("data/runs"), "--runs-dir", help="folder holding all runs")
+
+
+def _quiet_prefect() -> None:
+    """Offline, local defaults for Prefect unless the user set their own."""
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _parse_sets(sets: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for item in sets:
+        if "=" not in item:
+            _fail(f"--set expects FIELD=VALUE (e.g. frames.mode=interval), got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str) -> None:
+    from flows.episode_to_lora import episode_to_lora
+    from tasks.store import RunLockedError, RunStore
+
+    store = RunStore(runs_dir, name)
+    try:
+        results = episode_to_lora(inputs=inputs, name=name, runs_dir=str(runs_dir), params=params, until=until)
+    except RunLockedError as exc:
+        _fail(str(exc))
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # the flow failed: say where, and how to continue
+        _fail(f"run '{store.name}' failed: {exc}\n  continue with: episode2lora resume {store.name} --runs-dir {runs_dir}", 1)
+    _print_status(store)
+    console.print(f"\n[bold green]done[/] — outputs in [bold]{store.root}[/]")
+    for stage, result in results.items():
+        manifest = store.manifest_path(stage)
+        console.print(f"  {stage:<9} {manifest}  ({'recomputed' if result.recomputed else 'cached'})")
+
+
+@app.command()
+def run(
+    inputs: list[str] = typer.Argument(..., help="video files, folders of videos, or globs"),
+    name: str = typer.Option(..., "--name", "-n", help="run name (a folder under --runs-dir)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of stage parameters"),
+    until: str = typer.Option("frames", "--until", help="last stage to run"),
+    sets: list[str] = typer.Option([], "--set", help="override one parameter, e.g. --set frames.mode=interval"),
+    runs_dir: Path = RUNS_DIR,
+) -> None:
+    """Run the pipeline on episodes (a new run, or more episodes for an existing one)."""
+    from flows.params import ParamsError, load_params
+
+    _quiet_prefect()
+    try:
+        params = load_params(config, _parse_sets(sets))
+    except ParamsError as exc:
+        _fail(str(exc))
+    _check_until(until)
+    _execute(inputs, name, runs_dir, params, until)
+
+
+@app.command()
+def resume(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RUNS_DIR) -> None:
+    """Continue a failed or interrupted run with the parameters it was started with."""
+    from flows.params import RunParams
+    from tasks.store import RunStore
+
+    _quiet_prefect()
+    try:
+        record = RunStore(runs_dir, name).read_run_record()
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    _execute(record["inputs"], name, runs_dir, RunParams.model_validate(record["params"]), record["until"])
+
+
+@app.command()
+def status(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RUNS_DIR) -> None:
+    """Show each stage of a run: done, partial (n of m shards) or missing, with counts."""
+    from tasks.store import RunStore
+
+    store = RunStore(runs_dir, name)
+    if not store.root.exists():
+        _fail(f"no run named '{name}' in {Path(runs_dir).resolve()}")
+    _print_status(store)
+
+
+@app.command()
+def clean(
+    name: str = typer.Argument(..., help="run name"),
+    stage: str = typer.Option(..., "--stage", "-s", help="first stage to remove"),
+    runs_dir: Path = RUNS_DIR,
+) -> None:
+    """Remove a stage and every stage after it, so they run again."""
+    from tasks.store import RunLockedError, RunStore
+
+    _check_until(stage)
+    store = RunStore(runs_dir, name)
+    if not store.root.exists():
+        _fail(f"no run named '{name}' in {Path(runs_dir).resolve()}")
+    try:
+        with store.lock():
+            removed = store.clean(stage)
+    except RunLockedError as exc:
+        _fail(str(exc))
+    console.print(f"removed: {', '.join(removed) or 'nothing (no such stage output)'}")
+
+
+def _check_until(stage: str) -> None:
+    from tasks.store import STAGES
+
+    if stage not in STAGES:
+        _fail(f"unknown stage '{stage}'; stages are: {', '.join(STAGES)}")
+
+
+def _print_status(store: Any) -> None:
+    from tasks.store import STAGES
+
+    table = Table(title=f"run {store.name}  ({store.root})")
+    for column in ("stage", "state", "shards", "rows", "kept", "quarantined", "fingerprint"):
+        table.add_column(column, justify="right" if column in ("rows", "kept", "quarantined") else "left")
+    colours = {"done": "green", "partial": "yellow", "missing": "dim"}
+    for stage in STAGES:
+        s = store.stage_status(stage)
+        shards = f"{s['shards_done']} of {s['shards']}" if s["shards"] else ""
+        table.add_row(stage, f"[{colours[s['state']]}]{s['state']}[/]", shards,
+                      *(str(s[k]) if s[k] is not None else "" for k in ("rows", "kept", "quarantined")),
+                      s["fingerprint"])
+    console.print(table)
+    quarantined = store.quarantine_report()
+    for line in quarantined:
+        console.print(f"  [yellow]quarantined[/] {line}")
+
+
+def main() -> None:  # pragma: no cover - `python -m episode2lora`
+    app(prog_name="episode2lora")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""Stage `frames`: sample frames from episode videos, scene-aware and deduplicated.
+
+Per episode (one shard each) the video is decoded in-process with PyAV; shots are found by
+cut detection on tiny thumbnails of every frame; frames are sampled every N seconds, at key
+frames, or per shot (at most K per shot); black, uniform, blurry and near-duplicate frames are
+dropped with their reason. A run-level merge then drops frames that repeat another episode's
+(openings, endings, recaps).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from prefect import task
+
+from tasks.progress import StageProgress
+from tasks.stage import RunRef, StageResult, cache_key, publish
+from tasks.store import QUARANTINE, RunStore, StageNotDoneError, fingerprint, safe_name, video_digest, write_table
+
+STAGE = "frames"
+VERSION = 1
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".ts", ".m2ts", ".flv", ".wmv", ".mpg", ".mpeg")
+
+SCHEMA = pa.schema([
+    ("item_id", pa.string()),
+    ("source_id", pa.string()),        # the episode
+    ("episode", pa.string()),
+    ("frame_index", pa.int64()),
+    ("timestamp", pa.float64()),
+    ("shot_id", pa.int32()),
+    ("phash", pa.string()),
+    ("sharpness", pa.float32()),
+    ("brightness", pa.float32()),
+    ("kept", pa.bool_()),
+    ("drop_reason", pa.string()),
+    ("duplicate_of", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("path", pa.string()),
+])
+
+EPISODE_SCHEMA = pa.schema([
+    ("episode", pa.string()),
+    ("video", pa.string()),
+    ("status", pa.string()),           # ok / damaged / quarantined
+    ("reason", pa.string()),
+    ("frames_decoded", pa.int64()),
+    ("decode_errors", pa.int64()),
+    ("shots", pa.int64()),
+    ("sampled", pa.int64()),
+    ("kept", pa.int64()),
+    ("bytes_written", pa.int64()),
+])
+
+
+class FramesParams(BaseModel):
+    """How frames are sampled and filtered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["interval", "keyframes", "scene"] = Field("scene", description="every N seconds, key frames only, or per shot")
+    interval_s: float = Field(1.0, gt=0, description="seconds between samples (interval mode)")
+    scene_sample_s: float = Field(0.5, gt=0, description="seconds between candidates inside a shot (scene mode)")
+    max_per_shot: int = Field(3, ge=1, description="at most this many frames per shot (scene mode)")
+    cut_threshold: float = Field(0.1, gt=0, lt=1, description="thumbnail change (0-1) that counts as a hard cut")
+    black_level: float = Field(18.0, ge=0, le=255, description="mean luma below this is a black frame")
+    uniform_std: float = Field(6.0, ge=0, description="luma std below this is a uniform frame")
+    blur_threshold: float = Field(20.0, ge=0, description="Laplacian variance below this is a blurry frame")
+    dedup_distance: int = Field(6, ge=0, le=64, description="perceptual-hash bits that may differ in a near-duplicate")
+    dedup_across_run: bool = Field(True, description="also drop frames that repeat another episode's")
+    image_format: Literal["png", "webp"] = Field("png", description="lossless format of kept frames")
+
+
+def params_affecting_output(params: FramesParams) -> dict:
+    return params.model_dump(mode="json")
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+def discover_videos(inputs: list[str]) -> list[Path]:
+    """Expand video files, folders of videos and globs into a sorted list of files.
+
+    Raises FileNotFoundError naming the input when one matches nothing.
+    """
+    found: list[Path] = []
+    for text in inputs:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+        elif path.is_file():
+            matches = [path]
+        else:
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not matches:
+            raise FileNotFoundError(f"input '{text}' matched no video files")
+        found.extend(m.resolve() for m in matches)
+    return sorted(dict.fromkeys(found))
+
+
+def episode_ids(videos: list[Path]) -> list[str]:
+    """Stable, path-safe episode ids from file names (suffixed when two names collide)."""
+    ids: list[str] = []
+    for video in videos:
+        base = safe_name(video.stem)
+        candidate, n = base, 2
+        while candidate in ids:
+            candidate, n = f"{base}-{n}", n + 1
+        ids.append(candidate)
+    return ids
+
+
+# ---- image measures -------------------------------------------------------------------------
+
+def perceptual_hash(gray: np.ndarray) -> int:
+    """64-bit DCT perceptual hash of a grayscale image."""
+    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+    low = cv2.dct(small)[:8, :8].flatten()
+    bits = low > np.median(low[1:])
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def hamming_to_all(value: int, others: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(np.bitwise_xor(others, np.uint64(value)))
+
+
+def sharpness(gray: np.ndarray, width: int = 480) -> float:
+    """Laplacian variance at a fixed width, so the threshold does not depend on resolution."""
+    if gray.shape[1] > width:
+        gray = cv2.resize(gray, (width, round(gray.shape[0] * width / gray.shape[1])), interpolation=cv2.INTER_AREA)
+    return float(cv2.Laplacian(gray, cv2.CV_32F).var())
+
+
+def drop_reason_for(brightness: float, contrast: float, sharp: float, params: FramesParams) -> str | None:
+    if brightness < params.black_level and contrast < 2 * params.uniform_std:
+        return "black"
+    if contrast < params.uniform_std:
+        return "uniform"
+    if sharp < params.blur_threshold:
+        return "blurry"
+    return None
+
+
+# ---- one episode ----------------------------------------------------------------------------
+
+@dataclass
+class _Candidate:
+    frame_index: int
+    timestamp: float
+    shot_id: int
+    rgb: np.ndarray
+
+
+@dataclass
+class _Episode:
+    """Mutable state of one episode's extraction."""
+
+    episode: str
+    out: Path
+    prefix: str
+    params: FramesParams
+    rows: list[dict] = field(default_factory=list)
+    kept_hashes: list[int] = field(default_factory=list)
+    kept_ids: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+
+    def record(self, cand: _Candidate, *, forced_reason: str | None = None) -> None:
+        """Measure a sampled frame, decide keep or drop, save it when kept."""
+        item_id = f"{self.episode}:{cand.frame_index:07d}"
+        gray = cv2.cvtColor(cand.rgb, cv2.COLOR_RGB2GRAY)
+        brightness, contrast = float(gray.mean()), float(gray.std())
+        sharp = sharpness(gray)
+        phash = perceptual_hash(gray)
+        reason = forced_reason or drop_reason_for(brightness, contrast, sharp, self.params)
+        duplicate_of = None
+        if reason is None and self.kept_hashes:
+            dist = hamming_to_all(phash, np.array(self.kept_hashes, dtype=np.uint64))
+            nearest = int(dist.argmin())
+            if dist[nearest] <= self.params.dedup_distance:
+                reason, duplicate_of = "duplicate", self.kept_ids[nearest]
+        path = None
+        if reason is None:
+            name = f"{cand.frame_index:07d}.{self.params.image_format}"
+            target = self.out / "images" / name
+            flags = [cv2.IMWRITE_WEBP_QUALITY, 101] if self.params.image_format == "webp" else [cv2.IMWRITE_PNG_COMPRESSION, 3]
+            if not cv2.imwrite(str(target), cv2.cvtColor(cand.rgb, cv2.COLOR_RGB2BGR), flags):
+                raise OSError(f"could not write frame image {target}")
+            self.bytes_written += target.stat().st_size
+            path = f"{self.prefix}/images/{name}"
+            self.kept_hashes.append(phash)
+            self.kept_ids.append(item_id)
+        h, w = cand.rgb.shape[:2]
+        self.rows.append({
+            "item_id": item_id, "source_id": self.episode, "episode": self.episode,
+            "frame_index": cand.frame_index, "timestamp": round(cand.timestamp, 4), "shot_id": cand.shot_id,
+            "phash": f"{phash:016x}", "sharpness": sharp, "brightness": brightness,
+            "kept": reason is None, "drop_reason": reason, "duplicate_of": duplicate_of,
+            "width": w, "height": h, "path": path,
+        })
+
+    def close_shot(self, candidates: list[_Candidate]) -> None:
+        """Scene mode: keep at most K good candidates of a finished shot, spread over the shot."""
+        if not candidates:
+            return
+        measures = []
+        for cand in candidates:
+            gray = cv2.cvtColor(cand.rgb, cv2.COLOR_RGB2GRAY)
+            measures.append(drop_reason_for(float(gray.mean()), float(gray.std()), sharpness(gray), self.params))
+        good = [i for i, reason in enumerate(measures) if reason is None]
+        k = self.params.max_per_shot
+        chosen = set(good) if len(good) <= k else {good[round(j)] for j in np.linspace(0, len(good) - 1, k)}
+        for i, cand in enumerate(candidates):
+            self.record(cand, forced_reason=None if (i in chosen or measures[i]) else "shot_limit")
+
+
+def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, prefix: str) -> tuple[pa.Table, dict]:
+    """Sample one episode's frames into `out/images/`.
+
+    Args:
+        video: the episode file.
+        episode: its id (used in item ids).
+        params: sampling and filtering parameters.
+        out: folder to write images into (a shard's temporary folder).
+        prefix: the run-relative path that `out` will have once committed.
+    Returns:
+        (manifest rows as a Table with SCHEMA, the episode report as a dict with EPISODE_SCHEMA fields).
+    """
+    import av  # heavy import kept inside the stage
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    state = _Episode(episode=episode, out=out, prefix=prefix, params=params)
+    report = {"episode": episode, "video": str(video), "status": "ok", "reason": None,
+              "frames_decoded": 0, "decode_errors": 0, "shots": 0, "sampled": 0, "kept": 0, "bytes_written": 0}
+    try:
+        container = av.open(str(video))
+    except Exception as exc:  # PyAV raises many kinds: all mean "cannot read this file"
+        return _quarantined(video, episode, report, _reason(exc))
+    with container:
+        if not container.streams.video:
+            return _quarantined(video, episode, report, "no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if params.mode == "keyframes":
+            stream.codec_context.skip_frame = "NONKEY"
+        rate = float(stream.average_rate or stream.guessed_rate or 25)
+        expected = stream.frames or (int(float(stream.duration * stream.time_base) * rate) if stream.duration else None)
+        with StageProgress(f"frames {episode}", expected) as bar:
+            _decode(container, stream, rate, state, report, bar)
+    if report["frames_decoded"] == 0:
+        return _quarantined(video, episode, report, report["reason"] or "no decodable frames")
+    if report["decode_errors"]:
+        report["status"] = "damaged"
+    report["sampled"] = len(state.rows)
+    report["kept"] = sum(r["kept"] for r in state.rows)
+    report["bytes_written"] = state.bytes_written
+    return pa.Table.from_pylist(state.rows, schema=SCHEMA), report
+
+
+def _decode(container, stream, rate: float, state: _Episode, report: dict, bar: StageProgress) -> None:
+    """Decode every frame (or key frame), detect cuts, sample."""
+    import av
+
+    params = state.params
+    index, shot, prev_thumb = -1, 0, None
+    next_sample = 0.0
+    shot_candidates: list[_Candidate] = []
+    cap = 4 * params.max_per_shot
+    step = params.scene_sample_s
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            break
+        except av.error.FFmpegError as exc:  # truncated or corrupt container: keep what was read
+            report["decode_errors"] += 1
+            report["reason"] = f"stream ends early: {_reason(exc)}"
+            break
+        try:
+            frames = packet.decode()
+        except av.error.FFmpegError:
+            report["decode_errors"] += 1
+            continue
+        for frame in frames:
+            report["frames_decoded"] += 1
+            bar.advance()
+            t = float(frame.time) - start if frame.time is not None else (index + 1) / rate
+            index = index + 1 if params.mode != "keyframes" else round(t * rate)
+            thumb = frame.to_ndarray(width=48, height=27, format="rgb24").astype(np.int16)
+            is_cut = prev_thumb is not None and np.abs(thumb - prev_thumb).mean() / 255.0 > params.cut_threshold
+            prev_thumb = thumb
+            if is_cut:
+                shot += 1
+                if params.mode == "scene":
+                    state.close_shot(shot_candidates)
+                    shot_candidates, step, next_sample = [], params.scene_sample_s, t
+            if params.mode == "keyframes":
+                state.record(_Candidate(index, t, shot, frame.to_ndarray(format="rgb24")))
+            elif t + 1e-6 >= next_sample:
+                cand = _Candidate(index, t, shot, frame.to_ndarray(format="rgb24"))
+                if params.mode == "interval":
+                    next_sample += params.interval_s
+                    state.record(cand)
+                else:
+                    next_sample = t + step
+                    shot_candidates.append(cand)
+                    if len(shot_candidates) > cap:  # long shot: thin evenly, sample half as often
+                        for dropped in shot_candidates[1::2]:
+                            state.record(dropped, forced_reason="shot_limit")
+                        shot_candidates = shot_candidates[0::2]
+                        step *= 2
+    if params.mode == "scene":
+        state.close_shot(shot_candidates)
+    report["shots"] = shot + 1 if report["frames_decoded"] else 0
+    state.rows.sort(key=lambda r: r["frame_index"])
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _quarantined(video: Path, episode: str, report: dict, reason: str) -> tuple[pa.Table, dict]:
+    size = video.stat().st_size if video.exists() else 0
+    if size == 0:
+        reason = "empty file (0 bytes)"
+    report.update(status="quarantined", reason=reason)
+    row = {name: None for name in SCHEMA.names}
+    row.update(item_id=f"{episode}:quarantine", source_id=episode, episode=episode, frame_index=-1,
+               kept=False, drop_reason=f"{QUARANTINE}{video.name}: {reason}")
+    return pa.Table.from_pylist([row], schema=SCHEMA), report
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def merge_episodes(tables: list[pa.Table], params: FramesParams) -> pa.Table:
+    """Concatenate episode manifests (sorted by item id) and drop frames repeated across episodes.
+
+    The first episode (by id) keeps a repeated frame; later ones get
+    `drop_reason = "duplicate_across_run"` and `duplicate_of` pointing at the kept frame.
+    """
+    table = pa.concat_tables(tables, promote_options="none") if tables else SCHEMA.empty_table()
+    table = table.sort_by("item_id")
+    if not params.dedup_across_run or table.num_rows == 0:
+        return table
+    rows = table.to_pylist()
+    seen_hashes: list[np.ndarray] = []
+    seen_ids: list[str] = []
+    for episode in sorted({r["episode"] for r in rows}):
+        mine = [r for r in rows if r["episode"] == episode and r["kept"]]
+        if seen_hashes and mine:
+            earlier = np.concatenate(seen_hashes)
+            for r in mine:
+                dist = hamming_to_all(int(r["phash"], 16), earlier)
+                nearest = int(dist.argmin())
+                if dist[nearest] <= params.dedup_distance:
+                    r.update(kept=False, drop_reason="duplicate_across_run", duplicate_of=seen_ids[nearest])
+        survivors = [r for r in mine if r["kept"]]
+        seen_hashes.append(np.array([int(r["phash"], 16) for r in survivors], dtype=np.uint64))
+        seen_ids.extend(r["item_id"] for r in survivors)
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def summarize(table: pa.Table, episodes: list[dict]) -> dict:
+    """Counts for the status table and the UI."""
+    kept = table.column("kept").to_pylist()
+    reasons = [r for r in table.column("drop_reason").to_pylist() if r]
+    by_reason: dict[str, int] = {}
+    for r in reasons:
+        key = "quarantine" if r.startswith(QUARANTINE) else r
+        by_reason[key] = by_reason.get(key, 0) + 1
+    return {
+        "episodes": len(episodes),
+        "sampled": sum(e["sampled"] for e in episodes),
+        "kept": int(sum(kept)),
+        "quarantined": sum(e["status"] == "quarantined" for e in episodes),
+        "damaged": sum(e["status"] == "damaged" for e in episodes),
+        "dropped": by_reason,
+        "bytes_written": sum(e["bytes_written"] for e in episodes),
+    }
+
+
+# ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) --------------
+
+class FramesPlan(BaseModel):
+    """The episodes of a run and the fingerprints their shards and the stage will have."""
+
+    videos: list[str]
+    episodes: list[str]
+    shard_fingerprints: list[str]
+    fingerprint: str
+
+
+def plan_frames(store: RunStore, inputs: list[str], params: FramesParams) -> FramesPlan:
+    """Find the episodes and fingerprint them; start the stage unless it is already done."""
+    videos = discover_videos(inputs)
+    episodes = episode_ids(videos)
+    settings = params.model_dump(mode="json")
+    shard_fps = [fingerprint(STAGE, VERSION, settings, {"video": video_digest(v)}) for v in videos]
+    stage_fp = fingerprint(STAGE, VERSION, settings, dict(zip(episodes, shard_fps)))
+    if not store.is_done(STAGE, stage_fp):
+        store.begin_stage(STAGE, settings, shard_keys=episodes)
+        store.sweep_temporaries(STAGE)
+    return FramesPlan(videos=[str(v) for v in videos], episodes=episodes, shard_fingerprints=shard_fps, fingerprint=stage_fp)
+
+
+def frames_for_episode(store: RunStore, video: str, episode: str, fp: str, params: FramesParams) -> StageResult:
+    """Extract one episode into its shard, unless that shard is already committed."""
+    if store.shard_done(STAGE, episode, fp):
+        report = json.loads((store.shard_dir(STAGE, episode) / "report.json").read_text())
+        return StageResult(stage=STAGE, key=episode, fingerprint=fp, summary=report, recomputed=False)
+    with store.writing_shard(STAGE, episode, fp) as tmp:
+        table, report = extract_frames(Path(video), episode, params, tmp, store.shard_prefix(STAGE, episode))
+        write_table(table, tmp / "rows.parquet")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    return StageResult(stage=STAGE, key=episode, fingerprint=fp, summary=report)
+
+
+def merge_frames(store: RunStore, plan: FramesPlan, params: FramesParams) -> StageResult:
+    """Merge committed episode shards into `frames/manifest.parquet` (cross-episode dedup)."""
+    if store.is_done(STAGE, plan.fingerprint):
+        marker = store.marker(STAGE)
+        return StageResult(stage=STAGE, fingerprint=plan.fingerprint, manifest_digest=marker["manifest_digest"],
+                           summary=marker["summary"], recomputed=False)
+    missing = [e for e, fp in zip(plan.episodes, plan.shard_fingerprints) if not store.shard_done(STAGE, e, fp)]
+    if missing:
+        raise StageNotDoneError(f"frames shards not finished for episodes: {', '.join(missing)}")
+    table = merge_episodes([store.read_shard(STAGE, e) for e in plan.episodes], params)
+    reports = [json.loads((store.shard_dir(STAGE, e) / "report.json").read_text()) for e in plan.episodes]
+    write_table(pa.Table.from_pylist(reports, schema=EPISODE_SCHEMA), store.stage_dir(STAGE) / "episodes.parquet")
+    summary = summarize(table, reports)
+    digest = store.commit_stage(STAGE, table, plan.fingerprint, outputs=[f"{STAGE}/episodes.parquet"], summary=summary)
+    return StageResult(stage=STAGE, fingerprint=plan.fingerprint, manifest_digest=digest, summary=summary)
+
+
+def run_frames(store: RunStore, inputs: list[str], params: FramesParams) -> StageResult:
+    """The whole stage as one plain call (no Prefect): plan, every episode, merge."""
+    plan = plan_frames(store, inputs, params)
+    for video, episode, fp in zip(plan.videos, plan.episodes, plan.shard_fingerprints):
+        frames_for_episode(store, video, episode, fp, params)
+    return merge_frames(store, plan, params)
+
+
+# ---- Prefect tasks ----------------------------------------------------------------------------
+
+@task(name="plan-frames")
+def plan_frames_task(run: RunRef, inputs: list[str], params: FramesParams) -> FramesPlan:
+    """Find the run's episodes and fingerprint them."""
+    return plan_frames(run.store(), inputs, params)
+
+
+@task(name="frames", task_run_name="frames-{episode}",
+      cache_key_fn=cache_key(lambda run, video, episode, fp, params: (fp, run.store().shard_done(STAGE, episode, fp))))
+def frames_episode_task(run: RunRef, video: str, episode: str, fp: str, params: FramesParams) -> StageResult:
+    """Sample one episode's frames (one shard)."""
+    result = frames_for_episode(run.store(), video, episode, fp, params)
+    publish(result, f"frames of {episode}")
+    return result
+
+
+@task(name="merge-frames",
+      cache_key_fn=cache_key(lambda run, plan, params: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
+def merge_frames_task(run: RunRef, plan: FramesPlan, params: FramesParams) -> StageResult:
+    """Merge the episodes' frames into the run's frames manifest."""
+    result = merge_frames(run.store(), plan, params)
+    publish(result, "frames")
+    return result

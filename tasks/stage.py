@@ -1,0 +1,74 @@
+"""Glue shared by every stage's Prefect task: the run reference, results, cache keys, artifacts."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from tasks.store import RunStore
+
+
+class RunRef(BaseModel):
+    """Where a run lives; passed to every task instead of an open store."""
+
+    runs_dir: str
+    name: str
+
+    def store(self) -> RunStore:
+        return RunStore(self.runs_dir, self.name)
+
+
+class StageResult(BaseModel):
+    """What a finished stage (or shard) hands to the next: enough to fingerprint downstream."""
+
+    stage: str
+    key: str = ""
+    fingerprint: str
+    manifest_digest: str = ""
+    summary: dict[str, Any] = {}
+    recomputed: bool = True
+
+
+def cache_key(probe: Callable[..., tuple[str, bool]]) -> Callable[[Any, dict[str, Any]], str]:
+    """Prefect cache key from a stage's fingerprint, but only while its output is intact on disk.
+
+    `probe(**task_parameters)` returns (fingerprint, done). When the output is missing the key
+    is unique, so Prefect cannot return a cached result for files that were deleted.
+    """
+
+    def key_fn(context: Any, parameters: dict[str, Any]) -> str:
+        fp, done = probe(**parameters)
+        return f"{fp}-done" if done else f"{fp}-{uuid.uuid4().hex}"
+
+    return key_fn
+
+
+def bind_to_run(task: Any, run: RunRef) -> Any:
+    """The task with results persisted inside the run folder (not ~/.prefect)."""
+    storage = Path(run.runs_dir).resolve() / run.store().name / ".prefect-results"
+    return task.with_options(result_storage=storage, persist_result=True)
+
+
+def publish(result: StageResult, title: str, rows: list[dict[str, Any]] | None = None) -> None:
+    """Table and markdown artifacts for the Prefect UI (no-op outside a Prefect run)."""
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+        from prefect.context import TaskRunContext
+    except ImportError:  # pragma: no cover
+        return
+    if TaskRunContext.get() is None:
+        return
+    key = re.sub(r"[^a-z0-9-]+", "-", f"{result.stage}-{result.key}".lower()).strip("-")[:60]
+    lines = [f"### {title}", "", "| measure | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in result.summary.items()]
+    lines += ["", f"fingerprint `{result.fingerprint[:12]}`, recomputed: {result.recomputed}"]
+    try:
+        create_markdown_artifact("\n".join(lines), key=key, description=title)
+        if rows:
+            create_table_artifact(rows, key=f"{key}-table", description=f"{title}: per item")
+    except Exception:
+        pass

@@ -1,0 +1,323 @@
+"""The run store: one folder per run, one folder per stage, markers that say what is done.
+
+Layout of a run (``<runs-dir>/<name>/``)::
+
+    run.json                    inputs and resolved parameters (what `resume` replays)
+    .lock                       held by the process writing the run
+    <stage>/manifest.parquet    the stage's manifest (paths relative to the run folder)
+    <stage>/params.json         the parameters the stage ran with
+    <stage>/_DONE.json          marker: fingerprint + manifest digest, written last
+    <stage>/plan.json           shard keys the stage will write (for `status`)
+    <stage>/shards/<key>/       one committed shard: files + rows.parquet + _DONE.json
+
+Every write goes to a temporary name first and is renamed into place, so a crash never
+leaves a half output that looks done.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import unicodedata
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STAGES: tuple[str, ...] = (
+    "frames", "segment", "cluster", "tier", "select",
+    "augment", "caption", "package", "validate", "train",
+)
+MARKER = "_DONE.json"
+MANIFEST = "manifest.parquet"
+QUARANTINE = "quarantine: "
+"""Prefix of `drop_reason` for items that could not be read; every stage uses it."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing this run."""
+
+
+class StageNotDoneError(RuntimeError):
+    """A stage's output was asked for before the stage finished."""
+
+
+def safe_name(name: str, *, max_len: int = 80) -> str:
+    """Turn any user text into a safe single path component (ASCII, no separators, no dots-only).
+
+    >>> safe_name("../My Hero ü!")
+    'My_Hero_u'
+    """
+    text = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
+    text = re.sub(r"_+", "_", text)[:max_len].strip("._-")
+    if not text:
+        text = "x" + hashlib.sha256(str(name).encode()).hexdigest()[:8]
+    return text
+
+
+def fingerprint(stage: str, version: int, params: dict[str, Any], inputs: dict[str, str]) -> str:
+    """Hash of what determines a stage's output: name, version, parameters, input digests."""
+    payload = json.dumps(
+        {"stage": stage, "version": version, "params": params, "inputs": inputs},
+        sort_keys=True, default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def file_digest(path: Path, *, chunk: int = 1 << 20) -> str:
+    """sha256 of a whole file (manifests are small)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def video_digest(path: Path, *, sample: int = 1 << 20) -> str:
+    """Cheap identity of a large input file: size, mtime and its first and last MiB."""
+    st = path.stat()
+    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(sample))
+        if st.st_size > sample:
+            fh.seek(max(st.st_size - sample, sample))
+            h.update(fh.read(sample))
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    """Write a Parquet file atomically (temporary name, then rename)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+class RunStore:
+    """One run's folder: stage outputs, shard and stage markers, and the run lock."""
+
+    def __init__(self, runs_dir: Path | str, name: str):
+        self.name = safe_name(name)
+        self.root = Path(runs_dir).resolve() / self.name
+        self._lock_fh = None
+
+    # ---- lock -------------------------------------------------------------------------
+    @contextmanager
+    def lock(self) -> Iterator["RunStore"]:
+        """Hold the run for writing; a second process gets RunLockedError at once."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise RunLockedError(
+                f"run '{self.name}' is being written by {holder} (lock {path}); "
+                "wait for it to finish or stop it first"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._lock_fh = fh
+        try:
+            yield self
+        finally:
+            self._lock_fh = None
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    # ---- run record -------------------------------------------------------------------
+    def write_run_record(self, record: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        _write_json(self.root / "run.json", record)
+
+    def read_run_record(self) -> dict[str, Any]:
+        record = _read_json(self.root / "run.json")
+        if record is None:
+            raise FileNotFoundError(f"no run named '{self.name}' in {self.root.parent} (missing run.json)")
+        return record
+
+    # ---- stages -----------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        if stage not in STAGES:
+            raise KeyError(f"unknown stage '{stage}'; known stages: {', '.join(STAGES)}")
+        return self.root / stage
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / MANIFEST
+
+    def marker(self, stage: str) -> dict[str, Any] | None:
+        return _read_json(self.stage_dir(stage) / MARKER)
+
+    def is_done(self, stage: str, fp: str | None = None) -> bool:
+        """True when the stage's marker matches `fp` (any, if None) and its manifest is intact."""
+        marker = self.marker(stage)
+        if marker is None or (fp is not None and marker.get("fingerprint") != fp):
+            return False
+        path = self.manifest_path(stage)
+        if not path.is_file() or file_digest(path) != marker.get("manifest_digest"):
+            return False
+        return all((self.root / rel).exists() for rel in marker.get("outputs", []))
+
+    def done_token(self, stage: str) -> str:
+        """A short token for the stage's current on-disk state (part of Prefect cache keys)."""
+        marker = self.marker(stage)
+        if marker is None or not self.is_done(stage):
+            return "missing"
+        return marker["manifest_digest"][:16]
+
+    def begin_stage(self, stage: str, params: dict[str, Any], shard_keys: list[str] | None = None) -> Path:
+        """Mark a stage as in progress: drop its marker and manifest, record params and plan."""
+        folder = self.stage_dir(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MARKER).unlink(missing_ok=True)
+        (folder / MANIFEST).unlink(missing_ok=True)
+        _write_json(folder / "params.json", params)
+        if shard_keys is not None:
+            _write_json(folder / "plan.json", {"shards": list(shard_keys)})
+        return folder
+
+    def commit_stage(
+        self, stage: str, table: pa.Table, fp: str, *, outputs: list[str] = (), summary: dict | None = None
+    ) -> str:
+        """Write the stage manifest, then its marker. Returns the manifest digest."""
+        path = self.manifest_path(stage)
+        write_table(table, path)
+        digest = file_digest(path)
+        _write_json(
+            self.stage_dir(stage) / MARKER,
+            {"fingerprint": fp, "manifest_digest": digest, "rows": table.num_rows,
+             "outputs": list(outputs), "summary": summary or {}},
+        )
+        return digest
+
+    def read_manifest(self, stage: str) -> pa.Table:
+        if not self.is_done(stage):
+            raise StageNotDoneError(f"stage '{stage}' of run '{self.name}' is not done; run it first")
+        return pq.read_table(self.manifest_path(stage))
+
+    def manifest_digest(self, stage: str) -> str:
+        marker = self.marker(stage)
+        if marker is None:
+            raise StageNotDoneError(f"stage '{stage}' of run '{self.name}' is not done; run it first")
+        return marker["manifest_digest"]
+
+    def clean(self, stage: str) -> list[str]:
+        """Remove a stage and every stage downstream of it. Returns the stages removed."""
+        first = STAGES.index(self.stage_dir(stage).name)
+        removed = []
+        for name in STAGES[first:]:
+            folder = self.root / name
+            if folder.exists():
+                shutil.rmtree(folder)
+                removed.append(name)
+        return removed
+
+    # ---- shards -----------------------------------------------------------------------
+    def shard_dir(self, stage: str, key: str) -> Path:
+        return self.stage_dir(stage) / "shards" / safe_name(key)
+
+    def shard_done(self, stage: str, key: str, fp: str) -> bool:
+        marker = _read_json(self.shard_dir(stage, key) / MARKER)
+        return bool(marker) and marker.get("fingerprint") == fp and (self.shard_dir(stage, key) / "rows.parquet").is_file()
+
+    @contextmanager
+    def writing_shard(self, stage: str, key: str, fp: str) -> Iterator[Path]:
+        """Yield a temporary folder for one shard; on success it is committed under its key.
+
+        Files inside are addressed by their final run-relative path via `shard_prefix`.
+        On an exception the temporary folder is removed and the previous shard (if any) kept.
+        """
+        final = self.shard_dir(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            _write_json(tmp / MARKER, {"fingerprint": fp})
+            if final.exists():
+                trash = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+                os.rename(final, trash)
+                os.rename(tmp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def shard_prefix(self, stage: str, key: str) -> str:
+        """Run-relative folder of a shard, for paths stored in manifests."""
+        return self.shard_dir(stage, key).relative_to(self.root).as_posix()
+
+    def read_shard(self, stage: str, key: str) -> pa.Table:
+        return pq.read_table(self.shard_dir(stage, key) / "rows.parquet")
+
+    def sweep_temporaries(self, stage: str) -> int:
+        """Delete leftovers of killed writers (temporary shard folders). Call under the lock."""
+        shards = self.stage_dir(stage) / "shards"
+        count = 0
+        if shards.is_dir():
+            for leftover in shards.glob(".*-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+                count += 1
+        return count
+
+    def stage_status(self, stage: str) -> dict[str, Any]:
+        """Done / partial (n of m shards) / missing, with counts, for `episode2lora status`."""
+        folder = self.root / stage
+        marker = self.marker(stage) if folder.exists() else None
+        plan = _read_json(folder / "plan.json") or {}
+        planned = plan.get("shards", [])
+        finished = sum((self.shard_dir(stage, k) / MARKER).is_file() for k in planned)
+        if marker is not None and self.is_done(stage):
+            state = "done"
+        elif folder.exists() and (finished or planned):
+            state = "partial"
+        else:
+            state = "missing"
+        summary = (marker or {}).get("summary", {})
+        return {
+            "stage": stage, "state": state, "shards_done": finished, "shards": len(planned),
+            "rows": (marker or {}).get("rows"), "kept": summary.get("kept"),
+            "quarantined": summary.get("quarantined"),
+            "fingerprint": ((marker or {}).get("fingerprint") or "")[:12],
+        }
+
+    def quarantine_report(self) -> list[str]:
+        """One line per quarantined item of every finished stage (`drop_reason` 'quarantine: ...')."""
+        lines = []
+        for stage in STAGES:
+            if not (self.root / stage).exists() or not self.is_done(stage):
+                continue
+            table = pq.read_table(self.manifest_path(stage))
+            if "drop_reason" not in table.column_names:
+                continue
+            for item, reason in zip(table.column("item_id").to_pylist(), table.column("drop_reason").to_pylist()):
+                if reason and reason.startswith(QUARANTINE):
+                    lines.append(f"{stage} {item}: {reason[len(QUARANTINE):]}")
+        return lines
