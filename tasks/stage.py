@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel
 
-from tasks.store import RunStore
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+from tasks.store import RunStore, fingerprint
 
 
 class RunRef(BaseModel):
@@ -72,3 +75,34 @@ def publish(result: StageResult, title: str, rows: list[dict[str, Any]] | None =
             create_table_artifact(rows, key=f"{key}-table", description=f"{title}: per item")
     except Exception:
         pass
+
+
+def stage_fingerprint(stage: str, version: int, params: BaseModel, upstream: dict[str, StageResult]) -> str:
+    """Fingerprint of a global stage: its parameters and the digests of its input manifests."""
+    return fingerprint(stage, version, params.model_dump(mode="json"),
+                       {name: result.manifest_digest for name, result in sorted(upstream.items())})
+
+
+def run_global_stage(
+    store: RunStore,
+    stage: str,
+    version: int,
+    params: BaseModel,
+    upstream: dict[str, StageResult],
+    build: Callable[[Path], tuple["pa.Table", dict[str, Any], list[str]]],
+) -> StageResult:
+    """Run a whole-run stage once per fingerprint.
+
+    `build(stage_folder)` writes the stage's files and returns (manifest table, summary,
+    run-relative paths of extra outputs that must exist for the stage to count as done).
+    The marker is written last, so an interrupted build is simply redone.
+    """
+    fp = stage_fingerprint(stage, version, params, upstream)
+    if store.is_done(stage, fp):
+        marker = store.marker(stage)
+        return StageResult(stage=stage, fingerprint=fp, manifest_digest=marker["manifest_digest"],
+                           summary=marker["summary"], recomputed=False)
+    folder = store.begin_stage(stage, params.model_dump(mode="json"))
+    table, summary, outputs = build(folder)
+    digest = store.commit_stage(stage, table, fp, outputs=outputs, summary=summary)
+    return StageResult(stage=stage, fingerprint=fp, manifest_digest=digest, summary=summary)

@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 STAGES: tuple[str, ...] = (
-    "frames", "segment", "cluster", "tier", "select",
-    "augment", "caption", "package", "validate", "train",
+    "frames", "segment", "embed", "cluster", "tier", "select",
+    "augment", "caption", "package", "validate", "train", "evaluate",
 )
 MARKER = "_DONE.json"
 MANIFEST = "manifest.parquet"
