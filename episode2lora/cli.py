@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,6 +47,7 @@ def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: s
     from tasks.store import RunLockedError, RunStore
 
     store = RunStore(runs_dir, name)
+    started = time.time()
     try:
         results = episode_to_lora(inputs=inputs, name=name, runs_dir=str(runs_dir), params=params, until=until)
     except RunLockedError as exc:
@@ -56,9 +58,10 @@ def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: s
         _fail(f"run '{store.name}' failed: {exc}\n  continue with: episode2lora resume {store.name} --runs-dir {runs_dir}", 1)
     _print_status(store)
     console.print(f"\n[bold green]done[/] — outputs in [bold]{store.root}[/]")
-    for stage, result in results.items():
+    for stage in results:
         manifest = store.manifest_path(stage)
-        console.print(f"  {stage:<9} {manifest}  ({'recomputed' if result.recomputed else 'cached'})")
+        fresh = manifest.exists() and manifest.stat().st_mtime >= started
+        console.print(f"  {stage:<9} {manifest}  ({'computed now' if fresh else 'reused from an earlier run'})")
 
 
 @app.command()

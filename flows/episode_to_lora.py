@@ -7,20 +7,42 @@ import os
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.notify import webhook_hooks
 from flows.params import RunParams, Stage
+from flows.scale import TaskRunnerKind, check_runner, on_dask, run_on_dask
 from tasks.frames import frames_episode_task, merge_frames_task, plan_frames_task
+from tasks.segment import merge_segment_task, plan_segment_task, segment_shard_task
 from tasks.stage import RunRef, StageResult, bind_to_run
+from tasks.store import STAGES
 
 
-@flow(name="episode-to-lora", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
+def reaches(until: str, stage: str) -> bool:
+    """True when a run that stops after `until` includes `stage` (STAGES order)."""
+    return STAGES.index(until) >= STAGES.index(stage)
+
+
+@flow(name="episode-to-lora", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2),
+      **webhook_hooks())
 def episode_to_lora(
     inputs: list[str],
     name: str,
     runs_dir: str = "data/runs",
     params: RunParams = RunParams(),
     until: Stage = "frames",
+    webhook_url: str | None = None,
+    task_runner: TaskRunnerKind = "threads",
+    dask_address: str | None = None,
 ) -> dict[str, StageResult]:
-    """Turn episode videos into a LoRA; stops after the stage `until`."""
+    """Turn episode videos into a LoRA; stops after the stage `until`.
+
+    Args:
+        webhook_url: POST a JSON summary here when the run completes or fails (optional).
+        task_runner: "threads" in this process, or "dask" to send per-episode work to Dask workers.
+        dask_address: Dask scheduler to use with task_runner="dask" (empty: a local cluster).
+    """
+    check_runner(task_runner)
+    if task_runner == "dask" and not on_dask():
+        return run_on_dask(episode_to_lora, dask_address)
     run = RunRef(runs_dir=runs_dir, name=name)
     store = run.store()
     with store.lock():
@@ -31,4 +53,10 @@ def episode_to_lora(
             for video, episode, fp in zip(plan.videos, plan.episodes, plan.shard_fingerprints)
         ]
         frames = bind_to_run(merge_frames_task, run)(run, plan, params.frames, wait_for=shards)
-        return {"frames": frames}
+        results = {"frames": frames}
+        if reaches(until, "segment"):
+            seg_plan = plan_segment_task(run, frames, params.segment)
+            seg_shards = [bind_to_run(segment_shard_task, run).submit(run, shard, params.segment)
+                          for shard in seg_plan.shards]
+            results["segment"] = bind_to_run(merge_segment_task, run)(run, seg_plan, wait_for=seg_shards)
+        return results

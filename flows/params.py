@@ -9,8 +9,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.frames import FramesParams
+from tasks.segment import SegmentParams
 
-Stage = Literal["frames"]
+Stage = Literal["frames", "segment"]
 """Stages a run can stop after (grows as stages land)."""
 
 
@@ -20,6 +21,7 @@ class RunParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     frames: FramesParams = Field(default_factory=FramesParams)
+    segment: SegmentParams = Field(default_factory=SegmentParams)
 
 
 class ParamsError(ValueError):

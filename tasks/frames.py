@@ -56,6 +56,7 @@ EPISODE_SCHEMA = pa.schema([
     ("frames_decoded", pa.int64()),
     ("decode_errors", pa.int64()),
     ("shots", pa.int64()),
+    ("shot_starts", pa.list_(pa.int64())),   # frame index where each shot begins
     ("sampled", pa.int64()),
     ("kept", pa.int64()),
     ("bytes_written", pa.int64()),
@@ -95,14 +96,15 @@ def discover_videos(inputs: list[str]) -> list[Path]:
     for text in inputs:
         path = Path(text).expanduser()
         if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+            matches = sorted(p for p in path.rglob("*")
+                             if (p.is_file() or p.is_symlink()) and p.suffix.lower() in VIDEO_SUFFIXES)
         elif path.is_file():
             matches = [path]
         else:
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not matches:
             raise FileNotFoundError(f"input '{text}' matched no video files")
-        found.extend(m.resolve() for m in matches)
+        found.extend(m.absolute() for m in matches)
     return sorted(dict.fromkeys(found))
 
 
@@ -160,6 +162,14 @@ class _Candidate:
 
 
 @dataclass
+class _Measure:
+    brightness: float
+    sharpness: float
+    phash: int
+    reason: str | None  # black / uniform / blurry, or None
+
+
+@dataclass
 class _Episode:
     """Mutable state of one episode's extraction."""
 
@@ -172,53 +182,60 @@ class _Episode:
     kept_ids: list[str] = field(default_factory=list)
     bytes_written: int = 0
 
-    def record(self, cand: _Candidate, *, forced_reason: str | None = None) -> None:
-        """Measure a sampled frame, decide keep or drop, save it when kept."""
-        item_id = f"{self.episode}:{cand.frame_index:07d}"
+    def measure(self, cand: _Candidate) -> _Measure:
         gray = cv2.cvtColor(cand.rgb, cv2.COLOR_RGB2GRAY)
-        brightness, contrast = float(gray.mean()), float(gray.std())
-        sharp = sharpness(gray)
-        phash = perceptual_hash(gray)
-        reason = forced_reason or drop_reason_for(brightness, contrast, sharp, self.params)
-        duplicate_of = None
+        brightness, contrast, sharp = float(gray.mean()), float(gray.std()), sharpness(gray)
+        return _Measure(brightness, sharp, perceptual_hash(gray), drop_reason_for(brightness, contrast, sharp, self.params))
+
+    def record(self, cand: _Candidate, m: _Measure | None = None, *, forced_reason: str | None = None) -> bool:
+        """Decide keep or drop for a sampled frame, save it when kept; returns whether it was kept."""
+        m = m or self.measure(cand)
+        item_id = f"{self.episode}:{cand.frame_index:07d}"
+        reason, duplicate_of = forced_reason or m.reason, None
         if reason is None and self.kept_hashes:
-            dist = hamming_to_all(phash, np.array(self.kept_hashes, dtype=np.uint64))
+            dist = hamming_to_all(m.phash, np.array(self.kept_hashes, dtype=np.uint64))
             nearest = int(dist.argmin())
             if dist[nearest] <= self.params.dedup_distance:
                 reason, duplicate_of = "duplicate", self.kept_ids[nearest]
         path = None
         if reason is None:
-            name = f"{cand.frame_index:07d}.{self.params.image_format}"
-            target = self.out / "images" / name
-            flags = [cv2.IMWRITE_WEBP_QUALITY, 101] if self.params.image_format == "webp" else [cv2.IMWRITE_PNG_COMPRESSION, 3]
-            if not cv2.imwrite(str(target), cv2.cvtColor(cand.rgb, cv2.COLOR_RGB2BGR), flags):
-                raise OSError(f"could not write frame image {target}")
-            self.bytes_written += target.stat().st_size
-            path = f"{self.prefix}/images/{name}"
-            self.kept_hashes.append(phash)
+            path = self._save(cand)
+            self.kept_hashes.append(m.phash)
             self.kept_ids.append(item_id)
         h, w = cand.rgb.shape[:2]
         self.rows.append({
             "item_id": item_id, "source_id": self.episode, "episode": self.episode,
             "frame_index": cand.frame_index, "timestamp": round(cand.timestamp, 4), "shot_id": cand.shot_id,
-            "phash": f"{phash:016x}", "sharpness": sharp, "brightness": brightness,
+            "phash": f"{m.phash:016x}", "sharpness": m.sharpness, "brightness": m.brightness,
             "kept": reason is None, "drop_reason": reason, "duplicate_of": duplicate_of,
             "width": w, "height": h, "path": path,
         })
+        return reason is None
+
+    def _save(self, cand: _Candidate) -> str:
+        name = f"{cand.frame_index:07d}.{self.params.image_format}"
+        target = self.out / "images" / name
+        flags = [cv2.IMWRITE_WEBP_QUALITY, 101] if self.params.image_format == "webp" else [cv2.IMWRITE_PNG_COMPRESSION, 3]
+        if not cv2.imwrite(str(target), cv2.cvtColor(cand.rgb, cv2.COLOR_RGB2BGR), flags):
+            raise OSError(f"could not write frame image {target}")
+        self.bytes_written += target.stat().st_size
+        return f"{self.prefix}/images/{name}"
 
     def close_shot(self, candidates: list[_Candidate]) -> None:
-        """Scene mode: keep at most K good candidates of a finished shot, spread over the shot."""
-        if not candidates:
-            return
-        measures = []
-        for cand in candidates:
-            gray = cv2.cvtColor(cand.rgb, cv2.COLOR_RGB2GRAY)
-            measures.append(drop_reason_for(float(gray.mean()), float(gray.std()), sharpness(gray), self.params))
-        good = [i for i, reason in enumerate(measures) if reason is None]
+        """Scene mode: keep at most K good, distinct candidates of a finished shot, spread over it."""
+        measures = [self.measure(c) for c in candidates]
+        good = [i for i, m in enumerate(measures) if m.reason is None]
         k = self.params.max_per_shot
-        chosen = set(good) if len(good) <= k else {good[round(j)] for j in np.linspace(0, len(good) - 1, k)}
-        for i, cand in enumerate(candidates):
-            self.record(cand, forced_reason=None if (i in chosen or measures[i]) else "shot_limit")
+        spread = [good[round(j)] for j in np.linspace(0, len(good) - 1, min(k, len(good)))] if good else []
+        kept = 0
+        for i in dict.fromkeys(spread + good):  # spread picks first, the rest stand in for duplicates
+            if kept < k:
+                kept += self.record(candidates[i], measures[i])
+            else:
+                self.record(candidates[i], measures[i], forced_reason="shot_limit")
+        for i, m in enumerate(measures):
+            if m.reason is not None:
+                self.record(candidates[i], m)
 
 
 def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, prefix: str) -> tuple[pa.Table, dict]:
@@ -238,7 +255,7 @@ def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, p
     (out / "images").mkdir(parents=True, exist_ok=True)
     state = _Episode(episode=episode, out=out, prefix=prefix, params=params)
     report = {"episode": episode, "video": str(video), "status": "ok", "reason": None,
-              "frames_decoded": 0, "decode_errors": 0, "shots": 0, "sampled": 0, "kept": 0, "bytes_written": 0}
+              "frames_decoded": 0, "decode_errors": 0, "shots": 0, "shot_starts": [], "sampled": 0, "kept": 0, "bytes_written": 0}
     try:
         container = av.open(str(video))
     except Exception as exc:  # PyAV raises many kinds: all mean "cannot read this file"
@@ -297,6 +314,8 @@ def _decode(container, stream, rate: float, state: _Episode, report: dict, bar: 
             index = index + 1 if params.mode != "keyframes" else round(t * rate)
             thumb = frame.to_ndarray(width=48, height=27, format="rgb24").astype(np.int16)
             is_cut = prev_thumb is not None and np.abs(thumb - prev_thumb).mean() / 255.0 > params.cut_threshold
+            if is_cut or prev_thumb is None:
+                report["shot_starts"].append(index)
             prev_thumb = thumb
             if is_cut:
                 shot += 1
@@ -330,8 +349,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _quarantined(video: Path, episode: str, report: dict, reason: str) -> tuple[pa.Table, dict]:
-    size = video.stat().st_size if video.exists() else 0
-    if size == 0:
+    if video.exists() and video.stat().st_size == 0:
         reason = "empty file (0 bytes)"
     report.update(status="quarantined", reason=reason)
     row = {name: None for name in SCHEMA.names}

@@ -106,3 +106,71 @@ def run_global_stage(
     table, summary, outputs = build(folder)
     digest = store.commit_stage(stage, table, fp, outputs=outputs, summary=summary)
     return StageResult(stage=stage, fingerprint=fp, manifest_digest=digest, summary=summary)
+
+
+# ---- sharded stages (plan -> shards -> merge), shared by the per-episode stages --------------
+
+def plan_sharded_stage(store: RunStore, stage: str, version: int, settings: dict[str, Any],
+                       shard_fingerprints: dict[str, str]) -> str:
+    """Fingerprint a sharded stage from its shards' fingerprints; start it unless it is done.
+
+    Returns the stage fingerprint. Starting records the plan (for `status`) and sweeps
+    temporaries left by killed writers; committed shards are kept for reuse.
+    """
+    fp = fingerprint(stage, version, settings, shard_fingerprints)
+    if not store.is_done(stage, fp):
+        store.begin_stage(stage, settings, shard_keys=list(shard_fingerprints))
+        store.sweep_temporaries(stage)
+    return fp
+
+
+def run_shard(store: RunStore, stage: str, key: str, fp: str,
+              build: Callable[[Path, str], tuple["pa.Table", dict[str, Any]]]) -> StageResult:
+    """Build one shard unless it is already committed with this fingerprint.
+
+    `build(folder, prefix)` writes files into `folder` (whose run-relative path will be
+    `prefix`) and returns (rows, report); rows go to `rows.parquet`, the report to `report.json`.
+    """
+    import json
+
+    from tasks.store import write_table
+
+    if store.shard_done(stage, key, fp):
+        report_path = store.shard_dir(stage, key) / "report.json"
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        return StageResult(stage=stage, key=key, fingerprint=fp, summary=report, recomputed=False)
+    with store.writing_shard(stage, key, fp) as tmp:
+        table, report = build(tmp, store.shard_prefix(stage, key))
+        write_table(table, tmp / "rows.parquet")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return StageResult(stage=stage, key=key, fingerprint=fp, summary=report)
+
+
+def merge_shards(
+    store: RunStore, stage: str, fp: str, shard_fingerprints: dict[str, str],
+    merge: Callable[[list["pa.Table"], list[dict[str, Any]]], tuple["pa.Table", dict[str, Any], list[str]]],
+) -> StageResult:
+    """Merge committed shards into the stage manifest (once per fingerprint).
+
+    `merge(tables, reports)` returns (manifest, summary, extra run-relative outputs).
+    Raises StageNotDoneError naming the shards that are not committed.
+    """
+    import json
+
+    from tasks.store import StageNotDoneError
+
+    if store.is_done(stage, fp):
+        marker = store.marker(stage)
+        return StageResult(stage=stage, fingerprint=fp, manifest_digest=marker["manifest_digest"],
+                           summary=marker["summary"], recomputed=False)
+    missing = [k for k, shard_fp in shard_fingerprints.items() if not store.shard_done(stage, k, shard_fp)]
+    if missing:
+        raise StageNotDoneError(f"{stage} shards not finished: {', '.join(missing)}")
+    tables = [store.read_shard(stage, k) for k in shard_fingerprints]
+    reports = []
+    for k in shard_fingerprints:
+        path = store.shard_dir(stage, k) / "report.json"
+        reports.append(json.loads(path.read_text()) if path.is_file() else {})
+    table, summary, outputs = merge(tables, reports)
+    digest = store.commit_stage(stage, table, fp, outputs=outputs, summary=summary)
+    return StageResult(stage=stage, fingerprint=fp, manifest_digest=digest, summary=summary)

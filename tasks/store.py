@@ -82,8 +82,14 @@ def file_digest(path: Path, *, chunk: int = 1 << 20) -> str:
 
 
 def video_digest(path: Path, *, sample: int = 1 << 20) -> str:
-    """Cheap identity of a large input file: size, mtime and its first and last MiB."""
-    st = path.stat()
+    """Cheap identity of a large input file: size, mtime and its first and last MiB.
+
+    An unreadable file gets a digest of its error, so it is fingerprinted (and quarantined) too.
+    """
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return hashlib.sha256(f"unreadable:{path}:{exc.errno}".encode()).hexdigest()
     h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
     with open(path, "rb") as fh:
         h.update(fh.read(sample))
@@ -104,6 +110,10 @@ def _read_json(path: Path) -> Any | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def _count_files(folder: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(folder))
 
 
 def write_table(table: pa.Table, path: Path) -> None:
@@ -181,7 +191,18 @@ class RunStore:
         path = self.manifest_path(stage)
         if not path.is_file() or file_digest(path) != marker.get("manifest_digest"):
             return False
-        return all((self.root / rel).exists() for rel in marker.get("outputs", []))
+        if not all((self.root / rel).exists() for rel in marker.get("outputs", [])):
+            return False
+        return self._referenced_files_exist(path)
+
+    def _referenced_files_exist(self, manifest: Path) -> bool:
+        """Every file a manifest points at (columns named `path` or `*_path`) is still there."""
+        schema = pq.read_schema(manifest)
+        columns = [n for n in schema.names if (n == "path" or n.endswith("_path")) and schema.field(n).type == pa.string()]
+        if not columns:
+            return True
+        table = pq.read_table(manifest, columns=columns)
+        return all(os.path.exists(self.root / rel) for col in columns for rel in table.column(col).to_pylist() if rel)
 
     def done_token(self, stage: str) -> str:
         """A short token for the stage's current on-disk state (part of Prefect cache keys)."""
@@ -242,8 +263,12 @@ class RunStore:
         return self.stage_dir(stage) / "shards" / safe_name(key)
 
     def shard_done(self, stage: str, key: str, fp: str) -> bool:
-        marker = _read_json(self.shard_dir(stage, key) / MARKER)
-        return bool(marker) and marker.get("fingerprint") == fp and (self.shard_dir(stage, key) / "rows.parquet").is_file()
+        """The shard is committed with this fingerprint and none of its files went missing."""
+        folder = self.shard_dir(stage, key)
+        marker = _read_json(folder / MARKER)
+        if not marker or marker.get("fingerprint") != fp or not (folder / "rows.parquet").is_file():
+            return False
+        return _count_files(folder) == marker.get("files", -1)
 
     @contextmanager
     def writing_shard(self, stage: str, key: str, fp: str) -> Iterator[Path]:
@@ -258,7 +283,7 @@ class RunStore:
         tmp.mkdir()
         try:
             yield tmp
-            _write_json(tmp / MARKER, {"fingerprint": fp})
+            _write_json(tmp / MARKER, {"fingerprint": fp, "files": _count_files(tmp) + 1})
             if final.exists():
                 trash = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
                 os.rename(final, trash)

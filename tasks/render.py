@@ -1,0 +1,121 @@
+"""How a dataset image is made from a character layer: the one rendering caption and package share.
+
+A character layer (RGBA, transparent around the character) is cropped to its alpha box,
+scaled to fill a square canvas of `resolution` pixels and composited onto a plain colour or
+onto a background layer (RGB, cover-cropped to the canvas). Where the character was cut by
+the frame edge (its alpha touches the layer's edge), it stays against that canvas edge, so
+framing survives rendering. The result is RGBA: RGB is the training image, alpha marks the
+character (what a captioner may measure); packaging keeps only RGB.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageColor
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ALPHA_ON = 8
+"""Alpha (0-255) above which a layer pixel belongs to the character."""
+
+
+class RenderSpec(BaseModel):
+    """Canvas of the packaged images (part of the caption and package fingerprints)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resolution: int = Field(512, ge=64, le=4096, description="side of the square training images, pixels")
+    background_color: str = Field("white", description="plain background colour (name or #rrggbb)")
+    fill: float = Field(0.85, gt=0.1, le=1.0, description="share of the canvas the character's longer side fills")
+
+    @field_validator("background_color")
+    @classmethod
+    def _colour(cls, value: str) -> str:
+        try:
+            ImageColor.getrgb(value)
+        except ValueError:
+            raise ValueError(f"background_color must be a colour name or #rrggbb, got {value!r}") from None
+        return value
+
+
+def read_layer(path: Path) -> np.ndarray:
+    """An RGBA uint8 array from an image file (RGB files get an opaque alpha).
+
+    Raises ValueError when the file cannot be read or holds no visible pixel.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgba = np.asarray(im.convert("RGBA")).copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"unreadable image ({type(exc).__name__}: {exc})") from None
+    if not (rgba[..., 3] > ALPHA_ON).any():
+        raise ValueError("layer is fully transparent")
+    return rgba
+
+
+def read_background(path: Path) -> np.ndarray:
+    """An RGB uint8 array from a background layer file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB")).copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"unreadable background ({type(exc).__name__}: {exc})") from None
+
+
+def alpha_box(alpha: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the character's pixels, exclusive ends."""
+    ys, xs = np.nonzero(alpha > ALPHA_ON)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def _cover(background: np.ndarray, size: int) -> np.ndarray:
+    """Scale a background to cover a size x size square and crop its centre."""
+    h, w = background.shape[:2]
+    scale = size / min(h, w)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    big = cv2.resize(background, (nw, nh), interpolation=interp)
+    x0, y0 = (nw - size) // 2, (nh - size) // 2
+    return big[y0:y0 + size, x0:x0 + size]
+
+
+def render(layer: np.ndarray, background: np.ndarray | None, spec: RenderSpec) -> np.ndarray:
+    """Composite one RGBA layer onto the canvas; returns RGBA (RGB image, alpha = character)."""
+    size = spec.resolution
+    x0, y0, x1, y1 = alpha_box(layer[..., 3])
+    h, w = layer.shape[:2]
+    touches = {"left": x0 == 0, "right": x1 == w, "top": y0 == 0, "bottom": y1 == h}
+    crop = layer[y0:y1, x0:x1].astype(np.float32) / 255.0
+    crop[..., :3] *= crop[..., 3:]  # premultiply so resizing does not bleed hidden colours
+    scale = spec.fill * size / max(crop.shape[:2])
+    if touches["top"] and touches["bottom"] or touches["left"] and touches["right"]:
+        scale = size / max(crop.shape[:2])  # cut on both sides: fill the canvas across
+    nw, nh = max(1, min(size, round(crop.shape[1] * scale))), max(1, min(size, round(crop.shape[0] * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    crop = np.clip(cv2.resize(crop, (nw, nh), interpolation=interp), 0.0, 1.0)
+    px = 0 if touches["left"] and not touches["right"] else (size - nw if touches["right"] and not touches["left"] else (size - nw) // 2)
+    py = 0 if touches["top"] and not touches["bottom"] else (size - nh if touches["bottom"] else (size - nh) // 2)
+    if background is None:
+        canvas = np.empty((size, size, 3), np.float32)
+        canvas[:] = np.array(ImageColor.getrgb(spec.background_color)[:3], np.float32) / 255.0
+    else:
+        canvas = _cover(background, size).astype(np.float32) / 255.0
+    alpha = np.zeros((size, size), np.float32)
+    alpha[py:py + nh, px:px + nw] = crop[..., 3]
+    region = canvas[py:py + nh, px:px + nw]
+    canvas[py:py + nh, px:px + nw] = crop[..., :3] + region * (1.0 - crop[..., 3:])
+    out = np.empty((size, size, 4), np.uint8)
+    out[..., :3] = np.round(canvas * 255.0).astype(np.uint8)
+    out[..., 3] = np.round(alpha * 255.0).astype(np.uint8)
+    return out
+
+
+def render_file(root: Path, layer_path: str, background_path: str | None, spec: RenderSpec) -> np.ndarray:
+    """`render` for run-relative paths (the rows of the augment and caption manifests)."""
+    layer = read_layer(root / layer_path)
+    background = read_background(root / background_path) if background_path else None
+    return render(layer, background, spec)

@@ -1,0 +1,390 @@
+"""Stage `segment`: character RGBA layers (one per instance) and inpainted background layers.
+
+Per kept frame a segmenter (models/segmenters.py) gives a soft foreground mask. Its
+thresholded pixels are split into instances: nearby parts of one figure are joined
+(`join_distance`), specks below `min_area_frac` are dropped, and each instance becomes an
+RGBA layer cropped to its box plus a margin, alpha from the mask. The characters are then
+removed from the frame and the holes inpainted (OpenCV) to give a background layer.
+Frames whose mask is nearly empty or nearly the whole frame are flagged, not passed on.
+
+Work is sharded per episode in chunks of `shard_size` frames (`<episode>-<chunk:04d>`), so a
+killed run redoes at most one chunk. Files of a shard::
+
+    segment/shards/<key>/character/<frame_index>_<instance>.png   RGBA layer
+    segment/shards/<key>/mask/<frame_index>.png                    full-frame soft mask (L)
+    segment/shards/<key>/background/<frame_index>.png              RGB, characters inpainted
+
+One manifest row per layer (`instance` 1, 2, ...); a frame without layers (empty or full
+mask, only specks, quarantined) gets one row with `instance` 0 and `kept` false.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from prefect import task
+
+from tasks.progress import StageProgress
+from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
+from tasks.store import QUARANTINE, RunStore, fingerprint
+
+STAGE = "segment"
+VERSION = 1
+
+SCHEMA = pa.schema([
+    ("item_id", pa.string()),          # <frame item_id>:<instance:02d>
+    ("source_id", pa.string()),        # the frame's item_id
+    ("episode", pa.string()),
+    ("frame_index", pa.int64()),
+    ("instance", pa.int32()),          # 1.. for layers, 0 for a frame-level row without a layer
+    ("bbox", pa.list_(pa.int32())),    # [x0, y0, x1, y1] in frame pixels, x1/y1 exclusive
+    ("area_frac", pa.float32()),       # instance pixels / frame pixels
+    ("alpha_coverage", pa.float32()),  # opaque fraction of the layer image
+    ("model", pa.string()),
+    ("width", pa.int32()),             # frame size
+    ("height", pa.int32()),
+    ("path", pa.string()),             # RGBA layer
+    ("mask_path", pa.string()),        # full-frame mask
+    ("background_path", pa.string()),  # RGB background with the characters inpainted
+    ("flag", pa.string()),             # null, "mask_empty", "mask_full"
+    ("kept", pa.bool_()),
+    ("drop_reason", pa.string()),
+])
+
+
+class SegmentParams(BaseModel):
+    """How frames are split into character layers and background layers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("u2netp", description="segmenter: a rembg model name ('isnet-anime' is the recommended "
+                       "model for anime; 'u2netp' is the offline default) or 'custom:<path to .onnx>'")
+    threshold: float = Field(0.5, gt=0, lt=1, description="mask value (0-1) at which a pixel counts as character")
+    min_area_frac: float = Field(0.002, ge=0, lt=1, description="instances smaller than this fraction of the frame are specks")
+    join_distance: int = Field(6, ge=0, le=512, description="pixels: parts of a figure closer than this are one instance")
+    margin: int = Field(8, ge=0, le=1024, description="pixels added around an instance's box when cropping its layer")
+    alpha_matting: bool = Field(False, description="refine layer alpha by closed-form matting (slow)")
+    batch_size: int = Field(8, ge=1, le=1024, description="frames per segmenter call")
+    shard_size: int = Field(64, ge=1, description="frames per shard (the unit of resume)")
+    empty_mask_frac: float = Field(0.002, ge=0, lt=1, description="masks covering less than this are flagged mask_empty")
+    full_mask_frac: float = Field(0.9, gt=0, le=1, description="masks covering more than this are flagged mask_full")
+    inpaint_radius: int = Field(5, ge=1, le=64, description="pixels: OpenCV inpainting radius for the background layer")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from models.segmenters import check_model_name
+
+        try:
+            return check_model_name(name)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+
+    @model_validator(mode="after")
+    def _flags_ordered(self) -> "SegmentParams":
+        if self.empty_mask_frac >= self.full_mask_frac:
+            raise ValueError(f"empty_mask_frac must be < full_mask_frac, got {self.empty_mask_frac} >= {self.full_mask_frac}")
+        return self
+
+
+def params_affecting_output(params: SegmentParams) -> dict[str, Any]:
+    """Parameters in the fingerprint (batch size changes speed, not output)."""
+    from models.segmenters import model_identity
+
+    settings = params.model_dump(mode="json", exclude={"batch_size"})
+    settings["model"] = model_identity(params.model)
+    return settings
+
+
+# ---- one frame ------------------------------------------------------------------------------
+
+def split_instances(mask: np.ndarray, params: SegmentParams) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Threshold a soft mask and split it into instances.
+
+    Returns (binary mask, [(instance pixels, instance region)]) sorted left to right; the region
+    is the instance's joined area (pixels grown by `join_distance`), where its soft alpha lives.
+    """
+    binary = (mask >= params.threshold).astype(np.uint8)
+    joined = binary
+    if params.join_distance > 0:
+        r = (params.join_distance + 1) // 2  # both sides grow, so gaps up to join_distance close
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+        joined = cv2.dilate(binary, kernel)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(joined, connectivity=8)
+    min_pixels = params.min_area_frac * mask.size
+    found = []
+    for k in range(1, count):
+        x, y, w, h = stats[k, :4]
+        region = np.zeros_like(binary, dtype=bool)
+        region[y:y + h, x:x + w] = labels[y:y + h, x:x + w] == k
+        pixels = region & (binary > 0)
+        area = int(pixels.sum())
+        if area and area >= min_pixels:
+            found.append((int(x), pixels, region))
+    found.sort(key=lambda f: f[0])
+    return binary.astype(bool), [(pixels, region) for _, pixels, region in found]
+
+
+def bbox_of(pixels: np.ndarray) -> list[int]:
+    ys, xs = np.flatnonzero(pixels.any(1)), np.flatnonzero(pixels.any(0))
+    return [int(xs[0]), int(ys[0]), int(xs[-1] + 1), int(ys[-1] + 1)]
+
+
+def inpaint_background(image: np.ndarray, binary: np.ndarray, radius: int) -> np.ndarray:
+    """The frame with the masked pixels (grown by 2 px for soft edges) inpainted (Telea)."""
+    holes = cv2.dilate(binary.astype(np.uint8) * 255, np.ones((5, 5), np.uint8))
+    if not holes.any():
+        return image
+    return cv2.inpaint(image, holes, radius, cv2.INPAINT_TELEA)
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    if image.ndim == 3:
+        code = cv2.COLOR_RGBA2BGRA if image.shape[2] == 4 else cv2.COLOR_RGB2BGR
+        image = cv2.cvtColor(image, code)
+    if not cv2.imwrite(str(path), image, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+        raise OSError(f"could not write {path}")
+
+
+def read_frame(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """(RGB image, None) or (None, reason) for a missing, unreadable or odd frame file."""
+    if not path.is_file():
+        return None, "file missing"
+    if path.stat().st_size == 0:
+        return None, "empty file (0 bytes)"
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        return None, "unreadable or corrupt image"
+    if min(image.shape[:2]) < 8:
+        return None, f"image too small ({image.shape[1]}x{image.shape[0]})"
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), None
+
+
+def _frame_row(frame: dict, model: str, **values: Any) -> dict:
+    row = {name: None for name in SCHEMA.names}
+    row.update(item_id=f"{frame['item_id']}:00", source_id=frame["item_id"], episode=frame["episode"],
+               frame_index=frame["frame_index"], instance=0, model=model,
+               width=frame.get("width"), height=frame.get("height"), kept=False)
+    row.update(values)
+    return row
+
+
+def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: SegmentParams, model: str,
+                out: Path, prefix: str) -> list[dict]:
+    """Write one frame's mask, background and character layers; return its manifest rows."""
+    h, w = mask.shape
+    stem = f"{frame['frame_index']:07d}"
+    _write_png(out / "mask" / f"{stem}.png", np.clip(mask * 255 + 0.5, 0, 255).astype(np.uint8))
+    mask_path = f"{prefix}/mask/{stem}.png"
+    binary, instances = split_instances(mask, params)
+    coverage = float(binary.mean())
+    base = {"width": w, "height": h, "mask_path": mask_path}
+    if coverage > params.full_mask_frac:
+        return [_frame_row(frame, model, **base, area_frac=coverage, flag="mask_full", drop_reason="mask_full")]
+    background = inpaint_background(image, binary, params.inpaint_radius)
+    _write_png(out / "background" / f"{stem}.png", background)
+    base["background_path"] = f"{prefix}/background/{stem}.png"
+    if coverage < params.empty_mask_frac:
+        return [_frame_row(frame, model, **base, area_frac=coverage, flag="mask_empty", drop_reason="mask_empty")]
+    if not instances:
+        return [_frame_row(frame, model, **base, area_frac=coverage, drop_reason="no_layers")]
+    rgb, alpha = image, mask
+    if params.alpha_matting:
+        from models.segmenters import alpha_matte
+
+        matte = alpha_matte(image, mask)
+        rgb, alpha = matte[..., :3], matte[..., 3].astype(np.float32) / 255.0
+    rows = []
+    for number, (pixels, region) in enumerate(instances, start=1):
+        x0, y0, x1, y1 = bbox_of(pixels)
+        m = params.margin
+        cx0, cy0, cx1, cy1 = max(x0 - m, 0), max(y0 - m, 0), min(x1 + m, w), min(y1 + m, h)
+        layer_alpha = np.where(region[cy0:cy1, cx0:cx1], alpha[cy0:cy1, cx0:cx1], 0.0)
+        layer_alpha = np.clip(layer_alpha * 255 + 0.5, 0, 255).astype(np.uint8)
+        name = f"{stem}_{number:02d}.png"
+        _write_png(out / "character" / name, np.dstack([rgb[cy0:cy1, cx0:cx1], layer_alpha]))
+        rows.append({
+            "item_id": f"{frame['item_id']}:{number:02d}", "source_id": frame["item_id"],
+            "episode": frame["episode"], "frame_index": frame["frame_index"], "instance": number,
+            "bbox": [x0, y0, x1, y1], "area_frac": float(pixels.sum()) / (w * h),
+            "alpha_coverage": float((layer_alpha >= 128).mean()), "model": model,
+            "width": w, "height": h, "path": f"{prefix}/character/{name}",
+            "mask_path": mask_path, "background_path": base["background_path"],
+            "flag": None, "kept": True, "drop_reason": None,
+        })
+    return rows
+
+
+# ---- one shard ------------------------------------------------------------------------------
+
+def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, segmenter: Any,
+                   out: Path, prefix: str, *, label: str = "segment") -> tuple[pa.Table, dict]:
+    """Segment frames into character layers, masks and background layers.
+
+    Args:
+        frames: frame rows (item_id, episode, frame_index, path relative to `run_root`, width, height).
+        run_root: the folder frame paths are relative to.
+        params: segmentation parameters.
+        segmenter: a models.segmenters.Segmenter.
+        out: folder to write into (a shard's temporary folder).
+        prefix: the run-relative path `out` will have once committed.
+    Returns:
+        (manifest rows as a Table with SCHEMA, a report of counts).
+    """
+    for sub in ("character", "mask", "background"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows: list[dict] = []
+    report = {"frames": len(frames), "layers": 0, "mask_empty": 0, "mask_full": 0, "no_layers": 0,
+              "quarantined": 0, "seconds": 0.0}
+    with StageProgress(label, len(frames)) as bar:
+        for start in range(0, len(frames), params.batch_size):
+            batch = frames[start:start + params.batch_size]
+            readable = []
+            for frame in batch:
+                image, reason = read_frame(run_root / frame["path"]) if frame.get("path") else (None, "no frame file")
+                if image is None:
+                    rows.append(_frame_row(frame, params.model,
+                                           drop_reason=f"{QUARANTINE}{frame.get('path')}: {reason}"))
+                    report["quarantined"] += 1
+                else:
+                    readable.append((frame, image))
+            masks = segmenter.segment([image for _, image in readable]) if readable else []
+            for (frame, image), mask in zip(readable, masks):
+                frame_rows = layer_frame(frame, image, mask, params, params.model, out, prefix)
+                rows.extend(frame_rows)
+                reason = frame_rows[0]["drop_reason"]
+                if reason in ("mask_empty", "mask_full", "no_layers"):
+                    report[reason] += 1
+                report["layers"] += sum(r["kept"] for r in frame_rows)
+            bar.advance(len(batch))
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return pa.Table.from_pylist(rows, schema=SCHEMA), report
+
+
+# ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) --------------
+
+FRAME_FIELDS = ("item_id", "episode", "frame_index", "path", "phash", "width", "height")
+
+
+class SegmentShard(BaseModel):
+    """One shard: its key, fingerprint and frames."""
+
+    key: str
+    fingerprint: str
+    frames: list[dict[str, Any]]
+
+
+class SegmentPlan(BaseModel):
+    """The shards of the stage and the stage fingerprint."""
+
+    shards: list[SegmentShard]
+    fingerprint: str
+
+    def shard_fingerprints(self) -> dict[str, str]:
+        return {s.key: s.fingerprint for s in self.shards}
+
+
+def shard_frames(frames: pa.Table, shard_size: int) -> dict[str, list[dict]]:
+    """Kept frames grouped per episode in chunks of `shard_size`, keyed `<episode>-<chunk:04d>`."""
+    kept = frames.filter(pc.equal(frames.column("kept"), True)).select(list(FRAME_FIELDS))
+    kept = kept.sort_by([("episode", "ascending"), ("frame_index", "ascending")])
+    shards: dict[str, list[dict]] = {}
+    by_episode: dict[str, list[dict]] = {}
+    for row in kept.to_pylist():
+        by_episode.setdefault(row["episode"], []).append(row)
+    for episode, rows in by_episode.items():
+        for chunk, start in enumerate(range(0, len(rows), shard_size)):
+            shards[f"{episode}-{chunk:04d}"] = rows[start:start + shard_size]
+    return shards
+
+
+def plan_segment(store: RunStore, params: SegmentParams) -> SegmentPlan:
+    """Shard the run's kept frames and fingerprint each shard; start the stage unless it is done."""
+    settings = params_affecting_output(params)
+    shards = []
+    for key, rows in shard_frames(store.read_manifest("frames"), params.shard_size).items():
+        identity = {r["item_id"]: r["phash"] for r in rows}
+        shards.append(SegmentShard(key=key, fingerprint=fingerprint(STAGE, VERSION, settings, identity), frames=rows))
+    fp = plan_sharded_stage(store, STAGE, VERSION, settings, {s.key: s.fingerprint for s in shards})
+    return SegmentPlan(shards=shards, fingerprint=fp)
+
+
+def segment_shard(store: RunStore, shard: SegmentShard, params: SegmentParams) -> StageResult:
+    """Segment one shard's frames, unless that shard is already committed."""
+    from models.segmenters import segmenter
+
+    def build(out: Path, prefix: str) -> tuple[pa.Table, dict]:
+        return segment_frames(shard.frames, store.root, params, segmenter(params.model), out, prefix,
+                              label=f"segment {shard.key}")
+
+    return run_shard(store, STAGE, shard.key, shard.fingerprint, build)
+
+
+def summarize(table: pa.Table, reports: list[dict]) -> dict:
+    """Counts for the status table and the UI."""
+    layers = table.filter(pc.equal(table.column("kept"), True))
+    per_frame = pc.value_counts(layers.column("source_id")).field("counts").to_pylist() if layers.num_rows else []
+    return {
+        "frames": sum(r.get("frames", 0) for r in reports),
+        "kept": layers.num_rows,
+        "frames_with_layers": len(per_frame),
+        "frames_with_2plus": sum(c >= 2 for c in per_frame),
+        "mask_empty": sum(r.get("mask_empty", 0) for r in reports),
+        "mask_full": sum(r.get("mask_full", 0) for r in reports),
+        "no_layers": sum(r.get("no_layers", 0) for r in reports),
+        "quarantined": sum(r.get("quarantined", 0) for r in reports),
+        "seconds": round(sum(r.get("seconds", 0.0) for r in reports), 2),
+    }
+
+
+def merge_segment(store: RunStore, plan: SegmentPlan) -> StageResult:
+    """Merge committed shards into `segment/manifest.parquet`."""
+    def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
+        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        table = table.sort_by("item_id")
+        return table, summarize(table, reports), []
+
+    return merge_shards(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), merge)
+
+
+def run_segment(store: RunStore, params: SegmentParams) -> StageResult:
+    """The whole stage as one plain call (no Prefect): plan, every shard, merge."""
+    plan = plan_segment(store, params)
+    for shard in plan.shards:
+        segment_shard(store, shard, params)
+    return merge_segment(store, plan)
+
+
+# ---- Prefect tasks ----------------------------------------------------------------------------
+
+@task(name="plan-segment")
+def plan_segment_task(run: RunRef, frames: StageResult, params: SegmentParams) -> SegmentPlan:
+    """Shard the run's kept frames (after `frames`)."""
+    return plan_segment(run.store(), params)
+
+
+@task(name="segment", task_run_name="segment-{shard.key}",
+      cache_key_fn=cache_key(lambda run, shard, params: (shard.fingerprint, run.store().shard_done(STAGE, shard.key, shard.fingerprint))))
+def segment_shard_task(run: RunRef, shard: SegmentShard, params: SegmentParams) -> StageResult:
+    """Segment one shard of frames into character and background layers."""
+    result = segment_shard(run.store(), shard, params)
+    publish(result, f"segment {shard.key}")
+    return result
+
+
+@task(name="merge-segment",
+      cache_key_fn=cache_key(lambda run, plan: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
+def merge_segment_task(run: RunRef, plan: SegmentPlan) -> StageResult:
+    """Merge the shards into the run's segment manifest."""
+    result = merge_segment(run.store(), plan)
+    publish(result, "segment")
+    return result
