@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -72,7 +73,7 @@ class FramesParams(BaseModel):
     interval_s: float = Field(1.0, gt=0, description="seconds between samples (interval mode)")
     scene_sample_s: float = Field(0.5, gt=0, description="seconds between candidates inside a shot (scene mode)")
     max_per_shot: int = Field(3, ge=1, description="at most this many frames per shot (scene mode)")
-    cut_threshold: float = Field(0.1, gt=0, lt=1, description="thumbnail change (0-1) that counts as a hard cut")
+    cut_threshold: float = Field(0.05, gt=0, lt=1, description="thumbnail change (0-1) that counts as a hard cut")
     black_level: float = Field(18.0, ge=0, le=255, description="mean luma below this is a black frame")
     uniform_std: float = Field(6.0, ge=0, description="luma std below this is a uniform frame")
     blur_threshold: float = Field(20.0, ge=0, description="Laplacian variance below this is a blurry frame")
@@ -141,6 +142,26 @@ def sharpness(gray: np.ndarray, width: int = 480) -> float:
     return float(cv2.Laplacian(gray, cv2.CV_32F).var())
 
 
+_PLANAR_YUV = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p"}
+
+
+def thumbnail(frame, columns: int = 48) -> np.ndarray:
+    """A tiny int16 view of a decoded frame for cut detection (about `columns` wide, Y+U+V).
+
+    Planar 8-bit YUV frames are subsampled straight from their planes (no colour conversion,
+    this runs on every decoded frame); other formats go through swscale.
+    """
+    if frame.format.name in _PLANAR_YUV:
+        parts = []
+        for plane in frame.planes:
+            rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
+            step = max(1, plane.width // columns)
+            parts.append(rows[step // 2 :: step, step // 2 :: step].ravel())
+        return np.concatenate(parts).astype(np.int16)
+    small = frame.reformat(width=columns, height=max(1, columns * frame.height // max(1, frame.width)), format="yuv444p")
+    return np.concatenate([np.asarray(p).ravel() for p in small.to_ndarray(channel_last=False)]).astype(np.int16)
+
+
 def drop_reason_for(brightness: float, contrast: float, sharp: float, params: FramesParams) -> str | None:
     if brightness < params.black_level and contrast < 2 * params.uniform_std:
         return "black"
@@ -152,6 +173,14 @@ def drop_reason_for(brightness: float, contrast: float, sharp: float, params: Fr
 
 
 # ---- one episode ----------------------------------------------------------------------------
+
+def _write_image(target: Path, rgb: np.ndarray, image_format: str) -> int:
+    """Write one frame losslessly; returns its size in bytes."""
+    flags = [cv2.IMWRITE_WEBP_QUALITY, 101] if image_format == "webp" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    if not cv2.imwrite(str(target), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), flags):
+        raise OSError(f"could not write frame image {target}")
+    return target.stat().st_size
+
 
 @dataclass
 class _Candidate:
@@ -181,6 +210,8 @@ class _Episode:
     kept_hashes: list[int] = field(default_factory=list)
     kept_ids: list[str] = field(default_factory=list)
     bytes_written: int = 0
+    writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="frame-writer"))
+    pending: list[Future] = field(default_factory=list)
 
     def measure(self, cand: _Candidate) -> _Measure:
         gray = cv2.cvtColor(cand.rgb, cv2.COLOR_RGB2GRAY)
@@ -213,13 +244,15 @@ class _Episode:
         return reason is None
 
     def _save(self, cand: _Candidate) -> str:
+        """Queue the frame for writing on the writer thread (image encoding overlaps decoding)."""
         name = f"{cand.frame_index:07d}.{self.params.image_format}"
-        target = self.out / "images" / name
-        flags = [cv2.IMWRITE_WEBP_QUALITY, 101] if self.params.image_format == "webp" else [cv2.IMWRITE_PNG_COMPRESSION, 3]
-        if not cv2.imwrite(str(target), cv2.cvtColor(cand.rgb, cv2.COLOR_RGB2BGR), flags):
-            raise OSError(f"could not write frame image {target}")
-        self.bytes_written += target.stat().st_size
+        self.pending.append(self.writer.submit(_write_image, self.out / "images" / name, cand.rgb, self.params.image_format))
         return f"{self.prefix}/images/{name}"
+
+    def finish_writes(self) -> None:
+        """Wait for queued images; raises the first write error."""
+        self.bytes_written += sum(f.result() for f in self.pending)
+        self.pending.clear()
 
     def close_shot(self, candidates: list[_Candidate]) -> None:
         """Scene mode: keep at most K good, distinct candidates of a finished shot, spread over it."""
@@ -270,7 +303,11 @@ def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, p
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         expected = stream.frames or (int(float(stream.duration * stream.time_base) * rate) if stream.duration else None)
         with StageProgress(f"frames {episode}", expected) as bar:
-            _decode(container, stream, rate, state, report, bar)
+            try:
+                _decode(container, stream, rate, state, report, bar)
+            finally:
+                state.finish_writes()
+                state.writer.shutdown()
     if report["frames_decoded"] == 0:
         return _quarantined(video, episode, report, report["reason"] or "no decodable frames")
     if report["decode_errors"]:
@@ -312,7 +349,7 @@ def _decode(container, stream, rate: float, state: _Episode, report: dict, bar: 
             bar.advance()
             t = float(frame.time) - start if frame.time is not None else (index + 1) / rate
             index = index + 1 if params.mode != "keyframes" else round(t * rate)
-            thumb = frame.to_ndarray(width=48, height=27, format="rgb24").astype(np.int16)
+            thumb = thumbnail(frame)
             is_cut = prev_thumb is not None and np.abs(thumb - prev_thumb).mean() / 255.0 > params.cut_threshold
             if is_cut or prev_thumb is None:
                 report["shot_starts"].append(index)
