@@ -69,14 +69,15 @@ def run(
     inputs: list[str] = typer.Argument(..., help="video files, folders of videos, or globs"),
     name: str = typer.Option(..., "--name", "-n", help="run name (a folder under --runs-dir)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of stage parameters"),
-    until: str = typer.Option("frames", "--until", help="last stage to run"),
+    until: Optional[str] = typer.Option(None, "--until", help="last stage to run (default: the whole pipeline)"),
     sets: list[str] = typer.Option([], "--set", help="override one parameter, e.g. --set frames.mode=interval"),
     runs_dir: Path = RUNS_DIR,
 ) -> None:
     """Run the pipeline on episodes (a new run, or more episodes for an existing one)."""
-    from flows.params import ParamsError, load_params
+    from flows.params import LAST_STAGE, ParamsError, load_params
 
     _quiet_prefect()
+    until = until or LAST_STAGE
     try:
         params = load_params(config, _parse_sets(sets))
     except ParamsError as exc:
@@ -129,6 +130,69 @@ def clean(
     except RunLockedError as exc:
         _fail(str(exc))
     console.print(f"removed: {', '.join(removed) or 'nothing (no such stage output)'}")
+
+
+DEPLOYMENTS = typer.Option(None, "--config", help="deployments file (default: deployments/prefect.yaml)")
+LIMIT = typer.Option(None, "--limit", help="at most this many runs at once")
+
+
+@app.command()
+def serve(config: Optional[Path] = DEPLOYMENTS, limit: Optional[int] = LIMIT) -> None:
+    """Serve every deployment (full run, reprocess schedule, train-only) from this process."""
+    from deployments.serve import CONFIG, DeploymentConfigError, serve_all
+
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    try:
+        serve_all(config or CONFIG, limit)
+    except DeploymentConfigError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(4200, "--port", help="port of the local Prefect server on 127.0.0.1"),
+    config: Optional[Path] = DEPLOYMENTS,
+    limit: Optional[int] = LIMIT,
+) -> None:
+    """Start a local Prefect server (UI on 127.0.0.1) and serve the deployments; Ctrl-C stops both."""
+    from deployments.serve import CONFIG, DeploymentConfigError, ui as start_ui
+
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        start_ui(port, config or CONFIG, limit)
+    except (DeploymentConfigError, OSError, RuntimeError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def validate(
+    directory: Path = typer.Argument(..., help="a kohya training tree (or a run folder: its package/ is checked)"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the JSON report here"),
+    min_resolution: Optional[int] = typer.Option(None, "--min-resolution", help="shortest image side, pixels (default 512)"),
+) -> None:
+    """Check a training dataset before training; exits non-zero when it has errors."""
+    import json
+
+    from pydantic import ValidationError
+
+    from tasks.validate import ValidateParams, format_summary, tree_root, validate_dataset
+
+    root = tree_root(directory)
+    if not root.is_dir():
+        _fail(f"no such folder: {directory}")
+    try:
+        params = ValidateParams(**({} if min_resolution is None else {"min_resolution": min_resolution}))
+    except ValidationError as exc:
+        _fail(f"--min-resolution must be >= 1, got {min_resolution} ({exc.error_count()} error)")
+    result = validate_dataset(root, params)
+    console.print(format_summary(result), markup=False, highlight=False)
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+        console.print(f"report: {report}")
+    if not result["passed"]:
+        raise typer.Exit(1)
 
 
 def _check_until(stage: str) -> None:
