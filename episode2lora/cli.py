@@ -132,6 +132,25 @@ def clean(
     console.print(f"removed: {', '.join(removed) or 'nothing (no such stage output)'}")
 
 
+@app.command()
+def report(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RUNS_DIR) -> None:
+    """Write the cluster report (<run>/report/cluster_report.html + .json) and print clusters per tier and kind."""
+    from tasks.report import summary_table, write_report
+    from tasks.store import RunStore, StageNotDoneError
+
+    store = RunStore(runs_dir, name)
+    if not store.root.exists():
+        _fail(f"no run named '{name}' in {Path(runs_dir).resolve()}")
+    try:
+        html_path, json_path, data = write_report(store)
+    except StageNotDoneError as exc:
+        _fail(str(exc))
+    console.print(summary_table(data))
+    for warning in data["warnings"]:
+        console.print(f"  [yellow]warning[/] {warning}")
+    console.print(f"report: {html_path}\n        {json_path}")
+
+
 DEPLOYMENTS = typer.Option(None, "--config", help="deployments file (default: deployments/prefect.yaml)")
 LIMIT = typer.Option(None, "--limit", help="at most this many runs at once")
 
@@ -219,6 +238,11 @@ def _print_status(store: Any) -> None:
     quarantined = store.quarantine_report()
     for line in quarantined:
         console.print(f"  [yellow]quarantined[/] {line}")
+
+
+from episode2lora import training_commands  # noqa: E402  (`train DIR` and `versions`)
+
+training_commands.register(app)
 
 
 def main() -> None:  # pragma: no cover - `python -m episode2lora`

@@ -9,7 +9,8 @@ The payload (like the ActorMaker training callback)::
      "error": null | "what went wrong"}
 
 Attach `webhook_hooks()` to a flow whose parameters include `name`, `runs_dir` and
-`webhook_url`; nothing is sent when `webhook_url` is empty.
+`webhook_url` (or pass `describe` to build the payload from other parameters); nothing is
+sent when `webhook_url` is empty.
 """
 
 from __future__ import annotations
@@ -19,11 +20,21 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, Callable
 
 from tasks.store import STAGES, RunStore
 
 log = logging.getLogger("episode2lora.notify")
+
+
+def lora_paths(store: RunStore) -> list[str]:
+    """The run's final LoRA files: evaluate's choice per character, else train's output."""
+    for stage, column in (("evaluate", "final_lora"), ("train", "lora_path")):
+        if store.is_done(stage):
+            table = store.read_manifest(stage)
+            if column in table.column_names:
+                return sorted(str(store.root / p) for p in table.column(column).to_pylist() if p)
+    return []
 
 
 def run_payload(store: RunStore, status: str, *, error: str | None = None, flow_run_id: str | None = None) -> dict[str, Any]:
@@ -33,10 +44,16 @@ def run_payload(store: RunStore, status: str, *, error: str | None = None, flow_
         s = store.stage_status(stage)
         if s["state"] != "missing":
             stages[stage] = {k: s[k] for k in ("state", "rows", "kept", "quarantined")}
-    train = store.root / "train"
-    loras = sorted(str(p) for p in train.rglob("*.safetensors")) if train.is_dir() else []
     return {"run": store.name, "status": status, "flow_run_id": flow_run_id, "run_dir": str(store.root),
-            "stages": stages, "loras": loras, "error": error}
+            "stages": stages, "loras": lora_paths(store), "error": error}
+
+
+def run_store_payload(parameters: dict[str, Any], status: str, error: str | None, flow_run_id: str) -> dict | None:
+    """Payload of a flow whose parameters name a run (`name`, `runs_dir`)."""
+    if not parameters.get("name"):
+        return None
+    store = RunStore(parameters.get("runs_dir") or "data/runs", parameters["name"])
+    return run_payload(store, status, error=error, flow_run_id=flow_run_id)
 
 
 def post_json(url: str, payload: dict[str, Any], *, attempts: int = 3, timeout: float = 10.0) -> int:
@@ -63,33 +80,40 @@ def post_json(url: str, payload: dict[str, Any], *, attempts: int = 3, timeout: 
     raise AssertionError("unreachable")
 
 
-def notify(flow_run: Any, state: Any, status: str) -> None:
-    """Send the run's payload to its `webhook_url` parameter, if any; never raises."""
+Describe = Callable[[dict[str, Any], str, "str | None", str], "dict | None"]
+
+
+def notify(flow_run: Any, state: Any, status: str, describe: Describe = run_store_payload) -> None:
+    """Send the payload `describe` builds to the run's `webhook_url` parameter, if any; never raises."""
     params = flow_run.parameters or {}
     url = params.get("webhook_url")
-    if not url or not params.get("name"):
+    if not url:
         return
-    store = RunStore(params.get("runs_dir") or "data/runs", params["name"])
     error = None if status == "completed" else (state.message or status)
     try:
-        post_json(url, run_payload(store, status, error=error, flow_run_id=str(flow_run.id)))
+        from prefect.logging.loggers import flow_run_logger
+
+        logger = flow_run_logger(flow_run)
+    except Exception:  # pragma: no cover - outside Prefect
+        logger = log
+    try:
+        payload = describe(params, status, error, str(flow_run.id))
+        if payload is not None:
+            code = post_json(url, payload)
+            logger.info("webhook: run %s %s, POSTed to %s (HTTP %s)", payload.get("run"), status, url, code)
     except Exception as exc:  # a notification must never change the run's outcome
-        log.warning("webhook %s failed: %s", url, exc)
+        logger.warning("webhook %s failed: %s", url, exc)
 
 
-def _on_completion(flow: Any, flow_run: Any, state: Any) -> None:
-    notify(flow_run, state, "completed")
+def webhook_hooks(describe: Describe = run_store_payload) -> dict[str, list]:
+    """Keyword arguments for `@flow(...)` that POST `describe(...)` on completion, failure and crash."""
+    def on_completion(flow: Any, flow_run: Any, state: Any) -> None:
+        notify(flow_run, state, "completed", describe)
 
+    def on_failure(flow: Any, flow_run: Any, state: Any) -> None:
+        notify(flow_run, state, "failed", describe)
 
-def _on_failure(flow: Any, flow_run: Any, state: Any) -> None:
-    notify(flow_run, state, "failed")
+    def on_crashed(flow: Any, flow_run: Any, state: Any) -> None:
+        notify(flow_run, state, "crashed", describe)
 
-
-def _on_crashed(flow: Any, flow_run: Any, state: Any) -> None:
-    notify(flow_run, state, "crashed")
-
-
-def webhook_hooks() -> dict[str, list]:
-    """Keyword arguments for `@flow(...)` that send the webhook on completion, failure and crash."""
-    return {"on_completion": [_on_completion], "on_failure": [_on_failure], "on_crashed": [_on_crashed]}
-
+    return {"on_completion": [on_completion], "on_failure": [on_failure], "on_crashed": [on_crashed]}

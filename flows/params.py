@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.frames import FramesParams
 from tasks.segment import SegmentParams
+from tasks.embed import EmbedParams
+from tasks.cluster import ClusterParams
+from tasks.tier import TierParams
+from tasks.select import SelectParams
+from tasks.augment import AugmentParams
+from tasks.caption import CaptionParams
+from tasks.package import PackageParams
+from tasks.validate import ValidateParams
+from tasks.train import TrainParams
+from tasks.evaluate import EvaluateParams
 
-Stage = Literal["frames", "segment"]
+Stage = Literal["frames", "segment", "embed", "cluster", "tier", "select", "augment", "caption", "package", "validate",
+               "train", "evaluate"]
 """Stages a run can stop after (grows as stages land)."""
+LAST_STAGE: str = get_args(Stage)[-1]
+"""Where a run stops by default: the end of the pipeline."""
+
+
+# `validate` (the stage) shadows pydantic's deprecated BaseModel.validate; the field is what we mean.
+warnings.filterwarnings("ignore", message='Field name "validate" in "RunParams" shadows', category=UserWarning)
 
 
 class RunParams(BaseModel):
@@ -22,6 +40,16 @@ class RunParams(BaseModel):
 
     frames: FramesParams = Field(default_factory=FramesParams)
     segment: SegmentParams = Field(default_factory=SegmentParams)
+    embed: EmbedParams = Field(default_factory=EmbedParams)
+    cluster: ClusterParams = Field(default_factory=ClusterParams)
+    tier: TierParams = Field(default_factory=TierParams)
+    select: SelectParams = Field(default_factory=SelectParams)
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+    caption: CaptionParams = Field(default_factory=CaptionParams)
+    package: PackageParams = Field(default_factory=PackageParams)
+    validate: ValidateParams = Field(default_factory=ValidateParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
 
 class ParamsError(ValueError):

@@ -271,9 +271,13 @@ def background_layers(store: RunStore) -> list[str]:
     return [p for p in paths if (store.root / p).is_file()]
 
 
-def plan_augment(store: RunStore, params: AugmentParams) -> AugmentPlan:
-    """One shard per selected character, fingerprinted by its rows, the params and the backgrounds."""
-    rows = store.read_manifest("select").to_pylist()
+def plan_augment(store: RunStore, params: AugmentParams, source: str = "select") -> AugmentPlan:
+    """One shard per selected character, fingerprinted by its rows, the params and the backgrounds.
+
+    `source` is the stage whose rows are augmented: `select` (episodes) or `ingest` (render
+    folders, photo sets); both have the columns `augment_character` reads.
+    """
+    rows = store.read_manifest(source).to_pylist()
     if rows and "kept" in rows[0]:
         rows = [r for r in rows if r["kept"]]
     backgrounds = background_layers(store) if params.background_swap_probability > 0 else []
@@ -291,10 +295,10 @@ def plan_augment(store: RunStore, params: AugmentParams) -> AugmentPlan:
     return AugmentPlan(shards=shards, backgrounds=backgrounds, fingerprint=stage_fp)
 
 
-def augment_shard(store: RunStore, shard: AugmentShard, plan: AugmentPlan, params: AugmentParams) -> StageResult:
+def augment_shard(store: RunStore, shard: AugmentShard, backgrounds: list[str], params: AugmentParams) -> StageResult:
     """Augment one character into its shard, unless that shard is already committed."""
     return run_shard(store, STAGE, shard.key, shard.fingerprint,
-                     lambda out, prefix: augment_character(store.root, shard.rows, params, plan.backgrounds, out, prefix))
+                     lambda out, prefix: augment_character(store.root, shard.rows, params, backgrounds, out, prefix))
 
 
 def merge_augment(store: RunStore, plan: AugmentPlan) -> StageResult:
@@ -315,11 +319,11 @@ def merge_augment(store: RunStore, plan: AugmentPlan) -> StageResult:
     return merge_shards(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), merge)
 
 
-def run_augment(store: RunStore, params: AugmentParams) -> StageResult:
+def run_augment(store: RunStore, params: AugmentParams, source: str = "select") -> StageResult:
     """The whole stage as one plain call (no Prefect): plan, every character, merge."""
-    plan = plan_augment(store, params)
+    plan = plan_augment(store, params, source)
     for shard in plan.shards:
-        augment_shard(store, shard, plan, params)
+        augment_shard(store, shard, plan.backgrounds, params)
     return merge_augment(store, plan)
 
 
@@ -327,15 +331,15 @@ def run_augment(store: RunStore, params: AugmentParams) -> StageResult:
 
 @task(name="plan-augment")
 def plan_augment_task(run: RunRef, select: StageResult, params: AugmentParams) -> AugmentPlan:
-    """Shard the selected characters (after `select`)."""
-    return plan_augment(run.store(), params)
+    """Shard the selected characters (after `select`, or `ingest`: the stage of the result passed in)."""
+    return plan_augment(run.store(), params, source=select.stage)
 
 
 @task(name="augment", task_run_name="augment-{shard.key}",
-      cache_key_fn=cache_key(lambda run, shard, plan, params: (shard.fingerprint, run.store().shard_done(STAGE, shard.key, shard.fingerprint))))
-def augment_shard_task(run: RunRef, shard: AugmentShard, plan: AugmentPlan, params: AugmentParams) -> StageResult:
+      cache_key_fn=cache_key(lambda run, shard, backgrounds, params: (shard.fingerprint, run.store().shard_done(STAGE, shard.key, shard.fingerprint))))
+def augment_shard_task(run: RunRef, shard: AugmentShard, backgrounds: list[str], params: AugmentParams) -> StageResult:
     """Augment one character (one shard)."""
-    result = augment_shard(run.store(), shard, plan, params)
+    result = augment_shard(run.store(), shard, backgrounds, params)
     publish(result, f"augment {shard.character}")
     return result
 

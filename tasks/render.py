@@ -72,7 +72,7 @@ def alpha_box(alpha: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def _cover(background: np.ndarray, size: int) -> np.ndarray:
+def cover(background: np.ndarray, size: int) -> np.ndarray:
     """Scale a background to cover a size x size square and crop its centre."""
     h, w = background.shape[:2]
     scale = size / min(h, w)
@@ -80,7 +80,7 @@ def _cover(background: np.ndarray, size: int) -> np.ndarray:
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
     big = cv2.resize(background, (nw, nh), interpolation=interp)
     x0, y0 = (nw - size) // 2, (nh - size) // 2
-    return big[y0:y0 + size, x0:x0 + size]
+    return np.ascontiguousarray(big[y0:y0 + size, x0:x0 + size])
 
 
 def render(layer: np.ndarray, background: np.ndarray | None, spec: RenderSpec) -> np.ndarray:
@@ -103,7 +103,7 @@ def render(layer: np.ndarray, background: np.ndarray | None, spec: RenderSpec) -
         canvas = np.empty((size, size, 3), np.float32)
         canvas[:] = np.array(ImageColor.getrgb(spec.background_color)[:3], np.float32) / 255.0
     else:
-        canvas = _cover(background, size).astype(np.float32) / 255.0
+        canvas = cover(background, size).astype(np.float32) / 255.0
     alpha = np.zeros((size, size), np.float32)
     alpha[py:py + nh, px:px + nw] = crop[..., 3]
     region = canvas[py:py + nh, px:px + nw]

@@ -76,7 +76,7 @@ class SegmentParams(BaseModel):
     shard_size: int = Field(64, ge=1, description="frames per shard (the unit of resume)")
     empty_mask_frac: float = Field(0.002, ge=0, lt=1, description="masks covering less than this are flagged mask_empty")
     full_mask_frac: float = Field(0.9, gt=0, le=1, description="masks covering more than this are flagged mask_full")
-    inpaint_radius: int = Field(5, ge=1, le=64, description="pixels: OpenCV inpainting radius for the background layer")
+    inpaint_radius: int = Field(3, ge=1, le=64, description="pixels: OpenCV inpainting radius for the background layer")
 
     @field_validator("model")
     @classmethod
@@ -160,12 +160,17 @@ def read_frame(path: Path) -> tuple[np.ndarray | None, str | None]:
         return None, "file missing"
     if path.stat().st_size == 0:
         return None, "empty file (0 bytes)"
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        return None, "unreadable or corrupt image"
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode fully: truncated files fail here, not later
+            image = np.asarray(opened.convert("RGB"))
+    except Exception as exc:  # PIL raises many kinds: all mean "cannot read this image"
+        return None, f"unreadable or corrupt image ({type(exc).__name__}: {exc})"[:300]
     if min(image.shape[:2]) < 8:
         return None, f"image too small ({image.shape[1]}x{image.shape[0]})"
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), None
+    return image, None
 
 
 def _frame_row(frame: dict, model: str, **values: Any) -> dict:

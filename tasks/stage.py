@@ -12,7 +12,7 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     import pyarrow as pa
 
-from tasks.store import RunStore, fingerprint
+from tasks.store import STAGES, RunStore, fingerprint
 
 
 class RunRef(BaseModel):
@@ -69,8 +69,13 @@ def publish(result: StageResult, title: str, rows: list[dict[str, Any]] | None =
     lines = [f"### {title}", "", "| measure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in result.summary.items()]
     lines += ["", f"fingerprint `{result.fingerprint[:12]}`, recomputed: {result.recomputed}"]
+    run = (TaskRunContext.get().parameters or {}).get("run")
+    if isinstance(run, RunRef) and result.stage in STAGES:  # where the stage's manifest and report are
+        lines += ["", f"report: `{run.store().stage_dir(result.stage)}`"]
+    counts = [{"measure": k, "value": v} for k, v in result.summary.items() if isinstance(v, (int, float, str, bool))]
     try:
         create_markdown_artifact("\n".join(lines), key=key, description=title)
+        create_table_artifact(counts, key=f"{key}-counts", description=f"{title}: counts")
         if rows:
             create_table_artifact(rows, key=f"{key}-table", description=f"{title}: per item")
     except Exception:

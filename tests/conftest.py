@@ -18,6 +18,8 @@ os.environ.setdefault("EPISODE2LORA_NO_PROGRESS", "1")
 os.environ.setdefault("U2NET_HOME", str(ROOT / ".cache" / "u2net"))
 ARTIFACTS = ROOT / "test-artifacts"
 
+from tests.live_prefect import prefect_ui  # noqa: E402,F401  (session fixture: `episode2lora ui` for e2e tests)
+
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):

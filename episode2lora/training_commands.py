@@ -1,0 +1,112 @@
+"""`episode2lora train DIR` and `episode2lora versions`: LoRA training outside a run, and its history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _train_params(profile: str, base: Optional[str], trainer: str, kohya_scripts: Optional[str],
+                  characters: list[str], sets: list[str]) -> Any:
+    """TrainParams from the options; `--set rank=16` and `--set train.rank=16` both work."""
+    import yaml
+    from pydantic import ValidationError
+
+    from flows.params import describe
+    from tasks.train import TrainParams
+
+    data: dict[str, Any] = {"profile": profile, "trainer": trainer, "characters": characters}
+    if base:
+        data["base"] = base
+    if kohya_scripts:
+        data["kohya_scripts"] = kohya_scripts
+    for item in sets:
+        if "=" not in item:
+            _fail(f"--set expects FIELD=VALUE (e.g. rank=16), got {item!r}")
+        key, value = item.split("=", 1)
+        data[key.strip().removeprefix("train.")] = yaml.safe_load(value)
+    try:
+        return TrainParams.model_validate(data)
+    except ValidationError as exc:
+        _fail(describe(exc, "train options").replace("\n  ", "\n  train."))
+
+
+def train(
+    directory: Path = typer.Argument(..., help="a kohya-style folder: <repeats>_<name>/ image + .txt caption pairs"),
+    profile: str = typer.Option("fast", "--profile", help="fast | final (FLUX guide tables) | package (the folder's kohya TOMLs) | demo"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model: Hugging Face id, local diffusers folder, or tiny"),
+    sets: list[str] = typer.Option([], "--set", help="override one training setting, e.g. --set rank=16"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder (default: <DIR>-lora beside DIR)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoints in the output folder"),
+    characters: list[str] = typer.Option([], "--character", help="train only this character (repeatable)"),
+    trainer: str = typer.Option("diffusers", "--trainer", help="diffusers (ours) or kohya (sd-scripts subprocess)"),
+    kohya_scripts: Optional[str] = typer.Option(None, "--kohya-scripts", help="kohya sd-scripts folder (--trainer kohya)"),
+    runs_dir: Path = typer.Option(Path("data/runs"), "--runs-dir", help="folder holding versions.parquet"),
+) -> None:
+    """Train one LoRA per character folder of a kohya-style dataset; recorded in the versions registry."""
+    from models.lora_trainer import ResumeMismatch
+    from models.sd_base import BaseModelMissing
+    from tasks.train import train_folder
+
+    params = _train_params(profile, base, trainer, kohya_scripts, characters, sets)
+    output = output or directory.resolve().parent / f"{directory.resolve().name}-lora"
+    try:
+        done = train_folder(directory, output, params, resume=resume, registry=runs_dir)
+    except (FileNotFoundError, FileExistsError, ResumeMismatch, BaseModelMissing, ValueError, KeyError) as exc:
+        hint = "\n  add --resume to continue it" if isinstance(exc, FileExistsError) else ""
+        _fail(f"{exc}{hint}", 1)
+    except Exception as exc:  # the training itself failed: it is recorded as failed in the registry
+        _fail(f"training failed: {type(exc).__name__}: {exc}\n  see: episode2lora versions --runs-dir {runs_dir}", 1)
+    table = Table(title=f"LoRAs in {output}")
+    for column in ("character", "steps", "final loss", "best val loss", "LoRA (kohya format)", "version"):
+        table.add_column(column)
+    for outcome, version in done:
+        table.add_row(outcome.character, str(outcome.steps), _num(outcome.final_loss), _num(outcome.best_val_loss),
+                      outcome.lora_path, version)
+    console.print(table)
+
+
+def _num(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def versions(
+    runs_dir: Path = typer.Option(Path("data/runs"), "--runs-dir", help="folder holding versions.parquet"),
+    character: Optional[str] = typer.Option(None, "--character", help="only this character's trainings"),
+) -> None:
+    """List every LoRA training: status, steps, losses, evaluation's choice, files, errors."""
+    from tasks.versions import read_versions
+
+    rows = read_versions(runs_dir).to_pylist()
+    if character:
+        rows = [r for r in rows if r["character"] == character]
+    if not rows:
+        console.print(f"no trainings recorded in {Path(runs_dir).resolve() / 'versions.parquet'}")
+        return
+    table = Table(title=f"training versions ({Path(runs_dir).resolve() / 'versions.parquet'})")
+    for column in ("version", "character", "status", "started", "steps", "best val", "eval score", "LoRA", "error"):
+        table.add_column(column, overflow="fold")
+    colours = {"completed": "green", "running": "yellow", "failed": "red"}
+    for r in rows:
+        table.add_row(r["version_id"], r["character"], f"[{colours.get(r['status'], 'white')}]{r['status']}[/]",
+                      r["started_at"] or "", str(r["steps"] or ""), _num(r["best_val_loss"]), _num(r["eval_score"]),
+                      r["final_lora"] or r["lora_path"] or "", (r["error"] or "")[:120])
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `train` and `versions` to the CLI."""
+    app.command("train")(train)
+    app.command("versions")(versions)

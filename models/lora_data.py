@@ -1,0 +1,241 @@
+"""Training data for LoRA: a kohya package folder read leniently, aspect buckets, cached latents.
+
+A package (what our `package` stage writes, and what kohya sd-scripts reads)::
+
+    <package>/<repeats>_<name>/           image + same-stem .txt caption pairs
+    <package>/validation/<name>/          held-out pairs
+    <package>/configs/<name>_config.toml  kohya train_network.py settings (optional)
+    <package>/configs/<name>_dataset.toml kohya dataset settings (optional)
+    <package>/characters.parquet          trigger word per character (optional)
+
+Folder names are parsed like kohya does: the part before the first `_` must be an integer
+(the repeats), the rest is the name; other folders are skipped and reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_REPEATS = re.compile(r"^(\d+)_(.+)$")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image and its caption."""
+
+    image: Path
+    caption: str
+
+
+@dataclass
+class CharacterSet:
+    """One character's training data as found in a package."""
+
+    name: str
+    folder: Path
+    repeats: int
+    trigger: str
+    train: list[Example]
+    validation: list[Example] = field(default_factory=list)
+    config_files: list[Path] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+
+
+def parse_repeats_folder(name: str) -> tuple[int, str] | None:
+    """kohya's `<repeats>_<name>` folder name -> (repeats, name); None when it does not parse.
+
+    >>> parse_repeats_folder("30_char_000")
+    (30, 'char_000')
+    """
+    m = _REPEATS.match(name)
+    if not m or int(m[1]) < 1 or not m[2].strip():
+        return None
+    return int(m[1]), m[2].strip()
+
+
+def _pairs(folder: Path, default_caption: str) -> tuple[list[Example], list[str]]:
+    """Image/caption pairs of a folder; unreadable images are quarantined with a reason."""
+    from PIL import Image
+
+    examples, quarantined = [], []
+    for image in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            with Image.open(image) as im:
+                im.verify()
+        except Exception as exc:  # PIL raises many kinds; all mean "cannot read this image"
+            quarantined.append(f"{image.name}: unreadable image ({type(exc).__name__}: {str(exc)[:120]})")
+            continue
+        caption_file = image.with_suffix(".txt")
+        caption = caption_file.read_text(errors="replace").strip() if caption_file.is_file() else ""
+        examples.append(Example(image=image, caption=caption or default_caption))
+    return examples, quarantined
+
+
+def _triggers(package: Path) -> dict[str, str]:
+    path = package / "characters.parquet"
+    if not path.is_file():
+        return {}
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if not {"character", "trigger"} <= set(table.column_names):
+        return {}
+    return dict(zip(table.column("character").to_pylist(), table.column("trigger").to_pylist()))
+
+
+def read_package(package: Path | str) -> tuple[list[CharacterSet], list[str]]:
+    """Every character of a kohya package, and the folders that were skipped (with why).
+
+    Raises FileNotFoundError when the folder has no `<repeats>_<name>` folder with images.
+    """
+    package = Path(package)
+    if not package.is_dir():
+        raise FileNotFoundError(f"package folder not found: {package}")
+    roots = [package] + ([package / "img"] if (package / "img").is_dir() else [])
+    triggers = _triggers(package)
+    characters, skipped = [], []
+    for root in roots:
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            if folder.name in ("validation", "configs", "img", "reg", "log", "model") or folder.name.startswith("."):
+                continue
+            parsed = parse_repeats_folder(folder.name)
+            if parsed is None:
+                skipped.append(f"{folder.name}: name is not <repeats>_<name>")
+                continue
+            repeats, name = parsed
+            train, quarantined = _pairs(folder, name)
+            if not train:
+                skipped.append(f"{folder.name}: no readable images")
+                continue
+            validation: list[Example] = []
+            if (package / "validation" / name).is_dir():
+                validation, bad = _pairs(package / "validation" / name, name)
+                quarantined += [f"validation/{q}" for q in bad]
+            trigger = triggers.get(name) or train[0].caption.split(",")[0].strip() or name
+            configs = [package / "configs" / f"{name}_dataset.toml", package / "configs" / f"{name}_config.toml"]
+            characters.append(CharacterSet(name=name, folder=folder, repeats=repeats, trigger=trigger, train=train,
+                                           validation=validation, config_files=[c for c in configs if c.is_file()],
+                                           quarantined=quarantined))
+    if not characters:
+        raise FileNotFoundError(f"no <repeats>_<name> image folders in {package}"
+                                + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
+    return characters, skipped
+
+
+# ---- buckets ---------------------------------------------------------------------------------
+
+def bucket_sizes(resolution: int, min_reso: int, max_reso: int, step: int) -> list[tuple[int, int]]:
+    """(width, height) buckets: multiples of `step`, area <= resolution², sides in [min, max]."""
+    area = resolution * resolution
+    sizes = {(resolution, resolution)}
+    width = min_reso
+    while width <= max_reso:
+        height = min(max_reso, (area // width) // step * step)
+        if height >= min_reso:
+            sizes.add((width, height))
+            sizes.add((height, width))
+        width += step
+    return sorted(sizes)
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (ties: the larger bucket)."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def load_image(path: Path, bucket: tuple[int, int]):
+    """RGB float tensor (3, H, W) in [-1, 1]: resized to cover the bucket, centre-cropped."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode in ("RGBA", "LA", "P"):
+            im = im.convert("RGBA")
+            canvas = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(canvas, im)
+        im = im.convert("RGB")
+        w, h = bucket
+        scale = max(w / im.width, h / im.height)
+        size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
+        im = im.resize(size, Image.Resampling.LANCZOS)
+        left, top = (size[0] - w) // 2, (size[1] - h) // 2
+        im = im.crop((left, top, left + w, top + h))
+        array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def image_key(path: Path, bucket: tuple[int, int], vae_id: str) -> str:
+    """Cache key of one image's latent: its bytes, the bucket, the VAE."""
+    h = hashlib.sha256(Path(path).read_bytes())
+    h.update(f"{bucket}:{vae_id}".encode())
+    return h.hexdigest()[:32]
+
+
+def encode_latents(examples: list[Example], buckets: list[tuple[int, int]], vae: Any, vae_id: str,
+                   cache_dir: Path | None, *, device: Any, dtype: Any, batch: int = 8) -> list[tuple[Any, tuple[int, int]]]:
+    """Latents (scaled, CPU float32) and bucket of each example, read from / written to `cache_dir`."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out: list[Any] = [None] * len(examples)
+    sizes = []
+    todo: dict[tuple[int, int], list[int]] = {}
+    for i, ex in enumerate(examples):
+        from PIL import Image
+
+        with Image.open(ex.image) as im:
+            bucket = nearest_bucket(im.width, im.height, buckets)
+        sizes.append(bucket)
+        key = image_key(ex.image, bucket, vae_id)
+        cached = cache_dir / f"{key}.safetensors" if cache_dir else None
+        if cached is not None and cached.is_file():
+            out[i] = load_file(str(cached))["latent"]
+        else:
+            todo.setdefault(bucket, []).append(i)
+    scaling = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    for bucket, indices in todo.items():
+        for start in range(0, len(indices), batch):
+            chunk = indices[start:start + batch]
+            pixels = torch.stack([load_image(examples[i].image, bucket) for i in chunk]).to(device, dtype)
+            with torch.no_grad():
+                latents = (vae.encode(pixels).latent_dist.mode() - shift) * scaling
+            for i, latent in zip(chunk, latents.float().cpu()):
+                out[i] = latent.contiguous()
+                if cache_dir is not None:
+                    import os
+                    import uuid
+
+                    cache_dir.mkdir(parents=True, exist_ok=True)
+                    final = cache_dir / f"{image_key(examples[i].image, bucket, vae_id)}.safetensors"
+                    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:6]}.tmp")
+                    save_file({"latent": out[i]}, str(tmp))
+                    os.replace(tmp, final)
+    return list(zip(out, sizes))
+
+
+def epoch_batches(buckets_of: list[tuple[int, int]], repeats: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's micro-batches (example indices), kohya-style: every image `repeats` times,
+    batches drawn within a bucket, shuffled; the same (seed, epoch) always gives the same epoch."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, bucket in enumerate(buckets_of):
+        by_bucket.setdefault(bucket, []).extend([i] * repeats)
+    batches = []
+    for bucket in sorted(by_bucket):
+        items = by_bucket[bucket]
+        order = torch.randperm(len(items), generator=gen).tolist()
+        shuffled = [items[j] for j in order]
+        batches += [shuffled[k:k + batch_size] for k in range(0, len(shuffled), batch_size)]
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[j] for j in order]

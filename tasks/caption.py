@@ -1,0 +1,324 @@
+"""Stage `caption`: one caption per dataset image, trigger word first.
+
+Each kept image of the augment stage is rendered as it will be packaged (tasks/render.py)
+and described by a captioner (models/captioners.py) with a prompt for the character's kind.
+A post-processor then enforces the caption rules of the seeds: the trigger word first,
+then what varies (pose, framing, setting, lighting, expression); prompt echoes, repeated
+words and configured words (e.g. the identity's fixed features) are removed, the text is
+trimmed to `max_words`.
+
+Work is sharded per character in chunks of `shard_size` images (`<character>-<chunk:04d>`);
+a committed shard is never captioned again, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from prefect import task
+
+from tasks.progress import StageProgress
+from tasks.render import RenderSpec, read_background, read_layer
+from tasks.render import render as render_image
+from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
+from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name
+
+STAGE = "caption"
+VERSION = 1
+
+SCHEMA = pa.schema([
+    ("item_id", pa.string()),          # the augment row's item id (the image)
+    ("source_id", pa.string()),        # the augment row it came from (same image)
+    ("group_id", pa.string()),
+    ("character", pa.string()),
+    ("trigger", pa.string()),
+    ("kind", pa.string()),
+    ("augmented", pa.bool_()),
+    ("path", pa.string()),             # the RGBA layer the caption belongs to
+    ("background_path", pa.string()),  # rendered onto this background layer (null: plain colour)
+    ("prompt", pa.string()),
+    ("raw_caption", pa.string()),
+    ("caption", pa.string()),
+    ("captioner", pa.string()),
+    ("kept", pa.bool_()),
+    ("drop_reason", pa.string()),
+])
+
+STOPWORDS = frozenset(
+    "a an the and or of with in on at to by for from is are its it this that his her their as into".split()
+)
+
+
+class CaptionParams(BaseModel):
+    """Which captioner, which prompts, and the caption rules."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    captioner: str = Field("template", description="'template' (offline) or 'blip2:<hf id or local folder>'")
+    prompts: dict[str, str] = Field(default_factory=dict,
+                                    description="prompt per kind (human/creature/unknown); missing kinds use the captioner's defaults")
+    batch_size: int = Field(8, ge=1, le=256, description="images per captioner call")
+    max_new_tokens: int = Field(40, ge=1, le=512, description="longest generated caption, tokens")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    dtype: str = Field("auto", description="auto (bf16/fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
+    shard_size: int = Field(64, ge=1, description="images per shard (the unit of resume)")
+    max_words: int = Field(40, ge=3, le=300, description="captions are trimmed to this many words")
+    drop_words: list[str] = Field(default_factory=list, description="words removed from every caption (e.g. fixed features)")
+    captions_from: str | None = Field(None, description="stage whose manifest gives a `caption` per original image "
+                                      "(by item id), kept instead of a generated one: `ingest` for renders and photos")
+
+    @field_validator("captioner")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from models.captioners import CAPTIONERS
+
+        name = value.partition(":")[0]
+        if name not in CAPTIONERS:
+            raise ValueError(f"unknown captioner '{name}'; known captioners: {', '.join(CAPTIONERS)}")
+        return value
+
+    @field_validator("captions_from")
+    @classmethod
+    def _stage(cls, value: str | None) -> str | None:
+        from tasks.store import STAGES
+
+        if value is not None and value not in STAGES:
+            raise ValueError(f"captions_from: unknown stage '{value}'; stages are {', '.join(STAGES)}")
+        return value
+
+    @field_validator("prompts")
+    @classmethod
+    def _kinds(cls, value: dict[str, str]) -> dict[str, str]:
+        from models.captioners import KINDS
+
+        for kind in value:
+            if kind not in KINDS:
+                raise ValueError(f"prompts: unknown kind '{kind}'; kinds are {', '.join(KINDS)}")
+        return value
+
+
+# ---- caption rules -----------------------------------------------------------------------------
+
+def finish_caption(raw: str, trigger: str, *, prompt: str = "", drop_words: list[str] = (), max_words: int = 40) -> str:
+    """Apply the caption rules: `trigger, description` with a clean, short description.
+
+    Removes an echoed prompt, the trigger itself (it goes first), configured words, words
+    repeated back to back, repeated phrases and repeated content words; trims to `max_words`.
+    """
+    text = raw.replace("\n", " ")
+    if prompt:
+        answer = prompt.rsplit("Answer:", 1)[0]
+        text = text.replace(prompt, " ").replace(answer, " ") if answer.strip() else text.replace(prompt, " ")
+    text = re.sub(r"^\s*(question|answer)\s*:", " ", text, flags=re.I)
+    if trigger:
+        text = re.sub(rf"(?<![\w]){re.escape(trigger)}(?![\w])", " ", text, flags=re.I)
+    for word in drop_words:
+        text = re.sub(rf"(?<![\w]){re.escape(word)}(?![\w])", " ", text, flags=re.I)
+    phrases, seen_phrases, seen_words, count = [], set(), set(), 0
+    for phrase in re.split(r"[,;.!?]+", text):
+        words = []
+        for word in re.findall(r"[\w'-]+", phrase):
+            key = word.lower()
+            if words and words[-1].lower() == key:
+                continue
+            if key not in STOPWORDS and key in seen_words:
+                continue
+            seen_words.add(key)
+            words.append(word)
+        while words and words[-1].lower() in STOPWORDS:
+            words.pop()
+        phrase_text = " ".join(words)
+        if not phrase_text or phrase_text.lower() in seen_phrases:
+            continue
+        if count + len(words) > max_words:
+            words = words[:max(0, max_words - count)]
+            phrase_text = " ".join(words)
+            if phrase_text:
+                phrases.append(phrase_text)
+            break
+        seen_phrases.add(phrase_text.lower())
+        phrases.append(phrase_text)
+        count += len(words)
+    return ", ".join([trigger, *phrases]) if trigger else ", ".join(phrases)
+
+
+# ---- captioners are loaded once per process -------------------------------------------------------
+
+_loaded: dict[tuple, Any] = {}
+_load_lock = threading.Lock()
+
+
+def load_captioner(params: CaptionParams):
+    """The captioner named by params (cached per process; thread-safe)."""
+    from models.captioners import captioner
+
+    key = (params.captioner, params.device, params.dtype, params.max_new_tokens, params.batch_size)
+    with _load_lock:
+        if key not in _loaded:
+            _loaded[key] = captioner(params.captioner, device=params.device, dtype=params.dtype,
+                                     max_new_tokens=params.max_new_tokens, batch_size=params.batch_size)
+        return _loaded[key]
+
+
+def prompt_for(kind: str, params: CaptionParams, defaults: dict[str, str]) -> str:
+    return params.prompts.get(kind) or defaults.get(kind) or defaults["unknown"]
+
+
+# ---- one shard ----------------------------------------------------------------------------------
+
+def caption_images(root, rows: list[dict], params: CaptionParams, render: RenderSpec, captioner) -> tuple[pa.Table, dict]:
+    """Render and caption a shard's images.
+
+    Args:
+        root: the run folder (paths in rows are relative to it).
+        rows: augment rows (item_id, character, trigger, kind, path, background_path, ...); a row's
+            `given_caption` (see `captions_from`) is kept as its caption instead of captioning it.
+        params: caption parameters; render: the packaged image canvas.
+        captioner: an object with `caption(images, prompts)` and `default_prompts`.
+    Returns:
+        (manifest rows with SCHEMA, report dict).
+    """
+    records, images, prompts, pending, given = [], [], [], [], 0
+    for row in rows:
+        record = {name: row.get(name) for name in SCHEMA.names}
+        record.update(source_id=row["item_id"], captioner=captioner.name, kept=True, drop_reason=None)
+        try:
+            bad = row["path"]
+            layer = read_layer(root / bad)
+            bad = row.get("background_path")
+            background = read_background(root / bad) if bad else None
+        except ValueError as exc:
+            record.update(kept=False, drop_reason=f"{QUARANTINE}{bad}: {exc}")
+            records.append(record)
+            continue
+        if row.get("given_caption"):
+            record.update(raw_caption=row["given_caption"], caption=row["given_caption"], captioner="given")
+            records.append(record)
+            given += 1
+            continue
+        image = Image.fromarray(render_image(layer, background, render), "RGBA")
+        record["prompt"] = prompt_for(row.get("kind") or "unknown", params, captioner.default_prompts)
+        records.append(record)
+        images.append(image)
+        prompts.append(record["prompt"])
+        pending.append(record)
+    with StageProgress(f"caption {rows[0]['character'] if rows else ''}", len(images)) as bar:
+        for start in range(0, len(images), params.batch_size):
+            chunk = slice(start, start + params.batch_size)
+            raws = captioner.caption(images[chunk], prompts[chunk])
+            for record, raw in zip(pending[chunk], raws):
+                record["raw_caption"] = raw
+                record["caption"] = finish_caption(raw, record["trigger"], prompt=record["prompt"],
+                                                   drop_words=params.drop_words, max_words=params.max_words)
+            bar.advance(len(raws))
+    report = {"images": len(rows), "captioned": len(pending) + given, "given": given,
+              "quarantined": len(rows) - len(pending) - given}
+    return pa.Table.from_pylist(records, schema=SCHEMA), report
+
+
+# ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) ------------------
+
+class CaptionShard(BaseModel):
+    key: str
+    character: str
+    fingerprint: str
+    rows: list[dict]
+
+
+class CaptionPlan(BaseModel):
+    shards: list[CaptionShard]
+    fingerprint: str
+
+    def shard_fingerprints(self) -> dict[str, str]:
+        return {s.key: s.fingerprint for s in self.shards}
+
+
+def _settings(params: CaptionParams, render: RenderSpec) -> dict:
+    """What decides the captions (batching and shard size do not)."""
+    return {"params": params.model_dump(mode="json", exclude={"batch_size", "shard_size", "device"}),
+            "render": render.model_dump(mode="json")}
+
+
+def plan_caption(store: RunStore, params: CaptionParams, render: RenderSpec) -> CaptionPlan:
+    """Chunk each character's kept images into shards of `shard_size`."""
+    table = store.read_manifest("augment")
+    rows = [r for r in table.to_pylist() if r["kept"]]
+    if params.captions_from:
+        source = store.read_manifest(params.captions_from)
+        given = dict(zip(source.column("item_id").to_pylist(), source.column("caption").to_pylist()))
+        for row in rows:
+            row["given_caption"] = given.get(row["group_id"] or row["item_id"])
+    settings = _settings(params, render)
+    by_character: dict[str, list[dict]] = {}
+    for row in rows:
+        by_character.setdefault(row["character"], []).append(row)
+    shards = []
+    for character in sorted(by_character):
+        mine = sorted(by_character[character], key=lambda r: r["item_id"])
+        for n, start in enumerate(range(0, len(mine), params.shard_size)):
+            chunk = mine[start:start + params.shard_size]
+            digest = hashlib.sha256(json.dumps(chunk, sort_keys=True, default=str).encode()).hexdigest()
+            fp = fingerprint(STAGE, VERSION, settings, {"rows": digest})
+            shards.append(CaptionShard(key=f"{safe_name(character)}-{n:04d}", character=character, fingerprint=fp, rows=chunk))
+    stage_fp = plan_sharded_stage(store, STAGE, VERSION, settings, {s.key: s.fingerprint for s in shards})
+    return CaptionPlan(shards=shards, fingerprint=stage_fp)
+
+
+def caption_shard(store: RunStore, shard: CaptionShard, params: CaptionParams, render: RenderSpec) -> StageResult:
+    """Caption one shard, unless it is already committed (the model loads only when needed)."""
+    return run_shard(store, STAGE, shard.key, shard.fingerprint,
+                     lambda out, prefix: caption_images(store.root, shard.rows, params, render, load_captioner(params)))
+
+
+def merge_caption(store: RunStore, plan: CaptionPlan) -> StageResult:
+    """Merge the shards into `caption/manifest.parquet`."""
+    def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
+        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        summary = {"shards": len(reports), "kept": sum(r["captioned"] for r in reports),
+                   "quarantined": sum(r["quarantined"] for r in reports)}
+        return table, summary, []
+
+    return merge_shards(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), merge)
+
+
+def run_caption(store: RunStore, params: CaptionParams, render: RenderSpec | None = None) -> StageResult:
+    """The whole stage as one plain call (no Prefect): plan, every shard, merge."""
+    render = render or RenderSpec()
+    plan = plan_caption(store, params, render)
+    for shard in plan.shards:
+        caption_shard(store, shard, params, render)
+    return merge_caption(store, plan)
+
+
+# ---- Prefect tasks ---------------------------------------------------------------------------------
+
+@task(name="plan-caption")
+def plan_caption_task(run: RunRef, augment: StageResult, params: CaptionParams, render: RenderSpec) -> CaptionPlan:
+    """Shard the dataset images (after `augment`)."""
+    return plan_caption(run.store(), params, render)
+
+
+@task(name="caption", task_run_name="caption-{shard.key}", tags=["gpu"],
+      cache_key_fn=cache_key(lambda run, shard, params, render: (shard.fingerprint, run.store().shard_done(STAGE, shard.key, shard.fingerprint))))
+def caption_shard_task(run: RunRef, shard: CaptionShard, params: CaptionParams, render: RenderSpec) -> StageResult:
+    """Caption one shard of images."""
+    result = caption_shard(run.store(), shard, params, render)
+    publish(result, f"caption {shard.key}")
+    return result
+
+
+@task(name="merge-caption",
+      cache_key_fn=cache_key(lambda run, plan: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
+def merge_caption_task(run: RunRef, plan: CaptionPlan) -> StageResult:
+    """Merge the caption shards into the run's caption manifest."""
+    result = merge_caption(run.store(), plan)
+    publish(result, "caption")
+    return result

@@ -1,0 +1,307 @@
+"""Stage `embed`: one identity vector per character layer, plus the layer's quality measures.
+
+The kept layers of the segment manifest are embedded in shards keyed by episode (in chunks of
+`shard_size` layers, `<episode>-<chunk:04d>`); a shard's fingerprint covers the embedder and
+its layers, so a run that gains an episode embeds only that episode's layers. Each row also
+carries the layer's sharpness (Laplacian variance inside its alpha) and a perceptual hash,
+which the tier stage uses for quality and duplicate measures. Unreadable layers are
+quarantined. `embed/manifest.parquet`: item_id (the layer), source_id (its frame), embedder,
+embedding (fixed-size float32 list), sharpness, phash, kept, drop_reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from prefect import task
+
+from tasks.progress import StageProgress
+from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
+from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name
+
+STAGE = "embed"
+VERSION = 1
+LAYER_FIELDS = ("item_id", "source_id", "episode", "path")
+
+
+def embed_schema(dim: int) -> pa.Schema:
+    """The manifest schema for vectors of `dim` values."""
+    return pa.schema([
+        ("item_id", pa.string()),
+        ("source_id", pa.string()),
+        ("embedder", pa.string()),
+        ("embedding", pa.list_(pa.float32(), dim)),
+        ("sharpness", pa.float32()),
+        ("phash", pa.string()),
+        ("kept", pa.bool_()),
+        ("drop_reason", pa.string()),
+    ])
+
+
+class EmbedParams(BaseModel):
+    """Which embedder turns layers into identity vectors, and how it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedder: str = Field("colour-shape", description="colour-shape (offline, no weights), clip:<id or folder>, "
+                                                      "siglip:<...>, dinov2:<...>, onnx:<path to .onnx>")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (transformers and onnx embedders)")
+    batch_size: int = Field(32, ge=1, le=4096, description="layers per model call")
+    input_size: int = Field(224, ge=8, le=4096, description="square input side for onnx models without a fixed size")
+    mean: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="onnx input mean per channel (0-1 scale)")
+    std: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="onnx input std per channel (0-1 scale)")
+    background: tuple[int, int, int] = Field((255, 255, 255), description="RGB the layers are composited on for models")
+    shard_size: int = Field(2000, ge=1, description="layers per shard (a killed run redoes at most one shard)")
+
+    @field_validator("embedder")
+    @classmethod
+    def _known_embedder(cls, spec: str) -> str:
+        from models.embedders import parse_spec
+
+        try:
+            parse_spec(spec)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+        return spec
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        return device
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, std: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(std) <= 0:
+            raise ValueError(f"std values must be > 0, got {std}")
+        return std
+
+    def options(self) -> dict[str, Any]:
+        """Keyword options for `models.embedders.load_embedder`."""
+        return {"device": self.device, "batch_size": self.batch_size, "input_size": self.input_size,
+                "mean": self.mean, "std": self.std, "background": self.background}
+
+
+def params_affecting_output(params: EmbedParams) -> dict[str, Any]:
+    """Everything but device, batch and shard sizes; the embedder's model files by digest."""
+    from models.embedders import embedder_identity
+
+    settings = params.model_dump(mode="json", exclude={"device", "batch_size", "shard_size"})
+    settings["embedder_identity"] = embedder_identity(params.embedder)
+    return settings
+
+
+# ---- measures of one layer ------------------------------------------------------------------
+
+def layer_sharpness(layer: np.ndarray) -> float:
+    """Laplacian variance of the layer's grey values inside its (eroded) alpha."""
+    grey = cv2.cvtColor(np.ascontiguousarray(layer[..., :3]), cv2.COLOR_RGB2GRAY).astype(np.float32)
+    inside = cv2.erode((layer[..., 3] > 127).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    if inside.sum() < 16:
+        return 0.0
+    return float(cv2.Laplacian(grey, cv2.CV_32F)[inside].var())
+
+
+def layer_phash(layer: np.ndarray) -> str:
+    """64-bit perceptual hash (hex) of the layer composited on white."""
+    from models.embedders import layer_on_background
+    from tasks.frames import perceptual_hash
+
+    grey = cv2.cvtColor(layer_on_background(layer), cv2.COLOR_RGB2GRAY)
+    return f"{perceptual_hash(grey):016x}"
+
+
+# ---- one shard --------------------------------------------------------------------------------
+
+def embed_layers(layers: list[dict], run_root: Path, embedder: Any, *, label: str = "embed") -> tuple[pa.Table, dict]:
+    """Embed layer files and measure them.
+
+    Args:
+        layers: segment rows (item_id, source_id, path) of kept layers.
+        run_root: the run folder (paths are relative to it).
+        embedder: a models.embedders.Embedder.
+        label: progress bar text.
+    Returns:
+        (rows with `embed_schema(embedder.dim)`, a report of counts).
+    """
+    from tasks.render import read_layer
+
+    schema = embed_schema(embedder.dim)
+    rows: list[dict] = []
+    batch_rows: list[dict] = []
+    batch_layers: list[np.ndarray] = []
+    step = max(getattr(embedder, "batch_size", 32), 1)
+
+    def flush() -> None:
+        if batch_layers:
+            vectors = embedder.embed(batch_layers)
+            for row, vector in zip(batch_rows, vectors):
+                row["embedding"] = vector.tolist()
+            batch_rows.clear()
+            batch_layers.clear()
+
+    with StageProgress(label, len(layers)) as bar:
+        for layer_row in layers:
+            row = {"item_id": layer_row["item_id"], "source_id": layer_row["source_id"], "embedder": embedder.name,
+                   "embedding": None, "sharpness": None, "phash": None, "kept": True, "drop_reason": None}
+            rows.append(row)
+            try:
+                layer = read_layer(run_root / layer_row["path"])
+            except (ValueError, TypeError) as exc:
+                row.update(kept=False, drop_reason=f"{QUARANTINE}{layer_row['path']}: {exc}")
+                bar.advance()
+                continue
+            row.update(sharpness=layer_sharpness(layer), phash=layer_phash(layer))
+            batch_rows.append(row)
+            batch_layers.append(layer)
+            if len(batch_layers) >= step:
+                flush()
+            bar.advance()
+        flush()
+    report = {"layers": len(rows), "kept": sum(r["kept"] for r in rows),
+              "quarantined": sum(not r["kept"] for r in rows), "embedder": embedder.name, "dim": embedder.dim}
+    return pa.Table.from_pylist(rows, schema=schema), report
+
+
+# ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) ---------------
+
+class EmbedShard(BaseModel):
+    """One shard: its key, fingerprint and layers."""
+
+    key: str
+    fingerprint: str
+    layers: list[dict[str, Any]]
+
+
+class EmbedPlan(BaseModel):
+    shards: list[EmbedShard]
+    fingerprint: str
+
+    def shard_fingerprints(self) -> dict[str, str]:
+        return {s.key: s.fingerprint for s in self.shards}
+
+
+def kept_layers(segment: pa.Table) -> pa.Table:
+    """The segment rows that are character layers to use (kept, with a file)."""
+    kept = segment.filter(pc.and_(pc.equal(segment.column("kept"), True), pc.is_valid(segment.column("path"))))
+    return kept.select(list(LAYER_FIELDS)).sort_by([("episode", "ascending"), ("item_id", "ascending")])
+
+
+def _layer_identity(run_root: Path, rows: list[dict]) -> str:
+    """Digest of a shard's layers: ids, paths and file size + mtime (a re-segmented file changes it)."""
+    h = hashlib.sha256()
+    for row in rows:
+        try:
+            st = os.stat(run_root / row["path"])
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{row['item_id']}|{row['path']}|{stamp}\n".encode())
+    return h.hexdigest()
+
+
+def plan_embed(store: RunStore, params: EmbedParams) -> EmbedPlan:
+    """Shard the kept layers per episode and fingerprint each shard; start the stage unless done."""
+    settings = params_affecting_output(params)
+    by_episode: dict[str, list[dict]] = {}
+    for row in kept_layers(store.read_manifest("segment")).to_pylist():
+        by_episode.setdefault(row["episode"], []).append(row)
+    shards = []
+    for episode, rows in by_episode.items():
+        for chunk, start in enumerate(range(0, len(rows), params.shard_size)):
+            part = rows[start:start + params.shard_size]
+            key = f"{safe_name(episode)}-{chunk:04d}"
+            fp = fingerprint(STAGE, VERSION, settings, {"layers": _layer_identity(store.root, part)})
+            shards.append(EmbedShard(key=key, fingerprint=fp, layers=part))
+    fp = plan_sharded_stage(store, STAGE, VERSION, settings, {s.key: s.fingerprint for s in shards})
+    return EmbedPlan(shards=shards, fingerprint=fp)
+
+
+def embed_shard(store: RunStore, shard: EmbedShard, params: EmbedParams) -> StageResult:
+    """Embed one shard's layers, unless that shard is already committed."""
+    from models.embedders import load_embedder
+
+    def build(out: Path, prefix: str) -> tuple[pa.Table, dict]:
+        embedder = load_embedder(params.embedder, **params.options())
+        return embed_layers(shard.layers, store.root, embedder, label=f"embed {shard.key}")
+
+    return run_shard(store, STAGE, shard.key, shard.fingerprint, build)
+
+
+def summarize(table: pa.Table, reports: list[dict]) -> dict:
+    embedders = sorted(set(table.column("embedder").to_pylist())) if table.num_rows else []
+    return {
+        "layers": table.num_rows,
+        "kept": int(pc.sum(table.column("kept")).as_py() or 0) if table.num_rows else 0,
+        "quarantined": sum(r.get("quarantined", 0) for r in reports),
+        "embedder": embedders[0] if len(embedders) == 1 else embedders,
+        "dim": reports[0].get("dim") if reports else None,
+        "shards_embedded": len(reports),
+    }
+
+
+def merge_embed(store: RunStore, plan: EmbedPlan) -> StageResult:
+    """Merge committed shards into `embed/manifest.parquet`."""
+    def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
+        if tables:
+            table = pa.concat_tables(tables).sort_by("item_id")
+        else:
+            table = embed_schema(1).empty_table()
+        return table, summarize(table, reports), []
+
+    return merge_shards(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), merge)
+
+
+def run_embed(store: RunStore, params: EmbedParams) -> StageResult:
+    """The whole stage as one plain call (no Prefect): plan, every shard, merge."""
+    plan = plan_embed(store, params)
+    for shard in plan.shards:
+        embed_shard(store, shard, params)
+    return merge_embed(store, plan)
+
+
+def read_embeddings(table: pa.Table) -> np.ndarray:
+    """The `embedding` column as an (n, dim) float32 array (rows must be kept ones)."""
+    if table.num_rows == 0:
+        return np.zeros((0, 0), np.float32)
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+
+
+# ---- Prefect tasks ----------------------------------------------------------------------------
+
+@task(name="plan-embed")
+def plan_embed_task(run: RunRef, segment: StageResult, params: EmbedParams) -> EmbedPlan:
+    """Shard the run's kept layers per episode (after `segment`)."""
+    return plan_embed(run.store(), params)
+
+
+@task(name="embed", task_run_name="embed-{shard.key}",
+      cache_key_fn=cache_key(lambda run, shard, params: (shard.fingerprint, run.store().shard_done(STAGE, shard.key, shard.fingerprint))))
+def embed_shard_task(run: RunRef, shard: EmbedShard, params: EmbedParams) -> StageResult:
+    """Embed one shard of layers."""
+    result = embed_shard(run.store(), shard, params)
+    publish(result, f"embed {shard.key}")
+    return result
+
+
+@task(name="merge-embed",
+      cache_key_fn=cache_key(lambda run, plan: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
+def merge_embed_task(run: RunRef, plan: EmbedPlan) -> StageResult:
+    """Merge the shards into the run's embed manifest."""
+    result = merge_embed(run.store(), plan)
+    publish(result, "embed")
+    return result

@@ -1,0 +1,298 @@
+"""Stage `evaluate`: closed-loop choice of each character's best checkpoint (after `train`).
+
+For every saved checkpoint a test gallery is generated: the trigger word plus test prompts
+(poses, framings, settings) at LoRA strengths 0.5 / 0.8 / 1.0 / 1.2, one fixed seed per prompt.
+Each image is scored by embedding similarity to the character's training images (the run's
+embedder), and each (checkpoint, strength) row by prompt variety too: how different its images
+are from each other, which catches the "same pose whatever the prompt" overfit. The checkpoint
+with the best mean score is copied as the character's final LoRA; a contact sheet and a score
+table are written beside it, published to the UI and recorded in the versions registry.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from prefect import task
+
+from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
+from tasks.store import RunStore, fingerprint, safe_name, write_table
+
+STAGE = "evaluate"
+VERSION = 1
+
+SCHEMA = pa.schema([
+    ("item_id", pa.string()),           # the character
+    ("source_id", pa.string()),         # its train row
+    ("character", pa.string()),
+    ("trigger", pa.string()),
+    ("version_id", pa.string()),
+    ("best_step", pa.int64()),
+    ("best_checkpoint", pa.string()),   # run-relative checkpoint the final LoRA was copied from
+    ("score", pa.float64()),
+    ("identity", pa.float64()),
+    ("variety", pa.float64()),
+    ("final_lora", pa.string()),        # run-relative
+    ("contact_sheet", pa.string()),
+    ("scores_path", pa.string()),
+    ("kept", pa.bool_()),
+    ("drop_reason", pa.string()),
+])
+
+SCORES_SCHEMA = pa.schema([
+    ("checkpoint", pa.string()), ("step", pa.int64()), ("strength", pa.float64()),
+    ("identity", pa.float64()), ("variety", pa.float64()), ("score", pa.float64()),
+    ("checkpoint_score", pa.float64()), ("best", pa.bool_()),
+])
+
+
+class EvaluateParams(BaseModel):
+    """The test gallery and how it is scored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strengths: list[float] = Field([0.5, 0.8, 1.0, 1.2], description="LoRA strengths of the gallery")
+    prompts: list[str] = Field(
+        ["{trigger}", "{trigger}, standing, full body, simple background", "{trigger}, close-up portrait, smiling",
+         "{trigger}, sitting on a bench, outdoors, park", "{trigger}, running, city street, night"],
+        description="test prompts; {trigger} becomes the character's trigger word")
+    seed: int = Field(1234, description="prompt i uses seed + i at every checkpoint and strength")
+    steps: int = Field(25, ge=1, description="inference steps per image")
+    guidance_scale: float = Field(7.0, ge=0, description="classifier-free guidance")
+    resolution: int | None = Field(None, ge=64, description="gallery image side (None: the training resolution)")
+    embedder: str | None = Field(None, description="embedder for scoring (None: the run's, embed.embedder)")
+    variety_weight: float = Field(0.5, ge=0, description="weight of prompt variety against identity in the score")
+    max_reference_images: int = Field(64, ge=1, description="training images embedded as the identity reference")
+    device: str = Field("auto", description="auto, cpu or cuda")
+
+    @field_validator("strengths", "prompts")
+    @classmethod
+    def _not_empty(cls, value: list) -> list:
+        if not value:
+            raise ValueError("must hold at least one value, got []")
+        return value
+
+
+# ---- scoring (plain numpy) ---------------------------------------------------------------------
+
+def identity_scores(vectors: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each vector to the normalised mean of the reference vectors."""
+    centre = reference.mean(axis=0)
+    centre = centre / max(float(np.linalg.norm(centre)), 1e-12)
+    return vectors @ centre
+
+
+def prompt_variety(vectors: np.ndarray) -> float:
+    """Mean pairwise cosine distance of one row's images (0 when every prompt gives the same image)."""
+    n = len(vectors)
+    if n < 2:
+        return 0.0
+    sims = vectors @ vectors.T
+    return float((n * n - sims.sum()) / (n * (n - 1)))
+
+
+def score_rows(rows: dict[tuple[str, float], np.ndarray], reference: np.ndarray, variety_weight: float) -> list[dict]:
+    """One record per (checkpoint, strength): identity, variety, score."""
+    out = []
+    for (label, strength), vectors in rows.items():
+        identity = float(identity_scores(vectors, reference).mean())
+        variety = prompt_variety(vectors)
+        out.append({"checkpoint": label, "strength": strength, "identity": identity, "variety": variety,
+                    "score": identity + variety_weight * variety})
+    return out
+
+
+def pick_best(records: list[dict]) -> tuple[str, dict[str, float]]:
+    """The checkpoint with the best mean score over strengths (ties: the later checkpoint)."""
+    by_checkpoint: dict[str, list[float]] = {}
+    for r in records:
+        by_checkpoint.setdefault(r["checkpoint"], []).append(r["score"])
+    means = {k: float(np.mean(v)) for k, v in by_checkpoint.items()}
+    best = max(means, key=lambda k: (means[k], list(means).index(k)))
+    return best, means
+
+
+# ---- one character ------------------------------------------------------------------------------
+
+def _rgba(image: Any) -> np.ndarray:
+    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+
+
+def evaluate_character(root: Path, row: dict, params: EvaluateParams, embedder_spec: str, out: Path,
+                       prefix: str) -> tuple[dict, list[dict]]:
+    """Gallery, scores, contact sheet and final LoRA of one trained character, written into `out`.
+
+    Args:
+        root: the run folder (row paths are relative to it).
+        row: the character's train manifest row.
+        params: gallery and scoring parameters.
+        embedder_spec: the embedder to score with (models/embedders.py spec).
+        out: folder to write into; `prefix` is its run-relative path once committed.
+    Returns:
+        (manifest row with SCHEMA fields, score records with SCORES_SCHEMA fields).
+    """
+    from PIL import Image
+
+    from models.embedders import load_embedder
+    from models.lora_gallery import contact_sheet, load_pipeline, render_gallery
+
+    settings = json.loads((root / row["settings_path"]).read_text())
+    checkpoints = [(int(step), root / path) for step, path in json.loads(row["checkpoints"])]
+    if not checkpoints:
+        checkpoints = [(int(row["steps"] or 0), root / row["lora_path"])]
+    trigger = row["trigger"]
+    prompts = [p.replace("{trigger}", trigger) for p in params.prompts]
+    size = params.resolution or int(settings["settings"]["resolution"])
+    pipe = load_pipeline(settings["settings"]["base"], device=params.device)
+    labels = [(f"step-{step:06d}", path) for step, path in checkpoints]
+    gallery = render_gallery(pipe, labels, prompts, params.strengths, seed=params.seed, steps=params.steps,
+                             size=size, guidance=params.guidance_scale)
+    embedder = load_embedder(embedder_spec)
+    package_folder = root / "package" / row["source_id"]
+    references = sorted(package_folder.glob("*.png"))[: params.max_reference_images]
+    reference = embedder.embed([_rgba(Image.open(p)) for p in references])
+    vectors = {key: embedder.embed([_rgba(im) for im in images]) for key, images in gallery.items()}
+    records = score_rows(vectors, reference, params.variety_weight)
+    best, means = pick_best(records)
+    steps_of = {label: step for (label, _), (step, _) in zip(labels, checkpoints)}
+    paths_of = dict(labels)
+    for r in records:
+        r.update(step=steps_of[r["checkpoint"]], checkpoint_score=means[r["checkpoint"]], best=r["checkpoint"] == best)
+    final = out / f"{safe_name(row['character'])}.safetensors"
+    shutil.copy2(paths_of[best], final)
+    sheet = contact_sheet(gallery, prompts, {(r["checkpoint"], r["strength"]): r["score"] for r in records})
+    sheet.save(out / "contact_sheet.png")
+    write_table(pa.Table.from_pylist(records, schema=SCORES_SCHEMA), out / "scores.parquet")
+    (out / "report.md").write_text(score_report(row["character"], trigger, records, best, embedder_spec))
+    mine = [r for r in records if r["checkpoint"] == best]
+    manifest_row = {
+        "item_id": row["character"], "source_id": row["item_id"], "character": row["character"], "trigger": trigger,
+        "version_id": row.get("version_id"), "best_step": steps_of[best],
+        "best_checkpoint": paths_of[best].relative_to(root).as_posix(), "score": means[best],
+        "identity": float(np.mean([r["identity"] for r in mine])), "variety": float(np.mean([r["variety"] for r in mine])),
+        "final_lora": f"{prefix}/{final.name}", "contact_sheet": f"{prefix}/contact_sheet.png",
+        "scores_path": f"{prefix}/scores.parquet", "kept": True, "drop_reason": None,
+    }
+    return manifest_row, records
+
+
+def score_report(character: str, trigger: str, records: list[dict], best: str, embedder: str) -> str:
+    """Markdown: one table row per (checkpoint, strength), the chosen checkpoint marked."""
+    lines = [f"## {character} (`{trigger}`)", "", f"scored with embedder `{embedder}`; chosen: **{best}**", "",
+             "| checkpoint | strength | identity | variety | score | checkpoint score |", "|---|---|---|---|---|---|"]
+    for r in records:
+        mark = " ✅" if r["checkpoint"] == best else ""
+        lines.append(f"| {r['checkpoint']}{mark} | {r['strength']:g} | {r['identity']:.3f} | {r['variety']:.3f} "
+                     f"| {r['score']:.3f} | {r['checkpoint_score']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- run-store wiring ------------------------------------------------------------------------------
+
+class EvaluateSpec(BaseModel):
+    character: str
+    fingerprint: str
+
+
+class EvaluatePlan(BaseModel):
+    specs: list[EvaluateSpec]
+    fingerprint: str
+    embedder: str
+
+
+def _train_rows(store: RunStore) -> dict[str, dict]:
+    return {r["character"]: r for r in store.read_manifest("train").to_pylist() if r["kept"] and r["status"] == "completed"}
+
+
+def plan_evaluation(store: RunStore, train: StageResult, params: EvaluateParams, embedder: str) -> EvaluatePlan:
+    """One shard per trained character, fingerprinted by its training and the scoring setup."""
+    from models.embedders import embedder_identity
+
+    spec_settings = params.model_dump(mode="json") | {"embedder": embedder_identity(embedder)}
+    specs = [EvaluateSpec(character=c, fingerprint=fingerprint(STAGE, VERSION, spec_settings, {"train": json.dumps(r, sort_keys=True, default=str)}))
+             for c, r in sorted(_train_rows(store).items())]
+    stage_fp = plan_sharded_stage(store, STAGE, VERSION, spec_settings, {s.character: s.fingerprint for s in specs})
+    return EvaluatePlan(specs=specs, fingerprint=stage_fp, embedder=embedder)
+
+
+def evaluate_one(store: RunStore, spec: EvaluateSpec, params: EvaluateParams, embedder: str) -> StageResult:
+    """Evaluate one character's checkpoints (one shard); records the choice in the versions registry."""
+    row = _train_rows(store)[spec.character]
+
+    def build(tmp: Path, prefix: str) -> tuple[pa.Table, dict]:
+        manifest_row, records = evaluate_character(store.root, row, params, embedder, tmp, prefix)
+        report = {k: manifest_row[k] for k in ("character", "best_step", "score", "identity", "variety")}
+        report["rows"] = len(records)
+        return pa.Table.from_pylist([manifest_row], schema=SCHEMA), report
+
+    result = run_shard(store, STAGE, spec.character, spec.fingerprint, build)
+    if result.recomputed and row.get("version_id"):
+        from tasks import versions
+
+        shard = store.shard_dir(STAGE, spec.character)
+        committed = pq.read_table(shard / "rows.parquet").to_pylist()[0]
+        try:
+            versions.update_version(store.root.parent, row["version_id"], best_checkpoint=committed["best_checkpoint"],
+                                    eval_score=committed["score"], final_lora=str(store.root / committed["final_lora"]),
+                                    eval_table=str(store.root / committed["scores_path"]))
+        except KeyError:
+            pass  # the registry was removed or moved: the stage's own outputs still hold the choice
+    return result
+
+
+def merge_evaluation(store: RunStore, plan: EvaluatePlan) -> StageResult:
+    def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
+        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        report = "\n".join((store.shard_dir(STAGE, s.character) / "report.md").read_text() for s in plan.specs)
+        (store.stage_dir(STAGE) / "report.md").write_text(f"# Checkpoint evaluation\n\n{report}")
+        summary = {"characters": table.num_rows, "kept": table.num_rows, "quarantined": 0,
+                   "best_step": dict(zip(table.column("character").to_pylist(), table.column("best_step").to_pylist()))}
+        return table, summary, [f"{STAGE}/report.md"]
+
+    return merge_shards(store, STAGE, plan.fingerprint, {s.character: s.fingerprint for s in plan.specs}, merge)
+
+
+def run_evaluate(store: RunStore, train: StageResult, params: EvaluateParams, embedder: str = "colour-shape") -> StageResult:
+    """The whole stage as one plain call (no Prefect)."""
+    embedder = params.embedder or embedder
+    plan = plan_evaluation(store, train, params, embedder)
+    for spec in plan.specs:
+        evaluate_one(store, spec, params, embedder)
+    return merge_evaluation(store, plan)
+
+
+# ---- Prefect tasks ----------------------------------------------------------------------------
+
+@task(name="plan-evaluate")
+def plan_evaluate_task(run: RunRef, train: StageResult, params: EvaluateParams, embedder: str) -> EvaluatePlan:
+    """List the trained characters and fingerprint their evaluations."""
+    return plan_evaluation(run.store(), train, params, params.embedder or embedder)
+
+
+@task(name="evaluate", task_run_name="evaluate-{spec.character}", tags=["gpu"],
+      cache_key_fn=cache_key(lambda run, spec, params, embedder: (spec.fingerprint, run.store().shard_done(STAGE, spec.character, spec.fingerprint))))
+def evaluate_task(run: RunRef, spec: EvaluateSpec, params: EvaluateParams, embedder: str) -> StageResult:
+    """Gallery, scores and best checkpoint of one character."""
+    result = evaluate_one(run.store(), spec, params, embedder)
+    shard = run.store().shard_dir(STAGE, spec.character)
+    rows = pq.read_table(shard / "scores.parquet").to_pylist() if (shard / "scores.parquet").is_file() else None
+    publish(result, f"evaluation of {spec.character}", rows=rows)
+    return result
+
+
+@task(name="merge-evaluate",
+      cache_key_fn=cache_key(lambda run, plan: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
+def merge_evaluate_task(run: RunRef, plan: EvaluatePlan) -> StageResult:
+    """Gather the characters' evaluations into the evaluate manifest and report."""
+    result = merge_evaluation(run.store(), plan)
+    publish(result, "evaluate")
+    return result

@@ -1,0 +1,631 @@
+"""Stage `ingest` for render folders (the Kyana render guide): numbered renders in, dataset rows out.
+
+Input: a folder of phase folders (`phase_1_essential/`, `phase_2_sensors/`, ...) holding renders
+named `NAME_..._0000.png` (upper-case tokens, an optional `1024x1024` size token, a 4-digit frame
+number), each with a same-stem `.txt` caption. Files are grouped into sequences by name within
+their phase folder and checked as the guide's quality list does:
+
+- every PNG has a caption: its `.txt`, or one generated from the file name's tokens through the
+  caption template file the user gives (`RenderTemplate`); without either it is dropped;
+- the image is readable (else quarantined), of the expected resolution, not black or blank;
+- the name follows the convention; a size token in the name matches the image;
+- no frame number is missing in a sequence (a warning: the frames there are still used).
+
+One shard per phase folder. Kept renders are linked into `ingest/shards/<phase>/images/` with
+their caption beside them (so each shard is also an AI-Toolkit dataset folder). The rows have the
+columns the dataset stages read from `select` (item_id, source_id, character, trigger, kind,
+cluster_id, path) plus the render's phase, sequence, frame and caption. Training is staged like
+the guide: stage 1 (the core LoRA, `<name>`) on phases 1 and 2, stage 2 (`<name>_detail`, fine-
+tuned from stage 1) on phase 3; folders without a phase number go to stage 1. The merge writes
+`sequences.parquet`, the per-phase report (`report.json`, `report.txt`: the guide's "Count Your
+Images") and one AI-Toolkit YAML per training stage (`ai_toolkit/<character>.yaml`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow as pa
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from prefect import task
+
+from tasks.ingest import IMAGE_SUFFIXES, STAGE, check_trigger, image_stats, listing_digest, place_image, read_caption, with_trigger
+from tasks.progress import StageProgress
+from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
+from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name, write_table
+
+VERSION = 1
+RENDER_NAME = re.compile(r"^(?P<name>[A-Z0-9]+(?:_(?:[A-Z0-9]+|\d+x\d+))*)_(?P<frame>\d{4})\.png$")
+"""The naming convention: upper-case tokens joined by `_`, optional `WxH` token, 4-digit frame, `.png`."""
+SIZE_TOKEN = re.compile(r"^(\d+)x(\d+)$")
+PHASE_FOLDER = re.compile(r"^phase[_-]?(\d+)", re.I)
+PLACEHOLDERS = ("trigger", "name", "words", "phase", "frame", "frames", "angle")
+DETAIL_SUFFIX = "_detail"
+
+GUIDE_PROMPTS_STAGE1 = [
+    "{trigger} health smartwatch rotating 360 degrees, black device with glossy screen, 33mm square design, white background",
+    "{trigger} smartwatch closeup, copper magnetic connectors visible, 6 golden pins, ring frame detail",
+    "{trigger} smartwatch with biometric sensors active, green LED lights glowing, bottom view, health monitoring",
+    "{trigger} smartwatch with powerbank attached, modular battery system, green LED indicator, complete assembly",
+    "{trigger} smartwatch core device only, LED display screen, speaker and button visible, side view",
+]
+"""The sample prompts of the guide's AI-Toolkit config (its product name replaced by the trigger)."""
+GUIDE_PROMPTS_STAGE2 = [
+    "{trigger} smartwatch copper connectors closeup, 6 golden pins, top view",
+    "{trigger} smartwatch button and speaker detail, side profile, closeup",
+    "{trigger} smartwatch display screen closeup, glossy surface, reflections",
+]
+"""The guide's test prompts of stage 2 (detail enhancement)."""
+NEGATIVE = "blurry, low quality, distorted, deformed, watermark, text, logo"
+
+SCHEMA = pa.schema([
+    ("item_id", pa.string()),          # <phase>:<file stem>
+    ("source_id", pa.string()),        # the sequence: <phase>:<NAME> (see sequences.parquet)
+    ("character", pa.string()),        # the LoRA the render trains: <name> (stage 1) or <name>_detail
+    ("trigger", pa.string()),
+    ("kind", pa.string()),
+    ("cluster_id", pa.int64()),        # the training stage (1, 2; 0: in no stage)
+    ("phase", pa.string()),            # the phase folder, relative to the input folder
+    ("phase_number", pa.int32()),
+    ("sequence", pa.string()),         # NAME (file name without the frame number)
+    ("frame", pa.int32()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("caption", pa.string()),
+    ("caption_source", pa.string()),   # file / template / none
+    ("issues", pa.string()),           # every finding of this render, comma-separated
+    ("source_file", pa.string()),      # the render in the input folder
+    ("path", pa.string()),             # run-relative copy (null when not kept)
+    ("kept", pa.bool_()),
+    ("drop_reason", pa.string()),
+])
+
+SEQUENCE_SCHEMA = pa.schema([
+    ("phase", pa.string()),
+    ("sequence", pa.string()),
+    ("frames", pa.int32()),            # files found
+    ("kept", pa.int32()),
+    ("first", pa.int32()),
+    ("last", pa.int32()),
+    ("expected", pa.int32()),
+    ("missing", pa.list_(pa.int32())),
+])
+
+
+# ---- parameters ---------------------------------------------------------------------------------
+
+class RenderTemplate(BaseModel):
+    """How a caption is made from a render's file name (the user's caption template file).
+
+    The file is YAML with `template` (and optionally `tokens`, `drop`), or plain text that is the
+    template. Placeholders: {trigger} {name} {words} {phase} {frame} {frames} {angle}. `{words}`
+    is the name's tokens as phrases: `tokens` maps a token or a run of tokens (`SENSORS_ON`) to a
+    phrase (longest match first, "" drops it); other tokens are written in lower case; size
+    tokens (`1024x1024`) and tokens listed in `drop` are left out.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    template: str = Field(..., description="caption with {placeholders}")
+    tokens: dict[str, str] = Field(default_factory=dict, description="token (or TOKEN_RUN) -> phrase")
+    drop: list[str] = Field(default_factory=list, description="tokens left out of {words}")
+
+    @field_validator("template")
+    @classmethod
+    def _placeholders(cls, value: str) -> str:
+        text = " ".join(value.split())
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"template is not a valid format string ({exc}): {value!r}") from None
+        unknown = sorted(n for n in names if n.split(".")[0].split("[")[0] not in PLACEHOLDERS)
+        if unknown or "" in names:
+            raise ValueError(f"template uses unknown placeholder(s) {unknown or ['{}']}; "
+                             f"known: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}")
+        return text
+
+
+def read_template(path: str | Path) -> RenderTemplate:
+    """Load a caption template file (YAML with `template:`, or the plain-text template).
+
+    Raises FileNotFoundError or ValueError naming the file.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"caption template file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        data = None
+    try:
+        if isinstance(data, dict):
+            return RenderTemplate.model_validate(data)
+        return RenderTemplate(template=text.strip())
+    except ValueError as exc:
+        raise ValueError(f"caption template {path}: {exc}") from None
+
+
+class IngestRendersParams(BaseModel):
+    """What the render checks expect, and how the phases map onto the training stages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="the product: the stage-1 LoRA's name (stage 2 is <name>_detail)")
+    trigger: str = Field(..., description="trigger word the captions must carry (added in front when missing)")
+    resolution: tuple[int, int] = Field((1024, 1024), description="expected width and height of every render")
+    frames_per_sequence: Optional[int] = Field(None, ge=1, description="frames a sequence should have (e.g. 36); "
+                                               "None: up to its highest frame number")
+    caption_template: Optional[str] = Field(None, description="caption template file for renders without a .txt")
+    black_level: float = Field(10.0, ge=0, le=255, description="mean luma below this is a black frame")
+    uniform_std: float = Field(1.5, ge=0, description="luma std below this is a blank frame")
+    kind: str = Field("unknown", description="kind of subject for the captioner prompts (human / creature / unknown)")
+    stage1_phases: list[int] = Field([1, 2], description="phase numbers of training stage 1 (the core LoRA)")
+    stage2_phases: list[int] = Field([3], description="phase numbers of training stage 2 (detail, fine-tuned from stage 1)")
+    stage1_steps: int = Field(3000, ge=1, description="training steps of stage 1")
+    stage1_lr: float = Field(1e-4, gt=0, description="learning rate of stage 1")
+    stage2_steps: int = Field(1500, ge=1, description="additional training steps of stage 2")
+    stage2_lr: float = Field(5e-5, gt=0, description="learning rate of stage 2 (gentler: it refines stage 1)")
+    stage1_prompts: list[str] = Field(GUIDE_PROMPTS_STAGE1, description="sample prompts of stage 1 ({trigger} = the trigger)")
+    stage2_prompts: list[str] = Field(GUIDE_PROMPTS_STAGE2, description="sample prompts of stage 2")
+    rank: int = Field(16, ge=1, description="LoRA rank of the AI-Toolkit configs (the guide: 16)")
+    base_model: str = Field("black-forest-labs/FLUX.1-dev", description="base model of the AI-Toolkit configs")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("name must not be empty")
+        return value
+
+    @field_validator("trigger")
+    @classmethod
+    def _trigger(cls, value: str) -> str:
+        return check_trigger(value)
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 1:
+            raise ValueError(f"resolution must be two positive sizes (width, height), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _stages(self) -> "IngestRendersParams":
+        both = sorted(set(self.stage1_phases) & set(self.stage2_phases))
+        if both:
+            raise ValueError(f"stage1_phases and stage2_phases overlap: phase(s) {both}")
+        return self
+
+    def character_of(self, stage: int) -> str:
+        return self.name if stage == 1 else f"{self.name}{DETAIL_SUFFIX}"
+
+    def stage_of(self, phase_number: int | None) -> int:
+        """Training stage of a phase: 1, 2, or 0 (trained in no stage)."""
+        if phase_number is None or phase_number in self.stage1_phases:
+            return 1
+        return 2 if phase_number in self.stage2_phases else 0
+
+
+# ---- names and captions --------------------------------------------------------------------------
+
+def parse_render_name(filename: str) -> tuple[str, int] | None:
+    """(sequence name, frame number) of a render file following the convention, else None.
+
+    >>> parse_render_name("FULL_ASSEMBLY_FLAT_MID_360_1024x1024_0007.png")
+    ('FULL_ASSEMBLY_FLAT_MID_360_1024x1024', 7)
+    """
+    m = RENDER_NAME.match(filename)
+    return (m["name"], int(m["frame"])) if m else None
+
+
+def name_size(sequence: str) -> tuple[int, int] | None:
+    """The `WxH` size token of a sequence name, if it has one."""
+    for token in sequence.split("_"):
+        if m := SIZE_TOKEN.match(token):
+            return int(m[1]), int(m[2])
+    return None
+
+
+def token_words(sequence: str, template: RenderTemplate) -> str:
+    """The name's tokens as phrases (longest mapped run first), size and dropped tokens left out."""
+    tokens = [t for t in sequence.split("_") if t and not SIZE_TOKEN.match(t) and t not in template.drop]
+    phrases: list[str] = []
+    plain: list[str] = []
+    i = 0
+    while i < len(tokens):
+        for j in range(len(tokens), i, -1):
+            run = "_".join(tokens[i:j])
+            if run in template.tokens:
+                if plain:
+                    phrases.append(" ".join(plain))
+                    plain = []
+                if template.tokens[run].strip():
+                    phrases.append(template.tokens[run].strip())
+                i = j
+                break
+        else:
+            plain.append(tokens[i].lower())
+            i += 1
+    if plain:
+        phrases.append(" ".join(plain))
+    return ", ".join(phrases)
+
+
+def caption_from_name(template: RenderTemplate, *, trigger: str, sequence: str, phase: str, frame: int,
+                      frames: int) -> str:
+    """Fill the template for one render."""
+    angle = round(frame * 360 / frames) % 360 if frames else 0
+    text = template.template.format(trigger=trigger, name=sequence, words=token_words(sequence, template),
+                                    phase=phase, frame=frame, frames=frames, angle=angle)
+    parts = [p.strip() for p in text.split(",")]
+    return ", ".join(p for p in parts if p)
+
+
+# ---- one phase folder ----------------------------------------------------------------------------
+
+def ingest_phase(folder: Path, phase: str, phase_number: int | None, params: IngestRendersParams,
+                 template: RenderTemplate | None, out: Path, prefix: str) -> tuple[pa.Table, dict]:
+    """Check one phase folder's renders and link the kept ones into `out/images/` with captions.
+
+    Args:
+        folder: the phase folder; phase: its path relative to the input folder; phase_number: N of phase_N.
+        params: the checks' parameters; template: the caption template (None: no generated captions).
+        out: the shard's temporary folder; prefix: its run-relative path once committed.
+    Returns:
+        (rows with SCHEMA, phase report with its sequences and counts).
+    """
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    stage = params.stage_of(phase_number)
+    parsed = {p: parse_render_name(p.name) for p in files}
+    frames_of: dict[str, list[int]] = {}
+    for name_frame in parsed.values():
+        if name_frame:
+            frames_of.setdefault(name_frame[0], []).append(name_frame[1])
+    expected_of = {s: params.frames_per_sequence or max(f) + 1 for s, f in frames_of.items()}
+    rows: list[dict] = []
+    with StageProgress(f"ingest {phase}", len(files)) as bar:
+        for path in files:
+            rows.append(_check_render(path, parsed[path], phase, phase_number, stage, expected_of, params, template,
+                                      out, prefix))
+            bar.advance()
+    sequences = []
+    for sequence, frames in sorted(frames_of.items()):
+        expected = expected_of[sequence]
+        missing = sorted(set(range(expected)) - set(frames))
+        kept = sum(1 for r in rows if r["sequence"] == sequence and r["kept"])
+        sequences.append({"phase": phase, "sequence": sequence, "frames": len(frames), "kept": kept,
+                          "first": min(frames), "last": max(frames), "expected": expected, "missing": missing})
+    gapped = {s["sequence"] for s in sequences if s["missing"]}
+    for row in rows:
+        if row["sequence"] in gapped:
+            row["issues"] = ",".join(filter(None, [row["issues"], "sequence_gap"]))
+    report = _phase_report(phase, phase_number, stage, params, rows, sequences)
+    return pa.Table.from_pylist(rows, schema=SCHEMA), report
+
+
+def _check_render(path: Path, name_frame: tuple[str, int] | None, phase: str, phase_number: int | None, stage: int,
+                  expected_of: dict[str, int], params: IngestRendersParams, template: RenderTemplate | None,
+                  out: Path, prefix: str) -> dict:
+    """One render's row: every check, the caption, and (when kept) its linked copy."""
+    sequence, frame = name_frame if name_frame else (None, None)
+    row = {"item_id": f"{phase}:{path.stem}", "source_id": f"{phase}:{sequence or path.stem}",
+           "character": params.character_of(stage) if stage else params.name, "trigger": params.trigger,
+           "kind": params.kind, "cluster_id": stage, "phase": phase, "phase_number": phase_number,
+           "sequence": sequence, "frame": frame, "width": None, "height": None, "caption": None,
+           "caption_source": "none", "issues": "", "source_file": str(path), "path": None, "kept": False,
+           "drop_reason": None}
+    errors: list[tuple[str, str]] = []
+    if name_frame is None:
+        errors.append(("bad_name", f"{path.name} does not follow NAME_..._0000.png (upper-case tokens, 4-digit frame)"))
+    try:
+        m = image_stats(path)
+    except ValueError as exc:
+        row.update(issues="unreadable", drop_reason=f"{QUARANTINE}{path.name}: {exc}")
+        return row
+    row.update(width=m["width"], height=m["height"])
+    want = tuple(params.resolution)
+    if (m["width"], m["height"]) != want:
+        errors.append(("wrong_resolution", f"{m['width']}x{m['height']}, expected {want[0]}x{want[1]}"))
+    elif sequence and (named := name_size(sequence)) and named != want:
+        errors.append(("wrong_resolution", f"name says {named[0]}x{named[1]}, expected {want[0]}x{want[1]}"))
+    if m["mean"] < params.black_level:
+        errors.append(("black_frame", f"mean luma {m['mean']:.1f} < {params.black_level}"))
+    elif m["std"] < params.uniform_std:
+        errors.append(("blank_frame", f"luma std {m['std']:.2f} < {params.uniform_std}"))
+    caption_file = path.with_suffix(".txt")
+    text = read_caption(caption_file)
+    if text:
+        row.update(caption=with_trigger(text, params.trigger), caption_source="file")
+    elif template is not None:
+        words_from = sequence or path.stem.upper()
+        frames = expected_of.get(sequence, 0) if sequence else 0
+        row.update(caption=with_trigger(caption_from_name(template, trigger=params.trigger, sequence=words_from,
+                                                          phase=phase, frame=frame or 0, frames=frames), params.trigger),
+                   caption_source="template")
+    else:
+        errors.append(("missing_caption", f"no {caption_file.name} and no caption template"))
+    if not stage and not errors:
+        errors.append(("not_trained", f"phase {phase_number} is in no training stage"))
+    row["issues"] = ",".join(issue for issue, _ in errors)
+    if errors:
+        issue, detail = errors[0]
+        row["drop_reason"] = f"{issue}: {detail}"
+        return row
+    placed = place_image(path, out / "images" / path.name, m["oriented"])
+    (out / "images" / f"{path.stem}.txt").write_text(row["caption"] + "\n", encoding="utf-8")
+    row.update(kept=True, path=f"{prefix}/images/{placed.name}")
+    return row
+
+
+def _phase_report(phase: str, number: int | None, stage: int, params: IngestRendersParams, rows: list[dict],
+                  sequences: list[dict]) -> dict:
+    issues: dict[str, int] = {}
+    for row in rows:
+        for issue in filter(None, (row["issues"] or "").split(",")):
+            issues[issue] = issues.get(issue, 0) + 1
+    findings = [f"{r['source_file'].rsplit('/', 1)[-1]}: {r['drop_reason'][len(QUARANTINE):] if r['drop_reason'].startswith(QUARANTINE) else r['drop_reason']}"
+                for r in rows if r["drop_reason"]]
+    findings += [f"{s['sequence']}: missing frame(s) {_ranges(s['missing'])} of {s['expected']}"
+                 for s in sequences if s["missing"]]
+    return {"phase": phase, "phase_number": number, "stage": stage,
+            "character": params.character_of(stage) if stage else None,
+            "images": len(rows), "kept": sum(r["kept"] for r in rows),
+            "quarantined": sum(bool(r["drop_reason"] and r["drop_reason"].startswith(QUARANTINE)) for r in rows),
+            "dropped": sum(not r["kept"] for r in rows),
+            "captions": {src: sum(r["caption_source"] == src and r["kept"] for r in rows) for src in ("file", "template")},
+            "sequences": sequences, "issues": issues, "findings": findings}
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    runs: list[list[int]] = []
+    for n in sorted(numbers):
+        if runs and runs[-1][1] == n - 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+# ---- the whole input: report and AI-Toolkit configs -------------------------------------------------
+
+def count_report(phases: list[dict], params: IngestRendersParams) -> str:
+    """The per-phase counts, like the guide's "Count Your Images", plus what was found wrong."""
+    lines = ["Count Your Images:"]
+    for p in phases:
+        lengths = sorted({s["frames"] for s in p["sequences"]})
+        n = len(p["sequences"])
+        shape = (f"{n} render{'s' if n != 1 else ''} x {lengths[0]}{'-' + str(lengths[-1]) if len(lengths) > 1 else ''}"
+                 " frames" if lengths else "no sequences")
+        label = f"Phase {p['phase_number']}" if p["phase_number"] is not None else "Renders"
+        stage = f"stage {p['stage']}" if p["stage"] else "not trained"
+        lines.append(f"  {label} ({p['phase']}): {p['images']} images ({shape}), {p['kept']} kept, "
+                     f"{p['dropped']} dropped  [{stage}]")
+    for stage in (1, 2):
+        mine = [p for p in phases if p["stage"] == stage]
+        if mine:
+            title = "Total Core" if stage == 1 else "Total Detail"
+            lines.append(f"  {title}: {sum(p['kept'] for p in mine)} images -> LoRA '{params.character_of(stage)}'"
+                         f" ({params.stage1_steps if stage == 1 else params.stage2_steps} steps)")
+    lines.append("Quality check:")
+    totals: dict[str, int] = {}
+    for p in phases:
+        for issue, n in p["issues"].items():
+            totals[issue] = totals.get(issue, 0) + n
+    checks = [("missing_caption", "All PNG files have matching TXT caption files"),
+              ("wrong_resolution", f"All images are {params.resolution[0]}x{params.resolution[1]} resolution"),
+              ("sequence_gap", "Rotation sequences are smooth (no missing frames)"),
+              ("unreadable", "No corrupted frames"), ("black_frame", "No black frames"), ("blank_frame", "No blank frames"),
+              ("bad_name", "File names match the naming convention")]
+    gaps = sum(1 for p in phases for s in p["sequences"] if s["missing"])
+    for issue, text in checks:
+        n, unit = (gaps, "sequence") if issue == "sequence_gap" else (totals.get(issue, 0), "file")
+        lines.append(f"  [{'x' if n == 0 else ' '}] {text}" + (f"  ({n} {unit}{'s' if n != 1 else ''})" if n else ""))
+    findings = [f for p in phases for f in (f"{p['phase']}/{x}" for x in p["findings"])]
+    if findings:
+        lines.append("Findings:")
+        lines += [f"  - {f}" for f in findings]
+    return "\n".join(lines)
+
+
+def ai_toolkit_config(params: IngestRendersParams, stage: int, folders: list[Path], training_folder: Path) -> dict:
+    """The guide's AI-Toolkit FLUX LoRA job for one training stage (stage 2 starts from stage 1's LoRA)."""
+    name = params.character_of(stage)
+    prompts = [p.replace("{trigger}", params.trigger) for p in (params.stage1_prompts if stage == 1 else params.stage2_prompts)]
+    network: dict[str, Any] = {"type": "lora", "linear": params.rank, "linear_alpha": params.rank}
+    if stage == 2:
+        first = params.character_of(1)
+        network["pretrained_lora_path"] = str(training_folder / first / f"{first}.safetensors")
+    size = list(params.resolution)
+    return {
+        "job": "extension",
+        "config": {
+            "name": name,
+            "process": [{
+                "type": "sd_trainer", "training_folder": str(training_folder), "device": "cuda:0",
+                "trigger_word": params.trigger, "network": network,
+                "save": {"dtype": "float16", "save_every": 100, "max_step_saves_to_keep": 3},
+                "datasets": [{"folder_path": str(f), "caption_ext": "txt", "caption_dropout_rate": 0.05,
+                              "shuffle_tokens": False, "cache_latents_to_disk": True, "resolution": size}
+                             for f in folders],
+                "train": {"batch_size": 1, "steps": params.stage1_steps if stage == 1 else params.stage2_steps,
+                          "gradient_accumulation_steps": 1, "train_unet": True, "train_text_encoder": False,
+                          "gradient_checkpointing": True, "noise_scheduler": "flowmatch", "optimizer": "adamw8bit",
+                          "lr": params.stage1_lr if stage == 1 else params.stage2_lr, "lr_scheduler": "constant",
+                          "ema_config": {"use_ema": True, "ema_decay": 0.99}, "dtype": "bf16"},
+                "model": {"name_or_path": params.base_model, "is_flux": True, "quantize": True},
+                "sample": {"sampler": "flowmatch", "sample_every": 100, "width": size[0], "height": size[1],
+                           "prompts": prompts, "neg": NEGATIVE, "seed": 42, "walk_seed": True,
+                           "guidance_scale": 4.0, "sample_steps": 20},
+            }],
+        },
+        "meta": {"name": name, "version": "1.0", "stage": stage},
+    }
+
+
+# ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) ----------------------
+
+class PhaseShard(BaseModel):
+    """One phase folder's work."""
+
+    key: str
+    folder: str
+    phase: str
+    phase_number: Optional[int]
+    fingerprint: str
+
+
+class IngestRendersPlan(BaseModel):
+    input_dir: str
+    shards: list[PhaseShard]
+    template: Optional[RenderTemplate]
+    fingerprint: str
+
+    def shard_fingerprints(self) -> dict[str, str]:
+        return {s.key: s.fingerprint for s in self.shards}
+
+
+def discover_phases(input_dir: Path) -> list[Path]:
+    """Folders (the input folder and those below it) that hold image files, sorted by phase number.
+
+    Raises FileNotFoundError when there is none.
+    """
+    root = Path(input_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"render folder not found: {input_dir}")
+    folders = [root] + sorted(p for p in root.rglob("*") if p.is_dir() and not p.name.startswith("."))
+    found = [f for f in folders if any(c.is_file() and c.suffix.lower() in IMAGE_SUFFIXES for c in f.iterdir())]
+    if not found:
+        raise FileNotFoundError(f"no images in {input_dir} (expected phase folders of NAME_..._0000.png renders)")
+    return sorted(found, key=lambda f: (phase_number(f.name) is None, phase_number(f.name) or 0, f.as_posix()))
+
+
+def phase_number(folder_name: str) -> int | None:
+    m = PHASE_FOLDER.match(folder_name)
+    return int(m[1]) if m else None
+
+
+def _check_settings(params: IngestRendersParams) -> dict:
+    """What decides a phase's rows (training steps, prompts and the YAMLs' settings do not)."""
+    return params.model_dump(mode="json", include={"name", "trigger", "resolution", "frames_per_sequence",
+                                                   "black_level", "uniform_std", "kind", "stage1_phases",
+                                                   "stage2_phases"})
+
+
+def plan_ingest_renders(store: RunStore, input_dir: str, params: IngestRendersParams) -> IngestRendersPlan:
+    """Find the phase folders and fingerprint them; start the stage unless it is done."""
+    root = Path(input_dir).expanduser().resolve()
+    template = read_template(params.caption_template) if params.caption_template else None
+    settings = _check_settings(params)
+    extra = {"template": template.model_dump(mode="json") if template else None}
+    shards, keys = [], set()
+    for folder in discover_phases(root):
+        phase = folder.relative_to(root).as_posix() if folder != root else safe_name(root.name)
+        key = safe_name(phase)
+        while key in keys:
+            key += "_"
+        keys.add(key)
+        fp = fingerprint(STAGE, VERSION, {**settings, **extra}, {"files": listing_digest(folder)})
+        shards.append(PhaseShard(key=key, folder=str(folder), phase=phase, phase_number=phase_number(folder.name),
+                                 fingerprint=fp))
+    stage_settings = {"params": params.model_dump(mode="json", exclude={"caption_template"}), **extra}
+    stage_fp = plan_sharded_stage(store, STAGE, VERSION, stage_settings, {s.key: s.fingerprint for s in shards})
+    return IngestRendersPlan(input_dir=str(root), shards=shards, template=template, fingerprint=stage_fp)
+
+
+def ingest_phase_shard(store: RunStore, shard: PhaseShard, params: IngestRendersParams,
+                       template: RenderTemplate | None) -> StageResult:
+    """Ingest one phase folder into its shard, unless that shard is already committed."""
+    return run_shard(store, STAGE, shard.key, shard.fingerprint,
+                     lambda out, prefix: ingest_phase(Path(shard.folder), shard.phase, shard.phase_number, params,
+                                                      template, out, prefix))
+
+
+def merge_ingest_renders(store: RunStore, plan: IngestRendersPlan, params: IngestRendersParams) -> StageResult:
+    """Merge the phases into `ingest/manifest.parquet`; write sequences, the report and the AI-Toolkit YAMLs."""
+    def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
+        folder = store.stage_dir(STAGE)
+        table = pa.concat_tables(tables).sort_by("item_id") if tables else SCHEMA.empty_table()
+        write_table(pa.Table.from_pylist([s for r in reports for s in r["sequences"]], schema=SEQUENCE_SCHEMA),
+                    folder / "sequences.parquet")
+        text = count_report(reports, params)
+        (folder / "report.txt").write_text(text + "\n", encoding="utf-8")
+        (folder / "report.json").write_text(json.dumps({"phases": reports}, indent=2, default=str), encoding="utf-8")
+        outputs = [f"{STAGE}/sequences.parquet", f"{STAGE}/report.txt", f"{STAGE}/report.json"]
+        (folder / "ai_toolkit").mkdir(exist_ok=True)
+        for stage in (1, 2):
+            keys = [s.key for s, r in zip(plan.shards, reports) if r["stage"] == stage and r["kept"]]
+            if keys:
+                config = ai_toolkit_config(params, stage, [store.shard_dir(STAGE, k) / "images" for k in keys],
+                                           store.root / "train" / "ai_toolkit")
+                name = f"{STAGE}/ai_toolkit/{safe_name(params.character_of(stage))}.yaml"
+                (store.root / name).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+                outputs.append(name)
+        kept = [c for c, k in zip(table.column("character").to_pylist(), table.column("kept").to_pylist()) if k]
+        summary = {
+            "phases": len(reports), "images": table.num_rows, "kept": len(kept),
+            "quarantined": sum(r["quarantined"] for r in reports),
+            "dropped": table.num_rows - len(kept),
+            "sequences": sum(len(r["sequences"]) for r in reports),
+            "sequence_gaps": sum(1 for r in reports for s in r["sequences"] if s["missing"]),
+            "characters": {c: kept.count(c) for c in sorted(set(kept))},
+        }
+        return table, summary, outputs
+
+    return merge_shards(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), merge)
+
+
+def run_ingest_renders(store: RunStore, input_dir: str, params: IngestRendersParams) -> StageResult:
+    """The whole stage as one plain call (no Prefect): plan, every phase, merge."""
+    plan = plan_ingest_renders(store, input_dir, params)
+    for shard in plan.shards:
+        ingest_phase_shard(store, shard, params, plan.template)
+    return merge_ingest_renders(store, plan, params)
+
+
+def staged_train_params(train: Any, params: IngestRendersParams) -> Any:
+    """The train stage's parameters for the two stages: steps, LR and prompts per LoRA, and stage 2
+    starting from stage 1's LoRA (`TrainParams.per_character` / `init_from`)."""
+    first, second = params.character_of(1), params.character_of(2)
+    override = type(train).model_fields["per_character"].annotation.__args__[1]
+    per = dict(train.per_character)
+    per.setdefault(first, override(max_steps=params.stage1_steps, unet_lr=params.stage1_lr,
+                                   sample_prompts=[p.replace("{trigger}", "{trigger}") for p in params.stage1_prompts]))
+    per.setdefault(second, override(max_steps=params.stage2_steps, unet_lr=params.stage2_lr,
+                                    sample_prompts=list(params.stage2_prompts)))
+    return train.model_copy(update={"per_character": per, "init_from": {**train.init_from, second: first}})
+
+
+# ---- Prefect tasks --------------------------------------------------------------------------------
+
+@task(name="plan-ingest-renders")
+def plan_ingest_renders_task(run: RunRef, input_dir: str, params: IngestRendersParams) -> IngestRendersPlan:
+    """Find the phase folders of a render folder and fingerprint them."""
+    return plan_ingest_renders(run.store(), input_dir, params)
+
+
+@task(name="ingest-renders", task_run_name="ingest-{shard.key}",
+      cache_key_fn=cache_key(lambda run, shard, params, template: (shard.fingerprint, run.store().shard_done(STAGE, shard.key, shard.fingerprint))))
+def ingest_phase_task(run: RunRef, shard: PhaseShard, params: IngestRendersParams,
+                      template: Optional[RenderTemplate]) -> StageResult:
+    """Check and ingest one phase folder (one shard)."""
+    result = ingest_phase_shard(run.store(), shard, params, template)
+    publish(result, f"ingest {shard.phase}")
+    return result
+
+
+@task(name="merge-ingest-renders",
+      cache_key_fn=cache_key(lambda run, plan, params: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
+def merge_ingest_renders_task(run: RunRef, plan: IngestRendersPlan, params: IngestRendersParams) -> StageResult:
+    """Merge the phases into the run's ingest manifest and write the per-phase report."""
+    result = merge_ingest_renders(run.store(), plan, params)
+    publish(result, "ingest (renders)")
+    return result

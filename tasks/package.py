@@ -1,0 +1,544 @@
+"""Stage `package`: the kohya_ss training tree, its configs, and an AI-Toolkit profile.
+
+Layout under `<run>/package/`::
+
+    {repeats}_{character}/<stem>.png + <stem>.txt    training pairs (RGB, caption)
+    validation/{character}/<stem>.png + .txt          held-out pairs (split per character)
+    configs/{character}_dataset.toml                  kohya dataset config (--dataset_config)
+    configs/{character}_config.toml                   kohya train_network.py config (--config_file)
+    configs/{character}_prompts.txt                   kohya sample prompts
+    configs/{character}_ai_toolkit.yaml               AI-Toolkit FLUX LoRA job (the Kyana seed's profile)
+    manifest.parquet, characters.parquet
+
+Images are rendered from the caption stage's rows (tasks/render.py: RGBA layer onto the plain
+colour, or onto the background layer the augment op chose). The validation split is drawn
+per character over originals: an original and all its augmented copies land on the same side.
+Training parameters follow the Yokai guide's table by training image count; creature-kind
+characters get network_dim 48 and learning rates x1.1. Options: one multi-concept LoRA over
+all characters, and a background dataset from the run's background layers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import yaml
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from prefect import task
+
+from tasks.progress import StageProgress
+from tasks.render import RenderSpec, cover, read_background, read_layer, render
+from tasks.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
+from tasks.store import QUARANTINE, RunStore, safe_name, write_table
+
+STAGE = "package"
+VERSION = 1
+
+TABLE: tuple[tuple[float, int, int, float, float], ...] = (
+    (10, 30, 30, 5e-5, 2e-5),
+    (20, 20, 25, 8e-5, 3e-5),
+    (50, 15, 20, 1e-4, 5e-5),
+    (100, 10, 15, 1e-4, 5e-5),
+    (math.inf, 5, 12, 1e-4, 5e-5),
+)
+"""(largest image count, repeats, epochs, UNet LR, text encoder LR), from the Yokai guide."""
+
+SCHEMA = pa.schema([
+    ("item_id", pa.string()),
+    ("source_id", pa.string()),        # the caption row (same image id)
+    ("character", pa.string()),
+    ("trigger", pa.string()),
+    ("kind", pa.string()),
+    ("split", pa.string()),            # train / validation
+    ("repeats", pa.int32()),
+    ("path", pa.string()),             # run-relative RGB PNG
+    ("caption_path", pa.string()),     # run-relative .txt beside it
+    ("caption", pa.string()),
+    ("kept", pa.bool_()),
+    ("drop_reason", pa.string()),
+])
+
+CHARACTERS_SCHEMA = pa.schema([
+    ("character", pa.string()),
+    ("trigger", pa.string()),
+    ("kind", pa.string()),
+    ("n_train", pa.int32()),
+    ("n_validation", pa.int32()),
+    ("repeats", pa.int32()),
+    ("epochs", pa.int32()),
+    ("unet_lr", pa.float64()),
+    ("text_encoder_lr", pa.float64()),
+    ("network_dim", pa.int32()),
+    ("network_alpha", pa.int32()),
+    ("total_steps", pa.int64()),
+])
+
+
+class BackgroundDatasetParams(BaseModel):
+    """An optional style dataset from the run's background layers (the Yokai guide's step 8)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="also package a background dataset")
+    name: str = Field("background", description="its folder and config name")
+    trigger: str = Field("bgscene", description="its trigger word")
+    max_images: int = Field(200, ge=1, description="keep at most this many (the most diverse)")
+    similarity_threshold: float = Field(0.95, gt=0, le=1, description="cosine similarity above which two backgrounds are duplicates")
+    repeats: int = Field(10, ge=1, description="kohya repeats")
+    epochs: int = Field(10, ge=1, description="epochs")
+    unet_lr: float = Field(5e-5, gt=0, description="UNet learning rate (gentler than characters)")
+    text_encoder_lr: float = Field(2e-5, gt=0, description="text encoder learning rate")
+
+
+class AIToolkitParams(BaseModel):
+    """The FLUX LoRA profile written as an AI-Toolkit job (the Kyana seed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field("black-forest-labs/FLUX.1-dev", description="FLUX base model id or path")
+    rank: int = Field(16, ge=1, description="LoRA linear rank (alpha = rank)")
+    steps: int = Field(3000, ge=1, description="training steps")
+    lr: float = Field(1e-4, gt=0, description="learning rate")
+    sample_every: int = Field(250, ge=1, description="steps between samples and saves")
+
+
+class PackageParams(BaseModel):
+    """The kohya tree, its split, its images and its training parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    render: RenderSpec = Field(default_factory=RenderSpec, description="canvas of the packaged images")
+    validation_split: float = Field(0.1, ge=0, lt=1, description="share of each character's originals held out")
+    seed: int = Field(0, description="seed of the validation split")
+    base_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="kohya pretrained_model_name_or_path")
+    batch_size: int = Field(1, ge=1, description="training batch size")
+    min_bucket_reso: int = Field(256, ge=64, description="smallest aspect bucket side")
+    max_bucket_reso: int = Field(1024, ge=64, description="largest aspect bucket side")
+    keep_tokens: int = Field(1, ge=0, description="leading caption tokens never shuffled (the trigger)")
+    shuffle_caption: bool = Field(True, description="shuffle caption tokens after keep_tokens")
+    network_dim: int = Field(32, ge=1, description="LoRA rank for human and unknown characters")
+    creature_network_dim: int = Field(48, ge=1, description="LoRA rank for creature characters")
+    creature_lr_scale: float = Field(1.1, gt=0, description="learning-rate factor for creature characters")
+    optimizer_type: str = Field("AdamW8bit", description="kohya optimizer_type")
+    lr_scheduler: str = Field("cosine", description="kohya lr_scheduler")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("fp16", description="kohya mixed_precision")
+    save_every_n_epochs: int = Field(2, ge=1, description="checkpoint and sample every N epochs")
+    min_snr_gamma: float = Field(5.0, ge=0, description="kohya min_snr_gamma")
+    noise_offset: float = Field(0.05, ge=0, description="kohya noise_offset")
+    caption_dropout_rate: float = Field(0.05, ge=0, lt=1, description="kohya caption_dropout_rate")
+    multi_concept: bool = Field(False, description="also write one LoRA config over all characters")
+    multi_concept_name: str = Field("all_characters", description="name of the multi-concept LoRA")
+    background: BackgroundDatasetParams = Field(default_factory=BackgroundDatasetParams)
+    ai_toolkit: AIToolkitParams = Field(default_factory=AIToolkitParams)
+
+    @field_validator("max_bucket_reso")
+    @classmethod
+    def _buckets(cls, value: int, info) -> int:
+        low = info.data.get("min_bucket_reso", 0)
+        if value < low:
+            raise ValueError(f"max_bucket_reso ({value}) must be >= min_bucket_reso ({low})")
+        return value
+
+
+# ---- training parameters -------------------------------------------------------------------------
+
+def _sig(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def training_plan(n_images: int, kind: str, params: PackageParams) -> dict[str, Any]:
+    """Repeats, epochs, learning rates and network size for a character with n training images."""
+    for top, repeats, epochs, unet_lr, te_lr in TABLE:
+        if n_images <= top:
+            break
+    scale = params.creature_lr_scale if kind == "creature" else 1.0
+    dim = params.creature_network_dim if kind == "creature" else params.network_dim
+    return {"repeats": repeats, "epochs": epochs, "unet_lr": _sig(unet_lr * scale), "text_encoder_lr": _sig(te_lr * scale),
+            "network_dim": dim, "network_alpha": max(1, dim // 2),
+            "total_steps": math.ceil(n_images * repeats * epochs / params.batch_size)}
+
+
+# ---- split -------------------------------------------------------------------------------------
+
+def split_groups(groups: list[str], fraction: float, seed: int, character: str) -> set[str]:
+    """The originals (group ids) of one character held out for validation."""
+    groups = sorted(set(groups))
+    if fraction <= 0 or len(groups) < 2:
+        return set()
+    n = min(len(groups) - 1, max(1, round(len(groups) * fraction)))
+    rng = random.Random(f"{seed}:{character}")
+    return set(rng.sample(groups, n))
+
+
+# ---- TOML (kohya reads TOML; the standard library only parses it) -------------------------------
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_lines(table: dict[str, Any]) -> list[str]:
+    return [f"{key} = {_toml_value(value)}" for key, value in table.items() if value is not None]
+
+
+def dataset_toml(general: dict[str, Any], datasets: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> str:
+    """A kohya dataset config: [general], then [[datasets]] each with [[datasets.subsets]]."""
+    lines = ["[general]", *_toml_lines(general)]
+    for dataset, subsets in datasets:
+        lines += ["", "[[datasets]]", *_toml_lines(dataset)]
+        for subset in subsets:
+            lines += ["", "  [[datasets.subsets]]", *("  " + line for line in _toml_lines(subset))]
+    return "\n".join(lines) + "\n"
+
+
+def flat_toml(sections: dict[str, dict[str, Any]]) -> str:
+    """A kohya training config; kohya merges all sections into one set of arguments."""
+    lines: list[str] = []
+    for name, table in sections.items():
+        lines += [f"[{name}]", *_toml_lines(table), ""]
+    return "\n".join(lines)
+
+
+# ---- configs ------------------------------------------------------------------------------------
+
+def kohya_dataset(subsets: list[dict[str, Any]], params: PackageParams) -> str:
+    general = {"caption_extension": ".txt", "shuffle_caption": params.shuffle_caption, "keep_tokens": params.keep_tokens}
+    dataset = {"resolution": params.render.resolution, "batch_size": params.batch_size, "enable_bucket": True,
+               "min_bucket_reso": params.min_bucket_reso, "max_bucket_reso": params.max_bucket_reso}
+    return dataset_toml(general, [(dataset, subsets)])
+
+
+def kohya_subset(image_dir: Path, repeats: int, trigger: str, params: PackageParams) -> dict[str, Any]:
+    return {"image_dir": str(image_dir), "num_repeats": repeats, "class_tokens": trigger, "caption_extension": ".txt",
+            "keep_tokens": params.keep_tokens, "shuffle_caption": params.shuffle_caption}
+
+
+def kohya_training(name: str, plan: dict[str, Any], dataset_config: Path, prompts: Path, output_dir: Path,
+                   params: PackageParams) -> str:
+    return flat_toml({
+        "model": {"pretrained_model_name_or_path": params.base_model},
+        "dataset": {"dataset_config": str(dataset_config), "cache_latents": True,
+                    "caption_dropout_rate": params.caption_dropout_rate, "max_data_loader_n_workers": 2},
+        "network": {"network_module": "networks.lora", "network_dim": plan["network_dim"],
+                    "network_alpha": plan["network_alpha"]},
+        "optimizer": {"optimizer_type": params.optimizer_type, "unet_lr": plan["unet_lr"],
+                      "text_encoder_lr": plan["text_encoder_lr"], "lr_scheduler": params.lr_scheduler},
+        "training": {"max_train_epochs": plan["epochs"], "mixed_precision": params.mixed_precision,
+                     "gradient_checkpointing": True, "min_snr_gamma": params.min_snr_gamma,
+                     "noise_offset": params.noise_offset, "seed": params.seed},
+        "saving": {"output_dir": str(output_dir), "output_name": name, "save_model_as": "safetensors",
+                   "save_precision": "fp16", "save_every_n_epochs": params.save_every_n_epochs,
+                   "logging_dir": str(output_dir / "logs")},
+        "sampling": {"sample_prompts": str(prompts), "sample_every_n_epochs": params.save_every_n_epochs,
+                     "sample_sampler": "euler_a"},
+    })
+
+
+def sample_prompts(trigger: str, kind: str, params: PackageParams) -> list[str]:
+    """Kohya sample prompt lines (prompt --n negative --w --h --s steps --d seed)."""
+    size = params.render.resolution
+    tail = f" --n lowres, blurry, bad anatomy, watermark --w {size} --h {size} --s 20 --d {params.seed + 42}"
+    if kind == "background":
+        bodies = ["scenery, no humans", "scenery, no humans, evening light", "scenery, no humans, wide view"]
+    else:
+        bodies = ["standing, full body, plain background", "upper body, scene background, soft lighting",
+                  "sitting, outdoors, bright lighting"]
+    return [f"{trigger}, {body}{tail}" for body in bodies]
+
+
+def ai_toolkit_job(name: str, triggers: list[str], kind: str, folders: list[Path], output: Path,
+                   params: PackageParams) -> str:
+    """An AI-Toolkit `sd_trainer` job for a FLUX LoRA (the Kyana seed's profile)."""
+    at = params.ai_toolkit
+    size = params.render.resolution
+    prompts = [p.split(" --n ")[0] for t in triggers for p in sample_prompts(t, kind, params)]
+    job = {
+        "job": "extension",
+        "config": {
+            "name": f"{name}_flux_lora",
+            "process": [{
+                "type": "sd_trainer",
+                "training_folder": str(output),
+                "device": "cuda:0",
+                "trigger_word": triggers[0],
+                "network": {"type": "lora", "linear": at.rank, "linear_alpha": at.rank},
+                "save": {"dtype": "float16", "save_every": at.sample_every, "max_step_saves_to_keep": 3},
+                "datasets": [{"folder_path": str(folder), "caption_ext": "txt", "caption_dropout_rate": 0.05,
+                              "shuffle_tokens": False, "cache_latents_to_disk": True, "resolution": [size]}
+                             for folder in folders],
+                "train": {"batch_size": 1, "steps": at.steps, "gradient_accumulation_steps": 1, "train_unet": True,
+                          "train_text_encoder": False, "gradient_checkpointing": True, "noise_scheduler": "flowmatch",
+                          "optimizer": "adamw8bit", "lr": at.lr, "lr_scheduler": "constant",
+                          "ema_config": {"use_ema": True, "ema_decay": 0.99}, "dtype": "bf16"},
+                "model": {"name_or_path": at.base_model, "is_flux": True, "quantize": True},
+                "sample": {"sampler": "flowmatch", "sample_every": at.sample_every, "width": size, "height": size,
+                           "prompts": prompts,
+                           "neg": "blurry, low quality, distorted, deformed, watermark, text, logo",
+                           "seed": 42, "walk_seed": True, "guidance_scale": 4.0, "sample_steps": 20},
+            }],
+        },
+        "meta": {"name": name, "version": "1.0"},
+    }
+    return yaml.safe_dump(job, sort_keys=False)
+
+
+# ---- background dataset -----------------------------------------------------------------------
+
+def thumbnail_embedding(rgb: np.ndarray) -> np.ndarray:
+    """A small image embedding (16x16 colour thumbnail, centred, unit length) for near-duplicate tests."""
+    small = cv2.resize(rgb, (16, 16), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+    small -= small.mean()
+    norm = float(np.linalg.norm(small))
+    return small / norm if norm > 0 else small
+
+
+def pick_backgrounds(embeddings: np.ndarray, threshold: float, max_images: int) -> list[int]:
+    """Drop near-duplicates (cosine > threshold), then keep the most diverse `max_images` (farthest first)."""
+    kept: list[int] = []
+    for i in range(len(embeddings)):
+        if not kept or float((embeddings[kept] @ embeddings[i]).max()) <= threshold:
+            kept.append(i)
+    if len(kept) <= max_images:
+        return kept
+    chosen = [kept[0]]
+    nearest = embeddings[kept] @ embeddings[kept[0]]
+    while len(chosen) < max_images:
+        j = int(np.argmin(nearest))
+        chosen.append(kept[j])
+        nearest = np.maximum(nearest, embeddings[kept] @ embeddings[kept[j]])
+    return sorted(chosen)
+
+
+# ---- the tree ----------------------------------------------------------------------------------
+
+def _write_pair(folder: Path, stem: str, rgb: np.ndarray, caption: str) -> None:
+    Image.fromarray(rgb, "RGB").save(folder / f"{stem}.png", compress_level=3)
+    (folder / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
+
+
+def _stems(item_ids: list[str]) -> dict[str, str]:
+    """A unique, path-safe file stem per item id."""
+    stems: dict[str, str] = {}
+    used: set[str] = set()
+    for item in sorted(item_ids):
+        base = safe_name(item, max_len=120)
+        stem, n = base, 2
+        while stem in used:
+            stem, n = f"{base}-{n}", n + 1
+        used.add(stem)
+        stems[item] = stem
+    return stems
+
+
+def package_dataset(root: Path, rows: list[dict], backgrounds: list[str], params: PackageParams,
+                    out: Path) -> tuple[pa.Table, pa.Table, dict]:
+    """Write the kohya tree and configs into `out` (the run's package folder).
+
+    Args:
+        root: the run folder (row paths are relative to it).
+        rows: kept caption rows (item_id, character, trigger, kind, group_id, path, background_path, caption).
+        backgrounds: run-relative background layers (used only when the background dataset is enabled).
+        params: packaging parameters.
+        out: the package folder.
+    Returns:
+        (manifest with SCHEMA, characters table with CHARACTERS_SCHEMA, summary).
+    """
+    configs = out / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    characters: list[dict] = []
+    subsets: list[dict] = []
+    by_character: dict[str, list[dict]] = {}
+    for row in rows:
+        by_character.setdefault(row["character"], []).append(row)
+    stems = _stems([r["item_id"] for r in rows])
+    with StageProgress("package", len(rows)) as bar:
+        for character in sorted(by_character):
+            mine = sorted(by_character[character], key=lambda r: r["item_id"])
+            name = safe_name(character)
+            trigger, kind = mine[0]["trigger"], mine[0].get("kind") or "unknown"
+            held_out = split_groups([r["group_id"] or r["item_id"] for r in mine], params.validation_split,
+                                    params.seed, character)
+            staging = out / f".train-{name}"  # renamed to {repeats}_{name} once the count is known
+            mine_records = []
+            for row in mine:
+                split = "validation" if (row["group_id"] or row["item_id"]) in held_out else "train"
+                folder = out / "validation" / name if split == "validation" else staging
+                folder.mkdir(parents=True, exist_ok=True)
+                stem = stems[row["item_id"]]
+                record = {"item_id": row["item_id"], "source_id": row["item_id"], "character": character,
+                          "trigger": trigger, "kind": kind, "split": split, "caption": row["caption"],
+                          "kept": True, "drop_reason": None, "path": None, "caption_path": None}
+                try:
+                    bad = row["path"]
+                    layer = read_layer(root / bad)
+                    bad = row.get("background_path")
+                    background = read_background(root / bad) if bad else None
+                except ValueError as exc:
+                    record.update(kept=False, drop_reason=f"{QUARANTINE}{bad}: {exc}")
+                else:
+                    _write_pair(folder, stem, render(layer, background, params.render)[..., :3], row["caption"])
+                    record["stem"] = stem
+                mine_records.append(record)
+                bar.advance()
+            n_train = sum(r["kept"] and r["split"] == "train" for r in mine_records)
+            n_val = sum(r["kept"] and r["split"] == "validation" for r in mine_records)
+            plan = training_plan(n_train, kind, params)
+            train_dir = out / f"{plan['repeats']}_{name}"
+            if staging.exists():
+                staging.rename(train_dir)
+            else:
+                train_dir.mkdir(parents=True)
+            for record in mine_records:
+                record["repeats"] = plan["repeats"]
+                stem = record.pop("stem", None)
+                if stem:
+                    folder = train_dir if record["split"] == "train" else out / "validation" / name
+                    rel = folder.relative_to(root).as_posix()
+                    record.update(path=f"{rel}/{stem}.png", caption_path=f"{rel}/{stem}.txt")
+            records.extend(mine_records)
+            subset = kohya_subset(train_dir, plan["repeats"], trigger, params)
+            subsets.append((subset, trigger, train_dir))
+            _write_configs(out, name, [trigger], kind, plan, [subset], [train_dir], params)
+            characters.append({"character": character, "trigger": trigger, "kind": kind, "n_train": n_train,
+                               "n_validation": n_val, **plan})
+    if params.background.enabled and backgrounds:
+        background = _package_backgrounds(root, backgrounds, params, out, records)
+        if background:
+            characters.append(background)
+    if params.multi_concept and subsets:
+        total = sum(c["n_train"] for c in characters if c["kind"] != "background")
+        plan = training_plan(total, "human", params)
+        _write_configs(out, safe_name(params.multi_concept_name), [t for _, t, _ in subsets], "human", plan,
+                       [s for s, _, _ in subsets], [d for _, _, d in subsets], params)
+    summary = {
+        "characters": len([c for c in characters if c["kind"] != "background"]),
+        "kept": sum(r["kept"] for r in records),
+        "train": sum(r["split"] == "train" and r["kept"] for r in records),
+        "validation": sum(r["split"] == "validation" and r["kept"] for r in records),
+        "quarantined": sum(not r["kept"] for r in records),
+        "total_steps": {c["character"]: c["total_steps"] for c in characters},
+        "multi_concept": safe_name(params.multi_concept_name) if params.multi_concept and subsets else None,
+    }
+    return (pa.Table.from_pylist(records, schema=SCHEMA), pa.Table.from_pylist(characters, schema=CHARACTERS_SCHEMA),
+            summary)
+
+
+def _write_configs(out: Path, name: str, triggers: list[str], kind: str, plan: dict, subsets: list[dict],
+                   folders: list[Path], params: PackageParams) -> None:
+    """Dataset TOML, training TOML, sample prompts and AI-Toolkit YAML of one LoRA."""
+    configs = out / "configs"
+    dataset_path = configs / f"{name}_dataset.toml"
+    prompts_path = configs / f"{name}_prompts.txt"
+    output_dir = out.parent / "train" / name
+    dataset_path.write_text(kohya_dataset(subsets, params), encoding="utf-8")
+    prompts = [line for trigger in triggers for line in sample_prompts(trigger, kind, params)]
+    prompts_path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    (configs / f"{name}_config.toml").write_text(
+        kohya_training(name, plan, dataset_path, prompts_path, output_dir, params), encoding="utf-8")
+    (configs / f"{name}_ai_toolkit.yaml").write_text(
+        ai_toolkit_job(name, triggers, kind, folders, output_dir / "ai_toolkit", params), encoding="utf-8")
+
+
+def _package_backgrounds(root: Path, backgrounds: list[str], params: PackageParams, out: Path,
+                         records: list[dict]) -> dict:
+    """The background dataset: deduplicated, the most diverse kept, captioned with the scene."""
+    from models.captioners import dominant_colours
+
+    bg = params.background
+    images, paths = [], []
+    for path in backgrounds:
+        try:
+            images.append(read_background(root / path))
+            paths.append(path)
+        except ValueError:
+            continue
+    if not images:
+        return {}
+    keep = pick_backgrounds(np.stack([thumbnail_embedding(im) for im in images]), bg.similarity_threshold, bg.max_images)
+    name = safe_name(bg.name)
+    folder = out / f"{bg.repeats}_{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    size = params.render.resolution
+    for i in keep:
+        canvas = cover(images[i], size)
+        colours = dominant_colours(canvas, np.ones(canvas.shape[:2], bool))
+        luma = float(canvas.mean())
+        light = "dim lighting" if luma < 70 else ("bright lighting" if luma > 185 else "soft lighting")
+        caption = ", ".join([bg.trigger, "scenery", "no humans", *([f"{' and '.join(colours)} colours"] if colours else []), light])
+        stem = safe_name(Path(paths[i]).parent.parent.name + "_" + Path(paths[i]).stem, max_len=120)
+        _write_pair(folder, stem, canvas, caption)
+        rel = folder.relative_to(root).as_posix()
+        records.append({"item_id": f"background:{paths[i]}", "source_id": paths[i], "character": bg.name,
+                        "trigger": bg.trigger, "kind": "background", "split": "train", "repeats": bg.repeats,
+                        "path": f"{rel}/{stem}.png", "caption_path": f"{rel}/{stem}.txt", "caption": caption,
+                        "kept": True, "drop_reason": None})
+    n = len(keep)
+    plan = {"repeats": bg.repeats, "epochs": bg.epochs, "unet_lr": bg.unet_lr, "text_encoder_lr": bg.text_encoder_lr,
+            "network_dim": params.network_dim, "network_alpha": max(1, params.network_dim // 2),
+            "total_steps": math.ceil(n * bg.repeats * bg.epochs / params.batch_size)}
+    _write_configs(out, name, [bg.trigger], "background", plan, [kohya_subset(folder, bg.repeats, bg.trigger, params)],
+                   [folder], params)
+    return {"character": bg.name, "trigger": bg.trigger, "kind": "background", "n_train": n, "n_validation": 0, **plan}
+
+
+# ---- run-store wiring ----------------------------------------------------------------------------
+
+def run_package(store: RunStore, params: PackageParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
+    """The whole stage as one plain call: package the kept captioned images (after `caption`)."""
+    from tasks.augment import background_layers
+
+    upstream = upstream or {"caption": finished(store, "caption")}
+
+    def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
+        for child in folder.iterdir():  # a previous package is replaced wholesale
+            if child.name != "params.json":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        rows = [r for r in store.read_manifest("caption").to_pylist() if r["kept"]]
+        backgrounds = background_layers(store) if params.background.enabled else []
+        table, characters, summary = package_dataset(store.root, rows, backgrounds, params, folder)
+        write_table(characters, folder / "characters.parquet")
+        return table, summary, [f"{STAGE}/characters.parquet"]
+
+    return run_global_stage(store, STAGE, VERSION, params, upstream, build)
+
+
+def finished(store: RunStore, stage: str) -> StageResult:
+    """The StageResult of a stage already done on disk (for plain calls without a flow)."""
+    marker = store.marker(stage)
+    if marker is None or not store.is_done(stage):
+        from tasks.store import StageNotDoneError
+
+        raise StageNotDoneError(f"stage '{stage}' of run '{store.name}' is not done; run it first")
+    return StageResult(stage=stage, fingerprint=marker["fingerprint"], manifest_digest=marker["manifest_digest"],
+                       summary=marker.get("summary", {}), recomputed=False)
+
+
+def _probe(run: RunRef, caption: StageResult, params: PackageParams) -> tuple[str, bool]:
+    fp = stage_fingerprint(STAGE, VERSION, params, {"caption": caption})
+    return fp, run.store().is_done(STAGE, fp)
+
+
+@task(name="package", cache_key_fn=cache_key(_probe))
+def package_task(run: RunRef, caption: StageResult, params: PackageParams) -> StageResult:
+    """Write the kohya tree, configs and AI-Toolkit YAML (after `caption`)."""
+    result = run_package(run.store(), params, {"caption": caption})
+    publish(result, "package", rows=[{"character": k, "total_steps": v} for k, v in result.summary["total_steps"].items()])
+    return result

@@ -1,0 +1,313 @@
+"""The cluster report: a self-contained HTML page and its JSON twin (the guide's cluster_analysis).
+
+`write_report(store)` reads the finished cluster and tier stages (and select, when done) and
+writes `<run>/report/cluster_report.html` and `.json`: a tier table (clusters per tier and
+kind), the 2-D map as a PNG scatter coloured by cluster, and per cluster a contact sheet of
+sample layers with tier, kind, counts, quality measures and, once selected, its character
+name and trigger. Images are embedded as data URIs, so the file can be mailed or archived.
+"""
+
+from __future__ import annotations
+
+import base64
+import colorsys
+import datetime as dt
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from prefect import task
+
+from tasks.stage import RunRef, StageResult
+from tasks.store import RunStore, StageNotDoneError
+from tasks.tier import TIERS, UNKNOWN, TierParams, quality_issues, size_tier
+
+FOLDER = "report"
+HTML_NAME = "cluster_report.html"
+JSON_NAME = "cluster_report.json"
+NOISE_COLOUR = (190, 190, 190)
+
+
+def cluster_colour(cluster_id: int) -> tuple[int, int, int]:
+    """A distinct, stable colour per cluster id (golden-angle hues)."""
+    if cluster_id < 0:
+        return NOISE_COLOUR
+    h = (cluster_id * 0.618033988749895) % 1.0
+    s, v = (0.75, 0.85) if cluster_id % 2 == 0 else (0.55, 0.7)
+    r, g, b = colorsys.hsv_to_rgb(h, s, v)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+# ---- content ---------------------------------------------------------------------------------
+
+def build_report(store: RunStore) -> dict[str, Any]:
+    """The report's data (what the JSON file holds). Raises StageNotDoneError without cluster + tier."""
+    clusters = store.read_manifest("cluster")
+    tiers = store.read_manifest("tier")
+    tier_params = TierParams.model_validate(_stage_params(store, "tier") or {})
+    selected: dict[int, dict] = {}
+    characters: list[dict] = []
+    select_warnings: list[str] = []
+    if store.is_done("select"):
+        characters = _read_characters(store)
+        for c in characters:
+            for cid in c["cluster_ids"]:
+                selected[cid] = c
+        select_warnings = (store.marker("select") or {}).get("summary", {}).get("warnings", [])
+    labels = clusters.column("cluster_id").to_pylist()
+    n_layers = len(labels)
+    noise = sum(1 for v in labels if v == -1)
+    rows = []
+    for r in sorted(tiers.to_pylist(), key=lambda r: (TIERS.index(r["tier"]), -r["size"], r["cluster_id"])):
+        stats = {k: r[k] for k in ("mean_sharpness", "mean_alpha_coverage", "duplicate_ratio")}
+        character = selected.get(r["cluster_id"])
+        rows.append({
+            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()},
+            "size_tier": size_tier(r["size"], tier_params),
+            "quality_issues": quality_issues(stats, tier_params),
+            "selected": character is not None,
+            "character": character["character"] if character else None,
+            "trigger": character["trigger"] if character else None,
+        })
+    kinds = list(dict.fromkeys([*tier_params.kind_prompts, *sorted({r["kind"] for r in rows}), UNKNOWN]))
+    by_tier_kind = {t: {k: sum(1 for r in rows if r["tier"] == t and r["kind"] == k) for k in kinds} for t in TIERS}
+    cluster_marker = (store.marker("cluster") or {}).get("summary", {})
+    return {
+        "run": store.name,
+        "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "embedder": cluster_marker.get("embedder"),
+        "summary": {
+            "layers": n_layers, "clusters": len(rows), "noise_layers": noise,
+            "noise_fraction": round(noise / n_layers, 4) if n_layers else 0.0,
+            "by_tier": {t: sum(by_tier_kind[t].values()) for t in TIERS},
+            "by_kind": {k: sum(1 for r in rows if r["kind"] == k) for k in kinds},
+            "by_tier_kind": by_tier_kind,
+            "layers_by_tier": {t: sum(r["size"] for r in rows if r["tier"] == t) for t in TIERS},
+            "recommended": sum(1 for r in rows if r["recommended"]),
+            "recommended_tiers": list(tier_params.recommended_tiers),
+            "selected_characters": len(characters),
+            "merged_clusters": cluster_marker.get("merged"), "matched_ids": cluster_marker.get("matched_ids"),
+        },
+        "clusters": rows,
+        "characters": characters,
+        "warnings": select_warnings,
+        "params": {s: _stage_params(store, s) for s in ("cluster", "tier", "select") if _stage_params(store, s)},
+    }
+
+
+def _stage_params(store: RunStore, stage: str) -> dict[str, Any] | None:
+    """The parameters a stage ran with (its params.json), or None."""
+    try:
+        return json.loads((store.stage_dir(stage) / "params.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _read_characters(store: RunStore) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    path = store.stage_dir("select") / "characters.parquet"
+    return pq.read_table(path).to_pylist() if path.is_file() else []
+
+
+# ---- pictures ------------------------------------------------------------------------------------
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def map_png(xy: np.ndarray, labels: np.ndarray, *, size: tuple[int, int] = (880, 600)) -> bytes:
+    """Scatter of the 2-D map coloured by cluster (noise grey), cluster ids at their medians."""
+    width, height = size
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    margin = 24
+    if len(xy):
+        lo, hi = xy.min(0), xy.max(0)
+        span = np.maximum(hi - lo, 1e-6)
+        pts = margin + (xy - lo) / span * np.array([width - 2 * margin, height - 2 * margin])
+        pts[:, 1] = height - pts[:, 1]
+        order = np.argsort(labels >= 0, kind="stable")  # noise first, clusters on top
+        for i in order:
+            r = 2 if labels[i] < 0 else 3
+            x, y = pts[i]
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=cluster_colour(int(labels[i])))
+        font = ImageFont.load_default(size=15)
+        for cid in sorted(set(labels.tolist()) - {-1}):
+            members = pts[labels == cid]
+            x, y = members[np.argmin(((members - np.median(members, axis=0)) ** 2).sum(1))]  # a member near the middle
+            draw.text((x, y - 10), str(cid), fill=(0, 0, 0), font=font, anchor="mm", stroke_width=3,
+                      stroke_fill=(255, 255, 255))
+    draw.rectangle((0, 0, width - 1, height - 1), outline=(200, 200, 200))
+    return _png(image)
+
+
+def _checkerboard(side: int, cell: int = 8) -> Image.Image:
+    yy, xx = np.mgrid[0:side, 0:side]
+    board = np.where(((yy // cell) + (xx // cell)) % 2 == 0, 235, 205).astype(np.uint8)
+    return Image.fromarray(np.dstack([board] * 3), "RGB")
+
+
+def contact_sheet(root: Path, paths: list[str], *, thumb: int = 96, columns: int = 8) -> bytes:
+    """Sample layers on a checkerboard, `columns` per row; unreadable files become a red cross."""
+    paths = paths or []
+    cols = max(1, min(columns, len(paths)))
+    rows = max(1, -(-len(paths) // cols))
+    sheet = Image.new("RGB", (cols * (thumb + 4) + 4, rows * (thumb + 4) + 4), (255, 255, 255))
+    for i, rel in enumerate(paths):
+        x, y = 4 + (i % cols) * (thumb + 4), 4 + (i // cols) * (thumb + 4)
+        cell = _checkerboard(thumb)
+        try:
+            with Image.open(root / rel) as im:
+                layer = im.convert("RGBA")
+            layer.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)
+            cell.paste(layer, ((thumb - layer.width) // 2, (thumb - layer.height) // 2), layer)
+        except (OSError, ValueError):
+            draw = ImageDraw.Draw(cell)
+            draw.line((0, 0, thumb, thumb), fill=(200, 0, 0), width=3)
+            draw.line((0, thumb, thumb, 0), fill=(200, 0, 0), width=3)
+        sheet.paste(cell, (x, y))
+    return _png(sheet)
+
+
+# ---- HTML ---------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{font-size:1.5em;margin-bottom:4px} h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.meta{color:#666;font-size:.9em} table{border-collapse:collapse;margin:8px 0;background:#fff}
+th,td{border:1px solid #ddd;padding:4px 10px;text-align:right} th{background:#f0f0f0}
+td.l,th.l{text-align:left} .cards{display:flex;flex-wrap:wrap;gap:16px}
+.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px;max-width:820px}
+.card h3{margin:0 0 6px 0;font-size:1.05em} .tier{display:inline-block;min-width:1.6em;text-align:center;
+border-radius:4px;color:#fff;font-weight:bold;margin-right:6px}
+.tS{background:#b8860b}.tA{background:#2e7d32}.tB{background:#1565c0}.tC{background:#6a1b9a}.tD{background:#757575}
+.issues{color:#b71c1c;font-size:.9em} .rec{color:#2e7d32;font-weight:bold} .swatch{display:inline-block;width:10px;
+height:10px;border-radius:5px;margin-right:6px} img{image-rendering:auto}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def render_html(report: dict[str, Any], map_image: bytes, sheets: dict[int, bytes]) -> str:
+    """The report page; every picture inline."""
+    s = report["summary"]
+    kinds = list(next(iter(s["by_tier_kind"].values())).keys()) if s["by_tier_kind"] else [UNKNOWN]
+    recommended = set(s["recommended_tiers"])
+    out = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<link rel='icon' href='data:,'>",
+        f"<title>Cluster report: {_e(report['run'])}</title><style>{CSS}</style></head><body>",
+        f"<h1>Cluster report: {_e(report['run'])}</h1>",
+        f"<p class='meta'>{s['layers']} layers, {s['clusters']} clusters, {s['noise_layers']} noise layers "
+        f"({100 * s['noise_fraction']:.1f} %), embedder {_e(report['embedder'])}; "
+        f"{s['recommended']} clusters recommended (tiers {_e(', '.join(s['recommended_tiers']))}), "
+        f"{s['selected_characters']} characters selected. Generated {_e(report['generated_at'])}.</p>",
+        "<h2>Tiers</h2><table id='tier-table'><thead><tr><th class='l'>tier</th><th>clusters</th><th>layers</th>",
+        *[f"<th>{_e(k)}</th>" for k in kinds], "<th class='l'>status</th></tr></thead><tbody>",
+    ]
+    for t in TIERS:
+        status = "recommended" if t in recommended else ("needs augmentation" if t == "C" else "not recommended")
+        out.append(f"<tr><td class='l'><span class='tier t{t}'>{t}</span></td><td>{s['by_tier'][t]}</td>"
+                   f"<td>{s['layers_by_tier'][t]}</td>" + "".join(f"<td>{s['by_tier_kind'][t][k]}</td>" for k in kinds)
+                   + f"<td class='l'>{status}</td></tr>")
+    out.append(f"<tr><td class='l'>noise</td><td></td><td>{s['noise_layers']}</td>" + "<td></td>" * len(kinds)
+               + "<td class='l'>not clustered</td></tr></tbody></table>")
+    out.append("<h2>Map</h2><p class='meta'>2-D UMAP of the layer embeddings, coloured by cluster; grey: noise.</p>")
+    out.append(f"<img id='cluster-map' alt='2-D map of the layers coloured by cluster' width='880' height='600' "
+               f"src='{_data_uri(map_image)}'>")
+    if report["characters"]:
+        out.append("<h2>Selected characters</h2><table id='characters'><thead><tr><th class='l'>character</th>"
+                   "<th class='l'>trigger</th><th class='l'>kind</th><th class='l'>clusters</th><th>images</th></tr></thead><tbody>")
+        for c in report["characters"]:
+            out.append(f"<tr><td class='l'>{_e(c['character'])}</td><td class='l'>{_e(c['trigger'])}</td>"
+                       f"<td class='l'>{_e(c['kind'])}</td><td class='l'>{_e(', '.join(map(str, c['cluster_ids'])))}</td>"
+                       f"<td>{c['n_images']}</td></tr>")
+        out.append("</tbody></table>")
+    for warning in report["warnings"]:
+        out.append(f"<p class='issues'>{_e(warning)}</p>")
+    out.append("<h2>Clusters</h2><div class='cards'>")
+    for c in report["clusters"]:
+        colour = "#%02x%02x%02x" % cluster_colour(c["cluster_id"])
+        demoted = f" (size tier {c['size_tier']})" if c["size_tier"] != c["tier"] else ""
+        who = f" &rarr; <b>{_e(c['character'])}</b> (trigger <code>{_e(c['trigger'])}</code>)" if c["selected"] else ""
+        out.append(
+            f"<div class='card' id='cluster-{c['cluster_id']}'><h3><span class='tier t{c['tier']}'>{c['tier']}</span>"
+            f"<span class='swatch' style='background:{colour}'></span>cluster {c['cluster_id']}{who}</h3>"
+            f"<div class='meta'>{c['size']} layers{demoted}, kind {_e(c['kind'])}"
+            f"{', <span class=rec>recommended</span>' if c['recommended'] else ''}; sharpness {c['mean_sharpness']:.1f}, "
+            f"alpha coverage {c['mean_alpha_coverage']:.2f}, duplicates {100 * c['duplicate_ratio']:.0f} %, "
+            f"mean layer area {100 * c['mean_layer_area']:.1f} % of the frame</div>"
+        )
+        for issue in c["quality_issues"]:
+            out.append(f"<div class='issues'>{_e(issue)}</div>")
+        out.append(f"<img alt='sample layers of cluster {c['cluster_id']}' src='{_data_uri(sheets[c['cluster_id']])}'></div>")
+    out.append("</div></body></html>")
+    return "\n".join(out)
+
+
+def write_report(store: RunStore, out: Path | None = None) -> tuple[Path, Path, dict[str, Any]]:
+    """Write `cluster_report.html` and `.json` (default folder `<run>/report/`). Returns (html, json, data)."""
+    import pyarrow.parquet as pq
+
+    if not (store.is_done("cluster") and store.is_done("tier")):
+        raise StageNotDoneError(f"run '{store.name}' has no finished cluster and tier stages; run it with "
+                                f"--until tier (or later) first")
+    report = build_report(store)
+    clusters = pq.read_table(store.manifest_path("cluster"), columns=["cluster_id", "umap_x", "umap_y"])
+    xy = np.stack([clusters.column("umap_x").to_numpy(zero_copy_only=False),
+                   clusters.column("umap_y").to_numpy(zero_copy_only=False)], axis=1) if clusters.num_rows else np.zeros((0, 2))
+    labels = clusters.column("cluster_id").to_numpy(zero_copy_only=False) if clusters.num_rows else np.zeros(0, int)
+    sheets = {c["cluster_id"]: contact_sheet(store.root, c["sample_paths"]) for c in report["clusters"]}
+    folder = Path(out) if out else store.root / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    html_path, json_path = folder / HTML_NAME, folder / JSON_NAME
+    for path, text in ((html_path, render_html(report, map_png(xy, labels), sheets)),
+                       (json_path, json.dumps(report, indent=2, default=str))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return html_path, json_path, report
+
+
+# ---- Prefect task -------------------------------------------------------------------------------
+
+@task(name="cluster-report")
+def report_task(run: RunRef, results: dict[str, StageResult]) -> str:
+    """Write the cluster report of a run whose tier stage is done (`results` orders it after them)."""
+    html_path, _, report = write_report(run.store())
+    print(f"cluster report: {html_path} ({report['summary']['clusters']} clusters)")
+    return str(html_path)
+
+
+def summary_table(report: dict[str, Any]) -> Any:
+    """The terminal summary (a rich Table): clusters per tier and kind, like the guide's analysis summary."""
+    from rich.table import Table
+
+    s = report["summary"]
+    kinds = list(next(iter(s["by_tier_kind"].values())).keys())
+    table = Table(title=f"run {report['run']}: {s['clusters']} clusters of {s['layers']} layers, "
+                        f"noise {s['noise_layers']} ({100 * s['noise_fraction']:.1f} %)")
+    for column in ("tier", "clusters", "layers", *kinds, "status"):
+        table.add_column(column, justify="left" if column in ("tier", "status") else "right")
+    recommended = set(s["recommended_tiers"])
+    for t in TIERS:
+        status = "recommended" if t in recommended else ("needs augmentation" if t == "C" else "not recommended")
+        table.add_row(t, str(s["by_tier"][t]), str(s["layers_by_tier"][t]),
+                      *(str(s["by_tier_kind"][t][k]) for k in kinds), status)
+    table.add_row("all", str(s["clusters"]), str(s["layers"] - s["noise_layers"]),
+                  *(str(s["by_kind"].get(k, 0)) for k in kinds), f"{s['selected_characters']} characters selected")
+    return table

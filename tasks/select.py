@@ -1,0 +1,334 @@
+"""Stage `select`: the characters to train, with folder-safe names and trigger words.
+
+Batch selection like the Yokai guide's `--tiers S A --min-images 20` (default: the tier
+stage's recommended clusters), refined by an optional overrides YAML file::
+
+    clusters:
+      3: {name: "Hero Boy", trigger: heroboy}   # name / trigger word / kind of a character
+      7: {merge_into: 3}                         # cluster 7's layers join cluster 3's character
+      9: {exclude: true}                         # never train this cluster
+      12: {include: true}                        # train it although its tier or size says no
+    layers:
+      "ep01:0000123:01": {move_to: 3}            # one layer into another cluster
+      "ep01:0000456:02": {exclude: true}         # one layer out
+
+Names become folder names through `tasks.store.safe_name` (so `../x` is `x`); without a name a
+character is `char_<id:03d>` with trigger `char<id:03d>`, by its cluster id, which the cluster
+stage keeps stable across runs. References to clusters or layers that no longer exist are
+reported as warnings and ignored; malformed files fail before work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+import pyarrow as pa
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prefect import task
+
+from tasks.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
+from tasks.store import RunStore, safe_name, write_table
+from tasks.tier import Tier
+
+STAGE = "select"
+VERSION = 1
+CHARACTERS = "characters.parquet"
+
+SCHEMA = pa.schema([
+    ("item_id", pa.string()),        # the layer
+    ("source_id", pa.string()),      # the layer (select passes layers on)
+    ("character", pa.string()),      # folder-safe name
+    ("trigger", pa.string()),
+    ("cluster_id", pa.int32()),      # the layer's cluster (after moves)
+    ("kind", pa.string()),
+    ("path", pa.string()),           # the RGBA layer, run-relative
+])
+CHARACTER_SCHEMA = pa.schema([
+    ("character", pa.string()),
+    ("trigger", pa.string()),
+    ("kind", pa.string()),
+    ("cluster_ids", pa.list_(pa.int32())),
+    ("n_images", pa.int64()),
+])
+
+
+# ---- the overrides file ---------------------------------------------------------------------------
+
+class OverridesError(ValueError):
+    """The overrides file is malformed; the message names the file and the entry."""
+
+
+def _check_trigger(value: str | None) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not text or re.search(r"[,\n\r\t]", text):
+        raise ValueError(f"trigger must be a non-empty word without commas, tabs or newlines, got {value!r}")
+    return text
+
+
+class ClusterOverride(BaseModel):
+    """What the user says about one cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    trigger: str | None = None
+    kind: str | None = None
+    merge_into: int | None = None
+    exclude: bool = False
+    include: bool = False
+
+    @field_validator("trigger")
+    @classmethod
+    def _trigger(cls, value: str | None) -> str | None:
+        return _check_trigger(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not str(value).strip():
+            raise ValueError("name must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ClusterOverride":
+        if self.exclude and self.include:
+            raise ValueError("exclude and include cannot both be true")
+        if self.merge_into is not None and (self.exclude or self.include or self.name or self.trigger or self.kind):
+            raise ValueError("a merged cluster takes the name, trigger, kind and selection of the cluster it "
+                             "merges into; set those there")
+        return self
+
+
+class LayerOverride(BaseModel):
+    """One layer moved to another cluster, or excluded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    move_to: int | None = None
+    exclude: bool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> "LayerOverride":
+        if (self.move_to is not None) == self.exclude:
+            raise ValueError("give exactly one of move_to: <cluster id> or exclude: true")
+        return self
+
+
+class Overrides(BaseModel):
+    """The whole overrides file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clusters: dict[int, ClusterOverride] = Field(default_factory=dict)
+    layers: dict[str, LayerOverride] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _no_cycles(self) -> "Overrides":
+        for start in self.clusters:
+            seen = [start]
+            current = self.clusters[start].merge_into
+            while current is not None:
+                if current in seen:
+                    chain = " -> ".join(map(str, [*seen, current]))
+                    raise ValueError(f"merge_into forms a cycle: {chain}")
+                seen.append(current)
+                nxt = self.clusters.get(current)
+                current = nxt.merge_into if nxt else None
+        return self
+
+    def root_of(self, cluster_id: int, known: set[int]) -> int:
+        """The cluster a cluster ends up in after following merge_into (unknown targets are skipped)."""
+        current = cluster_id
+        while (entry := self.clusters.get(current)) is not None and entry.merge_into is not None \
+                and entry.merge_into in known:
+            current = entry.merge_into
+        return current
+
+
+def load_overrides(path: str | Path | None) -> Overrides:
+    """Parse and check an overrides file (None: no overrides). Raises OverridesError."""
+    if path is None:
+        return Overrides()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise OverridesError(f"overrides file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise OverridesError(f"overrides file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise OverridesError(f"overrides file {path} must hold a mapping with 'clusters' and/or 'layers'")
+    try:
+        return Overrides.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"invalid overrides file {path}:"]
+        for item in exc.errors():
+            where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+            given = f" (got {item['input']!r})" if "input" in item and not isinstance(item["input"], dict) else ""
+            lines.append(f"  {where}: {item['msg']}{given}")
+        raise OverridesError("\n".join(lines)) from None
+
+
+class SelectParams(BaseModel):
+    """Which clusters become training characters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tiers: list[Tier] | None = Field(None, description="tiers to select (None: the tier stage's recommended clusters)")
+    min_images: int = Field(20, ge=1, description="a character needs at least this many layers (include: true overrides)")
+    overrides: str | None = Field(None, description="path of an overrides YAML file (names, triggers, merges, exclusions, moves)")
+
+    @field_validator("overrides")
+    @classmethod
+    def _readable(cls, value: str | None) -> str | None:
+        if value is None or not str(value).strip():
+            return None
+        path = Path(value).expanduser().resolve()
+        try:
+            load_overrides(path)
+        except OverridesError as exc:
+            raise ValueError(str(exc)) from None
+        return str(path)
+
+
+# ---- selection -----------------------------------------------------------------------------------
+
+def default_name(cluster_id: int) -> tuple[str, str]:
+    """(character, trigger) for a cluster the user did not name: char_007 / char007."""
+    return f"char_{cluster_id:03d}", f"char{cluster_id:03d}"
+
+
+def _trigger_from_name(name: str, cluster_id: int) -> str:
+    word = re.sub(r"[^a-z0-9]", "", safe_name(name).lower())
+    return word or default_name(cluster_id)[1]
+
+
+def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
+                      overrides: Overrides | None = None) -> tuple[pa.Table, pa.Table, dict]:
+    """Apply batch selection and the overrides.
+
+    Args:
+        clusters: cluster manifest (item_id, cluster_id, path).
+        tiers: tier manifest (cluster_id, tier, kind, recommended).
+        params: tiers / min_images.
+        overrides: the parsed overrides file (None: none).
+    Returns:
+        (selected layers with SCHEMA, characters with CHARACTER_SCHEMA, summary with warnings).
+    Raises:
+        OverridesError when two characters end up with the same folder name.
+    """
+    overrides = overrides or Overrides()
+    warnings: list[str] = []
+    tier_rows = {r["cluster_id"]: r for r in tiers.to_pylist()}
+    known = set(tier_rows)
+    for cid, entry in sorted(overrides.clusters.items()):
+        if cid not in known:
+            warnings.append(f"cluster {cid} in the overrides does not exist in this run; ignored")
+        elif entry.merge_into is not None and entry.merge_into not in known:
+            warnings.append(f"cluster {cid}: merge_into {entry.merge_into} does not exist in this run; not merged")
+
+    # layers -> effective cluster (moves, exclusions)
+    layers = {r["item_id"]: r for r in clusters.to_pylist()}
+    for item, entry in sorted(overrides.layers.items()):
+        if item not in layers:
+            warnings.append(f"layer {item} in the overrides does not exist in this run; ignored")
+        elif entry.exclude:
+            layers.pop(item)
+        elif entry.move_to not in known:
+            warnings.append(f"layer {item}: move_to {entry.move_to} is not a cluster of this run; not moved")
+        else:
+            layers[item] = {**layers[item], "cluster_id": entry.move_to}
+
+    # clusters -> characters (merge roots)
+    groups: dict[int, list[int]] = {}
+    for cid in sorted(known):
+        groups.setdefault(overrides.root_of(cid, known), []).append(cid)
+    members_of: dict[int, list[dict]] = {root: [] for root in groups}
+    root_of = {cid: root for root, cids in groups.items() for cid in cids}
+    for row in layers.values():
+        if row["cluster_id"] in root_of:
+            members_of[root_of[row["cluster_id"]]].append(row)
+
+    wanted = set(params.tiers) if params.tiers is not None else None
+    characters, rows, names = [], [], {}
+    excluded = 0
+    for root, cids in sorted(groups.items()):
+        entry = overrides.clusters.get(root, ClusterOverride())
+        layers_c = sorted(members_of[root], key=lambda r: r["item_id"])
+        by_tier = any((tier_rows[c]["tier"] in wanted) if wanted is not None else tier_rows[c]["recommended"] for c in cids)
+        if entry.exclude:
+            excluded += 1
+            continue
+        if not (entry.include or (by_tier and len(layers_c) >= params.min_images)) or not layers_c:
+            continue
+        name, trigger = default_name(root)
+        if entry.name:
+            name, trigger = safe_name(entry.name), _trigger_from_name(entry.name, root)
+        trigger = entry.trigger or trigger
+        if name in names:
+            raise OverridesError(f"clusters {names[name]} and {root} would both be the character folder {name!r}; "
+                                 f"give them different names, or merge them with merge_into")
+        names[name] = root
+        largest = max(cids, key=lambda c: (tier_rows[c]["size"], -c))
+        kind = entry.kind or tier_rows[largest]["kind"]
+        characters.append({"character": name, "trigger": trigger, "kind": kind, "cluster_ids": sorted(cids),
+                           "n_images": len(layers_c)})
+        rows += [{"item_id": r["item_id"], "source_id": r["item_id"], "character": name, "trigger": trigger,
+                  "cluster_id": r["cluster_id"], "kind": kind, "path": r["path"]} for r in layers_c]
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    table_c = pa.Table.from_pylist(characters, schema=CHARACTER_SCHEMA)
+    summary = {
+        "characters": len(characters), "kept": len(rows), "images": len(rows),
+        "clusters_considered": len(known), "excluded_clusters": excluded,
+        "tiers": list(params.tiers) if params.tiers is not None else "recommended",
+        "min_images": params.min_images, "warnings": warnings,
+        "names": {c["character"]: c["trigger"] for c in characters},
+    }
+    return table, table_c, summary
+
+
+# ---- run-store wiring ---------------------------------------------------------------------------
+
+class _SelectSettings(SelectParams):
+    """SelectParams plus the overrides file's content digest (part of the fingerprint)."""
+
+    overrides_digest: str = ""
+
+
+def _settings(params: SelectParams) -> _SelectSettings:
+    digest = ""
+    if params.overrides:
+        digest = hashlib.sha256(Path(params.overrides).read_bytes()).hexdigest()
+    return _SelectSettings(**params.model_dump(), overrides_digest=digest)
+
+
+def run_select(store: RunStore, params: SelectParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
+    """The stage as one plain call: read cluster and tier manifests, select, commit."""
+    from tasks.cluster import _upstream_from_markers
+
+    upstream = upstream or _upstream_from_markers(store, ("cluster", "tier"))
+
+    def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
+        table, characters, summary = select_characters(store.read_manifest("cluster"), store.read_manifest("tier"),
+                                                       params, load_overrides(params.overrides))
+        write_table(characters, folder / CHARACTERS)
+        return table, summary, [f"{STAGE}/{CHARACTERS}"]
+
+    return run_global_stage(store, STAGE, VERSION, _settings(params), upstream, build)
+
+
+@task(name="select", cache_key_fn=cache_key(
+    lambda run, cluster, tier, params: (
+        stage_fingerprint(STAGE, VERSION, _settings(params), {"cluster": cluster, "tier": tier}),
+        run.store().is_done(STAGE, stage_fingerprint(STAGE, VERSION, _settings(params), {"cluster": cluster, "tier": tier})))))
+def select_task(run: RunRef, cluster: StageResult, tier: StageResult, params: SelectParams) -> StageResult:
+    """Choose the characters to train (after `tier`)."""
+    result = run_select(run.store(), params, {"cluster": cluster, "tier": tier})
+    publish(result, "selected characters")
+    return result
+

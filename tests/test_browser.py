@@ -1,0 +1,82 @@
+"""A user starts a run from the Prefect UI in a real browser (headless Debian Chromium)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.store import RunStore
+from tests.live_prefect import E2E_INPUT, ROOT
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SCREENSHOT = ROOT / "test-artifacts" / "prefect_ui_run.png"
+
+
+def _flow_runs_of(live, deployment: str) -> list:
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with live.api(), get_client(sync_client=True) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+                                     sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=50)
+
+
+def _wait_final(live, flow_run_id, timeout: float):
+    from prefect import get_client
+
+    deadline = time.monotonic() + timeout
+    with live.api(), get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state and run.state.is_final():
+                return run
+            assert time.monotonic() < deadline, f"flow run still {run.state} after {timeout} s"
+            time.sleep(1)
+
+
+def test_quick_run_from_the_deployment_page_completes(prefect_ui):
+    from playwright.sync_api import expect, sync_playwright
+
+    before = {r.id for r in _flow_runs_of(prefect_ui, "episode-to-lora")}
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(30_000)
+        # 1. open the deployments page and find the full-run deployment
+        page.goto(f"{prefect_ui.url}/deployments")
+        page.get_by_role("link", name="episode-to-lora", exact=True).first.click()
+        expect(page.get_by_role("button", name="Run", exact=True)).to_be_visible()
+        # 2. Run -> Quick run (the deployment's default parameters: the shipped sample)
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Quick run", exact=True).click()
+        dialog = page.get_by_role("dialog")  # the run form, filled with the deployment's defaults
+        expect(dialog.get_by_text("Run Deployment")).to_be_visible()
+        dialog.get_by_role("button", name="Run", exact=True).click()
+        # 3. the new run appears; follow it on its page until it completes
+        deadline = time.monotonic() + 30
+        while not (new := [r for r in _flow_runs_of(prefect_ui, "episode-to-lora") if r.id not in before]):
+            assert time.monotonic() < deadline, "Quick run created no flow run"
+            time.sleep(0.5)
+        page.goto(f"{prefect_ui.url}/runs/flow-run/{new[0].id}")
+        try:
+            run = _wait_final(prefect_ui, new[0].id, timeout=240)
+            expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
+            page.wait_for_timeout(1500)  # let the run graph finish drawing for the screenshot
+        finally:
+            page.screenshot(path=str(SCREENSHOT))
+            browser.close()
+    assert SCREENSHOT.stat().st_size > 10_000
+
+    assert run.state.is_completed(), run.state
+    store = RunStore(prefect_ui.runs_dir, run.parameters["name"])
+    record = store.read_run_record()
+    assert record["inputs"] == [str(E2E_INPUT)]
+    assert store.is_done(record["until"])

@@ -1,0 +1,138 @@
+"""The `cluster` stage: determinism, merging, stable ids across runs, quality on known identities."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from pydantic import ValidationError
+
+from tasks.cluster import (CENTROIDS, ClusterParams, centroid_table, cluster_embeddings, cluster_layers,
+                           match_ids, merge_close_clusters, read_previous_centroids, run_cluster)
+from tasks.embed import EmbedParams, run_embed
+from tasks.store import RunStore
+from tests.truth_layers import commit_truth_segment, scores
+
+# Floors set from what the colour-shape embedder achieves on the generated footage (true
+# layers of 3 episodes, every 2nd frame): ARI 0.95, purity 1.0, noise 0.03 when measured.
+ARI_FLOOR, PURITY_FLOOR, NOISE_CEILING = 0.85, 0.97, 0.10
+
+
+def blobs(n_per: int = 40, k: int = 5, dim: int = 32, spread: float = 0.05, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, dim))
+    labels = np.repeat(np.arange(k), n_per)
+    x = centres[labels] / np.linalg.norm(centres[labels], axis=1, keepdims=True) + rng.normal(scale=spread, size=(k * n_per, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def test_clustering_is_deterministic_for_a_seed():
+    x, truth = blobs()
+    a, b = cluster_embeddings(x, ClusterParams(seed=7)), cluster_embeddings(x, ClusterParams(seed=7))
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.map_xy, b.map_xy)
+    assert np.array_equal(a.probabilities, b.probabilities)
+    assert scores(truth.tolist(), a.labels.tolist())["ari"] > 0.95
+    sizes = Counter(a.labels.tolist())
+    assert [k for k, _ in sorted(sizes.items(), key=lambda kv: -kv[1]) if k >= 0] == sorted(k for k in sizes if k >= 0)
+
+
+def test_too_few_layers_are_noise_not_an_error():
+    x, _ = blobs(n_per=1, k=3)
+    result = cluster_embeddings(x, ClusterParams())
+    assert result.labels.tolist() == [-1, -1, -1] and result.map_xy.shape == (3, 2)
+    empty = cluster_embeddings(np.zeros((0, 8), np.float32), ClusterParams())
+    assert len(empty.labels) == 0
+
+
+def test_close_clusters_merge_and_far_ones_do_not():
+    x, truth = blobs(n_per=20, k=3, spread=0.01)
+    split = truth.copy()
+    split[:10] = 3  # cluster 0 cut in two pieces: same centroid region
+    merged, count = merge_close_clusters(x, split, 0.05)
+    assert count == 1 and len(set(merged.tolist())) == 3
+    assert scores(truth.tolist(), merged.tolist())["ari"] == pytest.approx(1.0)
+    unmerged, count = merge_close_clusters(x, split, 0.0)
+    assert count == 0 and np.array_equal(unmerged, split)
+
+
+def test_ids_match_an_earlier_run_and_new_clusters_get_unused_ids():
+    x, truth = blobs(n_per=10, k=4)
+    centroids = {k: x[truth == k].mean(0) / np.linalg.norm(x[truth == k].mean(0)) for k in range(4)}
+    earlier = centroid_table({10 + k: v for k, v in centroids.items() if k < 3}, {10 + k: 10 for k in range(3)},
+                             "colour-shape", None, x.shape[1])
+    retired = centroid_table({20: -centroids[0]}, {20: 5}, "colour-shape", None, x.shape[1])
+    previous = pa.concat_tables([earlier, retired.set_column(3, "active", pa.array([False]))])
+    shuffled = {0: centroids[2], 1: centroids[3], 2: centroids[0], 3: centroids[1]}  # new labels, same clusters
+    mapping, matched = match_ids(shuffled, previous, "colour-shape", 0.8)
+    assert matched == 3
+    assert mapping == {0: 12, 1: 21, 2: 10, 3: 11}  # cluster 3 of old is new: next id after the max (20)
+    other, matched = match_ids(shuffled, previous, "clip:other", 0.8)
+    assert matched == 0 and sorted(other.values()) == [21, 22, 23, 24]  # other space: no match, no id reuse
+
+
+def test_parameters_are_checked_up_front():
+    with pytest.raises(ValidationError, match="min_cluster_size"):
+        ClusterParams(min_cluster_size=1)
+    with pytest.raises(ValidationError, match="n_components"):
+        ClusterParams(n_components=1)
+    with pytest.raises(ValidationError, match="extra"):
+        ClusterParams(nneighbours=5)
+
+
+def test_mixed_embedders_are_refused():
+    x, _ = blobs(n_per=3, k=2, dim=4)
+    embeds = pa.table({"item_id": [f"l{i}" for i in range(6)], "source_id": ["f"] * 6,
+                       "embedder": ["colour-shape"] * 3 + ["clip:x"] * 3,
+                       "embedding": pa.array(x.tolist(), pa.list_(pa.float32(), 4)), "kept": [True] * 6})
+    with pytest.raises(ValueError, match="mixes embedders"):
+        cluster_layers(embeds, pa.table({"item_id": ["l0"], "path": ["p"]}), ClusterParams())
+
+
+# ---- on generated footage with known identities -----------------------------------------------
+
+def _majority_ids(store: RunStore, identities: dict[str, str]) -> dict[str, int]:
+    table = store.read_manifest("cluster").to_pylist()
+    votes: dict[str, Counter] = {}
+    for row in table:
+        if row["cluster_id"] >= 0:
+            votes.setdefault(identities[row["item_id"]], Counter())[row["cluster_id"]] += 1
+    return {who: c.most_common(1)[0][0] for who, c in votes.items()}
+
+
+@pytest.fixture(scope="module")
+def incremental_run(tmp_path_factory, episode, two_episodes):
+    """One run clustered twice: first with one episode, then with two more (ids must persist)."""
+    store = RunStore(tmp_path_factory.mktemp("runs"), "grow")
+    _, first_ids = commit_truth_segment(store, [episode, two_episodes[0]], stride=2)
+    run_embed(store, EmbedParams())
+    first = run_cluster(store, ClusterParams())
+    before = _majority_ids(store, first_ids)
+    centroids_before = read_previous_centroids(store.stage_dir("cluster"))
+    table, identities = commit_truth_segment(store, [episode, *two_episodes], stride=2)
+    run_embed(store, EmbedParams())
+    second = run_cluster(store, ClusterParams())
+    return store, identities, before, centroids_before, first, second
+
+
+def test_cluster_ids_persist_when_episodes_are_added(incremental_run):
+    store, identities, before, centroids_before, first, second = incremental_run
+    after = _majority_ids(store, identities)
+    assert first.recomputed and second.recomputed
+    assert set(before) == set(after) and len(set(before.values())) == len(before)
+    assert after == before  # every character kept its cluster id
+    assert second.summary["matched_ids"] == len(before) == first.summary["new_ids"]
+    stored = store.stage_dir("cluster") / CENTROIDS
+    assert stored.is_file() and centroids_before.num_rows == first.summary["clusters"]
+
+
+def test_clustering_quality_on_known_identities(incremental_run):
+    store, identities, *_ = incremental_run
+    table = store.read_manifest("cluster")
+    assert table.schema.names == ["item_id", "source_id", "cluster_id", "probability", "umap_x", "umap_y", "path"]
+    got = scores([identities[i] for i in table.column("item_id").to_pylist()], table.column("cluster_id").to_pylist())
+    print(f"colour-shape on true layers: {got}")
+    assert got["ari"] >= ARI_FLOOR and got["purity"] >= PURITY_FLOOR and got["noise"] <= NOISE_CEILING
+    assert got["clusters"] == len(set(identities.values()))
+    assert all((store.root / p).is_file() for p in table.column("path").to_pylist())

@@ -1,0 +1,169 @@
+"""Fast checks of the operating pieces: deployments file, webhook, reprocess, review, task runner.
+
+The end-to-end versions against a real Prefect server are in test_deployments.py / test_browser.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from tasks.store import RunStore
+from tests.live_prefect import CONFIG, WebhookReceiver
+
+
+# ---- deployments ---------------------------------------------------------------------------
+
+def test_deployments_file_builds_every_deployment_with_typed_form_and_cron():
+    from deployments.serve import build_deployments, read_config
+
+    configured = {d["name"]: d for d in read_config(CONFIG)}
+    deployments = {d.name: d for d in build_deployments(CONFIG)}
+    assert set(deployments) == {"episode-to-lora", "reprocess", "train"} == set(configured)
+    assert deployments["episode-to-lora"].entrypoint == "flows.episode_to_lora.episode_to_lora"
+
+    form = deployments["episode-to-lora"]._parameter_openapi_schema
+    assert {"inputs", "name", "params", "until", "webhook_url", "task_runner", "review_clusters"} <= set(form.properties)
+    assert "frames" in form.definitions["RunParams"]["properties"]  # the nested per-stage form
+    assert form.properties["until"]["enum"][0] == "frames"           # a dropdown of stages
+    assert form.properties["task_runner"]["enum"] == ["threads", "dask"]
+
+    [schedule] = deployments["reprocess"].schedules
+    assert schedule.schedule.cron == configured["reprocess"]["schedules"][0]["cron"]
+    assert deployments["episode-to-lora"].schedules == []
+
+
+def test_deployments_file_errors_name_the_entry(tmp_path):
+    from deployments.serve import DeploymentConfigError, build_deployments, read_config
+
+    bad = tmp_path / "prefect.yaml"
+    bad.write_text(yaml.safe_dump({"deployments": [{"name": "x"}]}))
+    with pytest.raises(DeploymentConfigError, match=r"deployments\[0\]\.entrypoint is missing"):
+        read_config(bad)
+    bad.write_text(yaml.safe_dump({"deployments": [{"name": "x", "entrypoint": "flows/reprocess.py:nope"}]}))
+    with pytest.raises(DeploymentConfigError, match="has no flow 'nope'"):
+        build_deployments(bad)
+    with pytest.raises(DeploymentConfigError, match="not found"):
+        read_config(tmp_path / "missing.yaml")
+
+
+def test_ui_refuses_a_busy_port_and_reports_a_server_that_died():
+    import socket
+
+    from deployments.serve import start_server, wait_healthy
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(OSError, match=f"port {busy.getsockname()[1]} .* in use"):
+            start_server(busy.getsockname()[1])
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        wait_healthy("http://127.0.0.1:9/api", dead, timeout=5)
+
+
+# ---- webhook -------------------------------------------------------------------------------
+
+def _store_with_frames(tmp_path: Path) -> RunStore:
+    store = RunStore(tmp_path / "runs", "hook run")
+    store.begin_stage("frames", {})
+    table = pa.table({"item_id": ["a", "b", "c"], "kept": [True, True, False],
+                      "drop_reason": [None, None, "quarantine: ep.mp4: unreadable"]})
+    store.commit_stage("frames", table, "fp", summary={"kept": 2, "quarantined": 1})
+    return store
+
+
+def test_webhook_payload_reaches_a_receiver(tmp_path):
+    from flows.notify import post_json, run_payload
+
+    store = _store_with_frames(tmp_path)
+    payload = run_payload(store, "failed", error="segment: boom", flow_run_id="123")
+    with WebhookReceiver() as receiver:
+        assert post_json(receiver.url, payload) == 204
+        [got] = receiver.payloads
+    assert got == json.loads(json.dumps(payload))
+    assert got["run"] == "hook_run" and got["status"] == "failed" and got["error"] == "segment: boom"
+    assert got["stages"] == {"frames": {"state": "done", "rows": 3, "kept": 2, "quarantined": 1}}
+    assert got["loras"] == []
+
+
+def test_webhook_rejects_a_url_that_is_not_http():
+    from flows.notify import post_json
+
+    with pytest.raises(ValueError, match="webhook_url must start with http"):
+        post_json("ftp://example.org/hook", {})
+
+
+# ---- reprocess -----------------------------------------------------------------------------
+
+def test_new_episodes_are_the_watch_folder_videos_without_a_frames_shard(tmp_path):
+    from flows.reprocess import new_episodes
+
+    watch = tmp_path / "incoming"
+    (watch / "season").mkdir(parents=True)
+    seen, fresh = watch / "ep01.mp4", watch / "season" / "ep02.mkv"
+    for video in (seen, fresh, watch / "notes.txt"):
+        video.write_bytes(b"x")
+    store = RunStore(tmp_path / "runs", "show")
+    with store.writing_shard("frames", "ep01", "fp") as shard:
+        (shard / "report.json").write_text(json.dumps({"video": str(seen)}))
+    assert new_episodes(store, watch) == [fresh.resolve()]
+    with pytest.raises(NotADirectoryError, match="watch_folder"):
+        new_episodes(store, tmp_path / "nowhere")
+
+
+def test_task_runner_option_names_the_bad_value():
+    from flows.scale import check_runner
+
+    check_runner("dask")
+    with pytest.raises(ValueError, match="task_runner must be one of threads, dask, got 'gpu'"):
+        check_runner("gpu")
+
+
+# ---- review --------------------------------------------------------------------------------
+
+def _tiers() -> pa.Table:
+    return pa.table({"cluster_id": pa.array([0, 1, 2], pa.int32()), "size": [40, 25, 3],
+                     "tier": ["B", "B", "D"], "recommended": [True, True, False]})
+
+
+def test_review_form_is_prefilled_with_what_select_would_do(tmp_path):
+    from flows.review import review_choices
+    from tasks.select import SelectParams, load_overrides
+
+    base = tmp_path / "overrides.yaml"
+    base.write_text(yaml.safe_dump({"clusters": {0: {"name": "Hero"}, 1: {"merge_into": 0}, 2: {"include": True}}}))
+    choices = review_choices(_tiers(), SelectParams(min_images=20), load_overrides(base))
+    assert [(c.cluster_id, c.selected, c.name, c.trigger) for c in choices] == [
+        (0, True, "Hero", ""), (2, True, "char_002", "")]  # 1 follows 0; empty trigger: from the name
+
+
+def test_review_answers_become_select_overrides(tmp_path):
+    from flows.review import ClusterChoice, overrides_from, write_overrides
+    from tasks.select import Overrides, SelectParams, load_overrides, select_characters
+
+    answers = [ClusterChoice(cluster_id=0, selected=True, name="Hero Boy", trigger="heroboy"),
+               ClusterChoice(cluster_id=1, selected=False), ClusterChoice(cluster_id=2, selected=True)]
+    path = write_overrides(RunStore(tmp_path, "r"), overrides_from(answers, Overrides()))
+    layers = pa.table({"item_id": [f"l{i}" for i in range(6)], "cluster_id": pa.array([0, 0, 1, 1, 2, 2], pa.int32()),
+                       "path": [f"p{i}" for i in range(6)]})
+    tiers = _tiers().append_column("kind", pa.array(["unknown"] * 3))
+    _, characters, _ = select_characters(layers, tiers, SelectParams(min_images=1), load_overrides(path))
+    assert [(c["character"], c["trigger"], c["cluster_ids"]) for c in characters.to_pylist()] == [
+        ("Hero_Boy", "heroboy", [0]), ("char_002", "char002", [2])]
+
+
+def test_review_rejects_a_trigger_with_commas():
+    from pydantic import ValidationError
+
+    from flows.review import ClusterChoice
+
+    with pytest.raises(ValidationError, match="trigger"):
+        ClusterChoice(cluster_id=0, selected=True, trigger="hero, boy")

@@ -1,0 +1,89 @@
+"""Character layers cut from generated footage with its ground-truth masks.
+
+Stands in for the segment stage where a test must not depend on segmentation quality: every
+instance of every sampled frame is cropped with its true mask into an RGBA layer, and a
+`segment` stage is committed in the run store with the segment manifest contract. The true
+identity of each layer is returned, so clustering can be scored (ARI, purity, noise).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from tasks.segment import SCHEMA as SEGMENT_SCHEMA
+from tasks.store import RunStore, fingerprint, safe_name
+
+
+def _decoded_frames(video: Path) -> list[np.ndarray]:
+    import av
+
+    with av.open(str(video)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def cut_episode_layers(video: Path, store: RunStore, *, stride: int = 1) -> tuple[list[dict], dict[str, str]]:
+    """Write one episode's true layers into `segment/shards/<episode>/`; return (rows, identities)."""
+    from PIL import Image
+
+    episode = safe_name(video.stem)
+    stem = video.with_suffix("")
+    truth = json.loads(Path(f"{stem}.truth.json").read_text())
+    labels = np.load(f"{stem}.masks.npz")["labels"]
+    frames = _decoded_frames(video)
+    folder = store.root / "segment" / "shards" / episode / "character"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, identities = [], {}
+    for record in truth["frames"][::stride]:
+        index = record["frame_index"]
+        rgb, lab = frames[index], labels[index]
+        for inst in record["instances"]:
+            x0, y0, x1, y1 = inst["bbox"]
+            alpha = np.where(lab[y0:y1, x0:x1] == inst["label"], 255, 0).astype(np.uint8)
+            rgba = np.dstack([rgb[y0:y1, x0:x1], alpha])
+            item_id = f"{episode}:{index:07d}:{inst['label']:02d}"
+            name = f"{index:07d}_{inst['label']}.png"
+            if not (folder / name).is_file():  # re-committing keeps earlier files (and their mtimes)
+                Image.fromarray(rgba, "RGBA").save(folder / name)
+            coverage = float((alpha > 0).mean())
+            rows.append({
+                **dict.fromkeys(SEGMENT_SCHEMA.names),
+                "item_id": item_id, "source_id": f"{episode}:{index:07d}", "episode": episode,
+                "frame_index": index, "instance": inst["label"], "bbox": [x0, y0, x1, y1],
+                "area_frac": float((alpha > 0).sum() / lab.size), "alpha_coverage": coverage, "model": "truth",
+                "width": lab.shape[1], "height": lab.shape[0], "path": f"segment/shards/{episode}/character/{name}",
+                "kept": True, "drop_reason": None,
+            })
+            identities[item_id] = inst["identity"]
+    return rows, identities
+
+
+def commit_truth_segment(store: RunStore, videos: list[Path], *, stride: int = 1) -> tuple[pa.Table, dict[str, str]]:
+    """Commit a `segment` stage holding the true layers of `videos`; return (manifest, identities)."""
+    rows, identities = [], {}
+    store.begin_stage("segment", {"truth": True, "stride": stride})
+    for video in videos:
+        r, ids = cut_episode_layers(Path(video), store, stride=stride)
+        rows += r
+        identities.update(ids)
+    table = pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA).sort_by("item_id")
+    fp = fingerprint("segment", 0, {"truth": True, "stride": stride}, {v.name: str(v) for v in map(Path, videos)})
+    store.commit_stage("segment", table, fp, summary={"kept": table.num_rows})
+    return table, identities
+
+
+def scores(identities: list[str], labels: list[int]) -> dict[str, float]:
+    """Adjusted Rand index (noise as its own label), purity of the clustered layers, noise fraction."""
+    from sklearn.metrics import adjusted_rand_score
+
+    y, c = np.asarray(identities), np.asarray(labels)
+    clustered = c >= 0
+    majority = 0
+    for k in set(c[clustered].tolist()):
+        _, counts = np.unique(y[c == k], return_counts=True)
+        majority += int(counts.max())
+    return {"ari": float(adjusted_rand_score(y, c)), "purity": majority / max(int(clustered.sum()), 1),
+            "noise": float((~clustered).mean()) if len(c) else 0.0, "clusters": len(set(c[clustered].tolist()))}
