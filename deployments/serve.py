@@ -2,10 +2,11 @@
 
     episode2lora serve            # against the Prefect API in PREFECT_API_URL
     episode2lora ui               # start a local Prefect server on 127.0.0.1, then serve
+    episode2lora deploy --pool P  # register them with a process work pool (workers on many machines)
     python -m deployments.serve   # same as `episode2lora serve`
 
 The YAML file is the one source of the deployments (names, entrypoints, default
-parameters, schedules); `prefect deploy --all` reads the same file for work-pool installs.
+parameters, schedules) for serving and for work pools alike.
 """
 
 from __future__ import annotations
@@ -93,6 +94,29 @@ def serve_all(path: Path | str = CONFIG, limit: int | None = None) -> None:
     from prefect import serve
 
     serve(*build_deployments(path), limit=limit)
+
+
+def deploy_all(pool: str, path: Path | str = CONFIG, working_dir: Path | str = PROJECT) -> list[str]:
+    """Register every deployment with the process work pool `pool`; returns the deployment ids.
+
+    `prefect worker start --pool <pool>` on any machine then runs them, in `working_dir` (the
+    project checkout, at the same path on every worker machine).
+    """
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise DeploymentConfigError(
+                f"work pool '{pool}' does not exist; create it with: prefect work-pool create {pool} --type process") from None
+    ids = []
+    for deployment in build_deployments(path):
+        deployment.work_pool_name = pool
+        deployment.job_variables = {"working_dir": str(Path(working_dir).resolve())}
+        ids.append(str(deployment.apply()))
+    return ids
 
 
 # ---- a local Prefect server ----------------------------------------------------------------

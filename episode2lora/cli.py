@@ -97,6 +97,10 @@ def resume(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RU
         record = RunStore(runs_dir, name).read_run_record()
     except FileNotFoundError as exc:
         _fail(str(exc))
+    if record.get("flow") in ("renders-to-lora", "photos-to-lora"):  # image-source runs (sources_cli.py)
+        from episode2lora.sources_cli import resume_source
+
+        return resume_source(record, name, runs_dir)
     _execute(record["inputs"], name, runs_dir, RunParams.model_validate(record["params"]), record["until"])
 
 
@@ -165,6 +169,24 @@ def serve(config: Optional[Path] = DEPLOYMENTS, limit: Optional[int] = LIMIT) ->
         serve_all(config or CONFIG, limit)
     except DeploymentConfigError as exc:
         _fail(str(exc))
+
+
+@app.command()
+def deploy(
+    pool: str = typer.Option(..., "--pool", help="process work pool (prefect work-pool create NAME --type process)"),
+    config: Optional[Path] = DEPLOYMENTS,
+    working_dir: Optional[Path] = typer.Option(None, "--working-dir", help="project folder on the worker machines (default: this one)"),
+) -> None:
+    """Register every deployment with a work pool; `prefect worker start --pool NAME` runs them anywhere."""
+    from deployments.serve import CONFIG, PROJECT, DeploymentConfigError, deploy_all
+
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    try:
+        ids = deploy_all(pool, config or CONFIG, working_dir or PROJECT)
+    except DeploymentConfigError as exc:
+        _fail(str(exc))
+    console.print(f"registered {len(ids)} deployments with work pool [bold]{pool}[/]; "
+                  f"start workers with: prefect worker start --pool {pool}")
 
 
 @app.command()
@@ -243,6 +265,10 @@ def _print_status(store: Any) -> None:
 from episode2lora import training_commands  # noqa: E402  (`train DIR` and `versions`)
 
 training_commands.register(app)
+
+from episode2lora import sources_cli  # noqa: E402  (`renders DIR` and `photos DIR`)
+
+sources_cli.register(app)
 
 
 def main() -> None:  # pragma: no cover - `python -m episode2lora`

@@ -65,8 +65,10 @@ def describe(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_params(config: Path | None = None, overrides: dict[str, Any] | None = None) -> RunParams:
-    """Defaults, then a YAML file, then overrides like {"frames.mode": "interval"}."""
+def load_params(config: Path | None = None, overrides: dict[str, Any] | None = None,
+                model: type[BaseModel] | None = None) -> Any:
+    """Defaults, then a YAML file, then overrides like {"frames.mode": "interval"}, validated as
+    `model` (RunParams; the render and photo flows pass their own)."""
     data: dict[str, Any] = {}
     source = "defaults"
     if config is not None:
@@ -87,6 +89,6 @@ def load_params(config: Path | None = None, overrides: dict[str, Any] | None = N
         node[leaf] = value
         source = f"{source} + --set {dotted}"
     try:
-        return RunParams.model_validate(data)
+        return (model or RunParams).model_validate(data)
     except ValidationError as exc:
         raise ParamsError(describe(exc, source)) from None

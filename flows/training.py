@@ -27,8 +27,11 @@ def training_stages(run: RunRef, params: "RunParams", until: str, package: Stage
     if not reaches("train"):
         return results
     plan = plan_train_task(run, package, params.train, wait_for=[validate] if validate is not None else None)
-    trainings = [bind_to_run(train_character_task, run).submit(run, spec, params.train) for spec in plan.specs]
-    results["train"] = bind_to_run(merge_train_task, run)(run, plan, wait_for=trainings)
+    trainings = {}
+    for spec in plan.specs:  # a fine-tune (spec.init_from) waits for the training it starts from
+        trainings[spec.character] = bind_to_run(train_character_task, run).submit(
+            run, spec, params.train, wait_for=[trainings[spec.init_from]] if spec.init_from else None)
+    results["train"] = bind_to_run(merge_train_task, run)(run, plan, wait_for=list(trainings.values()))
     if not reaches("evaluate"):
         return results
     embedder = params.evaluate.embedder or params.embed.embedder

@@ -17,7 +17,6 @@ one per character kind ("human", "creature", "unknown").
 
 from __future__ import annotations
 
-import colorsys
 import os
 from pathlib import Path
 from typing import Callable, Protocol
@@ -45,27 +44,31 @@ class CaptionerMissing(FileNotFoundError):
 
 # ---- template ---------------------------------------------------------------------------------
 
-_COLOUR_NAMES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
-_HUE_EDGES = (15, 40, 70, 160, 195, 255, 290, 335)  # degrees: upper edge of each name above
+_COLOUR_NAMES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "red")
+_HUE_EDGES = np.array([15, 40, 70, 160, 195, 255, 290, 335, 361])  # degrees: upper edge of each name above
+
+
+def colour_names(rgb: np.ndarray) -> list[str]:
+    """Plain English colour names for an (N, 3) array of RGB pixels (0-255)."""
+    x = np.asarray(rgb, np.float32).reshape(-1, 3) / 255.0
+    hi, lo = x.max(axis=1), x.min(axis=1)
+    light, span = (hi + lo) / 2.0, hi - lo
+    sat = np.where(light <= 0.5, span / np.maximum(hi + lo, 1e-6), span / np.maximum(2.0 - hi - lo, 1e-6))
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    safe = np.maximum(span, 1e-6)
+    hue = np.where(hi == r, (g - b) / safe, np.where(hi == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    hue = np.mod(hue * 60.0, 360.0)
+    names = np.array(_COLOUR_NAMES, dtype=object)[np.searchsorted(_HUE_EDGES, hue, side="right")]
+    names = np.where((hue >= 15) & (hue < 45) & (light < 0.45), "brown", names)
+    names = np.where(sat < 0.18, "grey", names)
+    names = np.where(light > 0.88, "white", names)
+    names = np.where(light < 0.18, "black", names)
+    return names.tolist()
 
 
 def colour_name(rgb: tuple[float, float, float]) -> str:
-    """A plain English name for an RGB colour (0-255 channels)."""
-    r, g, b = (c / 255.0 for c in rgb)
-    h, l, s = colorsys.rgb_to_hls(r, g, b)
-    if l < 0.18:
-        return "black"
-    if l > 0.88:
-        return "white"
-    if s < 0.18:
-        return "grey"
-    hue = h * 360.0
-    if 15 <= hue < 45 and l < 0.45:
-        return "brown"
-    for name, edge in zip(_COLOUR_NAMES, _HUE_EDGES):
-        if hue < edge:
-            return name
-    return "red"
+    """A plain English name for one RGB colour (0-255 channels)."""
+    return colour_names(np.array([rgb]))[0]
 
 
 def dominant_colours(rgb: np.ndarray, mask: np.ndarray, k: int = 2, min_share: float = 0.12) -> list[str]:
@@ -73,13 +76,10 @@ def dominant_colours(rgb: np.ndarray, mask: np.ndarray, k: int = 2, min_share: f
     pixels = rgb[mask]
     if len(pixels) == 0:
         return []
-    step = max(1, len(pixels) // 4000)
-    counts: dict[str, int] = {}
-    for px in pixels[::step]:
-        name = colour_name(tuple(float(c) for c in px))
-        counts[name] = counts.get(name, 0) + 1
-    total = sum(counts.values())
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    names, counts = np.unique(np.array(colour_names(pixels[:: max(1, len(pixels) // 4000)]), dtype=object),
+                              return_counts=True)
+    total = counts.sum()
+    ranked = sorted(zip(names.tolist(), counts.tolist()), key=lambda kv: (-kv[1], kv[0]))
     return [name for name, n in ranked[:k] if n / total >= min_share]
 
 
@@ -107,7 +107,7 @@ def measure(image: Image.Image) -> dict[str, str]:
         facts["colours"] = f"{' and '.join(names)} colours" if names else ""
     background = alpha < 8
     if background.any():  # plain: nearly every background pixel is close to the median colour
-        pixels = rgb[background].astype(np.int16)
+        pixels = rgb[background][:: max(1, int(background.sum()) // 20000)].astype(np.int16)
         off = float((np.abs(pixels - np.median(pixels, axis=0)).max(axis=1) > 24).mean())
         facts["setting"] = "plain background" if off < 0.05 else "scene background"
     luma = float(np.asarray(image.convert("L")).mean())

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,8 +31,7 @@ from models.lora_data import Example, bucket_sizes, encode_latents, epoch_batche
 from models.lora_settings import TrainSettings
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-_ONE_TRAINING = threading.Lock()
-"""accelerate keeps its state per process: trainings in one process take turns."""
+
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
@@ -582,7 +580,9 @@ def train_lora(job: TrainJob, *, resume: bool = False,
     out = Path(job.output_dir)
     if not resume and ckpt.checkpoint_dirs(out):
         raise FileExistsError(f"{out} already holds checkpoints of a training; resume it or use another output folder")
-    with _ONE_TRAINING:
+    from models.sd_base import MODEL_WORK
+
+    with MODEL_WORK:  # accelerate keeps its state per process: trainings in one process take turns
         try:
             return _train(job, out, resume, on_step)
         finally:

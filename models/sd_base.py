@@ -9,12 +9,16 @@ without downloads, and produce no useful images.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 Family = Literal["sd15", "sdxl"]
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MODEL_WORK = threading.RLock()
+"""One model job (loading, a training, a gallery) per process at a time: model loading and LoRA
+injection patch torch globally, accelerate keeps per-process state, and one GPU runs one job anyway."""
 
 
 class BaseModelMissing(FileNotFoundError):
@@ -95,12 +99,17 @@ def load_base(name: str, *, dtype: Any = None, device: Any = "cpu") -> BaseModel
     Raises BaseModelMissing with what to do when the model is not available.
     """
     import torch
+
+    with MODEL_WORK:
+        path = resolve_base(name)
+        family = detect_family(path)
+        return _load(name, path, family, dtype or torch.float32, device)
+
+
+def _load(name: str, path: str, family: Family, dtype: Any, device: Any) -> BaseModel:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    path = resolve_base(name)
-    family = detect_family(path)
-    dtype = dtype or torch.float32
     try:
         tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
         encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)]

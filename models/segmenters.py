@@ -84,8 +84,9 @@ class RembgSegmenter:
         model_home()  # make sure rembg looks in the project's model folder
         cls = sessions[name]
         if cls.resolve_existing(f"{name}.onnx") is None and offline():
-            raise ModelFileMissing(f"model file for '{name}' not found and downloads are off (offline); "
-                                   + _where_models_go(name))
+            raise ModelFileMissing(f"model file for '{name}' not found and downloads are off "
+                                   f"(HF_HUB_OFFLINE / EPISODE2LORA_OFFLINE set; unset them to let rembg "
+                                   f"download it); " + _where_models_go(name))
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:

@@ -144,6 +144,7 @@ def evaluate_character(root: Path, row: dict, params: EvaluateParams, embedder_s
 
     from models.embedders import load_embedder
     from models.lora_gallery import contact_sheet, load_pipeline, render_gallery
+    from models.sd_base import MODEL_WORK
 
     settings = json.loads((root / row["settings_path"]).read_text())
     checkpoints = [(int(step), root / path) for step, path in json.loads(row["checkpoints"])]
@@ -152,10 +153,12 @@ def evaluate_character(root: Path, row: dict, params: EvaluateParams, embedder_s
     trigger = row["trigger"]
     prompts = [p.replace("{trigger}", trigger) for p in params.prompts]
     size = params.resolution or int(settings["settings"]["resolution"])
-    pipe = load_pipeline(settings["settings"]["base"], device=params.device)
     labels = [(f"step-{step:06d}", path) for step, path in checkpoints]
-    gallery = render_gallery(pipe, labels, prompts, params.strengths, seed=params.seed, steps=params.steps,
-                             size=size, guidance=params.guidance_scale)
+    with MODEL_WORK:  # LoRA loading patches torch globally: one model job per process at a time
+        pipe = load_pipeline(settings["settings"]["base"], device=params.device)
+        gallery = render_gallery(pipe, labels, prompts, params.strengths, seed=params.seed, steps=params.steps,
+                                 size=size, guidance=params.guidance_scale)
+        del pipe
     embedder = load_embedder(embedder_spec)
     package_folder = root / "package" / row["source_id"]
     references = sorted(package_folder.glob("*.png"))[: params.max_reference_images]

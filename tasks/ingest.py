@@ -31,6 +31,13 @@ def check_trigger(value: str) -> str:
     return text
 
 
+def require_identity(params: Any) -> None:
+    """Fail before work starts when a source's `name` or `trigger` is not set (the flows fill them in)."""
+    for field in ("name", "trigger"):
+        if not getattr(params, field):
+            raise ValueError(f"ingest.{field} must be set, got {getattr(params, field)!r}")
+
+
 def has_trigger(caption: str, trigger: str) -> bool:
     """The trigger occurs in the caption as a word (case-sensitive, as the validate stage checks)."""
     return bool(re.search(rf"(?<![\w]){re.escape(trigger)}(?![\w])", caption))

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from prefect import task
 
 from tasks.frames import hamming_to_all, perceptual_hash
-from tasks.ingest import STAGE, check_trigger, has_trigger, image_stats, listing_digest, place_image, read_caption, with_trigger
+from tasks.ingest import (STAGE, check_trigger, has_trigger, image_stats, listing_digest, place_image, read_caption,
+                          require_identity, with_trigger)
 from tasks.progress import StageProgress
 from tasks.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
 from tasks.store import QUARANTINE, RunStore
@@ -62,8 +63,8 @@ class IngestPhotosParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(..., description="the identity: the LoRA's name")
-    trigger: str = Field(..., description="unique trigger token (e.g. ohwx, sks, or a made-up word)")
+    name: Optional[str] = Field(None, description="the identity: the LoRA's name (the flow sets it from the run name)")
+    trigger: Optional[str] = Field(None, description="unique trigger token (e.g. ohwx, sks, or a made-up word)")
     kind: str = Field("human", description="kind of subject for the captioner prompts (human / creature / unknown)")
     min_images: int = Field(15, ge=1, description="fewest images (the guide: 15)")
     max_images: int = Field(30, ge=1, description="top of the recommended range (the guide: 15-30)")
@@ -75,13 +76,13 @@ class IngestPhotosParams(BaseModel):
 
     @field_validator("trigger")
     @classmethod
-    def _trigger(cls, value: str) -> str:
-        return check_trigger(value)
+    def _trigger(cls, value: Optional[str]) -> Optional[str]:
+        return check_trigger(value) if value is not None else None
 
     @field_validator("name")
     @classmethod
-    def _name(cls, value: str) -> str:
-        if not value.strip():
+    def _name(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():
             raise ValueError("name must not be empty")
         return value
 
@@ -155,10 +156,11 @@ def analyze_photos(folder: str | Path, params: IngestPhotosParams, measured: lis
     """The guide's dataset analysis of a photo set: findings, warnings and recommendations (JSON-ready)."""
     import numpy as np
 
+    if not params.trigger:
+        raise ValueError(f"ingest.trigger must be set to analyze captions, got {params.trigger!r}")
     photos = find_photos(folder)
     measured = measured if measured is not None else measure_photos(photos)
     good = [m for m in measured if m["error"] is None]
-    n = len(good)
 
     duplicates, near = [], []
     kept_hashes: list[int] = []
@@ -177,6 +179,7 @@ def analyze_photos(folder: str | Path, params: IngestPhotosParams, measured: lis
         kept_hashes.append(m["phash"])
         kept_files.append(m["file"])
 
+    n = len(good) - len(duplicates)  # distinct readable photos
     ratios = {m["file"]: m["width"] / m["height"] for m in good}
     odd = [{"image": f, "ratio": round(r, 2)} for f, r in ratios.items()
            if max(r, 1 / r) > params.max_aspect_ratio]
@@ -360,6 +363,7 @@ def input_result(folder: str) -> StageResult:
 
 def run_ingest_photos(store: RunStore, folder: str, params: IngestPhotosParams) -> StageResult:
     """The whole stage as one plain call: analyze the set and ingest it (once per fingerprint)."""
+    require_identity(params)
     photos = find_photos(folder)
 
     def build(out: Path) -> tuple[pa.Table, dict, list[str]]:

@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from prefect import task
 
-from tasks.ingest import IMAGE_SUFFIXES, STAGE, check_trigger, image_stats, listing_digest, place_image, read_caption, with_trigger
+from tasks.ingest import (IMAGE_SUFFIXES, STAGE, check_trigger, image_stats, listing_digest, place_image, read_caption,
+                          require_identity, with_trigger)
 from tasks.progress import StageProgress
 from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
 from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name, write_table
@@ -157,8 +158,10 @@ class IngestRendersParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(..., description="the product: the stage-1 LoRA's name (stage 2 is <name>_detail)")
-    trigger: str = Field(..., description="trigger word the captions must carry (added in front when missing)")
+    name: Optional[str] = Field(None, description="the product: the stage-1 LoRA's name (stage 2 is <name>_detail); "
+                                "the flow sets it from the run name")
+    trigger: Optional[str] = Field(None, description="trigger word every caption carries (put in front when missing); "
+                                   "the flow's default is the name")
     resolution: tuple[int, int] = Field((1024, 1024), description="expected width and height of every render")
     frames_per_sequence: Optional[int] = Field(None, ge=1, description="frames a sequence should have (e.g. 36); "
                                                "None: up to its highest frame number")
@@ -179,15 +182,15 @@ class IngestRendersParams(BaseModel):
 
     @field_validator("name")
     @classmethod
-    def _name(cls, value: str) -> str:
-        if not value.strip():
+    def _name(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():
             raise ValueError("name must not be empty")
         return value
 
     @field_validator("trigger")
     @classmethod
-    def _trigger(cls, value: str) -> str:
-        return check_trigger(value)
+    def _trigger(cls, value: Optional[str]) -> Optional[str]:
+        return check_trigger(value) if value is not None else None
 
     @field_validator("resolution")
     @classmethod
@@ -522,6 +525,7 @@ def _check_settings(params: IngestRendersParams) -> dict:
 
 def plan_ingest_renders(store: RunStore, input_dir: str, params: IngestRendersParams) -> IngestRendersPlan:
     """Find the phase folders and fingerprint them; start the stage unless it is done."""
+    require_identity(params)
     root = Path(input_dir).expanduser().resolve()
     template = read_template(params.caption_template) if params.caption_template else None
     settings = _check_settings(params)
@@ -592,16 +596,20 @@ def run_ingest_renders(store: RunStore, input_dir: str, params: IngestRendersPar
 
 
 def staged_train_params(train: Any, params: IngestRendersParams) -> Any:
-    """The train stage's parameters for the two stages: steps, LR and prompts per LoRA, and stage 2
-    starting from stage 1's LoRA (`TrainParams.per_character` / `init_from`)."""
+    """The train stage's parameters for the guide's two stages: steps, LR and sample prompts of each
+    LoRA, and stage 2 starting from stage 1's finished LoRA (`TrainParams.per_character`, `init_from`).
+    Settings the user gave per character are kept."""
+    from models.lora_settings import SettingsOverrides
+
     first, second = params.character_of(1), params.character_of(2)
-    override = type(train).model_fields["per_character"].annotation.__args__[1]
-    per = dict(train.per_character)
-    per.setdefault(first, override(max_steps=params.stage1_steps, unet_lr=params.stage1_lr,
-                                   sample_prompts=[p.replace("{trigger}", "{trigger}") for p in params.stage1_prompts]))
-    per.setdefault(second, override(max_steps=params.stage2_steps, unet_lr=params.stage2_lr,
-                                    sample_prompts=list(params.stage2_prompts)))
-    return train.model_copy(update={"per_character": per, "init_from": {**train.init_from, second: first}})
+    staged = {first: SettingsOverrides(max_steps=params.stage1_steps, unet_lr=params.stage1_lr,
+                                       sample_prompts=list(params.stage1_prompts)),
+              second: SettingsOverrides(max_steps=params.stage2_steps, unet_lr=params.stage2_lr,
+                                        sample_prompts=list(params.stage2_prompts))}
+    for character, given in train.per_character.items():
+        base = staged.get(character, SettingsOverrides())
+        staged[character] = base.model_copy(update=given.model_dump(exclude_none=True))
+    return train.model_copy(update={"per_character": staged, "init_from": {second: first, **train.init_from}})
 
 
 # ---- Prefect tasks --------------------------------------------------------------------------------

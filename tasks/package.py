@@ -364,7 +364,7 @@ def package_dataset(root: Path, rows: list[dict], backgrounds: list[str], params
     configs.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     characters: list[dict] = []
-    subsets: list[dict] = []
+    subsets: list[tuple[dict, str, Path]] = []  # (kohya subset, trigger, train folder) per character
     by_character: dict[str, list[dict]] = {}
     for row in rows:
         by_character.setdefault(row["character"], []).append(row)
@@ -435,10 +435,17 @@ def package_dataset(root: Path, rows: list[dict], backgrounds: list[str], params
         "validation": sum(r["split"] == "validation" and r["kept"] for r in records),
         "quarantined": sum(not r["kept"] for r in records),
         "total_steps": {c["character"]: c["total_steps"] for c in characters},
+        "steps": [steps_line(c, params) for c in characters],
         "multi_concept": safe_name(params.multi_concept_name) if params.multi_concept and subsets else None,
     }
     return (pa.Table.from_pylist(records, schema=SCHEMA), pa.Table.from_pylist(characters, schema=CHARACTERS_SCHEMA),
             summary)
+
+
+def steps_line(character: dict, params: PackageParams) -> str:
+    """`name: N images x R repeats x E epochs / batch B = S steps` (the guide's total-steps rule)."""
+    return (f"{character['character']}: {character['n_train']} images x {character['repeats']} repeats x "
+            f"{character['epochs']} epochs / batch {params.batch_size} = {character['total_steps']} steps")
 
 
 def _write_configs(out: Path, name: str, triggers: list[str], kind: str, plan: dict, subsets: list[dict],
@@ -540,5 +547,9 @@ def _probe(run: RunRef, caption: StageResult, params: PackageParams) -> tuple[st
 def package_task(run: RunRef, caption: StageResult, params: PackageParams) -> StageResult:
     """Write the kohya tree, configs and AI-Toolkit YAML (after `caption`)."""
     result = run_package(run.store(), params, {"caption": caption})
+    configs = run.store().stage_dir(STAGE) / "configs"
+    for line in result.summary.get("steps", []):
+        name = safe_name(line.split(":", 1)[0])
+        print(f"{line}  ->  accelerate launch train_network.py --config_file {configs / f'{name}_config.toml'}")
     publish(result, "package", rows=[{"character": k, "total_steps": v} for k, v in result.summary["total_steps"].items()])
     return result

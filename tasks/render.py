@@ -113,9 +113,3 @@ def render(layer: np.ndarray, background: np.ndarray | None, spec: RenderSpec) -
     out[..., 3] = np.round(alpha * 255.0).astype(np.uint8)
     return out
 
-
-def render_file(root: Path, layer_path: str, background_path: str | None, spec: RenderSpec) -> np.ndarray:
-    """`render` for run-relative paths (the rows of the augment and caption manifests)."""
-    layer = read_layer(root / layer_path)
-    background = read_background(root / background_path) if background_path else None
-    return render(layer, background, spec)

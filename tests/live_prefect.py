@@ -32,7 +32,7 @@ SAMPLE = ROOT / "data" / "sample"
 DEPLOYMENTS = ("episode-to-lora/episode-to-lora", "reprocess/reprocess", "train-package/train")
 E2E_INPUT = SAMPLE / "episode01.mp4"
 """The end-to-end runs process one sample episode (about 20 s of 320x180 video)..."""
-E2E_PARAMS: dict[str, Any] = {"params": {"frames": {"max_per_shot": 1}}, "until": "segment"}
+E2E_PARAMS: dict[str, Any] = {"params": {"frames": {"max_per_shot": 1}}, "until": "select"}
 """...with one frame per shot, through the flow's default `until`: a full run stays short."""
 
 

@@ -113,14 +113,19 @@ def _block(store: RunStore, stage: str) -> Path:
     return blocker
 
 
-def test_failed_run_retried_like_the_ui_reruns_only_what_did_not_finish(prefect_ui, webhook):
+def test_failed_run_retried_like_the_ui_reruns_only_what_did_not_finish(prefect_ui, api_run, webhook):
+    """The last stage of the finished run is removed and blocked: the next run fails there; after
+    the cause is removed, Retry on the same flow run finishes it without touching finished work."""
     from prefect import get_client
     from prefect.states import State, StateType
 
     until = default_until()
-    store = RunStore(prefect_ui.runs_dir, "retry")
+    store = RunStore(prefect_ui.runs_dir, "api")
+    inputs = store.read_run_record()["inputs"]
+    store.clean(until)
     blocker = _block(store, until)
-    failed = run_and_wait(prefect_ui, "episode-to-lora/episode-to-lora", {"name": "retry", "webhook_url": webhook.url})
+    failed = run_and_wait(prefect_ui, "episode-to-lora/episode-to-lora",
+                          {"name": "api", "inputs": inputs, "webhook_url": webhook.url})
     assert failed.state.is_failed(), failed.state
     report = webhook.wait_for(lambda p: p["flow_run_id"] == str(failed.id) and p["status"] == "failed")
     assert blocker.name in report["error"]
@@ -142,6 +147,39 @@ def test_failed_run_retried_like_the_ui_reruns_only_what_did_not_finish(prefect_
     assert {k: after.get(k) for k in finished} == finished, "finished stages or shards were written again"
     assert set(after) > set(finished)
     webhook.wait_for(lambda p: p["flow_run_id"] == str(failed.id) and p["status"] == "completed")
+
+
+def test_review_pauses_after_tier_and_continues_with_the_answers(prefect_ui, api_run):
+    """Rerun the finished run with the review on: the finished stages are reused, the run pauses
+    after `tier` with the cluster form, and the answers given through the API decide `select`."""
+    import pyarrow.parquet as pq
+    from prefect.deployments import run_deployment
+
+    store = RunStore(prefect_ui.runs_dir, "api")
+    inputs = store.read_run_record()["inputs"]
+    identity = {k: v for k, v in markers(store.root).items() if k.split("/")[0] in stages_through("tier")}
+    with prefect_ui.api():
+        started = run_deployment("episode-to-lora/episode-to-lora", timeout=0,
+                                 parameters={"name": "api", "inputs": inputs, "until": "select", "review_clusters": True})
+    paused = wait_until(prefect_ui, started.id, lambda state: state.is_paused() or state.is_final())
+    assert paused.state.is_paused(), paused.state
+
+    keys = paused.state.state_details.run_input_keyset
+    form = get_json(f"{prefect_ui.api_url}/flow_runs/{paused.id}/input/{keys['schema']}")
+    offered = form["properties"]["clusters"]["default"]
+    clusters = sorted(store.read_manifest("tier").column("cluster_id").to_pylist())
+    assert [c["cluster_id"] for c in offered] == clusters
+    first = clusters[0]
+    answers = [dict(c, selected=c["cluster_id"] == first) for c in offered]
+    answers[0].update(name="Hero Boy", trigger="heroboy")
+    get_json(f"{prefect_ui.api_url}/flow_runs/{paused.id}/resume", {"run_input": {"clusters": answers}})
+    finished = wait_until(prefect_ui, paused.id, lambda state: state.is_final())
+
+    assert finished.state.is_completed(), finished.state.message
+    after = markers(store.root)
+    assert {k: after.get(k) for k in identity} == identity, "stages before the review ran again"
+    characters = pq.read_table(store.stage_dir("select") / "characters.parquet").to_pylist()
+    assert [(c["character"], c["trigger"], c["cluster_ids"]) for c in characters] == [("Hero_Boy", "heroboy", [first])]
 
 
 def test_reprocess_is_scheduled_by_config_and_processes_only_the_new_episode(prefect_ui, api_run):
@@ -193,32 +231,3 @@ def test_dask_task_runner_spreads_episodes_over_two_workers(prefect_ui, tmp_path
     assert reference.summary == results["frames"].summary
     assert pq.read_table(on_dask.manifest_path("frames")).equals(pq.read_table(RunStore(tmp_path, "plain").manifest_path("frames")))
 
-
-def test_review_pauses_after_tier_and_continues_with_the_answers(prefect_ui, api_run):
-    """Rerun the finished run with the review on: the finished stages are reused, the run pauses
-    after `tier` with the cluster form, and the answers given through the API decide `select`."""
-    import pyarrow.parquet as pq
-    from prefect.deployments import run_deployment
-
-    store = RunStore(prefect_ui.runs_dir, "api")
-    inputs = store.read_run_record()["inputs"]
-    with prefect_ui.api():
-        started = run_deployment("episode-to-lora/episode-to-lora", timeout=0,
-                                 parameters={"name": "api", "inputs": inputs, "until": "select", "review_clusters": True})
-    paused = wait_until(prefect_ui, started.id, lambda state: state.is_paused() or state.is_final())
-    assert paused.state.is_paused(), paused.state
-
-    keys = paused.state.state_details.run_input_keyset
-    form = get_json(f"{prefect_ui.api_url}/flow_runs/{paused.id}/input/{keys['schema']}")
-    offered = form["properties"]["clusters"]["default"]
-    clusters = sorted(store.read_manifest("tier").column("cluster_id").to_pylist())
-    assert [c["cluster_id"] for c in offered] == clusters
-    first = clusters[0]
-    answers = [dict(c, selected=c["cluster_id"] == first) for c in offered]
-    answers[0].update(name="Hero Boy", trigger="heroboy")
-    get_json(f"{prefect_ui.api_url}/flow_runs/{paused.id}/resume", {"run_input": {"clusters": answers}})
-    finished = wait_until(prefect_ui, paused.id, lambda state: state.is_final())
-
-    assert finished.state.is_completed(), finished.state.message
-    characters = pq.read_table(store.stage_dir("select") / "characters.parquet").to_pylist()
-    assert [(c["character"], c["trigger"], c["cluster_ids"]) for c in characters] == [("Hero_Boy", "heroboy", [first])]

@@ -93,6 +93,9 @@ def test_tree_names_parse_as_kohya_expects(packaged):
         assert len(list((root / "validation" / name).glob("*.png"))) == c["n_validation"] >= 1
     assert characters["blob"]["kind"] == "creature" and characters["blob"]["network_dim"] == 48
     assert result.summary["total_steps"] == {n: c["total_steps"] for n, c in characters.items()}
+    hero = characters["hero"]
+    assert f"hero: {hero['n_train']} images x {hero['repeats']} repeats x {hero['epochs']} epochs / batch 1 = " \
+           f"{hero['n_train'] * hero['repeats'] * hero['epochs']} steps" in result.summary["steps"]
 
 
 def test_manifest_rows_match_the_files(packaged):
@@ -193,8 +196,10 @@ def test_ai_toolkit_yaml(packaged):
 
 # ---- options, parameters, caching -----------------------------------------------------------------
 
-def test_multi_concept_and_background_dataset(packaged):
-    store, _ = packaged
+def test_multi_concept_and_background_dataset(tmp_path):
+    store = make_run(tmp_path, {"hero": ("human", 2), "blob": ("creature", 2)}, backgrounds=4)
+    run_augment(store, AugmentParams())
+    run_caption(store, CaptionParams())
     params = PackageParams(multi_concept=True, background=BackgroundDatasetParams(enabled=True, max_images=2))
     result = run_package(store, params)
     root = store.stage_dir("package")
@@ -207,8 +212,8 @@ def test_multi_concept_and_background_dataset(packaged):
     assert background["kind"] == "background" and background["n_train"] == 2 and background["repeats"] == 10
     pairs = sorted((root / "10_background").glob("*.txt"))
     assert len(pairs) == 2 and all(p.read_text().startswith("bgscene, scenery") for p in pairs)
-    run_package(store, PackageParams())  # back to the defaults for the other tests
-    assert not (root / "10_background").exists()
+    run_package(store, PackageParams())  # a new package replaces the old tree wholesale
+    assert not (root / "10_background").exists() and not (root / "configs" / "all_characters_dataset.toml").exists()
 
 
 def test_near_duplicate_backgrounds_are_dropped_and_the_count_capped():

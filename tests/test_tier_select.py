@@ -1,0 +1,269 @@
+"""Tier rules, kind, selection and every operation of the overrides file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from tasks.select import (CHARACTER_SCHEMA, SCHEMA, OverridesError, SelectParams, load_overrides, run_select,
+                          select_characters)
+from tasks.store import RunStore, safe_name
+from tasks.tier import (SCHEMA as TIER_SCHEMA, TierParams, assign_tier, classify_kinds, duplicate_ratio,
+                        quality_issues, size_tier, tier_clusters)
+
+GOOD = {"mean_sharpness": 500.0, "mean_alpha_coverage": 0.6, "duplicate_ratio": 0.2}
+
+
+# ---- tiers ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size, tier", [(500, "S"), (100, "S"), (99, "A"), (50, "A"), (49, "B"), (20, "B"),
+                                        (19, "C"), (15, "C"), (14, "D"), (1, "D")])
+def test_size_tiers_follow_the_guide(size, tier):
+    assert size_tier(size, TierParams()) == tier
+
+
+def test_tier_thresholds_are_parameters_and_checked():
+    params = TierParams(min_size_s=10, min_size_a=8, min_size_b=5, min_size_c=3)
+    assert [size_tier(n, params) for n in (10, 9, 5, 3, 2)] == ["S", "A", "B", "C", "D"]
+    with pytest.raises(ValidationError, match="tier sizes must not increase from S to C"):
+        TierParams(min_size_a=200)
+    with pytest.raises(ValidationError, match="kind_prompts"):
+        TierParams(kind_prompts={"human": ["a person"]})
+
+
+def test_poor_quality_moves_a_cluster_down_one_tier():
+    params = TierParams()
+    assert assign_tier(120, GOOD, params) == "S"
+    blurry = {**GOOD, "mean_sharpness": 3.0}
+    assert quality_issues(blurry, params) == ["blurry (mean sharpness 3.0 < 15)"]
+    assert assign_tier(120, blurry, params) == "A"
+    thin_and_repetitive = {**GOOD, "mean_alpha_coverage": 0.05, "duplicate_ratio": 0.95}
+    assert len(quality_issues(thin_and_repetitive, params)) == 2
+    assert assign_tier(60, thin_and_repetitive, params) == "B"  # one tier, however many issues
+    assert assign_tier(5, blurry, params) == "D"  # D stays D
+    assert assign_tier(120, blurry, TierParams(min_sharpness=0)) == "S"
+
+
+def test_duplicate_ratio_counts_near_identical_hashes():
+    assert duplicate_ratio(["00000000000000ff", "00000000000000fe", "ffffffff00000000", "00000000000000f0"], 4) == 0.5
+    assert duplicate_ratio(["00000000000000ff", "0000000000000000"], 4) == 0.0  # 8 bits apart
+    assert duplicate_ratio(["00000000000000ff"], 4) == 0.0
+    assert duplicate_ratio(["00000000000000ff", "00000000000000fe"], 0) == 0.0
+
+
+class _TwoWordText:
+    """A text embedder in a 3-D space: 'person' prompts point along x, everything else along y."""
+
+    name = "two-word"
+
+    def embed_text(self, prompts):
+        return np.array([[1.0, 0, 0] if "person" in p else [0, 1.0, 0] for p in prompts], np.float32)
+
+
+def test_kind_comes_from_the_nearest_prompt_set_or_unknown():
+    params = TierParams(kind_prompts={"human": ["a person"], "creature": ["a monster"]}, kind_margin=0.1)
+    centroids = np.array([[0.9, 0.1, 0.4], [0.1, 0.95, 0.3], [0.5, 0.52, 0.7]], np.float32)
+    assert classify_kinds(centroids, _TwoWordText(), params) == ["human", "creature", "unknown"]
+    assert classify_kinds(centroids, None, params) == ["unknown"] * 3
+
+
+def test_kind_with_a_tiny_clip_model(tmp_path):
+    from models.embedders import load_embedder
+    from models.tiny_embedders import build_tiny_clip
+
+    clip = load_embedder(f"clip:{build_tiny_clip(tmp_path / 'clip')}", device="cpu")
+    rng = np.random.default_rng(0)
+    centroids = clip.embed([rng.integers(0, 255, (24, 16, 4), dtype=np.uint8) for _ in range(4)])
+    kinds = classify_kinds(centroids, clip, TierParams(kind_margin=0.0))
+    assert set(kinds) <= {"human", "creature"} and len(kinds) == 4
+
+
+def _cluster_tables(sizes: dict[int, int], noise: int = 3) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """cluster, embed and segment manifests for clusters of the given sizes (+ noise layers)."""
+    rows, embeds, layers = [], [], []
+    rng = np.random.default_rng(0)
+    for cid, size in [*sizes.items(), (-1, noise)]:
+        for j in range(size):
+            item = f"ep:{cid:+d}:{j:03d}"
+            rows.append({"item_id": item, "source_id": "ep:f", "cluster_id": cid, "probability": 1.0 - j / 1000,
+                         "umap_x": 0.0, "umap_y": 0.0, "path": f"segment/{item}.png"})
+            v = rng.normal(size=4)
+            embeds.append({"item_id": item, "embedding": (v / np.linalg.norm(v)).tolist(), "sharpness": 100.0,
+                           "phash": f"{rng.integers(0, 2**63):016x}", "kept": True})
+            layers.append({"item_id": item, "alpha_coverage": 0.5, "area_frac": 0.1})
+    embed_schema = pa.schema([("item_id", pa.string()), ("embedding", pa.list_(pa.float32(), 4)),
+                              ("sharpness", pa.float32()), ("phash", pa.string()), ("kept", pa.bool_())])
+    return pa.Table.from_pylist(rows), pa.Table.from_pylist(embeds, schema=embed_schema), pa.Table.from_pylist(layers)
+
+
+def test_tier_table_has_one_row_per_cluster_with_samples():
+    clusters, embeds, layers = _cluster_tables({0: 120, 1: 60, 2: 25, 3: 16, 4: 4})
+    table, summary = tier_clusters(clusters, embeds, layers, TierParams(samples=5))
+    assert table.schema == TIER_SCHEMA
+    rows = table.to_pylist()
+    assert [r["cluster_id"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["tier"] for r in rows] == ["S", "A", "B", "C", "D"]
+    assert [r["recommended"] for r in rows] == [True, True, True, False, False]
+    assert all(r["kind"] == "unknown" for r in rows)
+    assert len(rows[0]["sample_paths"]) == 5 and len(rows[4]["sample_paths"]) == 4
+    assert rows[0]["sample_paths"][0] == "segment/ep:+0:000.png"  # most probable member first
+    assert summary["by_tier"] == {"S": 1, "A": 1, "B": 1, "C": 1, "D": 1} and summary["recommended"] == 3
+
+
+# ---- selection and overrides -----------------------------------------------------------------------
+
+@pytest.fixture
+def tables():
+    clusters, embeds, layers = _cluster_tables({0: 120, 1: 60, 2: 25, 3: 16, 4: 4})
+    tiers, _ = tier_clusters(clusters, embeds, layers, TierParams())
+    return clusters, tiers
+
+
+def _overrides(tmp_path: Path, text: str):
+    path = tmp_path / "overrides.yaml"
+    path.write_text(text)
+    return load_overrides(path)
+
+
+def test_batch_selection_by_recommendation_tiers_and_min_images(tables):
+    clusters, tiers = tables
+    rows, characters, summary = select_characters(clusters, tiers, SelectParams())
+    assert rows.schema == SCHEMA and characters.schema == CHARACTER_SCHEMA
+    assert characters.column("character").to_pylist() == ["char_000", "char_001", "char_002"]
+    assert characters.column("trigger").to_pylist() == ["char000", "char001", "char002"]
+    assert rows.num_rows == 120 + 60 + 25 and set(rows.column("source_id").to_pylist()) == set(rows.column("item_id").to_pylist())
+    _, characters, _ = select_characters(clusters, tiers, SelectParams(tiers=["S", "A"], min_images=20))
+    assert characters.column("character").to_pylist() == ["char_000", "char_001"]
+    _, characters, _ = select_characters(clusters, tiers, SelectParams(tiers=["S", "A", "B", "C"], min_images=30))
+    assert characters.column("n_images").to_pylist() == [120, 60]
+
+
+def test_overrides_name_trigger_and_kind(tables, tmp_path):
+    clusters, tiers = tables
+    overrides = _overrides(tmp_path, "clusters:\n  1: {name: 'Hero Boy', kind: human}\n  0: {trigger: zomb1e}\n")
+    rows, characters, _ = select_characters(clusters, tiers, SelectParams(), overrides)
+    got = {c["character"]: c for c in characters.to_pylist()}
+    assert got["Hero_Boy"]["trigger"] == "heroboy" and got["Hero_Boy"]["kind"] == "human"
+    assert got["char_000"]["trigger"] == "zomb1e" and got["char_000"]["kind"] == "unknown"
+    assert set(rows.filter(pa.compute.equal(rows.column("character"), "Hero_Boy")).column("cluster_id").to_pylist()) == {1}
+
+
+def test_overrides_merge_exclude_and_include(tables, tmp_path):
+    clusters, tiers = tables
+    overrides = _overrides(tmp_path, "clusters:\n  3: {merge_into: 2}\n  4: {include: true, name: Rare}\n"
+                                     "  0: {exclude: true}\n  2: {name: Twins}\n")
+    rows, characters, summary = select_characters(clusters, tiers, SelectParams(), overrides)
+    got = {c["character"]: c for c in characters.to_pylist()}
+    assert set(got) == {"char_001", "Twins", "Rare"}
+    assert got["Twins"]["cluster_ids"] == [2, 3] and got["Twins"]["n_images"] == 25 + 16
+    assert got["Rare"]["n_images"] == 4  # include: true overrides tier and min_images
+    assert summary["excluded_clusters"] == 1 and "char_000" not in got
+
+
+def test_overrides_move_and_exclude_single_layers(tables, tmp_path):
+    clusters, tiers = tables
+    overrides = _overrides(tmp_path, "layers:\n  'ep:-1:000': {move_to: 1}\n  'ep:+0:005': {move_to: 1}\n"
+                                     "  'ep:+0:006': {exclude: true}\n  'ep:+9:000': {exclude: true}\n")
+    rows, characters, summary = select_characters(clusters, tiers, SelectParams(), overrides)
+    by_item = {r["item_id"]: r for r in rows.to_pylist()}
+    assert by_item["ep:-1:000"]["character"] == "char_001" and by_item["ep:-1:000"]["cluster_id"] == 1  # noise rescued
+    assert by_item["ep:+0:005"]["character"] == "char_001"
+    assert "ep:+0:006" not in by_item
+    got = {c["character"]: c["n_images"] for c in characters.to_pylist()}
+    assert got == {"char_000": 118, "char_001": 62, "char_002": 25}
+    assert summary["warnings"] == ["layer ep:+9:000 in the overrides does not exist in this run; ignored"]
+
+
+def test_overrides_referring_to_missing_clusters_warn(tables, tmp_path):
+    clusters, tiers = tables
+    overrides = _overrides(tmp_path, "clusters:\n  42: {name: Ghost}\n  1: {merge_into: 77}\n")
+    _, characters, summary = select_characters(clusters, tiers, SelectParams(), overrides)
+    assert len(characters) == 3
+    assert summary["warnings"] == ["cluster 1: merge_into 77 does not exist in this run; not merged",
+                                   "cluster 42 in the overrides does not exist in this run; ignored"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("clusters:\n  1: {merge_into: 2}\n  2: {merge_into: 1}\n", "merge_into forms a cycle: 1 -> 2 -> 1"),
+    ("clusters:\n  1: {exclude: true, include: true}\n", "exclude and include cannot both be true"),
+    ("clusters:\n  1: {merge_into: 2, name: X}\n", "a merged cluster takes the name"),
+    ("clusters:\n  1: {trigger: 'a, b'}\n", "trigger must be a non-empty word without commas"),
+    ("clusters:\n  1: {colour: red}\n", "clusters.1.colour: Extra inputs are not permitted"),
+    ("layers:\n  x: {move_to: 1, exclude: true}\n", "give exactly one of move_to"),
+    ("clusters: [1, 2]\n", "clusters: Input should be a valid dictionary"),
+    ("- just a list\n", "must hold a mapping"),
+    ("clusters: {1: {name: [unclosed\n", "is not valid YAML"),
+])
+def test_malformed_overrides_fail_naming_the_entry(tmp_path, text, message):
+    with pytest.raises(OverridesError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        _overrides(tmp_path, text)
+
+
+def test_two_characters_with_one_folder_name_are_refused(tables, tmp_path):
+    clusters, tiers = tables
+    overrides = _overrides(tmp_path, "clusters:\n  0: {name: 'Hero!'}\n  1: {name: 'Hero?'}\n")
+    with pytest.raises(OverridesError, match="clusters 0 and 1 would both be the character folder 'Hero'"):
+        select_characters(clusters, tiers, SelectParams(), overrides)
+
+
+@pytest.mark.parametrize("name, folder", [("../x", "x"), ("My Hero", "My_Hero"), ("Jürgen Ölz", "Jurgen_Olz"),
+                                          ("/etc/passwd", "etc_passwd"), ("..", None), ("妖怪ウォッチ", None),
+                                          ("a/../../b", "a_.._.._b"), ("  ", None), ("con.txt\n", "con.txt")])
+def test_hostile_names_become_safe_folder_names(tables, tmp_path, name, folder):
+    clusters, tiers = tables
+    path = tmp_path / "overrides.yaml"
+    path.write_text(yaml.safe_dump({"clusters": {0: {"name": name}}}, allow_unicode=True))
+    if not name.strip():
+        with pytest.raises(OverridesError, match="name must not be empty"):
+            load_overrides(path)
+        return
+    _, characters, _ = select_characters(clusters, tiers, SelectParams(), load_overrides(path))
+    character = characters.column("character").to_pylist()[0]
+    assert character == (folder or safe_name(name))
+    assert character and "/" not in character and "\\" not in character and character not in (".", "..")
+    assert character.isascii() and " " not in character
+    root = tmp_path / "package"
+    assert (root / character).resolve().parent == root.resolve()
+    trigger = characters.column("trigger").to_pylist()[0]
+    assert trigger and trigger.isascii() and "," not in trigger and " " not in trigger
+
+
+def test_select_params_check_the_overrides_file_up_front(tmp_path):
+    with pytest.raises(ValidationError, match="overrides file not found"):
+        SelectParams(overrides=str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clusters:\n  1: {exclude: yes, include: yes}\n")
+    with pytest.raises(ValidationError, match="overrides"):
+        SelectParams(overrides=str(bad))
+    with pytest.raises(ValidationError, match="tiers"):
+        SelectParams(tiers=["S", "E"])
+
+
+def test_select_stage_rereads_an_edited_overrides_file(tmp_path):
+    from tasks.store import fingerprint
+
+    store = RunStore(tmp_path / "runs", "sel")
+    clusters, embeds, layers = _cluster_tables({0: 30, 1: 25})
+    tiers, _ = tier_clusters(clusters, embeds, layers, TierParams())
+    (store.root / "segment").mkdir(parents=True)
+    for rel in clusters.column("path").to_pylist():  # a finished stage's files must exist
+        (store.root / rel).touch()
+    for stage, table in (("cluster", clusters), ("tier", tiers)):
+        store.begin_stage(stage, {})
+        store.commit_stage(stage, table, fingerprint(stage, 0, {}, {}))
+    overrides = tmp_path / "names.yaml"
+    overrides.write_text("clusters:\n  0: {name: Alpha}\n")
+    params = SelectParams(overrides=str(overrides))
+    first = run_select(store, params)
+    assert first.summary["names"] == {"Alpha": "alpha", "char_001": "char001"}
+    assert not run_select(store, params).recomputed
+    overrides.write_text("clusters:\n  0: {name: Beta, trigger: b3ta}\n")
+    second = run_select(store, params)
+    assert second.recomputed and second.summary["names"] == {"Beta": "b3ta", "char_001": "char001"}
+    characters = pa.parquet.read_table(store.stage_dir("select") / "characters.parquet")
+    assert characters.column("character").to_pylist() == ["Beta", "char_001"]
