@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	touch $@
 
 demo: venv
-	$(BIN)/episode2lora run data/sample --name demo
+	$(BIN)/episode2lora run data/sample --name demo --config data/demo.yaml
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

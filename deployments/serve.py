@@ -63,6 +63,24 @@ def load_flow(entrypoint: str) -> Any:
         raise DeploymentConfigError(f"entrypoint {entrypoint!r}: {module.__name__} has no flow {attr!r}") from None
 
 
+def resolve_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Default parameters of a deployment; `params: <file>.yaml` is a run config (as `run --config`).
+
+    A relative config path is relative to the project folder. Raises DeploymentConfigError
+    naming the file when it is missing or invalid.
+    """
+    resolved = dict(parameters)
+    if isinstance(resolved.get("params"), str):
+        from flows.params import ParamsError, load_params
+
+        config = Path(resolved["params"])
+        try:
+            resolved["params"] = load_params(config if config.is_absolute() else PROJECT / config).model_dump(mode="json")
+        except ParamsError as exc:
+            raise DeploymentConfigError(str(exc)) from None
+    return resolved
+
+
 def build_deployments(path: Path | str = CONFIG) -> list[Any]:
     """RunnerDeployments for `prefect.serve`, one per entry of the file."""
     from prefect.schedules import Cron, Interval
@@ -82,7 +100,7 @@ def build_deployments(path: Path | str = CONFIG) -> list[Any]:
             name=entry["name"],
             description=entry.get("description"),
             tags=entry.get("tags"),
-            parameters=entry.get("parameters") or {},
+            parameters=resolve_parameters(entry.get("parameters") or {}),
             schedules=schedules,
             entrypoint_type=EntrypointType.MODULE_PATH,
         ))

@@ -25,6 +25,11 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # a busy machine can take well over Prefect's default 20 s to start the temporary API server
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+_quiet_prefect()  # before anything imports prefect
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -62,6 +67,14 @@ def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: s
         manifest = store.manifest_path(stage)
         fresh = manifest.exists() and manifest.stat().st_mtime >= started
         console.print(f"  {stage:<9} {manifest}  ({'computed now' if fresh else 'reused from an earlier run'})")
+    if "package" in results:  # the guide's total steps per character (images x repeats x epochs / batch)
+        console.print("\ntraining steps:")
+        for line in results["package"].summary.get("steps", []):
+            console.print(f"  {line}", markup=False, highlight=False)
+    if "train" in results:  # the LoRA files, and a plain word when the base model is a stand-in
+        from episode2lora.training_commands import print_loras
+
+        print_loras(store, params)
 
 
 @app.command()

@@ -106,6 +106,23 @@ def versions(
     console.print(table)
 
 
+def print_loras(store: Any, params: Any) -> None:
+    """After a run that trained: each character's LoRA file, and a plain word when the base is a stand-in."""
+    from models.sd_base import is_tiny
+    from tasks.train import TINY_NOTICE
+
+    chosen = {}
+    for stage, column in (("train", "lora_path"), ("evaluate", "final_lora")):
+        if store.is_done(stage):
+            chosen.update({r["character"]: r[column] for r in store.read_manifest(stage).to_pylist() if r.get(column)})
+    if chosen:
+        console.print("\nLoRA files (kohya format; load with diffusers' load_lora_weights, ComfyUI or A1111):")
+        for character, path in sorted(chosen.items()):
+            console.print(f"  {character:<16} {store.root / path}", markup=False, highlight=False)
+    if is_tiny(params.train.base):
+        console.print(f"\n[bold yellow]note:[/] {TINY_NOTICE.format(base=params.train.base)}")
+
+
 def register(app: typer.Typer) -> None:
     """Add `train` and `versions` to the CLI."""
     app.command("train")(train)

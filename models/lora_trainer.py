@@ -236,7 +236,7 @@ class _Run:
                 raise ImportError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
             optimizer = bnb.optim.AdamW8bit(groups, weight_decay=s.weight_decay)
         else:
-            optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
+            optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay, foreach=True)
         self.optimizer_name = type(optimizer).__name__
         unet_lambda = lambda step: lr_factor(step, s.lr_scheduler, s.warmup_steps, self.total, s.lr_cycles)  # noqa: E731
         te_lambda = lambda step: unet_lambda(step) if step < self.te_steps else 0.0  # noqa: E731
@@ -320,11 +320,23 @@ class _Run:
             m = (epoch + 1) * self.micro_per_epoch
 
     def train(self) -> None:
-        import torch
-
         s = self.s
         tracker_config = {k: v for k, v in s.model_dump().items() if isinstance(v, (int, float, str, bool))}
         self.acc.init_trackers("lora", config=tracker_config)
+        main = self.acc.is_main_process  # per-step logs: one line-buffered file, TensorBoard without a flush per step
+        self.board = self.acc.get_tracker("tensorboard", unwrap=True) if main else None
+        self.loss_log = open(self.out / "loss.jsonl", "a", buffering=1) if main else None
+        try:
+            self._loop()
+        finally:
+            if self.loss_log is not None:
+                self.loss_log.close()
+        self.acc.end_training()
+
+    def _loop(self) -> None:
+        import torch
+
+        s = self.s
         if self.step == 0:
             self._validate(baseline=True)
         batches = self._micro_batches(self.step * s.grad_accum)
@@ -353,16 +365,15 @@ class _Run:
             self.last_loss = sum(running) / len(running)
             running.clear()
             self._after_step()
-        self.acc.end_training()
 
     # -- per step bookkeeping -----------------------------------------------------------------
     def _after_step(self) -> None:
         s, step = self.s, self.step
         lr = self.lr_scheduler.get_last_lr()[0]
-        if self.acc.is_main_process:
-            with open(self.out / "loss.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": step, "loss": self.last_loss, "lr": lr, "epoch": self.epoch}) + "\n")
-        self.acc.log({"loss": self.last_loss, "lr": lr}, step=step)
+        if self.loss_log is not None:
+            self.loss_log.write(json.dumps({"step": step, "loss": self.last_loss, "lr": lr, "epoch": self.epoch}) + "\n")
+            self.board.add_scalar("loss", self.last_loss, global_step=step)
+            self.board.add_scalar("lr", lr, global_step=step)
         final = step == self.total
         checkpoint = step % s.save_every_steps == 0 or final
         if checkpoint or (s.validate_every_steps and step % s.validate_every_steps == 0):

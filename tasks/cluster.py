@@ -1,7 +1,8 @@
 """Stage `cluster`: group character layers by identity, with ids that survive new episodes.
 
-The kept layers' embeddings are reduced with UMAP (umap-learn) to `n_components` dimensions
-and clustered with HDBSCAN (scikit-learn); noise stays `cluster_id = -1`. Clusters whose
+The kept layers' embeddings are reduced with PCA (`pca_components`) and UMAP (umap-learn) to
+`n_components` dimensions and clustered with HDBSCAN (scikit-learn, over the k-nearest-neighbour
+graph so that large runs stay near-linear); noise stays `cluster_id = -1`. Clusters whose
 centroids (in the embedding space) are closer than `merge_threshold` (cosine distance,
 average linkage) are merged, since HDBSCAN often splits one character by pose or shot. A
 second, 2-D UMAP over the same neighbour graph gives the map the report draws.
@@ -65,7 +66,11 @@ class ClusterParams(BaseModel):
 
     n_components: int = Field(8, ge=2, le=100, description="UMAP dimensions HDBSCAN clusters in")
     n_neighbors: int = Field(15, ge=2, le=500, description="UMAP neighbourhood size (larger: more global structure)")
+    pca_components: int = Field(64, ge=0, description="PCA to this many dimensions before UMAP (0: off); "
+                                                       "makes the neighbour search of large runs much faster")
     min_dist: float = Field(0.0, ge=0.0, le=1.0, description="UMAP min_dist for the clustering embedding")
+    n_epochs: int | None = Field(None, ge=10, description="UMAP optimisation epochs (None: umap's default, "
+                                                          "500 below 10k layers, 200 above)")
     map_min_dist: float = Field(0.1, ge=0.0, le=1.0, description="UMAP min_dist for the 2-D map of the report")
     min_cluster_size: int = Field(5, ge=2, description="HDBSCAN: smallest group that counts as a cluster")
     min_samples: int | None = Field(3, ge=1, description="HDBSCAN: neighbours a core point needs (None: min_cluster_size)")
@@ -91,21 +96,32 @@ class Clustering:
     seconds: dict[str, float] | None = None
 
 
-def _umap(x: np.ndarray, n_components: int, params: ClusterParams, min_dist: float, knn: Any = None) -> tuple[np.ndarray, Any]:
+def _umap(x: np.ndarray, n_components: int, params: ClusterParams, min_dist: float, *, knn: Any = None,
+          n_epochs: int | None = None) -> tuple[np.ndarray, Any]:
+    """UMAP embedding of `x`; also returns the neighbour graph of large inputs for reuse (else None)."""
     import umap
 
     n = len(x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # umap warns that a seed disables parallelism: intended
         reducer = umap.UMAP(n_components=n_components, n_neighbors=min(params.n_neighbors, n - 1),
-                            min_dist=min_dist, metric="euclidean", random_state=params.seed,
+                            min_dist=min_dist, metric="euclidean", random_state=params.seed, n_epochs=n_epochs,
                             init="spectral" if n > n_components + 2 else "random",
                             precomputed_knn=knn if knn is not None else (None, None, None))
         embedding = reducer.fit_transform(x)
-    knn_out = None  # neighbour graph of large inputs, reused by the 2-D map (small inputs use exact distances)
+    knn_out = None  # small inputs use exact distances and have no neighbour graph to reuse
     if getattr(reducer, "_knn_indices", None) is not None:
         knn_out = (reducer._knn_indices, reducer._knn_dists, reducer._knn_search_index)
     return np.asarray(embedding, np.float32), knn_out
+
+
+def _pca(x: np.ndarray, components: int, seed: int) -> np.ndarray:
+    """PCA to `components` dimensions when that is fewer than the embedding has (0: unchanged)."""
+    if not components or x.shape[1] <= components or len(x) <= components:
+        return x
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=components, svd_solver="randomized", random_state=seed).fit_transform(x).astype(np.float32)
 
 
 def _pca_2d(x: np.ndarray) -> np.ndarray:
@@ -117,6 +133,34 @@ def _pca_2d(x: np.ndarray) -> np.ndarray:
     if out.shape[1] < 2:
         out = np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
     return out.astype(np.float32)
+
+
+def hdbscan_on_neighbours(z: np.ndarray, min_cluster_size: int, min_samples: int,
+                          neighbours: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """HDBSCAN over the symmetric k-nearest-neighbour graph of `z` (sparse precomputed distances).
+
+    Only neighbour distances enter the minimum spanning tree, so time grows near-linearly
+    instead of with n^2. Separate components of the graph are joined by edges longer than any
+    other, which only connects them at the root of the cluster tree. Returns (labels, probabilities).
+    """
+    from scipy.sparse.csgraph import connected_components
+    from sklearn.cluster import HDBSCAN
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(z)
+    k = min(n - 1, max(neighbours, min_samples + 1))
+    graph = NearestNeighbors(n_neighbors=k).fit(z).kneighbors_graph(mode="distance")
+    graph.data = graph.data.astype(np.float64) + 1e-9  # keep zero distances (duplicates) as edges
+    graph = graph.maximum(graph.T).tolil()
+    count, component = connected_components(graph, directed=False)
+    if count > 1:
+        bridge = float(graph.tocsr().data.max()) * 10.0
+        heads = [int(np.flatnonzero(component == c)[0]) for c in range(count)]
+        for a, b in zip(heads[:-1], heads[1:]):
+            graph[a, b] = graph[b, a] = bridge
+    model = HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min_samples, metric="precomputed", copy=False)
+    model.fit(graph.tocsr())
+    return model.labels_.astype(np.int64), model.probabilities_.astype(np.float32)
 
 
 def merge_close_clusters(x: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
@@ -145,40 +189,52 @@ def _by_size(labels: np.ndarray) -> np.ndarray:
     return np.array([lookup.get(v, NOISE) for v in labels.tolist()], dtype=np.int64)
 
 
+MAP_EPOCHS = 100
+"""At most this many optimisation epochs for the report's 2-D map (a picture, not a result)."""
+
+
 def cluster_embeddings(x: np.ndarray, params: ClusterParams) -> Clustering:
-    """UMAP -> HDBSCAN -> merge -> numbering by size, plus a 2-D map. Deterministic for `params.seed`.
+    """PCA -> UMAP -> HDBSCAN -> merge -> numbering by size, plus a 2-D map. Deterministic for `params.seed`.
 
     Args:
         x: (n, d) L2-normalised embeddings.
         params: clustering parameters.
     Returns:
-        a Clustering (labels 0.. by size, -1 noise).
+        a Clustering (labels 0.. by size, -1 noise; `seconds` per phase).
     """
-    from sklearn.cluster import HDBSCAN
-
     n = len(x)
     seconds: dict[str, float] = {}
     if n < max(params.min_cluster_size, 2):
         return Clustering(np.full(n, NOISE, np.int64), np.zeros(n, np.float32), _pca_2d(x), 0, seconds)
-    t0 = time.perf_counter()
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase] = round(now - clock, 3)
+        clock = now
+
+    compact = _pca(x, params.pca_components, params.seed)
+    lap("pca")
     knn, manifold = None, n > params.n_components + 2 and n > 4
     if manifold:
-        reduced, knn = _umap(x, params.n_components, params, params.min_dist)
+        reduced, knn = _umap(compact, params.n_components, params, params.min_dist, n_epochs=params.n_epochs)
     else:  # too few layers for a manifold: cluster the embeddings themselves
-        reduced = x
-    seconds["umap"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    min_samples = min(params.min_samples or params.min_cluster_size, n - 1)
-    model = HDBSCAN(min_cluster_size=params.min_cluster_size, min_samples=max(min_samples, 1), copy=True)
-    model.fit(reduced.astype(np.float64))
-    labels, probabilities = model.labels_.astype(np.int64), model.probabilities_.astype(np.float32)
-    seconds["hdbscan"] = time.perf_counter() - t0
+        reduced = compact
+    lap("umap")
+    min_samples = max(1, min(params.min_samples or params.min_cluster_size, n - 1))
+    labels, probabilities = hdbscan_on_neighbours(reduced, params.min_cluster_size, min_samples)
+    lap("hdbscan")
     labels, merged = merge_close_clusters(x, labels, params.merge_threshold)
     labels = _by_size(labels)
-    t0 = time.perf_counter()
-    map_xy = _umap(x, 2, params, params.map_min_dist, knn)[0] if manifold else _pca_2d(x)
-    seconds["map"] = time.perf_counter() - t0
-    return Clustering(labels, probabilities, map_xy, merged, {k: round(v, 3) for k, v in seconds.items()})
+    lap("merge")
+    if manifold:
+        map_epochs = min(params.n_epochs or MAP_EPOCHS, MAP_EPOCHS)
+        map_xy = _umap(compact, 2, params, params.map_min_dist, knn=knn, n_epochs=map_epochs)[0]
+    else:
+        map_xy = _pca_2d(x)
+    lap("map")
+    return Clustering(labels, probabilities, map_xy, merged, seconds)
 
 
 # ---- ids that persist -------------------------------------------------------------------------

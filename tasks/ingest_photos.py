@@ -68,7 +68,7 @@ class IngestPhotosParams(BaseModel):
     kind: str = Field("human", description="kind of subject for the captioner prompts (human / creature / unknown)")
     min_images: int = Field(15, ge=1, description="fewest images (the guide: 15)")
     max_images: int = Field(30, ge=1, description="top of the recommended range (the guide: 15-30)")
-    near_duplicate_distance: int = Field(8, ge=0, le=64, description="perceptual-hash bits that may differ in a near-duplicate")
+    near_duplicate_distance: int = Field(10, ge=0, le=64, description="perceptual-hash bits that may differ in a near-duplicate")
     drop_duplicates: bool = Field(True, description="drop exact duplicates (same pixels) from the dataset")
     max_aspect_ratio: float = Field(2.0, ge=1, description="long side / short side above this is an odd aspect ratio")
     min_side: int = Field(512, ge=1, description="short sides below this are low resolution (the fast profile trains at 512)")

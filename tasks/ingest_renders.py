@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import json
 import re
-import string
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import pyarrow as pa
 import yaml
@@ -38,32 +37,16 @@ from prefect import task
 from tasks.ingest import (IMAGE_SUFFIXES, STAGE, check_trigger, image_stats, listing_digest, place_image, read_caption,
                           require_identity, with_trigger)
 from tasks.progress import StageProgress
+from tasks.render_captions import SIZE_TOKEN, RenderTemplate, caption_from_name, read_template
+from tasks.render_training import GUIDE_PROMPTS_STAGE1, GUIDE_PROMPTS_STAGE2, ai_toolkit_config
 from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
 from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name, write_table
 
 VERSION = 1
 RENDER_NAME = re.compile(r"^(?P<name>[A-Z0-9]+(?:_(?:[A-Z0-9]+|\d+x\d+))*)_(?P<frame>\d{4})\.png$")
 """The naming convention: upper-case tokens joined by `_`, optional `WxH` token, 4-digit frame, `.png`."""
-SIZE_TOKEN = re.compile(r"^(\d+)x(\d+)$")
 PHASE_FOLDER = re.compile(r"^phase[_-]?(\d+)", re.I)
-PLACEHOLDERS = ("trigger", "name", "words", "phase", "frame", "frames", "angle")
 DETAIL_SUFFIX = "_detail"
-
-GUIDE_PROMPTS_STAGE1 = [
-    "{trigger} health smartwatch rotating 360 degrees, black device with glossy screen, 33mm square design, white background",
-    "{trigger} smartwatch closeup, copper magnetic connectors visible, 6 golden pins, ring frame detail",
-    "{trigger} smartwatch with biometric sensors active, green LED lights glowing, bottom view, health monitoring",
-    "{trigger} smartwatch with powerbank attached, modular battery system, green LED indicator, complete assembly",
-    "{trigger} smartwatch core device only, LED display screen, speaker and button visible, side view",
-]
-"""The sample prompts of the guide's AI-Toolkit config (its product name replaced by the trigger)."""
-GUIDE_PROMPTS_STAGE2 = [
-    "{trigger} smartwatch copper connectors closeup, 6 golden pins, top view",
-    "{trigger} smartwatch button and speaker detail, side profile, closeup",
-    "{trigger} smartwatch display screen closeup, glossy surface, reflections",
-]
-"""The guide's test prompts of stage 2 (detail enhancement)."""
-NEGATIVE = "blurry, low quality, distorted, deformed, watermark, text, logo"
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),          # <phase>:<file stem>
@@ -100,58 +83,6 @@ SEQUENCE_SCHEMA = pa.schema([
 
 
 # ---- parameters ---------------------------------------------------------------------------------
-
-class RenderTemplate(BaseModel):
-    """How a caption is made from a render's file name (the user's caption template file).
-
-    The file is YAML with `template` (and optionally `tokens`, `drop`), or plain text that is the
-    template. Placeholders: {trigger} {name} {words} {phase} {frame} {frames} {angle}. `{words}`
-    is the name's tokens as phrases: `tokens` maps a token or a run of tokens (`SENSORS_ON`) to a
-    phrase (longest match first, "" drops it); other tokens are written in lower case; size
-    tokens (`1024x1024`) and tokens listed in `drop` are left out.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    template: str = Field(..., description="caption with {placeholders}")
-    tokens: dict[str, str] = Field(default_factory=dict, description="token (or TOKEN_RUN) -> phrase")
-    drop: list[str] = Field(default_factory=list, description="tokens left out of {words}")
-
-    @field_validator("template")
-    @classmethod
-    def _placeholders(cls, value: str) -> str:
-        text = " ".join(value.split())
-        try:
-            names = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
-        except ValueError as exc:
-            raise ValueError(f"template is not a valid format string ({exc}): {value!r}") from None
-        unknown = sorted(n for n in names if n.split(".")[0].split("[")[0] not in PLACEHOLDERS)
-        if unknown or "" in names:
-            raise ValueError(f"template uses unknown placeholder(s) {unknown or ['{}']}; "
-                             f"known: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}")
-        return text
-
-
-def read_template(path: str | Path) -> RenderTemplate:
-    """Load a caption template file (YAML with `template:`, or the plain-text template).
-
-    Raises FileNotFoundError or ValueError naming the file.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"caption template file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        data = None
-    try:
-        if isinstance(data, dict):
-            return RenderTemplate.model_validate(data)
-        return RenderTemplate(template=text.strip())
-    except ValueError as exc:
-        raise ValueError(f"caption template {path}: {exc}") from None
-
 
 class IngestRendersParams(BaseModel):
     """What the render checks expect, and how the phases map onto the training stages."""
@@ -216,7 +147,7 @@ class IngestRendersParams(BaseModel):
         return 2 if phase_number in self.stage2_phases else 0
 
 
-# ---- names and captions --------------------------------------------------------------------------
+# ---- names ---------------------------------------------------------------------------------------
 
 def parse_render_name(filename: str) -> tuple[str, int] | None:
     """(sequence name, frame number) of a render file following the convention, else None.
@@ -234,41 +165,6 @@ def name_size(sequence: str) -> tuple[int, int] | None:
         if m := SIZE_TOKEN.match(token):
             return int(m[1]), int(m[2])
     return None
-
-
-def token_words(sequence: str, template: RenderTemplate) -> str:
-    """The name's tokens as phrases (longest mapped run first), size and dropped tokens left out."""
-    tokens = [t for t in sequence.split("_") if t and not SIZE_TOKEN.match(t) and t not in template.drop]
-    phrases: list[str] = []
-    plain: list[str] = []
-    i = 0
-    while i < len(tokens):
-        for j in range(len(tokens), i, -1):
-            run = "_".join(tokens[i:j])
-            if run in template.tokens:
-                if plain:
-                    phrases.append(" ".join(plain))
-                    plain = []
-                if template.tokens[run].strip():
-                    phrases.append(template.tokens[run].strip())
-                i = j
-                break
-        else:
-            plain.append(tokens[i].lower())
-            i += 1
-    if plain:
-        phrases.append(" ".join(plain))
-    return ", ".join(phrases)
-
-
-def caption_from_name(template: RenderTemplate, *, trigger: str, sequence: str, phase: str, frame: int,
-                      frames: int) -> str:
-    """Fill the template for one render."""
-    angle = round(frame * 360 / frames) % 360 if frames else 0
-    text = template.template.format(trigger=trigger, name=sequence, words=token_words(sequence, template),
-                                    phase=phase, frame=frame, frames=frames, angle=angle)
-    parts = [p.strip() for p in text.split(",")]
-    return ", ".join(p for p in parts if p)
 
 
 # ---- one phase folder ----------------------------------------------------------------------------
@@ -370,11 +266,12 @@ def _check_render(path: Path, name_frame: tuple[str, int] | None, phase: str, ph
 
 def _phase_report(phase: str, number: int | None, stage: int, params: IngestRendersParams, rows: list[dict],
                   sequences: list[dict]) -> dict:
+    """A phase's counts, issues by type, and one line per dropped render or gapped sequence."""
     issues: dict[str, int] = {}
     for row in rows:
         for issue in filter(None, (row["issues"] or "").split(",")):
             issues[issue] = issues.get(issue, 0) + 1
-    findings = [f"{r['source_file'].rsplit('/', 1)[-1]}: {r['drop_reason'][len(QUARANTINE):] if r['drop_reason'].startswith(QUARANTINE) else r['drop_reason']}"
+    findings = [f"{Path(r['source_file']).name}: {r['drop_reason'].removeprefix(QUARANTINE)}"
                 for r in rows if r["drop_reason"]]
     findings += [f"{s['sequence']}: missing frame(s) {_ranges(s['missing'])} of {s['expected']}"
                  for s in sequences if s["missing"]]
@@ -437,41 +334,6 @@ def count_report(phases: list[dict], params: IngestRendersParams) -> str:
         lines.append("Findings:")
         lines += [f"  - {f}" for f in findings]
     return "\n".join(lines)
-
-
-def ai_toolkit_config(params: IngestRendersParams, stage: int, folders: list[Path], training_folder: Path) -> dict:
-    """The guide's AI-Toolkit FLUX LoRA job for one training stage (stage 2 starts from stage 1's LoRA)."""
-    name = params.character_of(stage)
-    prompts = [p.replace("{trigger}", params.trigger) for p in (params.stage1_prompts if stage == 1 else params.stage2_prompts)]
-    network: dict[str, Any] = {"type": "lora", "linear": params.rank, "linear_alpha": params.rank}
-    if stage == 2:
-        first = params.character_of(1)
-        network["pretrained_lora_path"] = str(training_folder / first / f"{first}.safetensors")
-    size = list(params.resolution)
-    return {
-        "job": "extension",
-        "config": {
-            "name": name,
-            "process": [{
-                "type": "sd_trainer", "training_folder": str(training_folder), "device": "cuda:0",
-                "trigger_word": params.trigger, "network": network,
-                "save": {"dtype": "float16", "save_every": 100, "max_step_saves_to_keep": 3},
-                "datasets": [{"folder_path": str(f), "caption_ext": "txt", "caption_dropout_rate": 0.05,
-                              "shuffle_tokens": False, "cache_latents_to_disk": True, "resolution": size}
-                             for f in folders],
-                "train": {"batch_size": 1, "steps": params.stage1_steps if stage == 1 else params.stage2_steps,
-                          "gradient_accumulation_steps": 1, "train_unet": True, "train_text_encoder": False,
-                          "gradient_checkpointing": True, "noise_scheduler": "flowmatch", "optimizer": "adamw8bit",
-                          "lr": params.stage1_lr if stage == 1 else params.stage2_lr, "lr_scheduler": "constant",
-                          "ema_config": {"use_ema": True, "ema_decay": 0.99}, "dtype": "bf16"},
-                "model": {"name_or_path": params.base_model, "is_flux": True, "quantize": True},
-                "sample": {"sampler": "flowmatch", "sample_every": 100, "width": size[0], "height": size[1],
-                           "prompts": prompts, "neg": NEGATIVE, "seed": 42, "walk_seed": True,
-                           "guidance_scale": 4.0, "sample_steps": 20},
-            }],
-        },
-        "meta": {"name": name, "version": "1.0", "stage": stage},
-    }
 
 
 # ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) ----------------------
@@ -595,23 +457,6 @@ def run_ingest_renders(store: RunStore, input_dir: str, params: IngestRendersPar
     return merge_ingest_renders(store, plan, params)
 
 
-def staged_train_params(train: Any, params: IngestRendersParams) -> Any:
-    """The train stage's parameters for the guide's two stages: steps, LR and sample prompts of each
-    LoRA, and stage 2 starting from stage 1's finished LoRA (`TrainParams.per_character`, `init_from`).
-    Settings the user gave per character are kept."""
-    from models.lora_settings import SettingsOverrides
-
-    first, second = params.character_of(1), params.character_of(2)
-    staged = {first: SettingsOverrides(max_steps=params.stage1_steps, unet_lr=params.stage1_lr,
-                                       sample_prompts=list(params.stage1_prompts)),
-              second: SettingsOverrides(max_steps=params.stage2_steps, unet_lr=params.stage2_lr,
-                                        sample_prompts=list(params.stage2_prompts))}
-    for character, given in train.per_character.items():
-        base = staged.get(character, SettingsOverrides())
-        staged[character] = base.model_copy(update=given.model_dump(exclude_none=True))
-    return train.model_copy(update={"per_character": staged, "init_from": {second: first, **train.init_from}})
-
-
 # ---- Prefect tasks --------------------------------------------------------------------------------
 
 @task(name="plan-ingest-renders")
@@ -635,5 +480,8 @@ def ingest_phase_task(run: RunRef, shard: PhaseShard, params: IngestRendersParam
 def merge_ingest_renders_task(run: RunRef, plan: IngestRendersPlan, params: IngestRendersParams) -> StageResult:
     """Merge the phases into the run's ingest manifest and write the per-phase report."""
     result = merge_ingest_renders(run.store(), plan, params)
-    publish(result, "ingest (renders)")
+    phases = json.loads((run.store().stage_dir(STAGE) / "report.json").read_text())["phases"]
+    publish(result, "ingest (renders)", rows=[{k: p[k] for k in ("phase", "stage", "images", "kept", "dropped")}
+                                              | {"issues": ", ".join(f"{i} {n}" for i, n in p["issues"].items())}
+                                              for p in phases])
     return result

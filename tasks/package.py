@@ -11,7 +11,8 @@ Layout under `<run>/package/`::
     manifest.parquet, characters.parquet
 
 Images are rendered from the caption stage's rows (tasks/render.py: RGBA layer onto the plain
-colour, or onto the background layer the augment op chose). The validation split is drawn
+colour, or onto the background layer the augment op chose); a render that comes out blank (a
+white shape on the white canvas) is quarantined, not packaged. The validation split is drawn
 per character over originals: an original and all its augmented copies land on the same side.
 Training parameters follow the Yokai guide's table by training image count; creature-kind
 characters get network_dim 48 and learning rates x1.1. Options: one multi-concept LoRA over
@@ -37,12 +38,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from prefect import task
 
 from tasks.progress import StageProgress
-from tasks.render import RenderSpec, cover, read_background, read_layer, render
+from tasks.render import RenderSpec, blank_reason, cover, read_background, read_layer, render
 from tasks.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
 from tasks.store import QUARANTINE, RunStore, safe_name, write_table
 
 STAGE = "package"
-VERSION = 1
+VERSION = 2
 
 TABLE: tuple[tuple[float, int, int, float, float], ...] = (
     (10, 30, 30, 5e-5, 2e-5),
@@ -394,8 +395,14 @@ def package_dataset(root: Path, rows: list[dict], backgrounds: list[str], params
                 except ValueError as exc:
                     record.update(kept=False, drop_reason=f"{QUARANTINE}{bad}: {exc}")
                 else:
-                    _write_pair(folder, stem, render(layer, background, params.render)[..., :3], row["caption"])
-                    record["stem"] = stem
+                    rgb = render(layer, background, params.render)[..., :3]
+                    blank = blank_reason(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+                    if blank:  # e.g. a white shape on the white canvas: nothing to learn from
+                        record.update(kept=False, drop_reason=f"{QUARANTINE}{row['path']}: rendered image is "
+                                                              f"{blank[0].split('_')[0]} ({blank[1]})")
+                    else:
+                        _write_pair(folder, stem, rgb, row["caption"])
+                        record["stem"] = stem
                 mine_records.append(record)
                 bar.advance()
             n_train = sum(r["kept"] and r["split"] == "train" for r in mine_records)

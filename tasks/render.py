@@ -113,3 +113,16 @@ def render(layer: np.ndarray, background: np.ndarray | None, spec: RenderSpec) -
     out[..., 3] = np.round(alpha * 255.0).astype(np.uint8)
     return out
 
+
+def blank_reason(gray: np.ndarray, black_level: float = 10.0, uniform_std: float = 2.0) -> tuple[str, str] | None:
+    """("black_image" | "uniform_image", detail) when a picture shows nothing, else None.
+
+    `gray` is its luma (0-255). The validate stage's check; packaging uses it with the
+    default thresholds to quarantine characters that vanish into a plain background.
+    """
+    mean, std = float(gray.mean()), float(gray.std())
+    if mean < black_level and std < 4 * max(uniform_std, 1.0):
+        return "black_image", f"mean luma {mean:.1f}"
+    if std < uniform_std:
+        return "uniform_image", f"luma std {std:.2f}"
+    return None

@@ -37,7 +37,7 @@ from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_shard
 from tasks.store import QUARANTINE, RunStore, fingerprint
 
 STAGE = "segment"
-VERSION = 1
+VERSION = 2
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),          # <frame item_id>:<instance:02d>
@@ -48,6 +48,7 @@ SCHEMA = pa.schema([
     ("bbox", pa.list_(pa.int32())),    # [x0, y0, x1, y1] in frame pixels, x1/y1 exclusive
     ("area_frac", pa.float32()),       # instance pixels / frame pixels
     ("alpha_coverage", pa.float32()),  # opaque fraction of the layer image
+    ("confidence", pa.float32()),      # mean mask value over the layer's pixels
     ("model", pa.string()),
     ("width", pa.int32()),             # frame size
     ("height", pa.int32()),
@@ -68,7 +69,9 @@ class SegmentParams(BaseModel):
     model: str = Field("u2netp", description="segmenter: a rembg model name ('isnet-anime' is the recommended "
                        "model for anime; 'u2netp' is the offline default) or 'custom:<path to .onnx>'")
     threshold: float = Field(0.5, gt=0, lt=1, description="mask value (0-1) at which a pixel counts as character")
-    min_area_frac: float = Field(0.002, ge=0, lt=1, description="instances smaller than this fraction of the frame are specks")
+    min_area_frac: float = Field(0.01, ge=0, lt=1, description="instances smaller than this fraction of the frame are specks")
+    min_confidence: float = Field(0.8, ge=0, le=1, description="layers whose mean mask value is below this are "
+                                  "dropped as 'faint' (half-detected clouds, glows, background shapes)")
     join_distance: int = Field(6, ge=0, le=512, description="pixels: parts of a figure closer than this are one instance")
     margin: int = Field(8, ge=0, le=1024, description="pixels added around an instance's box when cropping its layer")
     alpha_matting: bool = Field(False, description="refine layer alpha by closed-form matting (slow)")
@@ -122,7 +125,9 @@ def split_instances(mask: np.ndarray, params: SegmentParams) -> tuple[np.ndarray
     min_pixels = params.min_area_frac * mask.size
     found = []
     for k in range(1, count):
-        x, y, w, h = stats[k, :4]
+        x, y, w, h, joined_area = stats[k]
+        if joined_area < min_pixels:  # its own pixels are fewer still: a speck
+            continue
         region = np.zeros_like(binary, dtype=bool)
         region[y:y + h, x:x + w] = labels[y:y + h, x:x + w] == k
         pixels = region & (binary > 0)
@@ -216,6 +221,8 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
         layer_alpha = np.clip(layer_alpha * 255 + 0.5, 0, 255).astype(np.uint8)
         name = f"{stem}_{number:02d}.png"
         _write_png(out / "character" / name, np.dstack([rgb[cy0:cy1, cx0:cx1], layer_alpha]))
+        confidence = float(mask[pixels].mean())
+        faint = confidence < params.min_confidence
         rows.append({
             "item_id": f"{frame['item_id']}:{number:02d}", "source_id": frame["item_id"],
             "episode": frame["episode"], "frame_index": frame["frame_index"], "instance": number,
@@ -223,7 +230,7 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
             "alpha_coverage": float((layer_alpha >= 128).mean()), "model": model,
             "width": w, "height": h, "path": f"{prefix}/character/{name}",
             "mask_path": mask_path, "background_path": base["background_path"],
-            "flag": None, "kept": True, "drop_reason": None,
+            "confidence": confidence, "flag": None, "kept": not faint, "drop_reason": "faint" if faint else None,
         })
     return rows
 

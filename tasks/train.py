@@ -99,24 +99,24 @@ def train_job(job: Any, *, trainer: str = "diffusers", kohya_scripts: str | None
     Returns (outcome, version id). On failure the version is marked failed with the error and
     the exception propagates.
     """
+    from models.lora_checkpoints import checkpoint_dirs
+    from models.sd_base import is_tiny
     from models.trainers import get_trainer
     from tasks import versions
-
-    from models.lora_checkpoints import checkpoint_dirs
 
     if not resume and checkpoint_dirs(job.output_dir):  # refused before anything is recorded
         raise FileExistsError(f"{job.output_dir} already holds checkpoints of a training; resume it or use another output folder")
     options = {"scripts_dir": kohya_scripts} if trainer == "kohya" else {}
     version = None
+    if registry is not None and os.environ.get("RANK", "0") != "0":
+        registry = None  # under `accelerate launch` only the main process records the training
     if registry is not None:
         version = versions.start_version(
             registry, character=job.character, run=run, trigger=job.trigger, trainer=trainer, base=job.settings.base,
             profile=profile, params=job.settings.model_dump(mode="json"), output_dir=str(job.output_dir),
             version_id=version_id)
-    from models.sd_base import is_tiny
-
     if is_tiny(job.settings.base):
-        print(f"note: {TINY_NOTICE.format(base=job.settings.base)}")
+        _warn(TINY_NOTICE.format(base=job.settings.base))
     bar = StageProgress(f"train {job.character}", None) if progress else None
     try:
         def on_step(step: int, total: int, logs: dict) -> None:
@@ -141,6 +141,17 @@ def train_job(job: Any, *, trainer: str = "diffusers", kohya_scripts: str | None
 TINY_NOTICE = ("base model '{base}' is a tiny UNTRAINED stand-in: the LoRA proves the pipeline end to end, it does "
                "not learn the character. For real LoRAs set a real base: train.base=stable-diffusion-v1-5/"
                "stable-diffusion-v1-5 (or an SDXL id, or a local diffusers folder), e.g. --set train.base=/models/sd15")
+
+
+def _warn(message: str) -> None:
+    """A warning in the Prefect run's log when there is one, else on the terminal."""
+    try:
+        from prefect.exceptions import MissingContextError
+        from prefect.logging import get_run_logger
+
+        get_run_logger().warning(message)
+    except (ImportError, MissingContextError):
+        print(f"note: {message}")
 
 
 def train_folder(package: Path, output: Path, params: TrainParams, *, resume: bool = False,

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefect import task
 
+from tasks.render import blank_reason
 from tasks.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
 from tasks.store import RunStore, safe_name
 
@@ -119,11 +120,9 @@ def _check_image(path: Path, params: ValidateParams) -> tuple[list[tuple[str, st
         issues.append(("low_resolution", f"{w}x{h} < {params.min_resolution}"))
     if max(w, h) / max(1, min(w, h)) > params.max_aspect_ratio:
         issues.append(("extreme_aspect_ratio", f"{w}x{h}"))
-    mean, std = float(gray.mean()), float(gray.std())
-    if mean < params.black_level and std < 4 * max(params.uniform_std, 1.0):
-        issues.append(("black_image", f"mean luma {mean:.1f}"))
-    elif std < params.uniform_std:
-        issues.append(("uniform_image", f"luma std {std:.2f}"))
+    blank = blank_reason(gray, params.black_level, params.uniform_std)
+    if blank:
+        issues.append(blank)
     return issues, digest
 
 

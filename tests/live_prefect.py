@@ -32,9 +32,20 @@ SAMPLE = ROOT / "data" / "sample"
 DEPLOYMENTS = ("episode-to-lora/episode-to-lora", "reprocess/reprocess", "train-package/train")
 E2E_INPUT = SAMPLE / "episode01.mp4"
 """The end-to-end runs process one sample episode (about 20 s of 320x180 video)..."""
-E2E_PARAMS: dict[str, Any] = {"params": {"frames": {"max_per_shot": 1}}, "until": "select"}
-"""...with one frame per shot, through the flow's default `until`: a full run stays short."""
+E2E_CONFIG = ROOT / "data" / "demo.yaml"
+E2E_OVERRIDES: dict[str, Any] = {"select.tiers": ["S", "A", "B", "C", "D"], "select.min_images": 15}
+"""...with the demo's offline models, training the characters with at least 15 layers."""
+QUICK_RUN_UNTIL = "select"
+"""The deployment's default `until` on the test server: the browser's Quick run stops there (the
+API tests pass the flow's own default, the whole pipeline)."""
 
+
+def e2e_parameters() -> dict[str, Any]:
+    """Default parameters of the test server's episode-to-lora deployment."""
+    from flows.params import load_params
+
+    return {"inputs": [str(E2E_INPUT)], "name": "ui-sample", "until": QUICK_RUN_UNTIL,
+            "params": load_params(E2E_CONFIG, E2E_OVERRIDES).model_dump(mode="json")}
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -88,7 +99,7 @@ def write_test_config(tmp: Path) -> tuple[Path, Path, Path]:
         params = entry.setdefault("parameters", {})
         params["runs_dir"] = str(runs_dir)
         if entry["name"] == "episode-to-lora":
-            params.update(inputs=[str(E2E_INPUT)], name="ui-sample", **E2E_PARAMS)
+            params.update(e2e_parameters())
         if entry["name"] == "reprocess":
             params.update(watch_folder=str(watch), name="api")
     config = tmp / "prefect.yaml"

@@ -44,6 +44,7 @@ def _wait_final(live, flow_run_id, timeout: float):
 def test_quick_run_from_the_deployment_page_completes(prefect_ui):
     from playwright.sync_api import expect, sync_playwright
 
+    assert Path(CHROMIUM).exists(), f"Debian chromium is missing at {CHROMIUM} (make test installs it)"
     before = {r.id for r in _flow_runs_of(prefect_ui, "episode-to-lora")}
     SCREENSHOT.parent.mkdir(exist_ok=True)
     with sync_playwright() as p:

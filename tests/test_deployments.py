@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tasks.store import MARKER, STAGES, RunStore
-from tests.live_prefect import CONFIG, E2E_INPUT, E2E_PARAMS, SAMPLE, WebhookReceiver, get_json
+from tests.live_prefect import CONFIG, E2E_INPUT, SAMPLE, WebhookReceiver, get_json
 
 pytestmark = pytest.mark.e2e
 
@@ -58,9 +58,10 @@ def markers(folder: Path) -> dict[str, int]:
 
 
 def default_until() -> str:
+    """Where the flow stops by default: the whole pipeline (grows with it)."""
     from flows.episode_to_lora import episode_to_lora
 
-    return E2E_PARAMS.get("until") or inspect.signature(episode_to_lora.fn).parameters["until"].default
+    return inspect.signature(episode_to_lora.fn).parameters["until"].default
 
 
 def stages_through(until: str) -> list[str]:
@@ -70,7 +71,8 @@ def stages_through(until: str) -> list[str]:
 @pytest.fixture(scope="module")
 def api_run(prefect_ui, webhook):
     """One full run of the sample episode, triggered through the API."""
-    return run_and_wait(prefect_ui, "episode-to-lora/episode-to-lora", {"name": "api", "webhook_url": webhook.url})
+    return run_and_wait(prefect_ui, "episode-to-lora/episode-to-lora",
+                        {"name": "api", "until": default_until(), "webhook_url": webhook.url})
 
 
 def test_full_run_through_the_api_has_outputs_artifacts_and_webhook(prefect_ui, api_run, webhook):
@@ -125,7 +127,7 @@ def test_failed_run_retried_like_the_ui_reruns_only_what_did_not_finish(prefect_
     store.clean(until)
     blocker = _block(store, until)
     failed = run_and_wait(prefect_ui, "episode-to-lora/episode-to-lora",
-                          {"name": "api", "inputs": inputs, "webhook_url": webhook.url})
+                          {"name": "api", "inputs": inputs, "until": until, "webhook_url": webhook.url})
     assert failed.state.is_failed(), failed.state
     report = webhook.wait_for(lambda p: p["flow_run_id"] == str(failed.id) and p["status"] == "failed")
     assert blocker.name in report["error"]
@@ -231,3 +233,19 @@ def test_dask_task_runner_spreads_episodes_over_two_workers(prefect_ui, tmp_path
     assert reference.summary == results["frames"].summary
     assert pq.read_table(on_dask.manifest_path("frames")).equals(pq.read_table(RunStore(tmp_path, "plain").manifest_path("frames")))
 
+
+
+def test_train_deployment_trains_a_packaged_folder(prefect_ui, webhook, tmp_path):
+    from tests.lora_fixtures import make_character
+
+    package = tmp_path / "package"
+    make_character(package, "blob", "zqx")
+    flow_run = run_and_wait(prefect_ui, "train-package/train", {
+        "package_dir": str(package), "params": {"profile": "demo", "base": "tiny", "max_steps": 3},
+        "webhook_url": webhook.url})
+
+    assert flow_run.state.is_completed(), flow_run.state.message
+    lora = tmp_path / "package-lora" / "blob" / "blob.safetensors"
+    assert lora.is_file()
+    payload = webhook.wait_for(lambda p: p["flow_run_id"] == str(flow_run.id))
+    assert (payload["status"], payload["loras"], payload["error"]) == ("completed", [str(lora)], None)

@@ -25,7 +25,7 @@ def test_deployments_file_builds_every_deployment_with_typed_form_and_cron():
 
     configured = {d["name"]: d for d in read_config(CONFIG)}
     deployments = {d.name: d for d in build_deployments(CONFIG)}
-    assert set(deployments) == {"episode-to-lora", "reprocess", "train"} == set(configured)
+    assert set(deployments) == set(configured) >= {"episode-to-lora", "reprocess", "train"}
     assert deployments["episode-to-lora"].entrypoint == "flows.episode_to_lora.episode_to_lora"
 
     form = deployments["episode-to-lora"]._parameter_openapi_schema
@@ -37,6 +37,20 @@ def test_deployments_file_builds_every_deployment_with_typed_form_and_cron():
     [schedule] = deployments["reprocess"].schedules
     assert schedule.schedule.cron == configured["reprocess"]["schedules"][0]["cron"]
     assert deployments["episode-to-lora"].schedules == []
+
+
+def test_deployment_params_can_come_from_a_run_config_file(tmp_path):
+    from deployments.serve import PROJECT, DeploymentConfigError, build_deployments, read_config
+    from flows.params import load_params
+
+    [entry] = [d for d in read_config(CONFIG) if d["name"] == "episode-to-lora"]
+    [deployment] = [d for d in build_deployments(CONFIG) if d.name == "episode-to-lora"]
+    assert deployment.parameters["params"] == load_params(PROJECT / entry["parameters"]["params"]).model_dump(mode="json")
+
+    bad = tmp_path / "prefect.yaml"
+    bad.write_text(yaml.safe_dump({"deployments": [dict(entry, parameters={"params": str(tmp_path / "nope.yaml")})]}))
+    with pytest.raises(DeploymentConfigError, match="nope.yaml"):
+        build_deployments(bad)
 
 
 def test_deployments_file_errors_name_the_entry(tmp_path):

@@ -242,3 +242,23 @@ def test_parameters_are_checked_with_the_field_named():
         PackageParams(min_bucket_reso=512, max_bucket_reso=256)
     with pytest.raises(ValidationError, match="mixed_precision"):
         PackageParams(mixed_precision="fp8")
+
+
+def test_a_character_that_vanishes_into_the_plain_background_is_quarantined(tmp_path):
+    from tasks.validate import ValidateParams, run_validate
+
+    store = make_run(tmp_path, {"hero": ("human", 3)})
+    cloud = store.read_manifest("select").to_pylist()[0]["path"]
+    layer = np.zeros((60, 90, 4), np.uint8)
+    yy, xx = np.mgrid[:60, :90]
+    inside = ((yy - 30) / 26) ** 2 + ((xx - 45) / 40) ** 2 < 1
+    layer[inside] = (252, 252, 252, 200)  # a pale cloud the segmenter took for a character
+    Image.fromarray(layer, "RGBA").save(store.root / cloud)
+    run_augment(store, AugmentParams())
+    run_caption(store, CaptionParams())
+    result = run_package(store, PackageParams())
+    rows = store.read_manifest("package").to_pylist()
+    (dropped,) = [r for r in rows if not r["kept"]]
+    assert dropped["drop_reason"].startswith(f"quarantine: {cloud}: rendered image is uniform")
+    assert result.summary["quarantined"] == 1 and result.summary["kept"] == 2
+    assert run_validate(store, ValidateParams()).summary["passed"]

@@ -165,6 +165,43 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted_run(package, tm
     assert [s for s, _ in resumed.checkpoints] == [8, 12]  # keep_last 2
 
 
+def test_train_stage_killed_mid_training_resumes_on_the_next_run(tmp_path):
+    """The stage keeps an interrupted training's checkpoints and version id, and continues it."""
+    import time
+
+    from tasks.stage import StageResult
+    from tasks.store import RunStore
+    from tasks.train import TrainParams, run_train
+    from tasks.versions import read_versions
+
+    store = RunStore(tmp_path, "lora")
+    make_character(store.root / "package", "blob", "zqx", n_train=4, n_validation=0)
+    settings = {"profile": "demo", "base": "tiny", "max_steps": 20, "save_every_steps": 4, "sample_prompts": []}
+    code = ("import json, sys; from tasks.stage import StageResult; from tasks.store import RunStore; "
+            "from tasks.train import TrainParams, run_train; "
+            "run_train(RunStore(sys.argv[1], 'lora'), StageResult(stage='package', fingerprint='p'), "
+            "TrainParams.model_validate(json.loads(sys.argv[2])))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), json.dumps(settings)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first_checkpoint = store.root / "train" / "work" / "blob" / "checkpoints" / "step-000004"
+    deadline = time.time() + 300
+    while not first_checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL, somewhere after the first checkpoint
+    _, stderr = proc.communicate()
+    assert proc.returncode == -9, stderr[-2000:]
+    assert not store.is_done("train")
+    running = read_versions(tmp_path).to_pylist()
+    assert [r["status"] for r in running] == ["running"]
+
+    result = run_train(store, StageResult(stage="package", fingerprint="p"), TrainParams.model_validate(settings))
+    row = store.read_manifest("train").to_pylist()[0]
+    assert result.recomputed and row["steps"] == 20 and row["resumed_from"] >= 4
+    assert not (store.root / "train" / "work" / "blob").exists()  # committed: resume state dropped
+    versions = read_versions(tmp_path).to_pylist()
+    assert [(r["version_id"], r["status"]) for r in versions] == [(running[0]["version_id"], "completed")]
+
+
 def test_resume_refuses_a_checkpoint_of_other_settings(package, tmp_path):
     from models.lora_trainer import ResumeMismatch, train_lora
 
@@ -316,3 +353,44 @@ def test_cli_train_folder_then_versions(package, tmp_path):
     assert bad.exit_code == 2 and "train.rank" in bad.output
     listed = cli.invoke(app, ["versions", "--runs-dir", str(tmp_path)], env={"COLUMNS": "250"})
     assert listed.exit_code == 0 and "blob" in listed.output and "completed" in listed.output
+
+
+# ---- kohya sd-scripts as the trainer --------------------------------------------------------------
+
+FAKE_TRAIN_NETWORK = '''
+import argparse, json, torch
+from safetensors.torch import save_file
+p = argparse.ArgumentParser()
+for name in ("config_file", "dataset_config", "output_dir", "output_name", "logging_dir"):
+    p.add_argument("--" + name)
+a = p.parse_args()
+json.dump(vars(a), open(a.output_dir + "/args.json", "w"))
+for suffix in ("-000002", ""):
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, a.output_dir + "/" + a.output_name + suffix + ".safetensors")
+'''
+
+
+def test_kohya_scripts_trainer_runs_train_network_with_the_package_tomls(tmp_path):
+    """sd-scripts itself is not installed here: a stand-in train_network.py checks what we hand it."""
+    from tasks.train import TrainParams, train_folder
+    from tasks.versions import read_versions
+
+    package = tmp_path / "package"
+    make_character(package, "blob", "zqx", n_train=2, n_validation=0)
+    (package / "configs").mkdir()
+    (package / "configs" / "blob_config.toml").write_text("[network]\nnetwork_dim = 8\n")
+    (package / "configs" / "blob_dataset.toml").write_text("[general]\nshuffle_caption = true\n")
+    scripts = tmp_path / "sd-scripts"
+    scripts.mkdir()
+    (scripts / "train_network.py").write_text(FAKE_TRAIN_NETWORK)
+    params = TrainParams(trainer="kohya", kohya_scripts=str(scripts))
+    [(outcome, version)] = train_folder(package, tmp_path / "out", params, registry=tmp_path)
+    args = json.loads((tmp_path / "out" / "blob" / "args.json").read_text())
+    assert args["config_file"] == str(package / "configs" / "blob_config.toml")
+    assert args["dataset_config"] == str(package / "configs" / "blob_dataset.toml")
+    assert args["output_name"] == "blob" and Path(outcome.lora_path).is_file()
+    assert outcome.checkpoints == [(2, str(tmp_path / "out" / "blob" / "blob-000002.safetensors"))]
+    [row] = read_versions(tmp_path).to_pylist()
+    assert (row["trainer"], row["status"], row["version_id"]) == ("kohya", "completed", version)
+    with pytest.raises(ValueError, match="kohya_scripts"):
+        train_folder(package, tmp_path / "out2", TrainParams(trainer="kohya"), registry=tmp_path)

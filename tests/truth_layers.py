@@ -87,3 +87,25 @@ def scores(identities: list[str], labels: list[int]) -> dict[str, float]:
         majority += int(counts.max())
     return {"ari": float(adjusted_rand_score(y, c)), "purity": majority / max(int(clustered.sum()), 1),
             "noise": float((~clustered).mean()) if len(c) else 0.0, "clusters": len(set(c[clustered].tolist()))}
+
+
+def identities_of_layers(segment: pa.Table, videos: list[Path], *, match_iou: float = 0.5) -> dict[str, str | None]:
+    """For layers of the real segment stage: the true identity whose box overlaps the layer's best.
+
+    A layer whose box meets no true instance with IoU >= `match_iou` (a background object, a
+    fragment, two characters in one layer) gets None.
+    """
+    from tests.segment_scores import box_iou
+
+    truth = {}
+    for video in videos:
+        stem = Path(video).with_suffix("")
+        truth[safe_name(Path(video).stem)] = json.loads(Path(f"{stem}.truth.json").read_text())["frames"]
+    out: dict[str, str | None] = {}
+    for row in segment.to_pylist():
+        if not row["kept"] or row["path"] is None:
+            continue
+        instances = truth[row["episode"]][row["frame_index"]]["instances"]
+        best = max(instances, key=lambda t: box_iou(row["bbox"], t["bbox"]), default=None)
+        out[row["item_id"]] = best["identity"] if best and box_iou(row["bbox"], best["bbox"]) >= match_iou else None
+    return out

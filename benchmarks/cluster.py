@@ -1,0 +1,119 @@
+"""Cluster-stage benchmark: time at 5k / 20k / 50k embeddings, and quality on generated footage.
+
+    .venv/bin/python -m benchmarks.cluster [--sizes 5000 20000 50000] [--episodes 4] [--skip-real]
+
+Timing: random 512-d embeddings drawn around n/250 centres (L2-normalised, like real
+embedders' output) go through the stage's own `cluster_embeddings` (PCA, UMAP, HDBSCAN, merge,
+2-D map) with default parameters. A first run at the smallest size compiles UMAP's numba code
+and is reported apart; every size's time is then given as a ratio to the smallest size's time,
+and per layer, so growth is visible independently of how busy the machine is.
+
+Quality: generated episodes with known identities. (1) True layers (cut with the true masks)
+-> colour-shape embedder -> clustering: ARI, purity, noise fraction. (2) The real pipeline:
+frames -> segment (u2netp) -> embed -> cluster; layers are matched to true instances by box IoU
+>= 0.5, the rest (background objects, fragments) count as junk; ARI on the matched layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("EPISODE2LORA_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tasks.cluster import ClusterParams, cluster_embeddings, run_cluster  # noqa: E402
+from tasks.embed import EmbedParams, run_embed  # noqa: E402
+from tasks.store import RunStore  # noqa: E402
+from tests.truth_layers import commit_truth_segment, identities_of_layers, scores  # noqa: E402
+
+
+def random_embeddings(n: int, dim: int = 512, seed: int = 0) -> np.ndarray:
+    """n unit vectors around n/250 random centres (noise 0.03 per dimension)."""
+    rng = np.random.default_rng(seed)
+    k = max(20, n // 250)
+    centres = rng.normal(size=(k, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[rng.integers(0, k, n)] + rng.normal(scale=0.03, size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def timing(sizes: list[int]) -> None:
+    params = ClusterParams()
+    start = time.perf_counter()
+    cluster_embeddings(random_embeddings(min(sizes), seed=99), params)
+    print(f"warm-up at {min(sizes)} (numba compilation included): {time.perf_counter() - start:.1f} s")
+    print(f"{'layers':>7} {'seconds':>8} {'vs first':>8} {'per layer vs first':>18}  phases (s)            clusters")
+    base = None
+    for n in sizes:
+        x = random_embeddings(n)
+        start = time.perf_counter()
+        result = cluster_embeddings(x, params)
+        took = time.perf_counter() - start
+        base = base or (took, n)
+        phases = " ".join(f"{k} {v:.1f}" for k, v in (result.seconds or {}).items())
+        k = len(set(result.labels.tolist()) - {-1})
+        print(f"{n:>7} {took:>8.1f} {took / base[0]:>8.2f} {took / n / (base[0] / base[1]):>18.2f}  {phases:<22} "
+              f"{k} (true {max(20, n // 250)}), noise {np.mean(result.labels < 0):.3f}", flush=True)
+
+
+def quality(episodes: int, real: bool) -> None:
+    from tests.footage import render_episode
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        videos = []
+        for seed in range(3, 3 + episodes):
+            video = tmp / "footage" / f"ep{seed:02d}.mp4"
+            render_episode(video, seed=seed)
+            videos.append(video)
+        store = RunStore(tmp / "runs", "truth")
+        _, identities = commit_truth_segment(store, videos, stride=2)
+        run_embed(store, EmbedParams())
+        start = time.perf_counter()
+        run_cluster(store, ClusterParams())
+        table = store.read_manifest("cluster")
+        got = scores([identities[i] for i in table.column("item_id").to_pylist()], table.column("cluster_id").to_pylist())
+        print(f"true layers, {episodes} episodes, {table.num_rows} layers: ARI {got['ari']:.3f}, purity "
+              f"{got['purity']:.3f}, noise {got['noise']:.3f}, clusters {got['clusters']} (6 identities), "
+              f"clustered in {time.perf_counter() - start:.1f} s")
+        if not real:
+            return
+        from tasks.frames import FramesParams, run_frames
+        from tasks.segment import SegmentParams, run_segment
+
+        store = RunStore(tmp / "runs", "real")
+        run_frames(store, [str(v) for v in videos], FramesParams())
+        run_segment(store, SegmentParams())
+        run_embed(store, EmbedParams())
+        run_cluster(store, ClusterParams())
+        matched = identities_of_layers(store.read_manifest("segment"), videos)
+        table = store.read_manifest("cluster").to_pylist()
+        known = [r for r in table if matched.get(r["item_id"])]
+        got = scores([matched[r["item_id"]] for r in known], [r["cluster_id"] for r in known])
+        junk = [r for r in table if not matched.get(r["item_id"])]
+        junk_clusters = {r["cluster_id"] for r in junk} - {r["cluster_id"] for r in known} - {-1}
+        print(f"real segment output (u2netp), {len(table)} layers, {len(known)} match a true instance, "
+              f"{len(junk)} junk: ARI {got['ari']:.3f}, purity {got['purity']:.3f}, noise {got['noise']:.3f} on the "
+              f"matched layers; {got['clusters']} clusters hold characters, {len(junk_clusters)} hold only junk")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 50000])
+    ap.add_argument("--episodes", type=int, default=4, help="generated episodes for the quality figures")
+    ap.add_argument("--skip-real", action="store_true", help="skip the frames + segment pipeline")
+    ap.add_argument("--skip-timing", action="store_true")
+    args = ap.parse_args()
+    if not args.skip_timing:
+        timing(sorted(args.sizes))
+    quality(args.episodes, not args.skip_real)
+
+
+if __name__ == "__main__":
+    main()
