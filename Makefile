@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export U2NET_HOME ?= $(CURDIR)/.cache/u2net
 
-.PHONY: venv demo test clean-demo
+.PHONY: venv demo test clean-demo chromium
 
 venv: $(VENV)/.installed $(U2NET_HOME)/u2netp.onnx
 
@@ -28,8 +28,12 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 demo: venv
 	$(BIN)/episode2lora run data/sample --name demo --config data/demo.yaml
 
-test: venv
+test: venv chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Headless Chromium (Debian package) for the cluster report's browser test; installed once.
+chromium:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 clean-demo:
 	rm -rf data/runs/demo

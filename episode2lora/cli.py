@@ -174,7 +174,7 @@ LIMIT = typer.Option(None, "--limit", help="at most this many runs at once")
 
 @app.command()
 def serve(config: Optional[Path] = DEPLOYMENTS, limit: Optional[int] = LIMIT) -> None:
-    """Serve every deployment (full run, reprocess schedule, train-only) from this process."""
+    """Serve every deployment of deployments/prefect.yaml (full run, reprocess schedule, train-only, ...)."""
     from deployments.serve import CONFIG, DeploymentConfigError, serve_all
 
     os.environ.setdefault("DO_NOT_TRACK", "1")

@@ -10,27 +10,25 @@ subflow whose runner is Dask (`run_on_dask`); everything else stays the same.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 TaskRunnerKind = Literal["threads", "dask"]
-RUNNERS: tuple[str, ...] = ("threads", "dask")
+RUNNERS: tuple[str, ...] = get_args(TaskRunnerKind)
 
 
-def dask_task_runner(address: str | None = None, workers: int | None = None) -> Any:
-    """A DaskTaskRunner: connect to `address`, or start a local cluster of worker processes."""
+def dask_task_runner(address: str | None = None) -> Any:
+    """A DaskTaskRunner: connect to `address`, or start a local cluster, one worker process per core."""
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as exc:  # pragma: no cover - prefect-dask is a dependency
         raise ImportError("task_runner='dask' needs prefect-dask: pip install prefect-dask") from exc
     if address:
         return DaskTaskRunner(address=address)
-    n = workers or os.cpu_count() or 2
-    if n < 1:
-        raise ValueError(f"dask workers must be >= 1, got {n}")
-    return DaskTaskRunner(cluster_kwargs={"n_workers": n, "processes": True, "threads_per_worker": 1})
+    return DaskTaskRunner(cluster_kwargs={"n_workers": os.cpu_count() or 2, "processes": True, "threads_per_worker": 1})
 
 
 def check_runner(task_runner: str) -> None:
+    """Raise ValueError naming `task_runner` when it is not a known runner."""
     if task_runner not in RUNNERS:
         raise ValueError(f"task_runner must be one of {', '.join(RUNNERS)}, got {task_runner!r}")
 

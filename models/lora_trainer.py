@@ -33,6 +33,7 @@ from models.lora_settings import TrainSettings
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
+TENSORBOARD_EVERY = 10  # steps per TensorBoard point (loss.jsonl has every step)
 
 
 class ResumeMismatch(ValueError):
@@ -53,6 +54,7 @@ class TrainJob:
     validation: list[Example] = field(default_factory=list)
     kohya_config: Path | None = None     # the package's TOMLs (used by the kohya trainer)
     kohya_dataset: Path | None = None
+    latent_cache: Path | None = None     # where latents are kept (default: <output_dir>/latents)
 
     def signature(self) -> str:
         """What a checkpoint must agree with to be resumed: settings and data."""
@@ -179,6 +181,7 @@ class _Run:
         if self.te_train:
             for te in self.base.text_encoders:
                 te.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=TE_TARGETS))
+                te.train()
         if s.init_lora:  # fine-tune an earlier LoRA instead of fresh layers (models/lora_init.py)
             from models.lora_init import load_init_lora
 
@@ -197,16 +200,24 @@ class _Run:
         self.base.unet.train()
 
     def _prepare_data(self) -> None:
+        import torch
+
         s, job = self.s, self.job
         self.buckets = bucket_sizes(s.resolution, s.min_bucket_reso, s.max_bucket_reso, s.bucket_step)
         vae_id = f"{self.base.path}:{json.dumps(dict(self.base.vae.config), sort_keys=True, default=str)}"
-        cache = self.out / "latents" if s.cache_latents else None
-        self.base.vae.to(self.device)
-        encoded = encode_latents(job.train, self.buckets, self.base.vae, vae_id, cache, device=self.device, dtype=self.weight_dtype)
+        cache = (job.latent_cache or self.out / "latents") if s.cache_latents else None
+        half = self.weight_dtype != torch.float32
+        if half:
+            self.base.vae.to(dtype=torch.float32)  # encode in fp32 (SDXL's VAE overflows in fp16), once
+        encoded = encode_latents(job.train, self.buckets, self.base.vae, vae_id, cache, device=self.device, dtype=torch.float32)
         self.latents = [lat for lat, _ in encoded]
         self.example_buckets = [b for _, b in encoded]
-        self.val_latents = [lat for lat, _ in encode_latents(job.validation, self.buckets, self.base.vae, vae_id, cache,
-                                                              device=self.device, dtype=self.weight_dtype)]
+        validation = encode_latents(job.validation, self.buckets, self.base.vae, vae_id, cache, device=self.device,
+                                    dtype=torch.float32)
+        self.val_latents = [lat for lat, _ in validation]
+        self.val_buckets = [b for _, b in validation]
+        if half:
+            self.base.vae.to(dtype=self.weight_dtype)
         self.captions = [e.caption for e in job.train]
         world = self.acc.num_processes
         per_epoch = len(epoch_batches(self.example_buckets, job.repeats, s.batch_size, s.seed, 0))
@@ -248,10 +259,11 @@ class _Run:
 
     # -- text --------------------------------------------------------------------------------------
     def _encode(self, captions: list[str], train_te: bool) -> tuple[Any, Any]:
-        """Prompt embeddings (and SDXL pooled embeddings); cached per caption while the TE is frozen."""
+        """Prompt embeddings (and SDXL pooled embeddings); cached per caption once the TE is frozen for good."""
         import torch
 
-        if not train_te and all(c in self._text_cache for c in captions):
+        cacheable = not train_te and (not self.te_train or self.step >= self.te_steps)  # TE frozen for good
+        if cacheable and all(c in self._text_cache for c in captions):
             embeds, pooled = zip(*(self._text_cache[c] for c in captions))
             return torch.stack(embeds), (torch.stack(pooled) if pooled[0] is not None else None)
         with torch.set_grad_enabled(train_te):
@@ -264,7 +276,7 @@ class _Run:
                 pooled = second.text_embeds
             else:
                 embeds, pooled = self.text_encoders[0](ids[0])[0], None
-        if not train_te:
+        if cacheable:
             for i, c in enumerate(captions):
                 self._text_cache[c] = (embeds[i].detach(), pooled[i].detach() if pooled is not None else None)
         return embeds, pooled
@@ -326,6 +338,7 @@ class _Run:
         main = self.acc.is_main_process  # per-step logs: one line-buffered file, TensorBoard without a flush per step
         self.board = self.acc.get_tracker("tensorboard", unwrap=True) if main else None
         self.loss_log = open(self.out / "loss.jsonl", "a", buffering=1) if main else None
+        self.board_losses: list[float] = []
         try:
             self._loop()
         finally:
@@ -356,7 +369,8 @@ class _Run:
                     loss = self._loss(latents, captions, self.example_buckets[indices[0]], train_te=train_te, gen=self.gen)
                     self.acc.backward(loss)
                     if self.acc.sync_gradients and s.max_grad_norm > 0:
-                        self.acc.clip_grad_norm_(self.trainable, s.max_grad_norm)
+                        self.acc.unscale_gradients()  # fp16: clip the true gradients
+                        torch.nn.utils.clip_grad_norm_(self.trainable, s.max_grad_norm, foreach=True)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 running.append(loss.detach().item())
@@ -372,8 +386,11 @@ class _Run:
         lr = self.lr_scheduler.get_last_lr()[0]
         if self.loss_log is not None:
             self.loss_log.write(json.dumps({"step": step, "loss": self.last_loss, "lr": lr, "epoch": self.epoch}) + "\n")
-            self.board.add_scalar("loss", self.last_loss, global_step=step)
-            self.board.add_scalar("lr", lr, global_step=step)
+            self.board_losses.append(self.last_loss)
+            if step % TENSORBOARD_EVERY == 0 or step == self.total:  # TensorBoard: the mean of the last steps
+                self.board.add_scalar("loss", sum(self.board_losses) / len(self.board_losses), global_step=step)
+                self.board.add_scalar("lr", lr, global_step=step)
+                self.board_losses.clear()
         final = step == self.total
         checkpoint = step % s.save_every_steps == 0 or final
         if checkpoint or (s.validate_every_steps and step % s.validate_every_steps == 0):
@@ -401,23 +418,29 @@ class _Run:
                 fh.write(json.dumps({"step": self.step, "val_loss": val}) + "\n")
         self.acc.log({"val_loss": val}, step=self.step)
 
-    def validation_loss(self, latents: list | None = None, captions: list[str] | None = None) -> float:
-        """Mean loss over `latents` (default: the validation split) at fixed timesteps and noise."""
+    def _rng_devices(self) -> list[int]:
+        """The GPU whose RNG a measurement must leave untouched (none on CPU)."""
+        return [self.device.index or 0] if self.device.type == "cuda" else []
+
+    def validation_loss(self) -> float:
+        """Mean loss over the validation split at fixed timesteps and noise."""
         import torch
 
-        latents = self.val_latents if latents is None else latents
-        captions = [e.caption for e in self.job.validation] if captions is None else captions
+        latents, buckets = self.val_latents, self.val_buckets
+        captions = [e.caption for e in self.job.validation]
         gen = torch.Generator().manual_seed(self.s.seed + 12345)
-        self.unet.eval()
+        modules = [self.unet, *(self.text_encoders if self.te_train else [])]
+        for module in modules:  # no LoRA dropout while measuring
+            module.eval()
         total, n = 0.0, 0
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            for lat, caption in zip(latents, captions):
+        with torch.random.fork_rng(devices=self._rng_devices()), torch.no_grad():
+            for lat, caption, bucket in zip(latents, captions, buckets):
                 for t in VALIDATION_TIMESTEPS:
-                    bucket = (lat.shape[-1], lat.shape[-2])
                     total += self._loss(lat[None], [caption], bucket, train_te=False, gen=gen,
                                         timesteps=torch.tensor([t]), weights=False).item()
                     n += 1
-        self.unet.train()
+        for module in modules:
+            module.train()
         return total / max(1, n)
 
     def _sample(self) -> None:
@@ -434,7 +457,7 @@ class _Run:
         pipe.unet = self.acc.unwrap_model(self.unet)
         pipe.set_progress_bar_config(disable=True)
         size = s.resolution
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), self.acc.autocast():
+        with torch.random.fork_rng(devices=self._rng_devices()), torch.no_grad(), self.acc.autocast():
             images = [pipe(p, num_inference_steps=s.sample_steps, height=size, width=size,
                            generator=torch.Generator().manual_seed(s.seed + i)).images[0] for i, p in enumerate(prompts)]
         self.unet.train()

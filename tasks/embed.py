@@ -81,6 +81,13 @@ class EmbedParams(BaseModel):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
         return device
 
+    @field_validator("background")
+    @classmethod
+    def _rgb(cls, rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not all(0 <= v <= 255 for v in rgb):
+            raise ValueError(f"background values must be 0-255, got {rgb}")
+        return rgb
+
     @field_validator("std")
     @classmethod
     def _std_positive(cls, std: tuple[float, float, float]) -> tuple[float, float, float]:

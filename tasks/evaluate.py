@@ -296,6 +296,20 @@ def evaluate_task(run: RunRef, spec: EvaluateSpec, params: EvaluateParams, embed
       cache_key_fn=cache_key(lambda run, plan: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
 def merge_evaluate_task(run: RunRef, plan: EvaluatePlan) -> StageResult:
     """Gather the characters' evaluations into the evaluate manifest and report."""
-    result = merge_evaluation(run.store(), plan)
+    store = run.store()
+    result = merge_evaluation(store, plan)
     publish(result, "evaluate")
+    _publish_report(store)
     return result
+
+
+def _publish_report(store: RunStore) -> None:
+    """The score tables (with the contact sheets' paths) as a markdown artifact in the Prefect UI."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        sheets = [f"- {s.parent.name}: `{s}`" for s in sorted(store.stage_dir(STAGE).glob("shards/*/contact_sheet.png"))]
+        text = (store.stage_dir(STAGE) / "report.md").read_text() + "\n### Contact sheets\n\n" + "\n".join(sheets)
+        create_markdown_artifact(text, key="evaluate-report", description="checkpoint evaluation")
+    except Exception:  # the UI is a nicety: never fail the stage because of it
+        pass

@@ -23,13 +23,15 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+
 import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prefect import task
 
-from tasks.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
+from tasks.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
 from tasks.store import RunStore, safe_name, write_table
 from tasks.tier import Tier
 
@@ -303,15 +305,16 @@ class _SelectSettings(SelectParams):
 def _settings(params: SelectParams) -> _SelectSettings:
     digest = ""
     if params.overrides:
-        digest = hashlib.sha256(Path(params.overrides).read_bytes()).hexdigest()
+        try:
+            digest = hashlib.sha256(Path(params.overrides).read_bytes()).hexdigest()
+        except FileNotFoundError:
+            raise OverridesError(f"overrides file not found: {params.overrides} (select.overrides)") from None
     return _SelectSettings(**params.model_dump(), overrides_digest=digest)
 
 
 def run_select(store: RunStore, params: SelectParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
     """The stage as one plain call: read cluster and tier manifests, select, commit."""
-    from tasks.cluster import _upstream_from_markers
-
-    upstream = upstream or _upstream_from_markers(store, ("cluster", "tier"))
+    upstream = upstream or {s: finished(store, s) for s in ("cluster", "tier")}
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
         table, characters, summary = select_characters(store.read_manifest("cluster"), store.read_manifest("tier"),
@@ -322,13 +325,17 @@ def run_select(store: RunStore, params: SelectParams, upstream: dict[str, StageR
     return run_global_stage(store, STAGE, VERSION, _settings(params), upstream, build)
 
 
-@task(name="select", cache_key_fn=cache_key(
-    lambda run, cluster, tier, params: (
-        stage_fingerprint(STAGE, VERSION, _settings(params), {"cluster": cluster, "tier": tier}),
-        run.store().is_done(STAGE, stage_fingerprint(STAGE, VERSION, _settings(params), {"cluster": cluster, "tier": tier})))))
+def _probe(run: RunRef, cluster: StageResult, tier: StageResult, params: SelectParams) -> tuple[str, bool]:
+    fp = stage_fingerprint(STAGE, VERSION, _settings(params), {"cluster": cluster, "tier": tier})
+    return fp, run.store().is_done(STAGE, fp)
+
+
+@task(name="select", cache_key_fn=cache_key(_probe))
 def select_task(run: RunRef, cluster: StageResult, tier: StageResult, params: SelectParams) -> StageResult:
     """Choose the characters to train (after `tier`)."""
-    result = run_select(run.store(), params, {"cluster": cluster, "tier": tier})
-    publish(result, "selected characters")
+    store = run.store()
+    result = run_select(store, params, {"cluster": cluster, "tier": tier})
+    characters = pq.read_table(store.stage_dir(STAGE) / CHARACTERS).to_pylist()
+    publish(result, "selected characters", rows=characters)
     return result
 

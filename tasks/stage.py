@@ -179,3 +179,17 @@ def merge_shards(
     table, summary, outputs = merge(tables, reports)
     digest = store.commit_stage(stage, table, fp, outputs=outputs, summary=summary)
     return StageResult(stage=stage, fingerprint=fp, manifest_digest=digest, summary=summary)
+
+
+def finished(store: RunStore, stage: str) -> StageResult:
+    """The StageResult of a stage already done on disk (for plain calls without a flow).
+
+    Raises StageNotDoneError naming the stage when it is not done.
+    """
+    from tasks.store import StageNotDoneError
+
+    marker = store.marker(stage)
+    if marker is None or not store.is_done(stage):
+        raise StageNotDoneError(f"stage '{stage}' of run '{store.name}' is not done; run it first")
+    return StageResult(stage=stage, fingerprint=marker["fingerprint"], manifest_digest=marker["manifest_digest"],
+                       summary=marker.get("summary", {}), recomputed=False)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from prefect import task
 
 from tasks.embed import EmbedParams, read_embeddings
-from tasks.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
+from tasks.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
 from tasks.store import RunStore, write_table
 
 STAGE = "tier"
@@ -204,23 +204,26 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
 
 
 def text_embedder_for(embeds: pa.Table, embed_params: EmbedParams | None) -> Any:
-    """The run's embedder when it can embed text (CLIP / SigLIP), else None."""
+    """The embedder that made `embeds` when it can embed text (CLIP / SigLIP), else None.
+
+    The embedder comes from the manifest's `embedder` column; `embed_params` only give the
+    device and batch size.
+    """
     from models.embedders import TEXT_FAMILIES, load_embedder, parse_spec
 
-    if embed_params is None or embeds.num_rows == 0:
+    names = set(embeds.filter(pc.equal(embeds.column("kept"), True)).column("embedder").to_pylist())
+    if len(names) != 1:
         return None
-    family, _ = parse_spec(embed_params.embedder)
-    if family not in TEXT_FAMILIES:
+    spec = names.pop()
+    if parse_spec(spec)[0] not in TEXT_FAMILIES:
         return None
-    return load_embedder(embed_params.embedder, **embed_params.options())
+    return load_embedder(spec, **(embed_params.options() if embed_params else {}))
 
 
 def run_tier(store: RunStore, params: TierParams, embed_params: EmbedParams | None = None,
              upstream: dict[str, StageResult] | None = None) -> StageResult:
     """The stage as one plain call: read cluster, embed and segment manifests, tier, commit."""
-    from tasks.cluster import _upstream_from_markers
-
-    upstream = upstream or _upstream_from_markers(store, ("cluster", "embed", "segment"))
+    upstream = upstream or {s: finished(store, s) for s in ("cluster", "embed", "segment")}
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
         embeds = store.read_manifest("embed")
@@ -244,6 +247,8 @@ def _probe(run: RunRef, cluster: StageResult, embed: StageResult, segment: Stage
 def tier_task(run: RunRef, cluster: StageResult, embed: StageResult, segment: StageResult, params: TierParams,
               embed_params: EmbedParams | None = None) -> StageResult:
     """Tier the run's clusters (after `cluster`)."""
-    result = run_tier(run.store(), params, embed_params, {"cluster": cluster, "embed": embed, "segment": segment})
-    publish(result, "tiers")
+    store = run.store()
+    result = run_tier(store, params, embed_params, {"cluster": cluster, "embed": embed, "segment": segment})
+    rows = store.read_manifest(STAGE).drop_columns(["sample_paths"]).to_pylist()
+    publish(result, "tiers", rows=rows)
     return result

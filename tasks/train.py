@@ -4,8 +4,9 @@ Each character is one shard and one Prefect task (tagged `gpu`, so a concurrency
 one training per GPU). A training runs in `train/work/<character>/`; a killed or failed run is
 resumed from its latest checkpoint when the stage runs again with the same fingerprint. When it
 finishes, its LoRA (kohya and diffusers formats), checkpoints, samples and logs are committed as
-the shard `train/shards/<character>/`. Every training is a row in the versions registry
-(`<runs-dir>/versions.parquet`), failed ones with their error.
+the shard `train/shards/<character>/`. Latents are cached in `train/latents/` (by image, bucket
+and VAE), so later trainings of the run reuse them. Every training is a row in the versions
+registry (`<runs-dir>/versions.parquet`), failed ones with their error.
 """
 
 from __future__ import annotations
@@ -272,6 +273,7 @@ def train_character(store: RunStore, spec: TrainSpec, params: TrainParams) -> St
         characters, _ = read_package(package_dir(store))
         character = next(c for c in characters if c.name == spec.character)
         job = job_for(character, params, work)
+        job.latent_cache = store.stage_dir(STAGE) / "latents"  # kept across trainings of this run: reused
         if spec.init_from:  # staged training: start from the finished LoRA of the earlier stage
             job.settings = job.settings.model_copy(update={"init_lora": str(finished_lora(store, spec.init_from))})
         id_file = work / "version_id.txt"

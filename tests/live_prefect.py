@@ -35,7 +35,7 @@ E2E_INPUT = SAMPLE / "episode01.mp4"
 E2E_CONFIG = ROOT / "data" / "demo.yaml"
 E2E_OVERRIDES: dict[str, Any] = {"select.tiers": ["S", "A", "B", "C", "D"], "select.min_images": 15}
 """...with the demo's offline models, training the characters with at least 15 layers."""
-QUICK_RUN_UNTIL = "select"
+QUICK_RUN_UNTIL = "frames"
 """The deployment's default `until` on the test server: the browser's Quick run stops there (the
 API tests pass the flow's own default, the whole pipeline)."""
 

@@ -69,8 +69,10 @@ def test_quick_run_from_the_deployment_page_completes(prefect_ui):
         page.goto(f"{prefect_ui.url}/runs/flow-run/{new[0].id}")
         try:
             run = _wait_final(prefect_ui, new[0].id, timeout=240)
+            page.reload()  # the page as a user opening the finished run sees it: state badge, run graph
             expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
-            page.wait_for_timeout(1500)  # let the run graph finish drawing for the screenshot
+            page.wait_for_load_state("networkidle")
+            page.wait_for_timeout(2000)  # the run graph is drawn on a canvas: give it time before the screenshot
         finally:
             page.screenshot(path=str(SCREENSHOT))
             browser.close()

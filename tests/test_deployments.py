@@ -80,8 +80,7 @@ def test_full_run_through_the_api_has_outputs_artifacts_and_webhook(prefect_ui, 
     store = RunStore(prefect_ui.runs_dir, "api")
     record = store.read_run_record()
     assert record["inputs"] == [str(E2E_INPUT)] and record["until"] == default_until()
-    ran = [s for s in stages_through(record["until"]) if (store.root / s).is_dir()]
-    assert ran[0] == "frames" and ran[-1] == record["until"]
+    ran = stages_through(record["until"])
     assert [s for s in ran if not store.is_done(s)] == []
     assert set(store.read_manifest("frames").column("episode").to_pylist()) == {E2E_INPUT.stem}
 

@@ -142,3 +142,26 @@ def test_report_opens_in_headless_chromium_without_errors(finished_run):
             browser.close()
     assert problems == []
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_a_run_without_layers_goes_through_every_stage(tmp_path):
+    import pyarrow as pa
+
+    from tasks.cluster import ClusterParams, run_cluster
+    from tasks.embed import run_embed
+    from tasks.report import write_report
+    from tasks.segment import SCHEMA as SEGMENT_SCHEMA
+    from tasks.select import SelectParams, run_select
+    from tasks.store import fingerprint
+    from tasks.tier import TierParams, run_tier
+
+    store = RunStore(tmp_path, "empty")
+    store.begin_stage("segment", {})
+    store.commit_stage("segment", SEGMENT_SCHEMA.empty_table(), fingerprint("segment", 0, {}, {}))
+    assert run_embed(store, EmbedParams()).summary["kept"] == 0
+    assert run_cluster(store, ClusterParams()).summary["clusters"] == 0
+    assert run_tier(store, TierParams()).summary["clusters"] == 0
+    assert run_select(store, SelectParams()).summary["characters"] == 0
+    html_path, _, report = write_report(store)
+    assert report["summary"]["layers"] == 0 and "tier-table" in html_path.read_text()
+    assert isinstance(store.read_manifest("select"), pa.Table)

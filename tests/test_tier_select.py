@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -72,15 +74,27 @@ def test_kind_comes_from_the_nearest_prompt_set_or_unknown():
     assert classify_kinds(centroids, None, params) == ["unknown"] * 3
 
 
-def test_kind_with_a_tiny_clip_model(tmp_path):
-    from models.embedders import load_embedder
+def test_kind_with_a_tiny_clip_embedder_end_to_end(tmp_path, episode):
+    """Layers embedded by a (tiny, random) CLIP: the tier stage finds its text tower and decides kinds."""
     from models.tiny_embedders import build_tiny_clip
+    from tasks.embed import EmbedParams, run_embed
+    from tasks.tier import text_embedder_for
+    from tests.truth_layers import commit_truth_segment
 
-    clip = load_embedder(f"clip:{build_tiny_clip(tmp_path / 'clip')}", device="cpu")
-    rng = np.random.default_rng(0)
-    centroids = clip.embed([rng.integers(0, 255, (24, 16, 4), dtype=np.uint8) for _ in range(4)])
-    kinds = classify_kinds(centroids, clip, TierParams(kind_margin=0.0))
-    assert set(kinds) <= {"human", "creature"} and len(kinds) == 4
+    store = RunStore(tmp_path / "runs", "clip")
+    segment, identities = commit_truth_segment(store, [episode], stride=8)
+    run_embed(store, EmbedParams(embedder=f"clip:{build_tiny_clip(tmp_path / 'clip')}", device="cpu"))
+    embeds = store.read_manifest("embed")
+    names = sorted(set(identities.values()))
+    paths = dict(zip(segment.column("item_id").to_pylist(), segment.column("path").to_pylist()))
+    clusters = pa.table({"item_id": list(identities), "cluster_id": [names.index(v) for v in identities.values()],
+                         "probability": [1.0] * len(identities), "path": [paths[i] for i in identities]})
+    text = text_embedder_for(embeds, None)
+    assert text is not None and text.name.startswith("clip:")
+    table, summary = tier_clusters(clusters, embeds, segment, TierParams(kind_margin=0.0), text)
+    assert set(table.column("kind").to_pylist()) <= {"human", "creature"} and table.num_rows == len(names)
+    assert summary["kind_from"] == text.name
+    assert text_embedder_for(embeds.set_column(2, "embedder", pa.array(["colour-shape"] * embeds.num_rows)), None) is None
 
 
 def _cluster_tables(sizes: dict[int, int], noise: int = 3) -> tuple[pa.Table, pa.Table, pa.Table]:
@@ -150,7 +164,7 @@ def test_overrides_name_trigger_and_kind(tables, tmp_path):
     got = {c["character"]: c for c in characters.to_pylist()}
     assert got["Hero_Boy"]["trigger"] == "heroboy" and got["Hero_Boy"]["kind"] == "human"
     assert got["char_000"]["trigger"] == "zomb1e" and got["char_000"]["kind"] == "unknown"
-    assert set(rows.filter(pa.compute.equal(rows.column("character"), "Hero_Boy")).column("cluster_id").to_pylist()) == {1}
+    assert set(rows.filter(pc.equal(rows.column("character"), "Hero_Boy")).column("cluster_id").to_pylist()) == {1}
 
 
 def test_overrides_merge_exclude_and_include(tables, tmp_path):
@@ -265,5 +279,5 @@ def test_select_stage_rereads_an_edited_overrides_file(tmp_path):
     overrides.write_text("clusters:\n  0: {name: Beta, trigger: b3ta}\n")
     second = run_select(store, params)
     assert second.recomputed and second.summary["names"] == {"Beta": "b3ta", "char_001": "char001"}
-    characters = pa.parquet.read_table(store.stage_dir("select") / "characters.parquet")
+    characters = pq.read_table(store.stage_dir("select") / "characters.parquet")
     assert characters.column("character").to_pylist() == ["Beta", "char_001"]

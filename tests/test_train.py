@@ -52,6 +52,7 @@ def test_validation_loss_goes_down_and_outputs_are_written(trained):
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000010.png", "step-000020.png", "step-000030.png"]
     assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard log"
     assert Path(trained.diffusers_path).is_file()
+    assert len(list((out / "latents").glob("*.safetensors"))) == 8  # 6 training + 2 validation images, cached
 
 
 def test_kohya_file_has_kohya_keys_and_ss_metadata(trained):
