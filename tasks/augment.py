@@ -32,7 +32,7 @@ from prefect import task
 
 from tasks.progress import StageProgress
 from tasks.render import read_layer
-from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
+from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
 from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "augment"
@@ -336,7 +336,7 @@ def plan_augment_task(run: RunRef, select: StageResult, params: AugmentParams) -
 
 
 @task(name="augment", task_run_name="augment-{shard.key}",
-      cache_key_fn=cache_key(lambda run, shard, backgrounds, params: (shard.fingerprint, run.store().shard_done(STAGE, shard.key, shard.fingerprint))))
+      cache_key_fn=shard_cache_key(STAGE))
 def augment_shard_task(run: RunRef, shard: AugmentShard, backgrounds: list[str], params: AugmentParams) -> StageResult:
     """Augment one character (one shard)."""
     result = augment_shard(run.store(), shard, backgrounds, params)
@@ -345,7 +345,7 @@ def augment_shard_task(run: RunRef, shard: AugmentShard, backgrounds: list[str],
 
 
 @task(name="merge-augment",
-      cache_key_fn=cache_key(lambda run, plan: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
+      cache_key_fn=merge_cache_key(STAGE))
 def merge_augment_task(run: RunRef, plan: AugmentPlan) -> StageResult:
     """Merge the characters' shards into the run's augment manifest."""
     result = merge_augment(run.store(), plan)

@@ -28,7 +28,7 @@ from prefect import task
 from tasks.progress import StageProgress
 from tasks.render import RenderSpec, read_background, read_layer
 from tasks.render import render as render_image
-from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
+from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
 from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "caption"
@@ -307,7 +307,7 @@ def plan_caption_task(run: RunRef, augment: StageResult, params: CaptionParams, 
 
 
 @task(name="caption", task_run_name="caption-{shard.key}", tags=["gpu"],
-      cache_key_fn=cache_key(lambda run, shard, params, render: (shard.fingerprint, run.store().shard_done(STAGE, shard.key, shard.fingerprint))))
+      cache_key_fn=shard_cache_key(STAGE))
 def caption_shard_task(run: RunRef, shard: CaptionShard, params: CaptionParams, render: RenderSpec) -> StageResult:
     """Caption one shard of images."""
     result = caption_shard(run.store(), shard, params, render)
@@ -316,7 +316,7 @@ def caption_shard_task(run: RunRef, shard: CaptionShard, params: CaptionParams, 
 
 
 @task(name="merge-caption",
-      cache_key_fn=cache_key(lambda run, plan: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
+      cache_key_fn=merge_cache_key(STAGE))
 def merge_caption_task(run: RunRef, plan: CaptionPlan) -> StageResult:
     """Merge the caption shards into the run's caption manifest."""
     result = merge_caption(run.store(), plan)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from prefect import task
 
 from tasks.progress import StageProgress
-from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
+from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
 from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "embed"
@@ -297,7 +297,7 @@ def plan_embed_task(run: RunRef, segment: StageResult, params: EmbedParams) -> E
 
 
 @task(name="embed", task_run_name="embed-{shard.key}",
-      cache_key_fn=cache_key(lambda run, shard, params: (shard.fingerprint, run.store().shard_done(STAGE, shard.key, shard.fingerprint))))
+      cache_key_fn=shard_cache_key(STAGE))
 def embed_shard_task(run: RunRef, shard: EmbedShard, params: EmbedParams) -> StageResult:
     """Embed one shard of layers."""
     result = embed_shard(run.store(), shard, params)
@@ -306,7 +306,7 @@ def embed_shard_task(run: RunRef, shard: EmbedShard, params: EmbedParams) -> Sta
 
 
 @task(name="merge-embed",
-      cache_key_fn=cache_key(lambda run, plan: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
+      cache_key_fn=merge_cache_key(STAGE))
 def merge_embed_task(run: RunRef, plan: EmbedPlan) -> StageResult:
     """Merge the shards into the run's embed manifest."""
     result = merge_embed(run.store(), plan)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from prefect import task
 
 from tasks.progress import StageProgress
-from tasks.stage import RunRef, StageResult, cache_key, publish
+from tasks.stage import RunRef, StageResult, cache_key, merge_cache_key, publish
 from tasks.store import QUARANTINE, RunStore, StageNotDoneError, fingerprint, safe_name, video_digest, write_table
 
 STAGE = "frames"
@@ -523,7 +523,7 @@ def frames_episode_task(run: RunRef, video: str, episode: str, fp: str, params: 
 
 
 @task(name="merge-frames",
-      cache_key_fn=cache_key(lambda run, plan, params: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
+      cache_key_fn=merge_cache_key(STAGE))
 def merge_frames_task(run: RunRef, plan: FramesPlan, params: FramesParams) -> StageResult:
     """Merge the episodes' frames into the run's frames manifest."""
     result = merge_frames(run.store(), plan, params)

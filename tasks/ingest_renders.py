@@ -39,7 +39,7 @@ from tasks.ingest import (IMAGE_SUFFIXES, STAGE, check_trigger, image_stats, lis
 from tasks.progress import StageProgress
 from tasks.render_captions import SIZE_TOKEN, RenderTemplate, caption_from_name, read_template
 from tasks.render_training import GUIDE_PROMPTS_STAGE1, GUIDE_PROMPTS_STAGE2, ai_toolkit_config
-from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
+from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
 from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name, write_table
 
 VERSION = 1
@@ -466,7 +466,7 @@ def plan_ingest_renders_task(run: RunRef, input_dir: str, params: IngestRendersP
 
 
 @task(name="ingest-renders", task_run_name="ingest-{shard.key}",
-      cache_key_fn=cache_key(lambda run, shard, params, template: (shard.fingerprint, run.store().shard_done(STAGE, shard.key, shard.fingerprint))))
+      cache_key_fn=shard_cache_key(STAGE))
 def ingest_phase_task(run: RunRef, shard: PhaseShard, params: IngestRendersParams,
                       template: Optional[RenderTemplate]) -> StageResult:
     """Check and ingest one phase folder (one shard)."""
@@ -476,7 +476,7 @@ def ingest_phase_task(run: RunRef, shard: PhaseShard, params: IngestRendersParam
 
 
 @task(name="merge-ingest-renders",
-      cache_key_fn=cache_key(lambda run, plan, params: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
+      cache_key_fn=merge_cache_key(STAGE))
 def merge_ingest_renders_task(run: RunRef, plan: IngestRendersPlan, params: IngestRendersParams) -> StageResult:
     """Merge the phases into the run's ingest manifest and write the per-phase report."""
     result = merge_ingest_renders(run.store(), plan, params)

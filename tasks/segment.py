@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from prefect import task
 
 from tasks.progress import StageProgress
-from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
+from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
 from tasks.store import QUARANTINE, RunStore, fingerprint
 
 STAGE = "segment"
@@ -385,7 +385,7 @@ def plan_segment_task(run: RunRef, frames: StageResult, params: SegmentParams) -
 
 
 @task(name="segment", task_run_name="segment-{shard.key}",
-      cache_key_fn=cache_key(lambda run, shard, params: (shard.fingerprint, run.store().shard_done(STAGE, shard.key, shard.fingerprint))))
+      cache_key_fn=shard_cache_key(STAGE))
 def segment_shard_task(run: RunRef, shard: SegmentShard, params: SegmentParams) -> StageResult:
     """Segment one shard of frames into character and background layers."""
     result = segment_shard(run.store(), shard, params)
@@ -394,7 +394,7 @@ def segment_shard_task(run: RunRef, shard: SegmentShard, params: SegmentParams) 
 
 
 @task(name="merge-segment",
-      cache_key_fn=cache_key(lambda run, plan: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
+      cache_key_fn=merge_cache_key(STAGE))
 def merge_segment_task(run: RunRef, plan: SegmentPlan) -> StageResult:
     """Merge the shards into the run's segment manifest."""
     result = merge_segment(run.store(), plan)

@@ -193,3 +193,21 @@ def finished(store: RunStore, stage: str) -> StageResult:
         raise StageNotDoneError(f"stage '{stage}' of run '{store.name}' is not done; run it first")
     return StageResult(stage=stage, fingerprint=marker["fingerprint"], manifest_digest=marker["manifest_digest"],
                        summary=marker.get("summary", {}), recomputed=False)
+
+
+def shard_cache_key(stage: str, *, shard: str = "shard", key: str = "key") -> Callable[[Any, dict[str, Any]], str]:
+    """Prefect cache key of a shard task: the shard's fingerprint, while its committed files are intact.
+
+    The task's parameter named `shard` must have `.fingerprint` and an attribute `key` naming the shard.
+    """
+
+    def probe(run: RunRef, **parameters: Any) -> tuple[str, bool]:
+        item = parameters[shard]
+        return item.fingerprint, run.store().shard_done(stage, getattr(item, key), item.fingerprint)
+
+    return cache_key(probe)
+
+
+def merge_cache_key(stage: str) -> Callable[[Any, dict[str, Any]], str]:
+    """Prefect cache key of a merge task: the stage fingerprint of its `plan`, while the output is intact."""
+    return cache_key(lambda run, plan, **_: (plan.fingerprint, run.store().is_done(stage, plan.fingerprint)))
