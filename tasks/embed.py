@@ -12,7 +12,6 @@ embedding (fixed-size float32 list), sharpness, phash, kept, drop_reason.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.store import MARKER, STAGES, RunStore
+from tasks.store import MARKER, RunStore
 from tests.live_prefect import CONFIG, E2E_INPUT, SAMPLE, WebhookReceiver, get_json
 
 pytestmark = pytest.mark.e2e
@@ -65,7 +65,13 @@ def default_until() -> str:
 
 
 def stages_through(until: str) -> list[str]:
-    return list(STAGES[: STAGES.index(until) + 1])
+    """The stages an episode run goes through when it stops after `until`."""
+    from typing import get_args
+
+    from flows.params import Stage
+
+    stages = list(get_args(Stage))
+    return stages[: stages.index(until) + 1]
 
 
 @pytest.fixture(scope="module")

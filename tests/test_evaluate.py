@@ -4,7 +4,6 @@ evaluate stages (through Prefect, cached on a second run), the registry gets the
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
