@@ -15,13 +15,8 @@ from flows.scale import TaskRunnerKind, check_runner, on_dask, run_on_dask
 from flows.training import training_stages
 from tasks.frames import frames_episode_task, merge_frames_task, plan_frames_task
 from tasks.segment import merge_segment_task, plan_segment_task, segment_shard_task
-from tasks.stage import RunRef, StageResult, bind_to_run
-from tasks.store import STAGES
-
-
-def reaches(until: str, stage: str) -> bool:
-    """True when a run that stops after `until` includes `stage` (STAGES order)."""
-    return STAGES.index(until) >= STAGES.index(stage)
+from tasks.stage import RunRef, StageResult, bind_to_run, settle
+from tasks.store import reaches
 
 
 @flow(name="episode-to-lora", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2),
@@ -57,12 +52,14 @@ def episode_to_lora(
             bind_to_run(frames_episode_task, run).submit(run, video, episode, fp, params.frames)
             for video, episode, fp in zip(plan.videos, plan.episodes, plan.shard_fingerprints)
         ]
+        settle(shards)
         frames = bind_to_run(merge_frames_task, run)(run, plan, params.frames, wait_for=shards)
         results = {"frames": frames}
         if reaches(until, "segment"):
             seg_plan = plan_segment_task(run, frames, params.segment)
             seg_shards = [bind_to_run(segment_shard_task, run).submit(run, shard, params.segment)
                           for shard in seg_plan.shards]
+            settle(seg_shards)
             results["segment"] = bind_to_run(merge_segment_task, run)(run, seg_plan, wait_for=seg_shards)
         if reaches(until, "embed"):  # embed -> cluster -> tier -> select, then the cluster report
             results.update(identity_stages(run, params, until, results["segment"], review=review_clusters))

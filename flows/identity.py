@@ -13,8 +13,8 @@ from tasks.cluster import cluster_task
 from tasks.embed import embed_shard_task, merge_embed_task, plan_embed_task
 from tasks.report import report_task
 from tasks.select import select_task
-from tasks.stage import RunRef, StageResult, bind_to_run
-from tasks.store import STAGES
+from tasks.stage import RunRef, StageResult, bind_to_run, settle
+from tasks.store import reaches
 from tasks.tier import tier_task
 
 if TYPE_CHECKING:
@@ -27,23 +27,21 @@ def identity_stages(run: RunRef, params: "RunParams", until: str, segment: Stage
 
     With `review`, the run pauses after `tier` for a person's choices (flows/review.py).
     """
-    def reaches(stage: str) -> bool:
-        return STAGES.index(until) >= STAGES.index(stage)
-
     results: dict[str, StageResult] = {}
-    if not reaches("embed"):
+    if not reaches(until, "embed"):
         return results
     plan = plan_embed_task(run, segment, params.embed)
     shards = [bind_to_run(embed_shard_task, run).submit(run, shard, params.embed) for shard in plan.shards]
+    settle(shards)
     results["embed"] = bind_to_run(merge_embed_task, run)(run, plan, wait_for=shards)
-    if not reaches("cluster"):
+    if not reaches(until, "cluster"):
         return results
     results["cluster"] = bind_to_run(cluster_task, run)(run, results["embed"], segment, params.cluster)
-    if not reaches("tier"):
+    if not reaches(until, "tier"):
         return results
     results["tier"] = bind_to_run(tier_task, run)(run, results["cluster"], results["embed"], segment,
                                                   params.tier, params.embed)
-    if reaches("select"):
+    if reaches(until, "select"):
         select_params = params.select
         if review:  # the contact sheets first, then wait for the person's choices
             report_task(run, results)

@@ -18,7 +18,7 @@ from flows.notify import webhook_hooks
 from flows.source_params import RendersRunParams, SourceStage
 from flows.training import training_stages
 from tasks.ingest_renders import ingest_phase_task, merge_ingest_renders_task, plan_ingest_renders_task
-from tasks.stage import RunRef, StageResult, bind_to_run
+from tasks.stage import RunRef, StageResult, bind_to_run, settle
 
 FLOW_NAME = "renders-to-lora"
 
@@ -51,6 +51,7 @@ def renders_to_lora(
         plan = plan_ingest_renders_task(run, input_dir, params.ingest)
         phases = [bind_to_run(ingest_phase_task, run).submit(run, shard, params.ingest, plan.template)
                   for shard in plan.shards]
+        settle(phases)
         results = {"ingest": bind_to_run(merge_ingest_renders_task, run)(run, plan, params.ingest, wait_for=phases)}
         results.update(dataset_stages(run, params, until, results["ingest"]))  # raises when validation fails
         if "package" in results:

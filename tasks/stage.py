@@ -211,3 +211,15 @@ def shard_cache_key(stage: str, *, shard: str = "shard", key: str = "key") -> Ca
 def merge_cache_key(stage: str) -> Callable[[Any, dict[str, Any]], str]:
     """Prefect cache key of a merge task: the stage fingerprint of its `plan`, while the output is intact."""
     return cache_key(lambda run, plan, **_: (plan.fingerprint, run.store().is_done(stage, plan.fingerprint)))
+
+
+def settle(futures: list[Any]) -> list[Any]:
+    """Wait for submitted tasks and return their results; a failed one raises its own error.
+
+    (A task called with `wait_for=` on a failed future silently returns None in Prefect 3,
+    so flows settle their fan-out first and fail with the real cause.)
+    """
+    from prefect.futures import wait
+
+    wait(futures)
+    return [future.result() for future in futures]

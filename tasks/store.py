@@ -37,6 +37,12 @@ STAGES: tuple[str, ...] = (
     "augment", "caption", "package", "validate", "train", "evaluate",
 )
 MARKER = "_DONE.json"
+
+
+def reaches(until: str, stage: str) -> bool:
+    """True when a run that stops after stage `until` includes `stage` (STAGES order)."""
+    return STAGES.index(until) >= STAGES.index(stage)
+
 MANIFEST = "manifest.parquet"
 QUARANTINE = "quarantine: "
 """Prefix of `drop_reason` for items that could not be read; every stage uses it."""

@@ -181,7 +181,8 @@ def long_episodes(tmp_path_factory) -> Path:
 
 def test_killed_run_resumes_to_the_same_manifest(tmp_path, long_episodes, cli_env):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    args = ["run", str(long_episodes), "--name", "k", "--set", "frames.mode=interval", "--set", "frames.interval_s=0.25"]
+    args = ["run", str(long_episodes), "--name", "k", "--until", "frames",
+            "--set", "frames.mode=interval", "--set", "frames.interval_s=0.25"]
     proc = subprocess.Popen([sys.executable, "-m", "episode2lora", *args, "--runs-dir", str(killed)],
                             env=cli_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = killed / "k" / "frames" / "shards"
@@ -238,7 +239,7 @@ def test_cli_rejects_a_wrong_field_naming_it(tmp_path, cli_env):
 
 
 def test_cli_run_status_clean(tmp_path, episode, cli_env):
-    out = run_cli(["run", str(episode), "--name", "c", "--runs-dir", str(tmp_path)], cli_env, timeout=300)
+    out = run_cli(["run", str(episode), "--name", "c", "--until", "frames", "--runs-dir", str(tmp_path)], cli_env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert str(tmp_path / "c") in out.stdout
     status = run_cli(["status", "c", "--runs-dir", str(tmp_path)], cli_env)
