@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from prefect import task
 
 from tasks.progress import StageProgress
-from tasks.render import RenderSpec, read_background, read_layer
+from tasks.render import RenderSpec, read_row_images
 from tasks.render import render as render_image
 from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
 from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name
@@ -191,12 +191,9 @@ def caption_images(root, rows: list[dict], params: CaptionParams, render: Render
         record = {name: row.get(name) for name in SCHEMA.names}
         record.update(source_id=row["item_id"], captioner=captioner.name, kept=True, drop_reason=None)
         try:
-            bad = row["path"]
-            layer = read_layer(root / bad)
-            bad = row.get("background_path")
-            background = read_background(root / bad) if bad else None
+            layer, background = read_row_images(root, row)
         except ValueError as exc:
-            record.update(kept=False, drop_reason=f"{QUARANTINE}{bad}: {exc}")
+            record.update(kept=False, drop_reason=f"{QUARANTINE}{exc}")
             records.append(record)
             continue
         if row.get("given_caption"):

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from prefect import task
 
 from tasks.progress import StageProgress
-from tasks.render import RenderSpec, blank_reason, cover, read_background, read_layer, render
+from tasks.render import RenderSpec, blank_reason, cover, read_background, read_row_images, render
 from tasks.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
 from tasks.store import QUARANTINE, RunStore, safe_name, write_table
 
@@ -388,12 +388,9 @@ def package_dataset(root: Path, rows: list[dict], backgrounds: list[str], params
                           "trigger": trigger, "kind": kind, "split": split, "caption": row["caption"],
                           "kept": True, "drop_reason": None, "path": None, "caption_path": None}
                 try:
-                    bad = row["path"]
-                    layer = read_layer(root / bad)
-                    bad = row.get("background_path")
-                    background = read_background(root / bad) if bad else None
+                    layer, background = read_row_images(root, row)
                 except ValueError as exc:
-                    record.update(kept=False, drop_reason=f"{QUARANTINE}{bad}: {exc}")
+                    record.update(kept=False, drop_reason=f"{QUARANTINE}{exc}")
                 else:
                     rgb = render(layer, background, params.render)[..., :3]
                     blank = blank_reason(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))

@@ -66,6 +66,22 @@ def read_background(path: Path) -> np.ndarray:
         raise ValueError(f"unreadable background ({type(exc).__name__}: {exc})") from None
 
 
+def read_row_images(root: Path, row: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """A manifest row's layer and its background layer (if any), from the run folder `root`.
+
+    Raises ValueError starting with the unreadable file's run-relative path.
+    """
+    try:
+        layer = read_layer(root / row["path"])
+    except ValueError as exc:
+        raise ValueError(f"{row['path']}: {exc}") from None
+    background_path = row.get("background_path")
+    try:
+        return layer, read_background(root / background_path) if background_path else None
+    except ValueError as exc:
+        raise ValueError(f"{background_path}: {exc}") from None
+
+
 def alpha_box(alpha: np.ndarray) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) of the character's pixels, exclusive ends."""
     ys, xs = np.nonzero(alpha > ALPHA_ON)
