@@ -75,6 +75,27 @@ def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: s
         from episode2lora.training_commands import print_loras
 
         print_loras(store, params)
+    _print_stand_ins(params)
+    if (store.root / "report" / "cluster_report.html").exists():
+        console.print(f"\ncluster report: {store.root / 'report' / 'cluster_report.html'}")
+
+
+def _print_stand_ins(params: Any) -> None:
+    """Say plainly which models of this run are offline stand-ins, and how to use real ones."""
+    notes = []
+    if params.segment.model == "u2netp":
+        notes.append("segmentation: u2netp, a small general model that also cuts out background objects; "
+                     "for anime use --set segment.model=isnet-anime")
+    if params.caption.captioner == "template":
+        notes.append("captions: the offline template captioner; for BLIP2 use "
+                     "--set caption.captioner=blip2:Salesforce/blip2-opt-2.7b")
+    if params.embed.embedder == "colour-shape":
+        notes.append("identity embeddings: colour-shape features (no weights); a learned embedder is e.g. "
+                     "--set embed.embedder=clip:openai/clip-vit-base-patch32")
+    if notes:
+        console.print("\n[bold]stand-ins in this run[/] (they work offline; real models download on first use):")
+        for note in notes:
+            console.print(f"  - {note}", highlight=False)
 
 
 @app.command()
