@@ -51,23 +51,30 @@ def test_quick_run_from_the_deployment_page_completes(prefect_ui):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.set_default_timeout(30_000)
-        # 1. open the deployments page and find the full-run deployment
-        page.goto(f"{prefect_ui.url}/deployments")
-        page.get_by_role("link", name="episode-to-lora", exact=True).first.click()
-        expect(page.get_by_role("button", name="Run", exact=True)).to_be_visible()
-        # 2. Run -> Quick run (the deployment's default parameters: the shipped sample)
-        page.get_by_role("button", name="Run", exact=True).click()
-        page.get_by_text("Quick run", exact=True).click()
-        dialog = page.get_by_role("dialog")  # the run form, filled with the deployment's defaults
-        expect(dialog.get_by_text("Run Deployment")).to_be_visible()
-        dialog.get_by_role("button", name="Run", exact=True).click()
-        # 3. the new run appears; follow it on its page until it completes
-        deadline = time.monotonic() + 30
-        while not (new := [r for r in _flow_runs_of(prefect_ui, "episode-to-lora") if r.id not in before]):
-            assert time.monotonic() < deadline, "Quick run created no flow run"
-            time.sleep(0.5)
-        page.goto(f"{prefect_ui.url}/runs/flow-run/{new[0].id}")
         try:
+            # 1. open the deployments page and find the full-run deployment
+            page.goto(f"{prefect_ui.url}/deployments")
+            page.get_by_role("link", name="episode-to-lora", exact=True).first.click()
+            expect(page.get_by_role("button", name="Run", exact=True)).to_be_visible()
+            # 2. Run -> Quick run (the deployment's default parameters: the shipped sample)
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text("Quick run", exact=True).click()
+            dialog = page.get_by_role("dialog")  # the run form, filled with the deployment's defaults
+            expect(dialog.get_by_text("Run Deployment")).to_be_visible()
+            for attempt in range(3):  # a click while the form is still loading its schema can be lost
+                dialog.get_by_role("button", name="Run", exact=True).click()
+                try:
+                    expect(dialog).to_be_hidden(timeout=20_000)  # the form was submitted
+                    break
+                except AssertionError:
+                    if attempt == 2:
+                        raise
+            # 3. the new run appears; follow it on its page until it completes
+            deadline = time.monotonic() + 90
+            while not (new := [r for r in _flow_runs_of(prefect_ui, "episode-to-lora") if r.id not in before]):
+                assert time.monotonic() < deadline, "Quick run created no flow run"
+                time.sleep(0.5)
+            page.goto(f"{prefect_ui.url}/runs/flow-run/{new[0].id}")
             run = _wait_final(prefect_ui, new[0].id, timeout=240)
             page.reload()  # the page as a user opening the finished run sees it: state badge, run graph
             expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
