@@ -176,7 +176,8 @@ def drop_reason_for(brightness: float, contrast: float, sharp: float, params: Fr
 
 def _write_image(target: Path, rgb: np.ndarray, image_format: str) -> int:
     """Write one frame losslessly; returns its size in bytes."""
-    flags = [cv2.IMWRITE_WEBP_QUALITY, 101] if image_format == "webp" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    flags = ([cv2.IMWRITE_WEBP_QUALITY, 101] if image_format == "webp"  # 101 = lossless WebP
+             else [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
     if not cv2.imwrite(str(target), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), flags):
         raise OSError(f"could not write frame image {target}")
     return target.stat().st_size
