@@ -39,7 +39,7 @@ from prefect import task
 
 from tasks.progress import StageProgress
 from tasks.render import RenderSpec, blank_reason, cover, read_background, read_row_images, render
-from tasks.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
+from tasks.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
 from tasks.store import QUARANTINE, RunStore, safe_name, write_table
 
 STAGE = "package"
@@ -529,17 +529,6 @@ def run_package(store: RunStore, params: PackageParams, upstream: dict[str, Stag
         return table, summary, [f"{STAGE}/characters.parquet"]
 
     return run_global_stage(store, STAGE, VERSION, params, upstream, build)
-
-
-def finished(store: RunStore, stage: str) -> StageResult:
-    """The StageResult of a stage already done on disk (for plain calls without a flow)."""
-    marker = store.marker(stage)
-    if marker is None or not store.is_done(stage):
-        from tasks.store import StageNotDoneError
-
-        raise StageNotDoneError(f"stage '{stage}' of run '{store.name}' is not done; run it first")
-    return StageResult(stage=stage, fingerprint=marker["fingerprint"], manifest_digest=marker["manifest_digest"],
-                       summary=marker.get("summary", {}), recomputed=False)
 
 
 def _probe(run: RunRef, caption: StageResult, params: PackageParams) -> tuple[str, bool]:

@@ -271,7 +271,7 @@ class DatasetInvalidError(RuntimeError):
 
 def run_validate(store: RunStore, params: ValidateParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
     """Validate the run's package into `validate/report.json` and a per-image manifest."""
-    from tasks.package import finished
+    from tasks.stage import finished
 
     upstream = upstream or {"package": finished(store, "package")}
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from tasks.augment import (AugmentParams, apply_ops, augment_shard_task, draw_ops, merge_augment_task, multiplier,
                            plan_augment_task, run_augment, target_count)
-from tasks.package import finished
+from tasks.stage import finished
 from tasks.render import read_layer
 from tasks.stage import RunRef
 from tests.dataset_fixtures import make_run

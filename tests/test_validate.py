@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from flows.params import RunParams
 from tasks.augment import AugmentParams, run_augment
 from tasks.caption import CaptionParams, run_caption
-from tasks.package import PackageParams, finished, run_package
+from tasks.package import PackageParams, run_package
+from tasks.stage import finished
 from tasks.stage import RunRef
 from tasks.validate import DatasetInvalidError, ValidateParams, format_summary, run_validate, validate_dataset
 from tests.conftest import ROOT, run_cli
