@@ -10,7 +10,8 @@ Pydantic's schema is exact but hard to fill: model names are free text, optional
   (for training: the value each profile uses);
 - fixed-length lists get one label per item (R, G, B; min, max).
 
-Every stage stays its own group (a card in the form), in pipeline order.
+Every stage stays its own group (a card in the form), in pipeline order. (Prefect's form has no
+collapsible group: an `anyOf` of "defaults" and the stage renders as a raw JSON box instead.)
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def shape_stage(stage: str, definition: dict[str, Any]) -> None:
 
 
 def shape_form(schema: dict[str, Any], resolve: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """Rewrite the stage definitions that `schema` (RunParams') points to; `resolve` follows a $ref."""
+    """Rewrite RunParams' `schema` and the stage definitions it points to; `resolve` follows a $ref."""
     for stage, ref in schema.get("properties", {}).items():
         definition = resolve(ref)
         shape_stage(stage, definition)
