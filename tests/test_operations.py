@@ -80,7 +80,7 @@ def test_run_form_has_no_none_toggles_and_says_what_empty_means():
     assert '{"type": "null"}' not in json.dumps(shown)
     rank = form["definitions"]["TrainParams"]["properties"]["rank"]
     assert rank["type"] == "integer" and "fast 32, final 64, demo 4" in rank["description"]
-    assert "None" not in json.dumps(form["properties"]["params"]["default"])
+    assert "null" not in json.dumps(form["properties"]["params"]["default"])
     assert [i["title"] for i in form["definitions"]["EmbedParams"]["properties"]["mean"]["prefixItems"]] == ["R", "G", "B"]
 
 
