@@ -2,11 +2,12 @@
 
     episode2lora serve            # against the Prefect API in PREFECT_API_URL
     episode2lora ui               # start a local Prefect server on 127.0.0.1, then serve
-    episode2lora deploy --pool P  # register them with a process work pool (workers on many machines)
     python -m deployments.serve   # same as `episode2lora serve`
 
-The YAML file is the one source of the deployments (names, entrypoints, default
-parameters, schedules) for serving and for work pools alike.
+The YAML file is the one source of the deployments (names, entrypoints, default parameters,
+schedules, work pool): served from here, or registered with the work pool by Prefect's own
+`prefect deploy --all --prefect-file deployments/prefect.yaml` (README). Served runs execute in
+the project folder, as a worker's runs do, so relative paths mean the same under both.
 """
 
 from __future__ import annotations
@@ -63,24 +64,6 @@ def load_flow(entrypoint: str) -> Any:
         raise DeploymentConfigError(f"entrypoint {entrypoint!r}: {module.__name__} has no flow {attr!r}") from None
 
 
-def resolve_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
-    """Default parameters of a deployment; `params: <file>.yaml` is a run config (as `run --config`).
-
-    A relative config path is relative to the project folder. Raises DeploymentConfigError
-    naming the file when it is missing or invalid.
-    """
-    resolved = dict(parameters)
-    if isinstance(resolved.get("params"), str):
-        from flows.params import ParamsError, load_params
-
-        config = Path(resolved["params"])
-        try:
-            resolved["params"] = load_params(config if config.is_absolute() else PROJECT / config).model_dump(mode="json")
-        except ParamsError as exc:
-            raise DeploymentConfigError(str(exc)) from None
-    return resolved
-
-
 def build_deployments(path: Path | str = CONFIG) -> list[Any]:
     """RunnerDeployments for `prefect.serve`, one per entry of the file."""
     from prefect.schedules import Cron, Interval
@@ -100,7 +83,7 @@ def build_deployments(path: Path | str = CONFIG) -> list[Any]:
             name=entry["name"],
             description=entry.get("description"),
             tags=entry.get("tags"),
-            parameters=resolve_parameters(entry.get("parameters") or {}),
+            parameters=entry.get("parameters") or {},
             schedules=schedules,
             entrypoint_type=EntrypointType.MODULE_PATH,
         ))
@@ -108,33 +91,16 @@ def build_deployments(path: Path | str = CONFIG) -> list[Any]:
 
 
 def serve_all(path: Path | str = CONFIG, limit: int | None = None) -> None:
-    """Serve all deployments until interrupted; their runs execute in subprocesses of this one."""
+    """Serve all deployments until interrupted; their runs execute in subprocesses of this one.
+
+    The runs execute in the project folder (relative paths in parameters resolve there, as they
+    do for a worker's runs), whichever folder this was started from.
+    """
     from prefect import serve
 
-    serve(*build_deployments(path), limit=limit)
-
-
-def deploy_all(pool: str, path: Path | str = CONFIG, working_dir: Path | str = PROJECT) -> list[str]:
-    """Register every deployment with the process work pool `pool`; returns the deployment ids.
-
-    `prefect worker start --pool <pool>` on any machine then runs them, in `working_dir` (the
-    project checkout, at the same path on every worker machine).
-    """
-    from prefect import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_work_pool(pool)
-        except ObjectNotFound:
-            raise DeploymentConfigError(
-                f"work pool '{pool}' does not exist; create it with: prefect work-pool create {pool} --type process") from None
-    ids = []
-    for deployment in build_deployments(path):
-        deployment.work_pool_name = pool
-        deployment.job_variables = {"working_dir": str(Path(working_dir).resolve())}
-        ids.append(str(deployment.apply()))
-    return ids
+    deployments = build_deployments(path)
+    os.chdir(PROJECT)
+    serve(*deployments, limit=limit)
 
 
 # ---- a local Prefect server ----------------------------------------------------------------

@@ -21,10 +21,12 @@ RUNS_DIR = typer.Option(Path("data/runs"), "--runs-dir", help="folder holding al
 
 
 def _quiet_prefect() -> None:
-    """Offline, local defaults for Prefect unless the user set their own."""
+    """Offline, local defaults for Prefect unless the user set their own; a quiet terminal."""
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # INFO goes to the API (the UI's Logs tab of runs started here, by `ui`, `serve` or workers);
+    # the terminal shows warnings only
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     # a busy machine can take well over Prefect's default 20 s to start the temporary API server
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
@@ -203,24 +205,6 @@ def serve(config: Optional[Path] = DEPLOYMENTS, limit: Optional[int] = LIMIT) ->
         serve_all(config or CONFIG, limit)
     except DeploymentConfigError as exc:
         _fail(str(exc))
-
-
-@app.command()
-def deploy(
-    pool: str = typer.Option(..., "--pool", help="process work pool (prefect work-pool create NAME --type process)"),
-    config: Optional[Path] = DEPLOYMENTS,
-    working_dir: Optional[Path] = typer.Option(None, "--working-dir", help="project folder on the worker machines (default: this one)"),
-) -> None:
-    """Register every deployment with a work pool; `prefect worker start --pool NAME` runs them anywhere."""
-    from deployments.serve import CONFIG, PROJECT, DeploymentConfigError, deploy_all
-
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    try:
-        ids = deploy_all(pool, config or CONFIG, working_dir or PROJECT)
-    except DeploymentConfigError as exc:
-        _fail(str(exc))
-    console.print(f"registered {len(ids)} deployments with work pool [bold]{pool}[/]; "
-                  f"start workers with: prefect worker start --pool {pool}")
 
 
 @app.command()

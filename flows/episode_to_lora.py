@@ -15,11 +15,12 @@ from flows.scale import TaskRunnerKind, check_runner, on_dask, run_on_dask
 from flows.training import training_stages
 from tasks.frames import frames_episode_task, merge_frames_task, plan_frames_task
 from tasks.segment import merge_segment_task, plan_segment_task, segment_shard_task
+from tasks.links import publish_outputs
 from tasks.stage import RunRef, StageResult, bind_to_run, settle
 from tasks.store import reaches
 
 
-@flow(name="episode-to-lora", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2),
+@flow(name="episode-to-lora", flow_run_name="{name}", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2),
       **webhook_hooks())
 def episode_to_lora(
     inputs: list[str],
@@ -35,6 +36,9 @@ def episode_to_lora(
     """Turn episode videos into a LoRA; stops after the stage `until`.
 
     Args:
+        inputs: video files, folders of videos or globs (relative: to the project folder).
+        name: the run's folder under runs_dir; the flow run takes the same name.
+        runs_dir: folder holding all runs (relative: to the project folder).
         webhook_url: POST a JSON summary here when the run completes or fails (optional).
         task_runner: "threads" in this process, or "dask" to send per-episode work to Dask workers.
         dask_address: Dask scheduler to use with task_runner="dask" (empty: a local cluster).
@@ -69,4 +73,5 @@ def episode_to_lora(
             results.update(dataset_stages(run, params, until, results["select"]))
         if reaches(until, "train"):  # train (one task per character, tagged gpu) -> evaluate
             results.update(training_stages(run, params, until, results["package"], results.get("validate")))
+        publish_outputs(store)  # links on the run page: cluster report, evaluation report, LoRA files
         return results

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from flows.review import pause_for_review
 from tasks.cluster import cluster_task
+from tasks.links import publish_outputs
 from tasks.embed import embed_shard_task, merge_embed_task, plan_embed_task
 from tasks.report import report_task
 from tasks.select import select_task
@@ -45,6 +46,7 @@ def identity_stages(run: RunRef, params: "RunParams", until: str, segment: Stage
         select_params = params.select
         if review:  # the contact sheets first, then wait for the person's choices
             report_task(run, results)
+            publish_outputs(run.store())  # the report's link on the paused run's page
             select_params = pause_for_review(run, results["tier"], params.select)
         results["select"] = bind_to_run(select_task, run)(run, results["cluster"], results["tier"], select_params)
     report_task(run, results)

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, model_serializer
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema as cs
 
 from tasks.frames import FramesParams
 from tasks.segment import SegmentParams
@@ -50,6 +52,26 @@ class RunParams(BaseModel):
     validate: ValidateParams = Field(default_factory=ValidateParams)
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: Any) -> Any:
+        """Optional fields left empty (None) are left out: the form and the API then never see null."""
+        return _drop_nones(handler(self))
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core: cs.CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """The schema of the UI form: model dropdowns, labeled lists, no None toggles (flows/form.py)."""
+        from flows.form import shape_form
+
+        schema = handler(core)
+        shape_form(handler.resolve_ref_schema(schema), handler.resolve_ref_schema)
+        return schema
+
+
+def _drop_nones(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nones(v) for k, v in value.items() if v is not None}
+    return value
 
 
 class ParamsError(ValueError):

@@ -73,6 +73,7 @@ def publish(result: StageResult, title: str, rows: list[dict[str, Any]] | None =
     if isinstance(run, RunRef) and result.stage in STAGES:  # where the stage's manifest and report are
         lines += ["", f"report: `{run.store().stage_dir(result.stage)}`"]
     counts = [{"measure": k, "value": v} for k, v in result.summary.items() if isinstance(v, (int, float, str, bool))]
+    _log_stage_line(title, result, counts, lines[-1] if lines[-1].startswith("report:") else "")
     try:
         create_markdown_artifact("\n".join(lines), key=key, description=title)
         create_table_artifact(counts, key=f"{key}-counts", description=f"{title}: counts")
@@ -80,6 +81,15 @@ def publish(result: StageResult, title: str, rows: list[dict[str, Any]] | None =
             create_table_artifact(rows, key=f"{key}-table", description=f"{title}: per item")
     except Exception:
         pass
+
+
+def _log_stage_line(title: str, result: StageResult, counts: list[dict[str, Any]], where: str) -> None:
+    """One INFO line per stage or shard in the run's logs (the UI's Logs tab): its counts and folder."""
+    from prefect.logging import get_run_logger
+
+    measures = ", ".join(f"{c['measure']}={c['value']}" for c in counts[:8])
+    state = "computed" if result.recomputed else "reused"
+    get_run_logger().info("%s (%s): %s %s", title, state, measures, where.replace("`", ""))
 
 
 def stage_fingerprint(stage: str, version: int, params: BaseModel, upstream: dict[str, StageResult]) -> str:

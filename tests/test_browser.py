@@ -90,3 +90,80 @@ def test_quick_run_from_the_deployment_page_completes(prefect_ui):
     record = store.read_run_record()
     assert record["inputs"] == [str(E2E_INPUT)]
     assert store.is_done(record["until"])
+
+
+FORM_SHOTS = ROOT / "test-artifacts" / "prefect_custom_run_form"
+MEASURE_FORM = """() => { const form = document.querySelector('form.flow-run-create-form-v2');
+  const count = s => form.querySelectorAll(s).length;
+  return {height: Math.round(form.getBoundingClientRect().height), properties: count('.schema-form-property'),
+          controls: count('input, textarea, .p-select-button__control, .p-toggle, .p-button-group__button'),
+          none_toggles: count('.schema-form-property-null'), dropdowns: count('.p-select-button__control')}; }"""
+
+
+def _field(page, label: str):
+    """The form property whose own label is `label` (Prefect adds ' (Optional)' to optional ones)."""
+    import re
+
+    own_label = page.locator(":scope > .p-label__header span.schema-form-property__label",
+                             has_text=re.compile(rf"^{re.escape(label)}( \(Optional\))?$"))
+    return page.locator("div.schema-form-property").filter(has=own_label).first
+
+
+def _choose(page, field, option: str) -> None:
+    """Open a Prefect dropdown (a click, else the arrow key) and pick `option`."""
+    control = field.locator(".p-select-button__control")
+    control.scroll_into_view_if_needed()
+    control.click()
+    choice = page.get_by_role("option", name=option, exact=True)
+    if not choice.is_visible():
+        control.focus()
+        page.keyboard.press("ArrowDown")
+    choice.click()
+
+
+def test_custom_run_form_is_filled_with_a_model_dropdown_and_the_run_completes(prefect_ui):
+    """A person fills the Custom run form: a run name and the segmenter from the dropdown of known
+    models; the flow run is named after the run folder and completes with the chosen model."""
+    from playwright.sync_api import expect, sync_playwright
+
+    before = {r.id for r in _flow_runs_of(prefect_ui, "episode-to-lora")}
+    FORM_SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(30_000)
+        try:
+            page.goto(f"{prefect_ui.url}/deployments")
+            page.get_by_role("link", name="episode-to-lora", exact=True).first.click()
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text("Custom run", exact=True).click()
+            expect(_field(page, "name")).to_be_visible()
+            page.wait_for_load_state("networkidle")
+            form = page.evaluate(MEASURE_FORM)
+            print(f"custom run form: {form}")
+            page.screenshot(path=str(FORM_SHOTS / "1-form.png"))
+
+            _field(page, "name").locator("textarea, input").first.fill("form-run")
+            model = _field(page, "Model")  # segment.model, the first field of that name
+            expect(model.get_by_role("button", name="known model")).to_be_visible()
+            _choose(page, model, "isnet-anime")
+            expect(model.locator(".p-select-button__value")).to_have_text("isnet-anime")
+            page.screenshot(path=str(FORM_SHOTS / "2-model-chosen.png"))
+            page.get_by_role("button", name="Submit", exact=True).click()
+
+            deadline = time.monotonic() + 90
+            while not (new := [r for r in _flow_runs_of(prefect_ui, "episode-to-lora") if r.id not in before]):
+                assert time.monotonic() < deadline, "the custom run form created no flow run"
+                time.sleep(0.5)
+            run = _wait_final(prefect_ui, new[0].id, timeout=300)
+            page.goto(f"{prefect_ui.url}/runs/flow-run/{run.id}")
+            expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
+        finally:
+            page.screenshot(path=str(FORM_SHOTS / "3-run.png"))
+            browser.close()
+
+    assert form["none_toggles"] <= 2 and form["dropdowns"] >= 10, form  # webhook_url, dask_address: None = off
+    assert run.state.is_completed(), run.state
+    assert run.name == "form-run" and run.parameters["params"]["segment"]["model"] == "isnet-anime"
+    record = RunStore(prefect_ui.runs_dir, "form-run").read_run_record()
+    assert record["params"]["segment"]["model"] == "isnet-anime" and record["until"] == "frames"

@@ -100,12 +100,36 @@ def test_full_run_through_the_api_has_outputs_artifacts_and_webhook(prefect_ui, 
     progress = [a for a in artifacts if a["type"] == "progress"]
     assert progress and all(float(a["data"]) == 100.0 for a in progress), [a["data"] for a in progress]
 
+    from tasks.links import artifact_key
+
+    links = {a["key"]: a for pattern in ("report", "lora-") for a in get_json(  # the files to open next
+        f"{prefect_ui.api_url}/artifacts/filter", {"flow_runs": {"id": {"any_": [str(api_run.id)]}},
+                                                   "artifacts": {"key": {"like_": pattern}}, "limit": 200})}
+    report = store.root / "report" / "cluster_report.html"
+    assert report.is_file() and links["cluster-report"]["data"].startswith(f"[{report}]({report.as_uri()})")
+    loras = sorted(store.root.glob("*/shards/*/*.safetensors"))
+    assert loras and {k for k in links if k.startswith("lora-")} == {artifact_key(f"lora-{p.parts[-4]}-{p.stem}") for p in loras}
+    assert api_run.name == "api"  # the flow run is named as its run folder
+
     payload = webhook.wait_for(lambda p: p["flow_run_id"] == str(api_run.id))
     assert (payload["run"], payload["status"], payload["error"]) == ("api", "completed", None)
     assert set(payload["stages"]) == set(ran)
     assert {s: c["rows"] for s, c in payload["stages"].items()} == {s: store.stage_status(s)["rows"] for s in ran}
     assert all(Path(p).is_file() and p.endswith(".safetensors") for p in payload["loras"])
     assert bool(payload["loras"]) == ("train" in ran)
+
+
+def test_served_run_logs_hold_the_stage_lines(prefect_ui, api_run):
+    """INFO logs of a run served by `episode2lora ui` reach the UI's Logs tab: one line per stage."""
+    messages: list[str] = []
+    while page := get_json(f"{prefect_ui.api_url}/logs/filter", {
+            "logs": {"flow_run_id": {"any_": [str(api_run.id)]}}, "limit": 200, "offset": len(messages)}):
+        messages += [entry["message"] for entry in page]
+    print(f"served run: {len(messages)} log lines in the UI")
+    store = RunStore(prefect_ui.runs_dir, "api")
+    for stage in stages_through(default_until()):
+        assert any(f"{store.stage_dir(stage)}" in m for m in messages), f"no log line of stage {stage}"
+    assert any("cluster report:" in m for m in messages)
 
 
 def _block(store: RunStore, stage: str) -> Path:

@@ -39,18 +39,76 @@ def test_deployments_file_builds_every_deployment_with_typed_form_and_cron():
     assert deployments["episode-to-lora"].schedules == []
 
 
-def test_deployment_params_can_come_from_a_run_config_file(tmp_path):
-    from deployments.serve import PROJECT, DeploymentConfigError, build_deployments, read_config
-    from flows.params import load_params
+def test_deployment_demo_params_are_the_demo_config():
+    """prefect.yaml carries the demo parameters inline (`prefect deploy` reads no run config file);
+    they must stay what data/demo.yaml says."""
+    from deployments.serve import PROJECT, build_deployments
+    from flows.params import RunParams, load_params
 
-    [entry] = [d for d in read_config(CONFIG) if d["name"] == "episode-to-lora"]
     [deployment] = [d for d in build_deployments(CONFIG) if d.name == "episode-to-lora"]
-    assert deployment.parameters["params"] == load_params(PROJECT / entry["parameters"]["params"]).model_dump(mode="json")
+    assert RunParams.model_validate(deployment.parameters["params"]) == load_params(PROJECT / "data" / "demo.yaml")
+    assert deployment.work_pool_name is None  # served: the pool named in the file is for `prefect deploy`
 
-    bad = tmp_path / "prefect.yaml"
-    bad.write_text(yaml.safe_dump({"deployments": [dict(entry, parameters={"params": str(tmp_path / "nope.yaml")})]}))
-    with pytest.raises(DeploymentConfigError, match="nope.yaml"):
-        build_deployments(bad)
+
+# ---- the run form --------------------------------------------------------------------------
+
+def _form() -> dict:
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.episode_to_lora import episode_to_lora
+
+    return parameter_schema(episode_to_lora.fn).model_dump()
+
+
+def test_run_form_offers_known_models_with_a_custom_escape():
+    from flows.form import MODEL_CHOICES
+    from flows.params import RunParams
+
+    definitions = _form()["definitions"]
+    for (stage, field), known in MODEL_CHOICES.items():
+        definition = definitions[type(getattr(RunParams(), stage)).__name__]["properties"][field]
+        dropdown, custom = definition["anyOf"]
+        assert dropdown["enum"] == known and custom["title"] == "custom" and "enum" not in custom, (stage, field)
+    assert RunParams.model_validate({"segment": {"model": "custom:/models/anime.onnx"}}).segment.model.startswith("custom:")
+
+
+def test_run_form_has_no_none_toggles_and_says_what_empty_means():
+    import json
+
+    form = _form()
+    shown = {name: d for name, d in form["definitions"].items() if name != "SettingsOverrides"}  # per_character: JSON
+    assert '{"type": "null"}' not in json.dumps(shown)
+    rank = form["definitions"]["TrainParams"]["properties"]["rank"]
+    assert rank["type"] == "integer" and "fast 32, final 64, demo 4" in rank["description"]
+    assert "null" not in json.dumps(form["properties"]["params"]["default"])
+    assert [i["title"] for i in form["definitions"]["EmbedParams"]["properties"]["mean"]["prefixItems"]] == ["R", "G", "B"]
+
+
+def test_run_params_without_none_round_trip():
+    from flows.params import RunParams
+
+    params = RunParams.model_validate({"train": {"rank": 8}, "select": {"tiers": ["A"]}})
+    dumped = params.model_dump(mode="json")
+    assert "max_steps" not in dumped["train"] and dumped["train"]["rank"] == 8
+    assert RunParams.model_validate(dumped) == params
+
+
+# ---- links on the run page -----------------------------------------------------------------
+
+def test_run_outputs_lists_reports_then_loras(tmp_path):
+    from tasks.links import artifact_key, run_outputs
+
+    store = RunStore(tmp_path, "links")
+    for relative in ("report/cluster_report.html", "evaluate/report.md", "train/shards/Hero/Hero.safetensors",
+                     "evaluate/shards/Hero/Hero.safetensors", "train/shards/Hero/checkpoints/x.safetensors"):
+        (store.root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (store.root / relative).write_bytes(b"x")
+    outputs = run_outputs(store)
+    assert [(key, path.relative_to(store.root).as_posix()) for key, path, _ in outputs] == [
+        ("cluster-report", "report/cluster_report.html"), ("evaluation-report", "evaluate/report.md"),
+        ("lora-train-Hero", "train/shards/Hero/Hero.safetensors"),
+        ("lora-evaluate-Hero", "evaluate/shards/Hero/Hero.safetensors")]
+    assert artifact_key("lora-train-Hero_Boy") == "lora-train-hero-boy"
 
 
 def test_deployments_file_errors_name_the_entry(tmp_path):
