@@ -49,7 +49,7 @@ def _parse_sets(sets: list[str]) -> dict[str, Any]:
 
 def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str) -> None:
     from flows.episode_to_lora import episode_to_lora
-    from tasks.store import RunLockedError, RunStore
+    from tasks.run.store import RunLockedError, RunStore
 
     store = RunStore(runs_dir, name)
     started = time.time()
@@ -124,7 +124,7 @@ def run(
 def resume(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RUNS_DIR) -> None:
     """Continue a failed or interrupted run with the parameters it was started with."""
     from flows.params import RunParams
-    from tasks.store import RunStore
+    from tasks.run.store import RunStore
 
     _quiet_prefect()
     try:
@@ -141,7 +141,7 @@ def resume(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RU
 @app.command()
 def status(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RUNS_DIR) -> None:
     """Show each stage of a run: done, partial (n of m shards) or missing, with counts."""
-    from tasks.store import RunStore
+    from tasks.run.store import RunStore
 
     store = RunStore(runs_dir, name)
     if not store.root.exists():
@@ -156,7 +156,7 @@ def clean(
     runs_dir: Path = RUNS_DIR,
 ) -> None:
     """Remove a stage and every stage after it, so they run again."""
-    from tasks.store import RunLockedError, RunStore
+    from tasks.run.store import RunLockedError, RunStore
 
     _check_until(stage)
     store = RunStore(runs_dir, name)
@@ -174,7 +174,7 @@ def clean(
 def report(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RUNS_DIR) -> None:
     """Write the cluster report (<run>/report/cluster_report.html + .json) and print clusters per tier and kind."""
     from tasks.report import summary_table, write_report
-    from tasks.store import RunStore, StageNotDoneError
+    from tasks.run.store import RunStore, StageNotDoneError
 
     store = RunStore(runs_dir, name)
     if not store.root.exists():
@@ -271,14 +271,14 @@ def validate(
 
 
 def _check_until(stage: str) -> None:
-    from tasks.store import STAGES
+    from tasks.run.store import STAGES
 
     if stage not in STAGES:
         _fail(f"unknown stage '{stage}'; stages are: {', '.join(STAGES)}")
 
 
 def _print_status(store: Any) -> None:
-    from tasks.store import STAGES
+    from tasks.run.store import STAGES
 
     table = Table(title=f"run {store.name}  ({store.root})")
     for column in ("stage", "state", "shards", "rows", "kept", "quarantined", "fingerprint"):

@@ -117,7 +117,7 @@ def _print_dry_run(flow_name: str, params: Any, input_dir: Path, run_dir: Path) 
 def _execute(flow_name: str, input_dir: Path, name: str, trigger: Optional[str], runs_dir: Path, params: Any,
              until: str) -> None:
     """Run a source flow in this process, then print its ingest report and the run's status."""
-    from tasks.store import RunLockedError, RunStore
+    from tasks.run.store import RunLockedError, RunStore
 
     cli = _cli()
     flow, _ = _flow_and_model(flow_name)
@@ -174,7 +174,7 @@ def renders(
 ) -> None:
     """Check a render folder (the Kyana guide's quality list) and train its staged LoRAs."""
     from flows.source_params import RendersRunParams
-    from tasks.store import RunStore
+    from tasks.run.store import RunStore
 
     cli = _cli()
     cli._quiet_prefect()
@@ -217,8 +217,8 @@ def photos(
 ) -> None:
     """Analyze a photo set (the FLUX identity guide) and train its LoRA with the fast or final profile."""
     from flows.source_params import PhotosRunParams
-    from tasks.ingest_photos import analyze_photos, format_analysis
-    from tasks.store import RunStore
+    from tasks.sources.ingest_photos import analyze_photos, format_analysis
+    from tasks.run.store import RunStore
 
     cli = _cli()
     cli._quiet_prefect()

@@ -87,7 +87,7 @@ def versions(
     character: Optional[str] = typer.Option(None, "--character", help="only this character's trainings"),
 ) -> None:
     """List every LoRA training: status, steps, losses, evaluation's choice, files, errors."""
-    from tasks.versions import read_versions
+    from tasks.run.versions import read_versions
 
     rows = read_versions(runs_dir).to_pylist()
     if character:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from tasks.augment import augment_shard_task, merge_augment_task, plan_augment_task
 from tasks.caption import caption_shard_task, merge_caption_task, plan_caption_task
 from tasks.package import package_task
-from tasks.stage import RunRef, StageResult, bind_to_run, settle
-from tasks.store import reaches
+from tasks.run.stage import RunRef, StageResult, bind_to_run, settle
+from tasks.run.store import reaches
 from tasks.validate import check_passed, validate_task
 
 if TYPE_CHECKING:

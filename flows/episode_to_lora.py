@@ -15,8 +15,8 @@ from flows.scale import TaskRunnerKind, check_runner, on_dask, run_on_dask
 from flows.training import training_stages
 from tasks.frames import frames_episode_task, merge_frames_task, plan_frames_task
 from tasks.segment import merge_segment_task, plan_segment_task, segment_shard_task
-from tasks.stage import RunRef, StageResult, bind_to_run, settle
-from tasks.store import reaches
+from tasks.run.stage import RunRef, StageResult, bind_to_run, settle
+from tasks.run.store import reaches
 
 
 @flow(name="episode-to-lora", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2),

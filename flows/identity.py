@@ -13,8 +13,8 @@ from tasks.cluster import cluster_task
 from tasks.embed import embed_shard_task, merge_embed_task, plan_embed_task
 from tasks.report import report_task
 from tasks.select import select_task
-from tasks.stage import RunRef, StageResult, bind_to_run, settle
-from tasks.store import reaches
+from tasks.run.stage import RunRef, StageResult, bind_to_run, settle
+from tasks.run.store import reaches
 from tasks.tier import tier_task
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable
 
-from tasks.store import STAGES, RunStore
+from tasks.run.store import STAGES, RunStore
 
 log = logging.getLogger("episode2lora.notify")
 

@@ -2,7 +2,7 @@
 caption -> package -> validate -> train with the guide's fast or final profile.
 
 Wiring only: the stages are the episode run's (flows/dataset.py, flows/training.py) after an ingest
-stage of their own (tasks/ingest_photos.py).
+stage of their own (tasks/sources/ingest_photos.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from flows.dataset import dataset_stages
 from flows.notify import webhook_hooks
 from flows.source_params import PhotosRunParams, SourceStage
 from flows.training import training_stages
-from tasks.ingest_photos import ingest_photos_task
-from tasks.stage import RunRef, StageResult, bind_to_run
+from tasks.sources.ingest_photos import ingest_photos_task
+from tasks.run.stage import RunRef, StageResult, bind_to_run
 
 FLOW_NAME = "photos-to-lora"
 

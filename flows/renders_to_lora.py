@@ -2,7 +2,7 @@
 -> train, where training is staged: the core LoRA first, then the detail LoRA fine-tuned from it.
 
 Wiring only: the stages are the episode run's (flows/dataset.py, flows/training.py) after an ingest
-stage of their own (tasks/ingest_renders.py).
+stage of their own (tasks/sources/ingest_renders.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from flows.dataset import dataset_stages
 from flows.notify import webhook_hooks
 from flows.source_params import RendersRunParams, SourceStage
 from flows.training import training_stages
-from tasks.ingest_renders import ingest_phase_task, merge_ingest_renders_task, plan_ingest_renders_task
-from tasks.stage import RunRef, StageResult, bind_to_run, settle
+from tasks.sources.ingest_renders import ingest_phase_task, merge_ingest_renders_task, plan_ingest_renders_task
+from tasks.run.stage import RunRef, StageResult, bind_to_run, settle
 
 FLOW_NAME = "renders-to-lora"
 

@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 
 from flows.params import RunParams
 from tasks.frames import VIDEO_SUFFIXES
-from tasks.store import MARKER, RunStore
+from tasks.run.store import MARKER, RunStore
 
 
 def seen_videos(store: RunStore) -> set[Path]:

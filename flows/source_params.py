@@ -15,10 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.augment import AugmentParams
 from tasks.caption import CaptionParams
-from tasks.ingest_photos import IngestPhotosParams
-from tasks.ingest_renders import IngestRendersParams
+from tasks.sources.ingest_photos import IngestPhotosParams
+from tasks.sources.ingest_renders import IngestRendersParams
 from tasks.package import PackageParams
-from tasks.render_training import staged_train_params
+from tasks.sources.render_training import staged_train_params
 from tasks.train import TrainParams
 from tasks.validate import ValidateParams
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tasks.evaluate import evaluate_task, merge_evaluate_task, plan_evaluate_task
-from tasks.stage import RunRef, StageResult, bind_to_run, settle
-from tasks.store import reaches
+from tasks.run.stage import RunRef, StageResult, bind_to_run, settle
+from tasks.run.store import reaches
 from tasks.train import merge_train_task, plan_train_task, train_character_task
 
 if TYPE_CHECKING:

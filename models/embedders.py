@@ -376,7 +376,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 def embedder_identity(spec: str) -> str:
     """What determines an embedder's vectors, for fingerprints: the spec plus local file digests."""
-    from tasks.store import video_digest
+    from tasks.run.store import video_digest
 
     family, model = parse_spec(spec)
     if family == "colour-shape":

@@ -177,7 +177,7 @@ def model_identity(name: str) -> str:
     check_model_name(name)
     if not name.startswith(CUSTOM):
         return name
-    from tasks.store import video_digest
+    from tasks.run.store import video_digest
 
     path = Path(name[len(CUSTOM):]).expanduser()
     if not path.is_file():

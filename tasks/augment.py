@@ -30,10 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefect import task
 
-from tasks.progress import StageProgress
-from tasks.render import read_layer
-from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
-from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name
+from tasks.run.progress import StageProgress
+from tasks.composite import read_layer
+from tasks.run.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
+from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "augment"
 VERSION = 1

@@ -1,6 +1,6 @@
 """Stage `caption`: one caption per dataset image, trigger word first.
 
-Each kept image of the augment stage is rendered as it will be packaged (tasks/render.py)
+Each kept image of the augment stage is rendered as it will be packaged (tasks/composite.py)
 and described by a captioner (models/captioners.py) with a prompt for the character's kind.
 A post-processor then enforces the caption rules of the seeds: the trigger word first,
 then what varies (pose, framing, setting, lighting, expression); prompt echoes, repeated
@@ -25,11 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prefect import task
 
-from tasks.progress import StageProgress
-from tasks.render import RenderSpec, read_row_images
-from tasks.render import render as render_image
-from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
-from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name
+from tasks.run.progress import StageProgress
+from tasks.composite import RenderSpec, read_row_images
+from tasks.composite import render as render_image
+from tasks.run.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
+from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "caption"
 VERSION = 1
@@ -88,7 +88,7 @@ class CaptionParams(BaseModel):
     @field_validator("captions_from")
     @classmethod
     def _stage(cls, value: str | None) -> str | None:
-        from tasks.store import STAGES
+        from tasks.run.store import STAGES
 
         if value is not None and value not in STAGES:
             raise ValueError(f"captions_from: unknown stage '{value}'; stages are {', '.join(STAGES)}")

@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefect import task
 
-from tasks.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
-from tasks.store import RunStore, write_table
+from tasks.run.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
+from tasks.run.store import RunStore, write_table
 
 STAGE = "cluster"
 VERSION = 1

@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prefect import task
 
-from tasks.progress import StageProgress
-from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
-from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name
+from tasks.run.progress import StageProgress
+from tasks.run.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
+from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "embed"
 VERSION = 1
@@ -142,7 +142,7 @@ def embed_layers(layers: list[dict], run_root: Path, embedder: Any, *, label: st
     Returns:
         (rows with `embed_schema(embedder.dim)`, a report of counts).
     """
-    from tasks.render import read_layer
+    from tasks.composite import read_layer
 
     schema = embed_schema(embedder.dim)
     rows: list[dict] = []

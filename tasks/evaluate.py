@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prefect import task
 
-from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
-from tasks.store import RunStore, fingerprint, safe_name, write_table
+from tasks.run.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
+from tasks.run.store import RunStore, fingerprint, safe_name, write_table
 
 STAGE = "evaluate"
 VERSION = 1
@@ -239,7 +239,7 @@ def evaluate_one(store: RunStore, spec: EvaluateSpec, params: EvaluateParams, em
 
     result = run_shard(store, STAGE, spec.character, spec.fingerprint, build)
     if result.recomputed and row.get("version_id"):
-        from tasks import versions
+        from tasks.run import versions
 
         shard = store.shard_dir(STAGE, spec.character)
         committed = pq.read_table(shard / "rows.parquet").to_pylist()[0]

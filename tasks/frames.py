@@ -23,9 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefect import task
 
-from tasks.progress import StageProgress
-from tasks.stage import RunRef, StageResult, cache_key, merge_cache_key, publish
-from tasks.store import QUARANTINE, RunStore, StageNotDoneError, fingerprint, safe_name, video_digest, write_table
+from tasks.run.progress import StageProgress
+from tasks.run.stage import RunRef, StageResult, cache_key, merge_cache_key, publish
+from tasks.run.store import QUARANTINE, RunStore, StageNotDoneError, fingerprint, safe_name, video_digest, write_table
 
 STAGE = "frames"
 VERSION = 1

@@ -10,7 +10,7 @@ Layout under `<run>/package/`::
     configs/{character}_ai_toolkit.yaml               AI-Toolkit FLUX LoRA job (the Kyana seed's profile)
     manifest.parquet, characters.parquet
 
-Images are rendered from the caption stage's rows (tasks/render.py: RGBA layer onto the plain
+Images are rendered from the caption stage's rows (tasks/composite.py: RGBA layer onto the plain
 colour, or onto the background layer the augment op chose); a render that comes out blank (a
 white shape on the white canvas) is quarantined, not packaged. The validation split is drawn
 per character over originals: an original and all its augmented copies land on the same side.
@@ -37,10 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prefect import task
 
-from tasks.progress import StageProgress
-from tasks.render import RenderSpec, blank_reason, cover, read_background, read_row_images, render
-from tasks.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
-from tasks.store import QUARANTINE, RunStore, safe_name, write_table
+from tasks.run.progress import StageProgress
+from tasks.composite import RenderSpec, blank_reason, cover, read_background, read_row_images, render
+from tasks.run.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
+from tasks.run.store import QUARANTINE, RunStore, safe_name, write_table
 
 STAGE = "package"
 VERSION = 2

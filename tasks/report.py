@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from prefect import task
 
-from tasks.stage import RunRef, StageResult
-from tasks.store import RunStore, StageNotDoneError
+from tasks.run.stage import RunRef, StageResult
+from tasks.run.store import RunStore, StageNotDoneError
 from tasks.tier import TIERS, UNKNOWN, TierParams, quality_issues, size_tier
 
 FOLDER = "report"

@@ -32,9 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from prefect import task
 
-from tasks.progress import StageProgress
-from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
-from tasks.store import QUARANTINE, RunStore, fingerprint
+from tasks.run.progress import StageProgress
+from tasks.run.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
+from tasks.run.store import QUARANTINE, RunStore, fingerprint
 
 STAGE = "segment"
 VERSION = 2

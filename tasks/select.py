@@ -12,7 +12,7 @@ stage's recommended clusters), refined by an optional overrides YAML file::
       "ep01:0000123:01": {move_to: 3}            # one layer into another cluster
       "ep01:0000456:02": {exclude: true}         # one layer out
 
-Names become folder names through `tasks.store.safe_name` (so `../x` is `x`); without a name a
+Names become folder names through `tasks.run.store.safe_name` (so `../x` is `x`); without a name a
 character is `char_<id:03d>` with trigger `char<id:03d>`, by its cluster id, which the cluster
 stage keeps stable across runs. References to clusters or layers that no longer exist are
 reported as warnings and ignored; malformed files fail before work starts.
@@ -31,8 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from prefect import task
 
-from tasks.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
-from tasks.store import RunStore, safe_name, write_table
+from tasks.run.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
+from tasks.run.store import RunStore, safe_name, write_table
 from tasks.tier import Tier
 
 STAGE = "select"

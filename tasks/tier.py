@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from prefect import task
 
 from tasks.embed import EmbedParams, read_embeddings
-from tasks.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
-from tasks.store import RunStore, write_table
+from tasks.run.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
+from tasks.run.store import RunStore, write_table
 
 STAGE = "tier"
 VERSION = 1

@@ -25,9 +25,9 @@ from prefect import task
 from models.lora_data import CharacterSet, read_package
 from models.lora_settings import Profile, SettingsOverrides, TrainSettings, read_kohya_config, resolve_settings
 from models.sd_base import DEFAULT_BASE
-from tasks.progress import StageProgress
-from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
-from tasks.store import RunStore, fingerprint, safe_name
+from tasks.run.progress import StageProgress
+from tasks.run.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
+from tasks.run.store import RunStore, fingerprint, safe_name
 
 STAGE = "train"
 VERSION = 1
@@ -103,7 +103,7 @@ def train_job(job: Any, *, trainer: str = "diffusers", kohya_scripts: str | None
     from models.lora_checkpoints import checkpoint_dirs
     from models.sd_base import is_tiny
     from models.trainers import get_trainer
-    from tasks import versions
+    from tasks.run import versions
 
     if not resume and checkpoint_dirs(job.output_dir):  # refused before anything is recorded
         raise FileExistsError(f"{job.output_dir} already holds checkpoints of a training; resume it or use another output folder")
@@ -236,7 +236,7 @@ def finished_lora(store: RunStore, character: str) -> Path:
     """The committed LoRA file of a character's training in this run (what a fine-tune starts from)."""
     path = store.shard_dir(STAGE, character) / f"{safe_name(character)}.safetensors"
     if not path.is_file():
-        from tasks.store import StageNotDoneError
+        from tasks.run.store import StageNotDoneError
 
         raise StageNotDoneError(f"the training of '{character}' is not finished ({path} missing); train it first")
     return path
@@ -301,7 +301,7 @@ def train_character(store: RunStore, spec: TrainSpec, params: TrainParams) -> St
                "diffusers_path": rel(outcome.diffusers_path) if outcome.diffusers_path else None,
                "checkpoints": json.dumps(checkpoints), "settings_path": f"{prefix}/settings.json",
                "seconds": outcome.seconds, "resumed_from": outcome.resumed_from, "kept": True, "drop_reason": None}
-        from tasks import versions
+        from tasks.run import versions
 
         versions.update_version(registry, version, lora_path=str(final / Path(outcome.lora_path).name),
                                 diffusers_path=str(final / "diffusers" / "pytorch_lora_weights.safetensors"),

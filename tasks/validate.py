@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefect import task
 
-from tasks.render import blank_reason
-from tasks.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
-from tasks.store import RunStore, safe_name
+from tasks.composite import blank_reason
+from tasks.run.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
+from tasks.run.store import RunStore, safe_name
 
 STAGE = "validate"
 VERSION = 1
@@ -271,7 +271,7 @@ class DatasetInvalidError(RuntimeError):
 
 def run_validate(store: RunStore, params: ValidateParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
     """Validate the run's package into `validate/report.json` and a per-image manifest."""
-    from tasks.stage import finished
+    from tasks.run.stage import finished
 
     upstream = upstream or {"package": finished(store, "package")}
 

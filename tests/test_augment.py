@@ -12,9 +12,9 @@ from pydantic import ValidationError
 
 from tasks.augment import (AugmentParams, apply_ops, augment_shard_task, draw_ops, merge_augment_task, multiplier,
                            plan_augment_task, run_augment, target_count)
-from tasks.stage import finished
-from tasks.render import read_layer
-from tasks.stage import RunRef
+from tasks.run.stage import finished
+from tasks.composite import read_layer
+from tasks.run.stage import RunRef
 from tests.dataset_fixtures import make_run
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.store import MARKER, RunStore
+from tasks.run.store import MARKER, RunStore
 from tests.live_prefect import CONFIG, E2E_INPUT, SAMPLE, WebhookReceiver, get_json
 
 pytestmark = pytest.mark.e2e

@@ -45,8 +45,8 @@ def test_train_and_evaluate_stages_through_the_flow(tmp_path, prefect_api):
 
     from flows.params import RunParams
     from flows.training import training_stages
-    from tasks.stage import RunRef, StageResult
-    from tasks.versions import read_versions
+    from tasks.run.stage import RunRef, StageResult
+    from tasks.run.versions import read_versions
 
     run = RunRef(runs_dir=str(tmp_path), name="lora")
     store = run.store()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.stage import settle
-from tasks.store import reaches
+from tasks.run.stage import settle
+from tasks.run.store import reaches
 
 
 def test_a_failed_shard_fails_the_flow_with_its_own_error(prefect_api):

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from tasks.store import RunStore
+from tasks.run.store import RunStore
 from tests.live_prefect import CONFIG, WebhookReceiver
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tasks.embed import EmbedParams
-from tasks.stage import RunRef, StageResult
-from tasks.store import RunStore
+from tasks.run.stage import RunRef, StageResult
+from tasks.run.store import RunStore
 from tests.conftest import ARTIFACTS, ROOT
 from tests.truth_layers import commit_truth_segment
 
@@ -94,7 +94,7 @@ def test_report_command_prints_tiers_and_kinds(finished_run):
 
 def test_report_needs_finished_stages(tmp_path):
     from tasks.report import write_report
-    from tasks.store import StageNotDoneError
+    from tasks.run.store import StageNotDoneError
 
     with pytest.raises(StageNotDoneError, match="--until tier"):
         write_report(RunStore(tmp_path, "empty"))
@@ -152,7 +152,7 @@ def test_a_run_without_layers_goes_through_every_stage(tmp_path):
     from tasks.report import write_report
     from tasks.segment import SCHEMA as SEGMENT_SCHEMA
     from tasks.select import SelectParams, run_select
-    from tasks.store import fingerprint
+    from tasks.run.store import fingerprint
     from tasks.tier import TierParams, run_tier
 
     store = RunStore(tmp_path, "empty")

@@ -16,8 +16,8 @@ from flows.params import RunParams
 from tasks.augment import AugmentParams, run_augment
 from tasks.caption import CaptionParams, run_caption
 from tasks.package import PackageParams, run_package
-from tasks.stage import finished
-from tasks.stage import RunRef
+from tasks.run.stage import finished
+from tasks.run.stage import RunRef
 from tasks.validate import DatasetInvalidError, ValidateParams, format_summary, run_validate, validate_dataset
 from tests.conftest import ROOT, run_cli
 from tests.dataset_fixtures import make_run

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     import pyarrow as pa
 
-from tasks.store import STAGES, RunStore, fingerprint
+from tasks.run.store import STAGES, RunStore, fingerprint
 
 
 class RunRef(BaseModel):
@@ -138,7 +138,7 @@ def run_shard(store: RunStore, stage: str, key: str, fp: str,
     """
     import json
 
-    from tasks.store import write_table
+    from tasks.run.store import write_table
 
     if store.shard_done(stage, key, fp):
         report_path = store.shard_dir(stage, key) / "report.json"
@@ -162,7 +162,7 @@ def merge_shards(
     """
     import json
 
-    from tasks.store import StageNotDoneError
+    from tasks.run.store import StageNotDoneError
 
     if store.is_done(stage, fp):
         marker = store.marker(stage)
@@ -186,7 +186,7 @@ def finished(store: RunStore, stage: str) -> StageResult:
 
     Raises StageNotDoneError naming the stage when it is not done.
     """
-    from tasks.store import StageNotDoneError
+    from tasks.run.store import StageNotDoneError
 
     marker = store.marker(stage)
     if marker is None or not store.is_done(stage):

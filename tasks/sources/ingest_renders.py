@@ -34,13 +34,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from prefect import task
 
-from tasks.ingest import (IMAGE_SUFFIXES, STAGE, check_trigger, image_stats, listing_digest, place_image, read_caption,
+from tasks.sources.ingest import (IMAGE_SUFFIXES, STAGE, check_trigger, image_stats, listing_digest, place_image, read_caption,
                           require_identity, with_trigger)
-from tasks.progress import StageProgress
-from tasks.render_captions import SIZE_TOKEN, RenderTemplate, caption_from_name, read_template
-from tasks.render_training import GUIDE_PROMPTS_STAGE1, GUIDE_PROMPTS_STAGE2, ai_toolkit_config
-from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
-from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name, write_table
+from tasks.run.progress import StageProgress
+from tasks.sources.render_captions import SIZE_TOKEN, RenderTemplate, caption_from_name, read_template
+from tasks.sources.render_training import GUIDE_PROMPTS_STAGE1, GUIDE_PROMPTS_STAGE2, ai_toolkit_config
+from tasks.run.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
+from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name, write_table
 
 VERSION = 1
 RENDER_NAME = re.compile(r"^(?P<name>[A-Z0-9]+(?:_(?:[A-Z0-9]+|\d+x\d+))*)_(?P<frame>\d{4})\.png$")

@@ -29,11 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from prefect import task
 
 from tasks.frames import hamming_to_all, perceptual_hash
-from tasks.ingest import (STAGE, check_trigger, has_trigger, image_stats, listing_digest, place_image, read_caption,
+from tasks.sources.ingest import (STAGE, check_trigger, has_trigger, image_stats, listing_digest, place_image, read_caption,
                           require_identity, with_trigger)
-from tasks.progress import StageProgress
-from tasks.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
-from tasks.store import QUARANTINE, RunStore
+from tasks.run.progress import StageProgress
+from tasks.run.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
+from tasks.run.store import QUARANTINE, RunStore
 
 VERSION = 1
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")

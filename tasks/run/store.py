@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 STAGES: tuple[str, ...] = (
     "frames", "segment", "embed", "cluster", "tier", "select",
-    "ingest",  # render folders and photo sets enter here instead (tasks/ingest_*.py)
+    "ingest",  # render folders and photo sets enter here instead (tasks/sources/ingest_*.py)
     "augment", "caption", "package", "validate", "train", "evaluate",
 )
 MARKER = "_DONE.json"

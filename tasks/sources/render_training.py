@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tasks.ingest_renders import IngestRendersParams
+    from tasks.sources.ingest_renders import IngestRendersParams
 
 GUIDE_PROMPTS_STAGE1 = [
     "{trigger} health smartwatch rotating 360 degrees, black device with glossy screen, 33mm square design, white background",
