@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.frames import FramesParams
+from tasks.pipelines import stages_of
 from tasks.segment import SegmentParams
 from tasks.embed import EmbedParams
 from tasks.cluster import ClusterParams
@@ -22,9 +23,8 @@ from tasks.validate import ValidateParams
 from tasks.train import TrainParams
 from tasks.evaluate import EvaluateParams
 
-Stage = Literal["frames", "segment", "embed", "cluster", "tier", "select", "augment", "caption", "package", "validate",
-               "train", "evaluate"]
-"""Stages a run can stop after (grows as stages land)."""
+Stage = Literal[tuple(stages_of("episode"))]  # type: ignore[valid-type]
+"""Stages an episode run can stop after (the `episode` pipeline's, tasks/pipelines.py)."""
 LAST_STAGE: str = get_args(Stage)[-1]
 """Where a run stops by default: the end of the pipeline."""
 

@@ -18,12 +18,13 @@ from tasks.caption import CaptionParams
 from tasks.sources.ingest_photos import IngestPhotosParams
 from tasks.sources.ingest_renders import IngestRendersParams
 from tasks.package import PackageParams
+from tasks.pipelines import stages_of
 from tasks.sources.render_training import staged_train_params
 from tasks.train import TrainParams
 from tasks.validate import ValidateParams
 
-SourceStage = Literal["ingest", "augment", "caption", "package", "validate", "train"]
-"""Stages a render or photo run can stop after."""
+SourceStage = Literal[tuple(stages_of("renders"))]  # type: ignore[valid-type]
+"""Stages a render or photo run can stop after (their pipelines', tasks/pipelines.py)."""
 
 for _model in ("_SourceParams", "RendersRunParams", "PhotosRunParams"):  # `validate` shadows BaseModel.validate
     warnings.filterwarnings("ignore", message=f'Field name "validate" in "{_model}" shadows', category=UserWarning)

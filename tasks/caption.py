@@ -23,12 +23,12 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from prefect import task
 
 from tasks.run.progress import StageProgress
 from tasks.composite import RenderSpec, read_row_images
 from tasks.composite import render as render_image
-from tasks.run.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
+from tasks.run.spec import ShardedStage
+from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "caption"
@@ -295,27 +295,10 @@ def run_caption(store: RunStore, params: CaptionParams, render: RenderSpec | Non
     return merge_caption(store, plan)
 
 
-# ---- Prefect tasks ---------------------------------------------------------------------------------
-
-@task(name="plan-caption")
-def plan_caption_task(run: RunRef, augment: StageResult, params: CaptionParams, render: RenderSpec) -> CaptionPlan:
-    """Shard the dataset images (after `augment`)."""
-    return plan_caption(run.store(), params, render)
-
-
-@task(name="caption", task_run_name="caption-{shard.key}", tags=["gpu"],
-      cache_key_fn=shard_cache_key(STAGE))
-def caption_shard_task(run: RunRef, shard: CaptionShard, params: CaptionParams, render: RenderSpec) -> StageResult:
-    """Caption one shard of images."""
-    result = caption_shard(run.store(), shard, params, render)
-    publish(result, f"caption {shard.key}")
-    return result
-
-
-@task(name="merge-caption",
-      cache_key_fn=merge_cache_key(STAGE))
-def merge_caption_task(run: RunRef, plan: CaptionPlan) -> StageResult:
-    """Merge the caption shards into the run's caption manifest."""
-    result = merge_caption(run.store(), plan)
-    publish(result, "caption")
-    return result
+CAPTION = ShardedStage(
+    name=STAGE, version=VERSION, params=CaptionParams, inputs=("augment",), tags=("gpu",), title="caption",
+    plan=lambda store, params, inputs: plan_caption(store, params.caption, params.package.render),
+    shard=lambda store, shard, params, plan: caption_shard(store, shard, params.caption, params.package.render),
+    merge=lambda store, plan, params: merge_caption(store, plan),
+)
+"""The caption stage: one shard per character, each image captioned as it will be packaged."""

@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from prefect import task
 
 from tasks.run.progress import StageProgress
-from tasks.run.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
+from tasks.run.spec import ShardedStage
+from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "embed"
@@ -287,27 +287,10 @@ def read_embeddings(table: pa.Table) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
 
 
-# ---- Prefect tasks ----------------------------------------------------------------------------
-
-@task(name="plan-embed")
-def plan_embed_task(run: RunRef, segment: StageResult, params: EmbedParams) -> EmbedPlan:
-    """Shard the run's kept layers per episode (after `segment`)."""
-    return plan_embed(run.store(), params)
-
-
-@task(name="embed", task_run_name="embed-{shard.key}",
-      cache_key_fn=shard_cache_key(STAGE))
-def embed_shard_task(run: RunRef, shard: EmbedShard, params: EmbedParams) -> StageResult:
-    """Embed one shard of layers."""
-    result = embed_shard(run.store(), shard, params)
-    publish(result, f"embed {shard.key}")
-    return result
-
-
-@task(name="merge-embed",
-      cache_key_fn=merge_cache_key(STAGE))
-def merge_embed_task(run: RunRef, plan: EmbedPlan) -> StageResult:
-    """Merge the shards into the run's embed manifest."""
-    result = merge_embed(run.store(), plan)
-    publish(result, "embed")
-    return result
+EMBED = ShardedStage(
+    name=STAGE, version=VERSION, params=EmbedParams, inputs=("segment",), title="embed",
+    plan=lambda store, params, inputs: plan_embed(store, params.embed),
+    shard=lambda store, shard, params, plan: embed_shard(store, shard, params.embed),
+    merge=lambda store, plan, params: merge_embed(store, plan),
+)
+"""The embed stage: one shard per episode of kept layers."""

@@ -21,9 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from prefect import task
-
-from tasks.run.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
+from tasks.run.spec import ShardedStage
+from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
 from tasks.run.store import RunStore, fingerprint, safe_name, write_table
 
 STAGE = "evaluate"
@@ -205,11 +204,19 @@ class EvaluateSpec(BaseModel):
     character: str
     fingerprint: str
 
+    @property
+    def key(self) -> str:
+        return self.character
+
 
 class EvaluatePlan(BaseModel):
     specs: list[EvaluateSpec]
     fingerprint: str
     embedder: str
+
+    @property
+    def shards(self) -> list[EvaluateSpec]:
+        return self.specs
 
 
 def _train_rows(store: RunStore) -> dict[str, dict]:
@@ -273,36 +280,6 @@ def run_evaluate(store: RunStore, train: StageResult, params: EvaluateParams, em
     return merge_evaluation(store, plan)
 
 
-# ---- Prefect tasks ----------------------------------------------------------------------------
-
-@task(name="plan-evaluate")
-def plan_evaluate_task(run: RunRef, train: StageResult, params: EvaluateParams, embedder: str) -> EvaluatePlan:
-    """List the trained characters and fingerprint their evaluations."""
-    return plan_evaluation(run.store(), train, params, params.embedder or embedder)
-
-
-@task(name="evaluate", task_run_name="evaluate-{spec.character}", tags=["gpu"],
-      cache_key_fn=cache_key(lambda run, spec, params, embedder: (spec.fingerprint, run.store().shard_done(STAGE, spec.character, spec.fingerprint))))
-def evaluate_task(run: RunRef, spec: EvaluateSpec, params: EvaluateParams, embedder: str) -> StageResult:
-    """Gallery, scores and best checkpoint of one character."""
-    result = evaluate_one(run.store(), spec, params, embedder)
-    shard = run.store().shard_dir(STAGE, spec.character)
-    rows = pq.read_table(shard / "scores.parquet").to_pylist() if (shard / "scores.parquet").is_file() else None
-    publish(result, f"evaluation of {spec.character}", rows=rows)
-    return result
-
-
-@task(name="merge-evaluate",
-      cache_key_fn=cache_key(lambda run, plan: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
-def merge_evaluate_task(run: RunRef, plan: EvaluatePlan) -> StageResult:
-    """Gather the characters' evaluations into the evaluate manifest and report."""
-    store = run.store()
-    result = merge_evaluation(store, plan)
-    publish(result, "evaluate")
-    _publish_report(store)
-    return result
-
-
 def _publish_report(store: RunStore) -> None:
     """The score tables (with the contact sheets' paths) as a markdown artifact in the Prefect UI."""
     try:
@@ -313,3 +290,22 @@ def _publish_report(store: RunStore) -> None:
         create_markdown_artifact(text, key="evaluate-report", description="checkpoint evaluation")
     except Exception:  # the UI is a nicety: never fail the stage because of it
         pass
+
+
+def _scores(store: RunStore, result: StageResult) -> list[dict] | None:
+    shard = store.shard_dir(STAGE, result.key)
+    return pq.read_table(shard / "scores.parquet").to_pylist() if (shard / "scores.parquet").is_file() else None
+
+
+def _embedder(params: Any) -> str:
+    return params.evaluate.embedder or params.embed.embedder
+
+
+EVALUATE = ShardedStage(
+    name=STAGE, version=VERSION, params=EvaluateParams, inputs=("train",), tags=("gpu",), title="evaluate",
+    plan=lambda store, params, inputs: plan_evaluation(store, inputs["train"], params.evaluate, _embedder(params)),
+    shard=lambda store, spec, params, plan: evaluate_one(store, spec, params.evaluate, plan.embedder),
+    merge=lambda store, plan, params: merge_evaluation(store, plan),
+    rows=lambda store, result: _publish_report(store), shard_rows=_scores,
+)
+"""The evaluate stage: one shard per trained character (gallery, scores, best checkpoint)."""

@@ -35,11 +35,10 @@ import yaml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from prefect import task
-
 from tasks.run.progress import StageProgress
 from tasks.composite import RenderSpec, blank_reason, cover, read_background, read_row_images, render
-from tasks.run.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
+from tasks.run.spec import GlobalStage
+from tasks.run.stage import StageResult, finished, run_global_stage
 from tasks.run.store import QUARANTINE, RunStore, safe_name, write_table
 
 STAGE = "package"
@@ -531,18 +530,17 @@ def run_package(store: RunStore, params: PackageParams, upstream: dict[str, Stag
     return run_global_stage(store, STAGE, VERSION, params, upstream, build)
 
 
-def _probe(run: RunRef, caption: StageResult, params: PackageParams) -> tuple[str, bool]:
-    fp = stage_fingerprint(STAGE, VERSION, params, {"caption": caption})
-    return fp, run.store().is_done(STAGE, fp)
-
-
-@task(name="package", cache_key_fn=cache_key(_probe))
-def package_task(run: RunRef, caption: StageResult, params: PackageParams) -> StageResult:
-    """Write the kohya tree, configs and AI-Toolkit YAML (after `caption`)."""
-    result = run_package(run.store(), params, {"caption": caption})
-    configs = run.store().stage_dir(STAGE) / "configs"
+def _steps(store: RunStore, result: StageResult) -> list[dict]:
+    """Print each character's kohya command; the per-character step counts for the UI."""
+    configs = store.stage_dir(STAGE) / "configs"
     for line in result.summary.get("steps", []):
         name = safe_name(line.split(":", 1)[0])
         print(f"{line}  ->  accelerate launch train_network.py --config_file {configs / f'{name}_config.toml'}")
-    publish(result, "package", rows=[{"character": k, "total_steps": v} for k, v in result.summary["total_steps"].items()])
-    return result
+    return [{"character": k, "total_steps": v} for k, v in result.summary["total_steps"].items()]
+
+
+PACKAGE = GlobalStage(
+    name=STAGE, version=VERSION, params=PackageParams, inputs=("caption",), title="package",
+    build=lambda store, params, inputs: run_package(store, params.package, inputs), rows=_steps,
+)
+"""The package stage: the kohya tree, its configs and the AI-Toolkit job."""

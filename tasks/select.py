@@ -29,9 +29,8 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from prefect import task
-
-from tasks.run.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
+from tasks.run.spec import GlobalStage
+from tasks.run.stage import StageResult, finished, run_global_stage, stage_fingerprint
 from tasks.run.store import RunStore, safe_name, write_table
 from tasks.tier import Tier
 
@@ -325,17 +324,10 @@ def run_select(store: RunStore, params: SelectParams, upstream: dict[str, StageR
     return run_global_stage(store, STAGE, VERSION, _settings(params), upstream, build)
 
 
-def _probe(run: RunRef, cluster: StageResult, tier: StageResult, params: SelectParams) -> tuple[str, bool]:
-    fp = stage_fingerprint(STAGE, VERSION, _settings(params), {"cluster": cluster, "tier": tier})
-    return fp, run.store().is_done(STAGE, fp)
-
-
-@task(name="select", cache_key_fn=cache_key(_probe))
-def select_task(run: RunRef, cluster: StageResult, tier: StageResult, params: SelectParams) -> StageResult:
-    """Choose the characters to train (after `tier`)."""
-    store = run.store()
-    result = run_select(store, params, {"cluster": cluster, "tier": tier})
-    characters = pq.read_table(store.stage_dir(STAGE) / CHARACTERS).to_pylist()
-    publish(result, "selected characters", rows=characters)
-    return result
-
+SELECT = GlobalStage(
+    name=STAGE, version=VERSION, params=SelectParams, inputs=("cluster", "tier"), title="selected characters",
+    build=lambda store, params, inputs: run_select(store, params.select, inputs),
+    probe=lambda params, inputs: stage_fingerprint(STAGE, VERSION, _settings(params.select), inputs),
+    rows=lambda store, result: pq.read_table(store.stage_dir(STAGE) / CHARACTERS).to_pylist(),
+)
+"""The select stage: the characters to train, with their names and triggers."""

@@ -20,13 +20,12 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
-from prefect import task
-
 from models.lora_data import CharacterSet, read_package
 from models.lora_settings import Profile, SettingsOverrides, TrainSettings, read_kohya_config, resolve_settings
 from models.sd_base import DEFAULT_BASE
 from tasks.run.progress import StageProgress
-from tasks.run.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
+from tasks.run.spec import ShardedStage
+from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
 from tasks.run.store import RunStore, fingerprint, safe_name
 
 STAGE = "train"
@@ -186,11 +185,19 @@ class TrainSpec(BaseModel):
     fingerprint: str
     init_from: str | None = None       # the character whose LoRA it starts from (trained before it)
 
+    @property
+    def key(self) -> str:
+        return self.character
+
 
 class TrainPlan(BaseModel):
     specs: list[TrainSpec]
     fingerprint: str
     skipped: list[str] = []
+
+    @property
+    def shards(self) -> list[TrainSpec]:
+        return self.specs
 
 
 def package_dir(store: RunStore) -> Path:
@@ -344,27 +351,11 @@ def run_train(store: RunStore, package: StageResult, params: TrainParams) -> Sta
     return merge_training(store, plan)
 
 
-# ---- Prefect tasks ----------------------------------------------------------------------------
-
-@task(name="plan-train")
-def plan_train_task(run: RunRef, package: StageResult, params: TrainParams) -> TrainPlan:
-    """Find the packaged characters and fingerprint their trainings."""
-    return plan_training(run.store(), package, params)
-
-
-@task(name="train", task_run_name="train-{spec.character}", tags=["gpu"],
-      cache_key_fn=cache_key(lambda run, spec, params: (spec.fingerprint, run.store().shard_done(STAGE, spec.character, spec.fingerprint))))
-def train_character_task(run: RunRef, spec: TrainSpec, params: TrainParams) -> StageResult:
-    """Train one character's LoRA (resumes an interrupted training)."""
-    result = train_character(run.store(), spec, params)
-    publish(result, f"LoRA of {spec.character}")
-    return result
-
-
-@task(name="merge-train",
-      cache_key_fn=cache_key(lambda run, plan: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
-def merge_train_task(run: RunRef, plan: TrainPlan) -> StageResult:
-    """Gather the characters' trainings into the train manifest."""
-    result = merge_training(run.store(), plan)
-    publish(result, "train")
-    return result
+TRAIN = ShardedStage(
+    name=STAGE, version=VERSION, params=TrainParams, inputs=("package",), tags=("gpu",), title="train",
+    plan=lambda store, params, inputs: plan_training(store, inputs["package"], params.train),
+    shard=lambda store, spec, params, plan: train_character(store, spec, params.train),
+    merge=lambda store, plan, params: merge_training(store, plan),
+    waits_for=lambda spec: spec.init_from,
+)
+"""The train stage: one LoRA per packaged character; a fine-tune waits for the training it starts from."""

@@ -39,10 +39,6 @@ STAGES: tuple[str, ...] = (
 MARKER = "_DONE.json"
 
 
-def reaches(until: str, stage: str) -> bool:
-    """True when a run that stops after stage `until` includes `stage` (STAGES order)."""
-    return STAGES.index(until) >= STAGES.index(stage)
-
 MANIFEST = "manifest.parquet"
 QUARANTINE = "quarantine: "
 """Prefix of `drop_reason` for items that could not be read; every stage uses it."""
@@ -210,13 +206,6 @@ class RunStore:
             return True
         table = pq.read_table(manifest, columns=columns)
         return all(os.path.exists(self.root / rel) for col in columns for rel in table.column(col).to_pylist() if rel)
-
-    def done_token(self, stage: str) -> str:
-        """A short token for the stage's current on-disk state (part of Prefect cache keys)."""
-        marker = self.marker(stage)
-        if marker is None or not self.is_done(stage):
-            return "missing"
-        return marker["manifest_digest"][:16]
 
     def begin_stage(self, stage: str, params: dict[str, Any], shard_keys: list[str] | None = None) -> Path:
         """Mark a stage as in progress: drop its marker and manifest, record params and plan."""
