@@ -116,7 +116,7 @@ def run(
         params = load_params(config, _parse_sets(sets))
     except ParamsError as exc:
         _fail(str(exc))
-    _check_until(until)
+    _check_until(until, "episode")
     _execute(inputs, name, runs_dir, params, until)
 
 
@@ -270,11 +270,14 @@ def validate(
         raise typer.Exit(1)
 
 
-def _check_until(stage: str) -> None:
+def _check_until(stage: str, source: str | None = None) -> None:
+    """Fail naming the known stages (of `source`'s pipeline, else of any run) when `stage` is not one."""
+    from tasks.pipelines import stages_of
     from tasks.run.store import STAGES
 
-    if stage not in STAGES:
-        _fail(f"unknown stage '{stage}'; stages are: {', '.join(STAGES)}")
+    known = stages_of(source) if source else STAGES
+    if stage not in known:
+        _fail(f"unknown stage '{stage}'; stages are: {', '.join(known)}")
 
 
 def _print_status(store: Any) -> None:

@@ -20,11 +20,12 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.weights import file_identity
 from tasks.run.progress import StageProgress
 from tasks.run.runner import SOURCES
 from tasks.run.spec import ShardedStage
 from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
-from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name, video_digest, write_table
+from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name, write_table
 
 STAGE = "frames"
 VERSION = 1
@@ -465,7 +466,7 @@ def plan_frames(store: RunStore, inputs: list[str], params: FramesParams) -> Fra
     videos = discover_videos(inputs)
     settings = params.model_dump(mode="json")
     shards = [FramesShard(key=episode, video=str(v), fingerprint=fingerprint(STAGE, VERSION, settings,
-                                                                             {"video": video_digest(v)}))
+                                                                             {"video": file_identity(v)}))
               for v, episode in zip(videos, episode_ids(videos))]
     fp = plan_sharded_stage(store, STAGE, VERSION, settings, {s.key: s.fingerprint for s in shards})
     return FramesPlan(shards=shards, fingerprint=fp)

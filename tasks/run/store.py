@@ -31,6 +31,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from models.weights import file_identity
+
 STAGES: tuple[str, ...] = (
     "frames", "segment", "embed", "cluster", "tier", "select",
     "ingest",  # render folders and photo sets enter here instead (tasks/sources/ingest_*.py)
@@ -81,24 +83,6 @@ def file_digest(path: Path, *, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
-    return h.hexdigest()
-
-
-def video_digest(path: Path, *, sample: int = 1 << 20) -> str:
-    """Cheap identity of a large input file: size, mtime and its first and last MiB.
-
-    An unreadable file gets a digest of its error, so it is fingerprinted (and quarantined) too.
-    """
-    try:
-        st = path.stat()
-    except OSError as exc:
-        return hashlib.sha256(f"unreadable:{path}:{exc.errno}".encode()).hexdigest()
-    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(sample))
-        if st.st_size > sample:
-            fh.seek(max(st.st_size - sample, sample))
-            h.update(fh.read(sample))
     return h.hexdigest()
 
 

@@ -10,10 +10,8 @@ stage 1's finished LoRA).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from tasks.sources.ingest_renders import IngestRendersParams
 
 GUIDE_PROMPTS_STAGE1 = [
     "{trigger} health smartwatch rotating 360 degrees, black device with glossy screen, 33mm square design, white background",
@@ -32,7 +30,7 @@ GUIDE_PROMPTS_STAGE2 = [
 NEGATIVE = "blurry, low quality, distorted, deformed, watermark, text, logo"
 
 
-def ai_toolkit_config(params: "IngestRendersParams", stage: int, folders: list[Path], training_folder: Path) -> dict:
+def ai_toolkit_config(params: Any, stage: int, folders: list[Path], training_folder: Path) -> dict:
     """The guide's AI-Toolkit FLUX LoRA job for one training stage (stage 2 starts from stage 1's LoRA)."""
     name = params.character_of(stage)
     prompts = [p.replace("{trigger}", params.trigger) for p in (params.stage1_prompts if stage == 1 else params.stage2_prompts)]
@@ -67,7 +65,7 @@ def ai_toolkit_config(params: "IngestRendersParams", stage: int, folders: list[P
     }
 
 
-def staged_train_params(train: Any, params: "IngestRendersParams") -> Any:
+def staged_train_params(train: Any, params: Any) -> Any:
     """The train stage's parameters for the guide's two stages: steps, LR and sample prompts of each
     LoRA, and stage 2 starting from stage 1's finished LoRA (`TrainParams.per_character`, `init_from`).
     Settings the user gave per character are kept."""
