@@ -88,10 +88,8 @@ class CaptionParams(BaseModel):
     @field_validator("captions_from")
     @classmethod
     def _stage(cls, value: str | None) -> str | None:
-        from tasks.run.store import STAGES
-
-        if value is not None and value not in STAGES:
-            raise ValueError(f"captions_from: unknown stage '{value}'; stages are {', '.join(STAGES)}")
+        if value is not None and (not value or safe_name(value) != value):  # the stage must be done: its plan checks
+            raise ValueError(f"captions_from: '{value}' is not a stage name (e.g. ingest)")
         return value
 
     @field_validator("prompts")

@@ -45,6 +45,11 @@ PIPELINES: dict[str, list] = {
 """Source -> its pipeline. Renders and photos are sources: an ingest step, then the shared dataset steps."""
 
 
+STAGES: tuple[str, ...] = tuple(dict.fromkeys(
+    name for source in ("episode", "renders", "photos") for name in stage_names(PIPELINES[source])))
+"""Every stage folder a run may hold, in run order (`status`, `clean`, the quarantine report)."""
+
+
 def stages_of(source: str) -> list[str]:
     """The stages of a source's pipeline, in run order. Raises KeyError naming the known sources."""
     if source not in PIPELINES:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.pipelines import STAGES
 from tasks.run.store import MARKER, RunStore
 from tests.live_prefect import CONFIG, E2E_INPUT, SAMPLE, WebhookReceiver, get_json
 
@@ -129,7 +130,7 @@ def test_failed_run_retried_like_the_ui_reruns_only_what_did_not_finish(prefect_
     until = default_until()
     store = RunStore(prefect_ui.runs_dir, "api")
     inputs = store.read_run_record()["inputs"]
-    store.clean(until)
+    store.clean(until, STAGES)
     blocker = _block(store, until)
     failed = run_and_wait(prefect_ui, "episode-to-lora/episode-to-lora",
                           {"name": "api", "inputs": inputs, "until": until, "webhook_url": webhook.url})

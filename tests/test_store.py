@@ -9,6 +9,7 @@ import textwrap
 import pyarrow as pa
 import pytest
 
+from tasks.pipelines import STAGES
 from tasks.run.store import RunLockedError, RunStore, StageNotDoneError, fingerprint, safe_name
 
 
@@ -67,10 +68,10 @@ def test_clean_removes_stage_and_downstream(tmp_path):
     store = RunStore(tmp_path, "r")
     for stage in ("frames", "segment", "embed"):
         store.begin_stage(stage, {})
-    assert store.clean("segment") == ["segment", "embed"]
+    assert store.clean("segment", STAGES) == ["segment", "embed"]
     assert store.stage_dir("frames").exists() and not store.stage_dir("segment").exists()
     with pytest.raises(KeyError, match="known stages"):
-        store.clean("nonsense")
+        store.clean("nonsense", STAGES)
 
 
 def test_second_process_is_refused_with_a_clear_message(tmp_path):

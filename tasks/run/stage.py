@@ -12,7 +12,7 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     import pyarrow as pa
 
-from tasks.run.store import STAGES, RunStore, fingerprint
+from tasks.run.store import RunStore, fingerprint
 
 
 class RunRef(BaseModel):
@@ -70,7 +70,7 @@ def publish(result: StageResult, title: str, rows: list[dict[str, Any]] | None =
     lines += [f"| {k} | {v} |" for k, v in result.summary.items()]
     lines += ["", f"fingerprint `{result.fingerprint[:12]}`, recomputed: {result.recomputed}"]
     run = (TaskRunContext.get().parameters or {}).get("run")
-    if isinstance(run, RunRef) and result.stage in STAGES:  # where the stage's manifest and report are
+    if isinstance(run, RunRef) and run.store().manifest_path(result.stage).is_file():  # where its manifest and report are
         lines += ["", f"report: `{run.store().stage_dir(result.stage)}`"]
     counts = [{"measure": k, "value": v} for k, v in result.summary.items() if isinstance(v, (int, float, str, bool))]
     try:

@@ -26,18 +26,11 @@ import unicodedata
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.weights import file_identity
-
-STAGES: tuple[str, ...] = (
-    "frames", "segment", "embed", "cluster", "tier", "select",
-    "ingest",  # render folders and photo sets enter here instead (tasks/sources/ingest_*.py)
-    "augment", "caption", "package", "validate", "train", "evaluate",
-)
 MARKER = "_DONE.json"
 
 
@@ -160,8 +153,9 @@ class RunStore:
 
     # ---- stages -----------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
-        if stage not in STAGES:
-            raise KeyError(f"unknown stage '{stage}'; known stages: {', '.join(STAGES)}")
+        """A stage's folder (the store knows no stage list: the pipelines do, tasks/pipelines.py)."""
+        if not stage or safe_name(stage) != stage:
+            raise KeyError(f"'{stage}' is not a stage name (a single folder name)")
         return self.root / stage
 
     def manifest_path(self, stage: str) -> Path:
@@ -227,11 +221,12 @@ class RunStore:
             raise StageNotDoneError(f"stage '{stage}' of run '{self.name}' is not done; run it first")
         return marker["manifest_digest"]
 
-    def clean(self, stage: str) -> list[str]:
-        """Remove a stage and every stage downstream of it. Returns the stages removed."""
-        first = STAGES.index(self.stage_dir(stage).name)
+    def clean(self, stage: str, stages: Sequence[str]) -> list[str]:
+        """Remove a stage and every stage after it in `stages` (run order). Returns the stages removed."""
+        if stage not in stages:
+            raise KeyError(f"unknown stage '{stage}'; known stages: {', '.join(stages)}")
         removed = []
-        for name in STAGES[first:]:
+        for name in stages[list(stages).index(stage):]:
             folder = self.root / name
             if folder.exists():
                 shutil.rmtree(folder)
@@ -313,10 +308,15 @@ class RunStore:
             "fingerprint": ((marker or {}).get("fingerprint") or "")[:12],
         }
 
-    def quarantine_report(self) -> list[str]:
-        """One line per quarantined item of every finished stage (`drop_reason` 'quarantine: ...')."""
+    def quarantine_report(self, stages: Sequence[str] | None = None) -> list[str]:
+        """One line per quarantined item of every finished stage (`drop_reason` 'quarantine: ...').
+
+        `stages` gives the order (default: the run's stage folders by name).
+        """
         lines = []
-        for stage in STAGES:
+        if stages is None:
+            stages = sorted(p.parent.name for p in self.root.glob(f"*/{MARKER}"))
+        for stage in stages:
             if not (self.root / stage).exists() or not self.is_done(stage):
                 continue
             table = pq.read_table(self.manifest_path(stage))

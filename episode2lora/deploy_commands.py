@@ -1,0 +1,54 @@
+"""`episode2lora serve | deploy | ui`: the Prefect deployments of deployments/prefect.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from episode2lora.common import console, fail
+
+
+DEPLOYMENTS = typer.Option(None, "--config", help="deployments file (default: deployments/prefect.yaml)")
+LIMIT = typer.Option(None, "--limit", help="at most this many runs at once")
+
+
+def serve(config: Optional[Path] = DEPLOYMENTS, limit: Optional[int] = LIMIT) -> None:
+    """Serve every deployment of deployments/prefect.yaml (full run, reprocess schedule, train-only, ...)."""
+    from deployments.serve import CONFIG, DeploymentConfigError, serve_all
+
+    try:
+        serve_all(config or CONFIG, limit)
+    except DeploymentConfigError as exc:
+        fail(str(exc))
+
+
+def deploy(
+    pool: str = typer.Option(..., "--pool", help="process work pool (prefect work-pool create NAME --type process)"),
+    config: Optional[Path] = DEPLOYMENTS,
+    working_dir: Optional[Path] = typer.Option(None, "--working-dir", help="project folder on the worker machines (default: this one)"),
+) -> None:
+    """Register every deployment with a work pool; `prefect worker start --pool NAME` runs them anywhere."""
+    from deployments.serve import CONFIG, PROJECT, DeploymentConfigError, deploy_all
+
+    try:
+        ids = deploy_all(pool, config or CONFIG, working_dir or PROJECT)
+    except DeploymentConfigError as exc:
+        fail(str(exc))
+    console.print(f"registered {len(ids)} deployments with work pool [bold]{pool}[/]; "
+                  f"start workers with: prefect worker start --pool {pool}")
+
+
+def ui(
+    port: int = typer.Option(4200, "--port", help="port of the local Prefect server on 127.0.0.1"),
+    config: Optional[Path] = DEPLOYMENTS,
+    limit: Optional[int] = LIMIT,
+) -> None:
+    """Start a local Prefect server (UI on 127.0.0.1) and serve the deployments; Ctrl-C stops both."""
+    from deployments.serve import CONFIG, DeploymentConfigError, ui as start_ui
+
+    try:
+        start_ui(port, config or CONFIG, limit)
+    except (DeploymentConfigError, OSError, RuntimeError) as exc:
+        fail(str(exc))
