@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 from tasks.run.progress import StageProgress
-from tasks.composite import read_layer
+from tasks.composite import background_layers, read_layer
 from tasks.run.spec import ShardedStage
 from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
@@ -258,17 +258,6 @@ class AugmentPlan(BaseModel):
 
     def shard_fingerprints(self) -> dict[str, str]:
         return {s.key: s.fingerprint for s in self.shards}
-
-
-def background_layers(store: RunStore) -> list[str]:
-    """Run-relative background layers from the segment stage (none when it is not done)."""
-    if not store.is_done("segment"):
-        return []
-    table = store.read_manifest("segment")
-    if "background_path" not in table.column_names:
-        return []
-    paths = sorted({p for p in table.column("background_path").to_pylist() if p})
-    return [p for p in paths if (store.root / p).is_file()]
 
 
 def plan_augment(store: RunStore, params: AugmentParams, source: str = "select") -> AugmentPlan:

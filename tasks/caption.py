@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
-from typing import Any
 
 import pyarrow as pa
 from PIL import Image
@@ -148,22 +146,12 @@ def finish_caption(raw: str, trigger: str, *, prompt: str = "", drop_words: list
     return ", ".join([trigger, *phrases]) if trigger else ", ".join(phrases)
 
 
-# ---- captioners are loaded once per process -------------------------------------------------------
-
-_loaded: dict[tuple, Any] = {}
-_load_lock = threading.Lock()
-
-
 def load_captioner(params: CaptionParams):
-    """The captioner named by params (cached per process; thread-safe)."""
+    """The captioner named by params (the registry in models/captioners.py builds it once per process)."""
     from models.captioners import captioner
 
-    key = (params.captioner, params.device, params.dtype, params.max_new_tokens, params.batch_size)
-    with _load_lock:
-        if key not in _loaded:
-            _loaded[key] = captioner(params.captioner, device=params.device, dtype=params.dtype,
-                                     max_new_tokens=params.max_new_tokens, batch_size=params.batch_size)
-        return _loaded[key]
+    return captioner(params.captioner, device=params.device, dtype=params.dtype,
+                     max_new_tokens=params.max_new_tokens, batch_size=params.batch_size)
 
 
 def prompt_for(kind: str, params: CaptionParams, defaults: dict[str, str]) -> str:

@@ -36,7 +36,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.run.progress import StageProgress
-from tasks.composite import RenderSpec, blank_reason, cover, read_background, read_row_images, render
+from tasks.composite import RenderSpec, background_layers, blank_reason, cover, read_background, read_row_images, render
 from tasks.run.spec import GlobalStage
 from tasks.run.stage import StageResult, finished, run_global_stage
 from tasks.run.store import QUARANTINE, RunStore, safe_name, write_table
@@ -266,36 +266,13 @@ def sample_prompts(trigger: str, kind: str, params: PackageParams) -> list[str]:
 def ai_toolkit_job(name: str, triggers: list[str], kind: str, folders: list[Path], output: Path,
                    params: PackageParams) -> str:
     """An AI-Toolkit `sd_trainer` job for a FLUX LoRA (the Kyana seed's profile)."""
+    from models.ai_toolkit_format import ai_toolkit_job as build
+
     at = params.ai_toolkit
-    size = params.render.resolution
     prompts = [p.split(" --n ")[0] for t in triggers for p in sample_prompts(t, kind, params)]
-    job = {
-        "job": "extension",
-        "config": {
-            "name": f"{name}_flux_lora",
-            "process": [{
-                "type": "sd_trainer",
-                "training_folder": str(output),
-                "device": "cuda:0",
-                "trigger_word": triggers[0],
-                "network": {"type": "lora", "linear": at.rank, "linear_alpha": at.rank},
-                "save": {"dtype": "float16", "save_every": at.sample_every, "max_step_saves_to_keep": 3},
-                "datasets": [{"folder_path": str(folder), "caption_ext": "txt", "caption_dropout_rate": 0.05,
-                              "shuffle_tokens": False, "cache_latents_to_disk": True, "resolution": [size]}
-                             for folder in folders],
-                "train": {"batch_size": 1, "steps": at.steps, "gradient_accumulation_steps": 1, "train_unet": True,
-                          "train_text_encoder": False, "gradient_checkpointing": True, "noise_scheduler": "flowmatch",
-                          "optimizer": "adamw8bit", "lr": at.lr, "lr_scheduler": "constant",
-                          "ema_config": {"use_ema": True, "ema_decay": 0.99}, "dtype": "bf16"},
-                "model": {"name_or_path": at.base_model, "is_flux": True, "quantize": True},
-                "sample": {"sampler": "flowmatch", "sample_every": at.sample_every, "width": size, "height": size,
-                           "prompts": prompts,
-                           "neg": "blurry, low quality, distorted, deformed, watermark, text, logo",
-                           "seed": 42, "walk_seed": True, "guidance_scale": 4.0, "sample_steps": 20},
-            }],
-        },
-        "meta": {"name": name, "version": "1.0"},
-    }
+    job = build(f"{name}_flux_lora", triggers[0], folders, output, rank=at.rank, steps=at.steps, lr=at.lr,
+                base_model=at.base_model, resolution=[params.render.resolution], prompts=prompts,
+                save_every=at.sample_every, sample_every=at.sample_every, meta={"name": name})
     return yaml.safe_dump(job, sort_keys=False)
 
 
@@ -513,8 +490,6 @@ def _package_backgrounds(root: Path, backgrounds: list[str], params: PackagePara
 
 def run_package(store: RunStore, params: PackageParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
     """The whole stage as one plain call: package the kept captioned images (after `caption`)."""
-    from tasks.augment import background_layers
-
     upstream = upstream or {"caption": finished(store, "caption")}
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:

@@ -274,6 +274,15 @@ class RunStore:
         """Run-relative folder of a shard, for paths stored in manifests."""
         return self.shard_dir(stage, key).relative_to(self.root).as_posix()
 
+    def shard_reports(self, stage: str) -> dict[str, dict[str, Any]]:
+        """The `report.json` of every committed shard of a stage, by shard folder (any fingerprint)."""
+        shards = self.stage_dir(stage) / "shards"
+        reports = {}
+        for path in sorted(shards.glob("*/report.json")) if shards.is_dir() else []:
+            if (path.parent / MARKER).is_file():
+                reports[path.parent.name] = _read_json(path) or {}
+        return reports
+
     def read_shard(self, stage: str, key: str) -> pa.Table:
         return pq.read_table(self.shard_dir(stage, key) / "rows.parquet")
 
