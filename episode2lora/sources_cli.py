@@ -81,20 +81,20 @@ def _print_dry_run(flow_name: str, params: Any, input_dir: Path, run_dir: Path) 
         out.print(f"  {character}: {what}", markup=False, highlight=False, soft_wrap=True)
         out.print(textwrap.indent(yaml.safe_dump(settings, sort_keys=False, width=1000), "      ").rstrip(), markup=False,
                   highlight=False, soft_wrap=True)
-    out.print("[bold]commands[/]")
+    out.print("[bold]commands[/] (the configs' paths are relative to the run folder: run them from there)")
     out.print(f"  {_rerun_command()}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"  cd {run_dir}", markup=False, highlight=False, soft_wrap=True)
     if flow_name == "renders-to-lora":
         for character, _ in loras:
-            out.print(f"  python run.py {run_dir / 'ingest' / 'ai_toolkit' / (character + '.yaml')}   "
+            out.print(f"  python run.py ingest/ai_toolkit/{character}.yaml   "
                       "# AI-Toolkit (FLUX), written by the ingest stage", markup=False, highlight=False, soft_wrap=True)
     else:
-        out.print(f"  python run.py {run_dir / 'package' / 'configs' / (ingest.name + '_ai_toolkit.yaml')}   "
+        out.print(f"  python run.py package/configs/{ingest.name}_ai_toolkit.yaml   "
                   "# AI-Toolkit (FLUX), written by the package stage", markup=False, highlight=False, soft_wrap=True)
     if train.trainer == "kohya":
         for character, _ in loras:
-            configs = run_dir / "package" / "configs"
             out.print(f"  accelerate launch {train.kohya_scripts or '<sd-scripts>'}/train_network.py --config_file "
-                      f"{configs / (character + '_config.toml')} --dataset_config {configs / (character + '_dataset.toml')}",
+                      f"package/configs/{character}_config.toml --dataset_config package/configs/{character}_dataset.toml",
                       markup=False, highlight=False, soft_wrap=True)
 
 

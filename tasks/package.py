@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 from pathlib import Path
@@ -430,18 +431,28 @@ def steps_line(character: dict, params: PackageParams) -> str:
 
 def _write_configs(out: Path, name: str, triggers: list[str], kind: str, plan: dict, subsets: list[dict],
                    folders: list[Path], params: PackageParams) -> None:
-    """Dataset TOML, training TOML, sample prompts and AI-Toolkit YAML of one LoRA."""
+    """Dataset TOML, training TOML, sample prompts and AI-Toolkit YAML of one LoRA.
+
+    Paths inside them are relative to the run folder (`out`'s parent), so a moved run folder keeps
+    working: run kohya or AI-Toolkit from the run folder (the kohya trainer does).
+    """
     configs = out / "configs"
     dataset_path = configs / f"{name}_dataset.toml"
     prompts_path = configs / f"{name}_prompts.txt"
-    output_dir = out.parent / "train" / name
+
+    def rel(path: Path | str) -> Path:
+        return Path(os.path.relpath(path, out.parent))
+
+    output_dir = Path("train") / name
+    subsets = [{**s, "image_dir": str(rel(s["image_dir"]))} for s in subsets]
     dataset_path.write_text(kohya_dataset(subsets, params), encoding="utf-8")
     prompts = [line for trigger in triggers for line in sample_prompts(trigger, kind, params)]
     prompts_path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
     (configs / f"{name}_config.toml").write_text(
-        kohya_training(name, plan, dataset_path, prompts_path, output_dir, params), encoding="utf-8")
+        kohya_training(name, plan, rel(dataset_path), rel(prompts_path), output_dir, params), encoding="utf-8")
     (configs / f"{name}_ai_toolkit.yaml").write_text(
-        ai_toolkit_job(name, triggers, kind, folders, output_dir / "ai_toolkit", params), encoding="utf-8")
+        ai_toolkit_job(name, triggers, kind, [rel(f) for f in folders], output_dir / "ai_toolkit", params),
+        encoding="utf-8")
 
 
 def _package_backgrounds(root: Path, backgrounds: list[str], params: PackageParams, out: Path,
@@ -506,11 +517,11 @@ def run_package(store: RunStore, params: PackageParams, upstream: dict[str, Stag
 
 
 def _steps(store: RunStore, result: StageResult) -> list[dict]:
-    """Print each character's kohya command; the per-character step counts for the UI."""
-    configs = store.stage_dir(STAGE) / "configs"
+    """Print each character's kohya command (run from the run folder); the per-character step counts for the UI."""
     for line in result.summary.get("steps", []):
         name = safe_name(line.split(":", 1)[0])
-        print(f"{line}  ->  accelerate launch train_network.py --config_file {configs / f'{name}_config.toml'}")
+        print(f"{line}  ->  cd {store.root} && accelerate launch train_network.py "
+              f"--config_file {STAGE}/configs/{name}_config.toml")
     return [{"character": k, "total_steps": v} for k, v in result.summary["total_steps"].items()]
 
 

@@ -430,8 +430,8 @@ def merge_ingest_renders(store: RunStore, plan: IngestRendersPlan, params: Inges
         for stage in (1, 2):
             keys = [s.key for s, r in zip(plan.shards, reports) if r["stage"] == stage and r["kept"]]
             if keys:
-                config = ai_toolkit_config(params, stage, [store.shard_dir(STAGE, k) / "images" for k in keys],
-                                           store.root / "train" / "ai_toolkit")
+                config = ai_toolkit_config(params, stage, [Path(store.shard_prefix(STAGE, k)) / "images" for k in keys],
+                                           Path("train") / "ai_toolkit")  # relative to the run folder
                 name = f"{STAGE}/ai_toolkit/{safe_name(params.character_of(stage))}.yaml"
                 (store.root / name).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
                 outputs.append(name)
