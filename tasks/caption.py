@@ -230,9 +230,9 @@ def _settings(params: CaptionParams, render: RenderSpec) -> dict:
             "render": render.model_dump(mode="json")}
 
 
-def plan_caption(store: RunStore, params: CaptionParams, render: RenderSpec) -> CaptionPlan:
-    """Chunk each character's kept images into shards of `shard_size`."""
-    table = store.read_manifest("augment")
+def plan_caption(store: RunStore, params: CaptionParams, render: RenderSpec, augment: str = "augment") -> CaptionPlan:
+    """Chunk each character's kept images (of the stage `augment`) into shards of `shard_size`."""
+    table = store.read_manifest(augment)
     rows = [r for r in table.to_pylist() if r["kept"]]
     if params.captions_from:
         source = store.read_manifest(params.captions_from)
@@ -283,7 +283,8 @@ def run_caption(store: RunStore, params: CaptionParams, render: RenderSpec | Non
 
 CAPTION = ShardedStage(
     name=STAGE, version=VERSION, params=CaptionParams, inputs=("augment",), tags=("gpu",), title="caption",
-    plan=lambda store, params, inputs: plan_caption(store, params.caption, params.package.render),
+    plan=lambda store, params, inputs: plan_caption(store, params.caption, params.package.render,
+                                                    inputs["augment"].stage),
     shard=lambda store, shard, params, plan: caption_shard(store, shard, params.caption, params.package.render),
     merge=lambda store, plan, params: merge_caption(store, plan),
 )

@@ -367,8 +367,8 @@ def run_cluster(store: RunStore, params: ClusterParams, upstream: dict[str, Stag
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
         previous = read_previous_centroids(folder)  # the last result, read before it is replaced
-        table, centroids, summary = cluster_layers(store.read_manifest("embed"), store.read_manifest("segment"),
-                                                   params, previous)
+        embeds, segments = (store.read_manifest(upstream[role].stage) for role in ("embed", "segment"))
+        table, centroids, summary = cluster_layers(embeds, segments, params, previous)
         write_table(centroids, folder / CENTROIDS)
         return table, summary, [f"{STAGE}/{CENTROIDS}"]
 

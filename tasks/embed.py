@@ -218,11 +218,12 @@ def _layer_identity(run_root: Path, rows: list[dict]) -> str:
     return h.hexdigest()
 
 
-def plan_embed(store: RunStore, params: EmbedParams) -> EmbedPlan:
-    """Shard the kept layers per episode and fingerprint each shard; start the stage unless done."""
+def plan_embed(store: RunStore, params: EmbedParams, segment: str = "segment") -> EmbedPlan:
+    """Shard the kept layers (of the stage `segment`) per episode and fingerprint each shard; start the
+    stage unless it is done."""
     settings = params_affecting_output(params)
     by_episode: dict[str, list[dict]] = {}
-    for row in kept_layers(store.read_manifest("segment")).to_pylist():
+    for row in kept_layers(store.read_manifest(segment)).to_pylist():
         by_episode.setdefault(row["episode"], []).append(row)
     shards = []
     for episode, rows in by_episode.items():
@@ -289,7 +290,7 @@ def read_embeddings(table: pa.Table) -> np.ndarray:
 
 EMBED = ShardedStage(
     name=STAGE, version=VERSION, params=EmbedParams, inputs=("segment",), title="embed",
-    plan=lambda store, params, inputs: plan_embed(store, params.embed),
+    plan=lambda store, params, inputs: plan_embed(store, params.embed, inputs["segment"].stage),
     shard=lambda store, shard, params, plan: embed_shard(store, shard, params.embed),
     merge=lambda store, plan, params: merge_embed(store, plan),
 )

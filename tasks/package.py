@@ -507,7 +507,7 @@ def run_package(store: RunStore, params: PackageParams, upstream: dict[str, Stag
         for child in folder.iterdir():  # a previous package is replaced wholesale
             if child.name != "params.json":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-        rows = [r for r in store.read_manifest("caption").to_pylist() if r["kept"]]
+        rows = [r for r in store.read_manifest(upstream["caption"].stage).to_pylist() if r["kept"]]
         backgrounds = background_layers(store) if params.background.enabled else []
         table, characters, summary = package_dataset(store.root, rows, backgrounds, params, folder)
         write_table(characters, folder / "characters.parquet")

@@ -319,11 +319,11 @@ def shard_frames(frames: pa.Table, shard_size: int) -> dict[str, list[dict]]:
     return shards
 
 
-def plan_segment(store: RunStore, params: SegmentParams) -> SegmentPlan:
-    """Shard the run's kept frames and fingerprint each shard; start the stage unless it is done."""
+def plan_segment(store: RunStore, params: SegmentParams, frames: str = "frames") -> SegmentPlan:
+    """Shard the kept frames (of the stage `frames`) and fingerprint each shard; start the stage unless done."""
     settings = params_affecting_output(params)
     shards = []
-    for key, rows in shard_frames(store.read_manifest("frames"), params.shard_size).items():
+    for key, rows in shard_frames(store.read_manifest(frames), params.shard_size).items():
         identity = {r["item_id"]: r["phash"] for r in rows}
         shards.append(SegmentShard(key=key, fingerprint=fingerprint(STAGE, VERSION, settings, identity), frames=rows))
     fp = plan_sharded_stage(store, STAGE, VERSION, settings, {s.key: s.fingerprint for s in shards})
@@ -378,7 +378,7 @@ def run_segment(store: RunStore, params: SegmentParams) -> StageResult:
 
 SEGMENT = ShardedStage(
     name=STAGE, version=VERSION, params=SegmentParams, inputs=("frames",), title="segment",
-    plan=lambda store, params, inputs: plan_segment(store, params.segment),
+    plan=lambda store, params, inputs: plan_segment(store, params.segment, inputs["frames"].stage),
     shard=lambda store, shard, params, plan: segment_shard(store, shard, params.segment),
     merge=lambda store, plan, params: merge_segment(store, plan),
 )

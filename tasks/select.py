@@ -316,8 +316,8 @@ def run_select(store: RunStore, params: SelectParams, upstream: dict[str, StageR
     upstream = upstream or {s: finished(store, s) for s in ("cluster", "tier")}
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
-        table, characters, summary = select_characters(store.read_manifest("cluster"), store.read_manifest("tier"),
-                                                       params, load_overrides(params.overrides))
+        clusters, tiers = (store.read_manifest(upstream[role].stage) for role in ("cluster", "tier"))
+        table, characters, summary = select_characters(clusters, tiers, params, load_overrides(params.overrides))
         write_table(characters, folder / CHARACTERS)
         return table, summary, [f"{STAGE}/{CHARACTERS}"]
 

@@ -225,8 +225,9 @@ def run_tier(store: RunStore, params: TierParams, embed_params: EmbedParams | No
     upstream = upstream or {s: finished(store, s) for s in ("cluster", "embed", "segment")}
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
-        embeds = store.read_manifest("embed")
-        table, summary = tier_clusters(store.read_manifest("cluster"), embeds, store.read_manifest("segment"),
+        embeds = store.read_manifest(upstream["embed"].stage)
+        table, summary = tier_clusters(store.read_manifest(upstream["cluster"].stage), embeds,
+                                       store.read_manifest(upstream["segment"].stage),
                                        params, text_embedder_for(embeds, embed_params))
         write_table(table, folder / CLUSTERS)
         return table, summary, [f"{STAGE}/{CLUSTERS}"]

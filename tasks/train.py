@@ -206,7 +206,7 @@ def package_dir(store: RunStore) -> Path:
 
 def plan_training(store: RunStore, package: StageResult, params: TrainParams) -> TrainPlan:
     """The characters of the run's package and their fingerprints; starts the stage if needed."""
-    characters, skipped = read_package(package_dir(store))
+    characters, skipped = read_package(store.stage_dir(package.stage))
     if params.characters:
         unknown = sorted(set(params.characters) - {c.name for c in characters})
         if unknown:

@@ -275,12 +275,12 @@ def run_validate(store: RunStore, params: ValidateParams, upstream: dict[str, St
     upstream = upstream or {"package": finished(store, "package")}
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
-        root = store.stage_dir("package")
+        root = store.stage_dir(upstream["package"].stage)
         report = validate_dataset(root, params)
         (folder / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
         ids = {}
-        if store.is_done("package"):
-            package = store.read_manifest("package")
+        if store.is_done(upstream["package"].stage):
+            package = store.read_manifest(upstream["package"].stage)
             ids = {p: i for p, i in zip(package.column("path").to_pylist(), package.column("item_id").to_pylist()) if p}
         rows = []
         for image in report["per_image"]:
