@@ -204,19 +204,11 @@ class EvaluateSpec(BaseModel):
     character: str
     fingerprint: str
 
-    @property
-    def key(self) -> str:
-        return self.character
-
 
 class EvaluatePlan(BaseModel):
     specs: list[EvaluateSpec]
     fingerprint: str
     embedder: str
-
-    @property
-    def shards(self) -> list[EvaluateSpec]:
-        return self.specs
 
 
 def _train_rows(store: RunStore) -> dict[str, dict]:
@@ -307,5 +299,6 @@ EVALUATE = ShardedStage(
     shard=lambda store, spec, params, plan: evaluate_one(store, spec, params.evaluate, plan.embedder),
     merge=lambda store, plan, params: merge_evaluation(store, plan),
     rows=lambda store, result: _publish_report(store), shard_rows=_scores,
+    shards_of=lambda plan: plan.specs, key_of=lambda spec: spec.character, shard_name="{shard.character}",
 )
 """The evaluate stage: one shard per trained character (gallery, scores, best checkpoint)."""

@@ -185,19 +185,11 @@ class TrainSpec(BaseModel):
     fingerprint: str
     init_from: str | None = None       # the character whose LoRA it starts from (trained before it)
 
-    @property
-    def key(self) -> str:
-        return self.character
-
 
 class TrainPlan(BaseModel):
     specs: list[TrainSpec]
     fingerprint: str
     skipped: list[str] = []
-
-    @property
-    def shards(self) -> list[TrainSpec]:
-        return self.specs
 
 
 def package_dir(store: RunStore) -> Path:
@@ -356,6 +348,7 @@ TRAIN = ShardedStage(
     plan=lambda store, params, inputs: plan_training(store, inputs["package"], params.train),
     shard=lambda store, spec, params, plan: train_character(store, spec, params.train),
     merge=lambda store, plan, params: merge_training(store, plan),
+    shards_of=lambda plan: plan.specs, key_of=lambda spec: spec.character, shard_name="{shard.character}",
     waits_for=lambda spec: spec.init_from,
 )
 """The train stage: one LoRA per packaged character; a fine-tune waits for the training it starts from."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tasks.run.store import RunStore
 from tasks.train import TrainParams, run_train
 from tests.conftest import ROOT
 from tests.dataset_fixtures import make_run
+from tests.lora_fixtures import kill_after
 
 # profile `package`: the kohya TOMLs the package stage wrote, with a tiny base and a short schedule on top
 SETTINGS = {"profile": "package", "base": "tiny", "resolution": 64, "max_steps": 12, "save_every_steps": 4,
@@ -51,13 +51,7 @@ def test_a_moved_run_folder_trains_from_its_packaged_configs_and_resumes(tmp_pat
             "run_train(store, finished(store, 'package'), TrainParams.model_validate(json.loads(sys.argv[2])))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "old"), json.dumps(SETTINGS)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first_checkpoint = store.root / "train" / "work" / "hero" / "checkpoints" / "step-000004"
-    deadline = time.time() + 300
-    while not first_checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.kill()  # SIGKILL, somewhere after the first checkpoint
-    _, stderr = proc.communicate()
-    assert proc.returncode == -9, stderr[-2000:]
+    kill_after(proc, store.root / "train" / "work" / "hero" / "checkpoints" / "step-000004")  # SIGKILL
 
     (tmp_path / "new").mkdir()
     store.root.rename(tmp_path / "new" / "after")  # another runs folder and another name

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT, run_cli
-from tests.lora_fixtures import make_character, tiny_job
+from tests.lora_fixtures import kill_after, make_character, tiny_job
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +168,6 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted_run(package, tm
 
 def test_train_stage_killed_mid_training_resumes_on_the_next_run(tmp_path):
     """The stage keeps an interrupted training's checkpoints and version id, and continues it."""
-    import time
-
     from tasks.run.stage import StageResult
     from tasks.run.store import RunStore
     from tasks.train import TrainParams, run_train
@@ -184,13 +182,7 @@ def test_train_stage_killed_mid_training_resumes_on_the_next_run(tmp_path):
             "TrainParams.model_validate(json.loads(sys.argv[2])))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), json.dumps(settings)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first_checkpoint = store.root / "train" / "work" / "blob" / "checkpoints" / "step-000004"
-    deadline = time.time() + 300
-    while not first_checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.kill()  # SIGKILL, somewhere after the first checkpoint
-    _, stderr = proc.communicate()
-    assert proc.returncode == -9, stderr[-2000:]
+    kill_after(proc, store.root / "train" / "work" / "blob" / "checkpoints" / "step-000004")  # SIGKILL
     assert not store.is_done("train")
     running = read_versions(tmp_path).to_pylist()
     assert [r["status"] for r in running] == ["running"]

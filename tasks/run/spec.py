@@ -97,6 +97,10 @@ class ShardedStage(StageSpec):
     shard: Callable[[RunStore, Any, Any, Any], StageResult] = None  # type: ignore[assignment]
     merge: Callable[[RunStore, Any, Any], StageResult] = None  # type: ignore[assignment]
     shard_name: str = "{shard.key}"
+    """Prefect task-run name of a shard after `<stage>-` (a template over the task's parameters)."""
+    shards_of: Callable[[Any], list] = lambda plan: plan.shards
+    key_of: Callable[[Any], str] = lambda shard: shard.key
+    """Where a plan keeps its shards and a shard its key (and `.fingerprint`)."""
     waits_for: Optional[Callable[[Any], Optional[str]]] = None
     """The key of the shard this one starts from (a fine-tune after its base training), if any."""
     shard_rows: Optional[Callable[[RunStore, StageResult], Optional[list[dict]]]] = None
@@ -105,7 +109,7 @@ class ShardedStage(StageSpec):
     def run(self, store: RunStore, params: Any, inputs: Inputs) -> StageResult:
         """The stage as one plain call (no Prefect): plan, every shard in order, merge."""
         plan = self.plan(store, params, inputs)
-        for shard in plan.shards:
+        for shard in self.shards_of(plan):
             self.shard(store, shard, params, plan)
         return self.merge(store, plan, params)
 
@@ -116,7 +120,8 @@ class ShardedStage(StageSpec):
 
         def shard_key(context: Any, parameters: dict[str, Any]) -> str:
             shard = parameters["shard"]
-            return _key(shard.fingerprint, parameters["run"].store().shard_done(self.name, shard.key, shard.fingerprint))
+            done = parameters["run"].store().shard_done(self.name, self.key_of(shard), shard.fingerprint)
+            return _key(shard.fingerprint, done)
 
         def merge_key(context: Any, parameters: dict[str, Any]) -> str:
             fp = parameters["plan"].fingerprint
@@ -127,7 +132,7 @@ class ShardedStage(StageSpec):
 
         def shard_task(run: RunRef, shard: Any, params: Any, plan: Any) -> StageResult:
             result = self.shard(run.store(), shard, params, plan)
-            publish(result, f"{self.name} {shard.key}", rows=self.shard_rows(run.store(), result) if self.shard_rows else None)
+            publish(result, f"{self.name} {self.key_of(shard)}", rows=self.shard_rows(run.store(), result) if self.shard_rows else None)
             return result
 
         def merge_task(run: RunRef, plan: Any, params: Any) -> StageResult:
@@ -143,9 +148,9 @@ class ShardedStage(StageSpec):
         plan_task, shard_task, merge_task = self.tasks
         plan = plan_task(run, params, inputs)
         futures: dict[str, Any] = {}
-        for shard in plan.shards:
+        for shard in self.shards_of(plan):
             before = self.waits_for(shard) if self.waits_for else None
-            futures[shard.key] = bind_to_run(shard_task, run).submit(
+            futures[self.key_of(shard)] = bind_to_run(shard_task, run).submit(
                 run, shard, params, plan, wait_for=[futures[before]] if before else None)
         settle(list(futures.values()))
         return bind_to_run(merge_task, run)(run, plan, params, wait_for=list(futures.values()))
