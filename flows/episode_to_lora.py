@@ -3,22 +3,16 @@ global ones. Wiring only: the runner slices the table by `until`."""
 
 from __future__ import annotations
 
-import os
-
-from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
-
-from flows.notify import webhook_hooks
 from flows.params import LAST_STAGE, RunParams, Stage
 from flows.review import pause_for_review
 from flows.scale import TaskRunnerKind, check_runner, on_dask, run_on_dask
+from flows.sources import pipeline_flow
 from tasks.pipelines import PIPELINES
 from tasks.run.runner import run_pipeline, stages_between
 from tasks.run.stage import RunRef, StageResult
 
 
-@flow(name="episode-to-lora", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2),
-      **webhook_hooks())
+@pipeline_flow("episode-to-lora")
 def episode_to_lora(
     inputs: list[str],
     name: str,

@@ -7,22 +7,16 @@ after an ingest step of their own (tasks/sources/ingest_photos.py).
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
-from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
-
-from flows.notify import webhook_hooks
 from flows.source_params import PhotosRunParams, SourceStage
-from flows.sources import run_source
+from flows.sources import pipeline_flow, run_source
 from tasks.run.stage import StageResult
 
 FLOW_NAME = "photos-to-lora"
 
 
-@flow(name=FLOW_NAME, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2),
-      **webhook_hooks())
+@pipeline_flow(FLOW_NAME)
 def photos_to_lora(
     input_dir: str,
     name: str,
