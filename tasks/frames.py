@@ -441,7 +441,7 @@ def summarize(table: pa.Table, episodes: list[dict]) -> dict:
     }
 
 
-# ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) --------------
+# ---- run-store wiring (plain functions; the spec below makes the Prefect tasks from them) ---------
 
 class FramesShard(BaseModel):
     """One episode of the run: its video and the fingerprint its shard will have."""

@@ -1,9 +1,9 @@
-"""Glue shared by every stage's Prefect task: the run reference, results, cache keys, artifacts."""
+"""What stages share: the run reference, results, fingerprints, the global/sharded commit protocol,
+artifacts. Their Prefect tasks and cache keys are made from their specs (tasks/run/spec.py)."""
 
 from __future__ import annotations
 
 import re
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -34,20 +34,6 @@ class StageResult(BaseModel):
     manifest_digest: str = ""
     summary: dict[str, Any] = {}
     recomputed: bool = True
-
-
-def cache_key(probe: Callable[..., tuple[str, bool]]) -> Callable[[Any, dict[str, Any]], str]:
-    """Prefect cache key from a stage's fingerprint, but only while its output is intact on disk.
-
-    `probe(**task_parameters)` returns (fingerprint, done). When the output is missing the key
-    is unique, so Prefect cannot return a cached result for files that were deleted.
-    """
-
-    def key_fn(context: Any, parameters: dict[str, Any]) -> str:
-        fp, done = probe(**parameters)
-        return f"{fp}-done" if done else f"{fp}-{uuid.uuid4().hex}"
-
-    return key_fn
 
 
 def bind_to_run(task: Any, run: RunRef) -> Any:
@@ -193,24 +179,6 @@ def finished(store: RunStore, stage: str) -> StageResult:
         raise StageNotDoneError(f"stage '{stage}' of run '{store.name}' is not done; run it first")
     return StageResult(stage=stage, fingerprint=marker["fingerprint"], manifest_digest=marker["manifest_digest"],
                        summary=marker.get("summary", {}), recomputed=False)
-
-
-def shard_cache_key(stage: str, *, shard: str = "shard", key: str = "key") -> Callable[[Any, dict[str, Any]], str]:
-    """Prefect cache key of a shard task: the shard's fingerprint, while its committed files are intact.
-
-    The task's parameter named `shard` must have `.fingerprint` and an attribute `key` naming the shard.
-    """
-
-    def probe(run: RunRef, **parameters: Any) -> tuple[str, bool]:
-        item = parameters[shard]
-        return item.fingerprint, run.store().shard_done(stage, getattr(item, key), item.fingerprint)
-
-    return cache_key(probe)
-
-
-def merge_cache_key(stage: str) -> Callable[[Any, dict[str, Any]], str]:
-    """Prefect cache key of a merge task: the stage fingerprint of its `plan`, while the output is intact."""
-    return cache_key(lambda run, plan, **_: (plan.fingerprint, run.store().is_done(stage, plan.fingerprint)))
 
 
 def settle(futures: list[Any]) -> list[Any]:
