@@ -67,13 +67,12 @@ def run_pipeline(run: RunRef, params: Any, steps: Sequence[Any], until: str, *, 
     """
     chosen = stages_between(steps, until, after)
     results = dict(results or {})
-    results.setdefault(SOURCES, sources_result(sources))
     for item in steps:
         if isinstance(item, Step) and item.name in chosen:
-            results[item.name] = item.spec.submit(run, params, item.inputs(results))
+            inputs = item.inputs({SOURCES: sources_result(sources), **results})
+            results[item.name] = item.spec.submit(run, params, inputs)
             for hook in steps:
                 if isinstance(hook, Hook) and item.name in hook.after and \
                         not any(later in hook.after for later in chosen[chosen.index(item.name) + 1:]):
                     hook.task(run, results)
-    results.pop(SOURCES)
     return results
