@@ -26,8 +26,9 @@ def finished_run(tmp_path_factory, prefect_api, episode, two_episodes):
     """True layers of three episodes through embed -> cluster -> tier -> select, as Prefect tasks in a flow."""
     from prefect import flow
 
-    from flows.identity import identity_stages
     from flows.params import RunParams
+    from tasks.pipelines import PIPELINES
+    from tasks.run.runner import run_pipeline
 
     runs = tmp_path_factory.mktemp("runs")
     store = RunStore(runs, "report-run")
@@ -38,7 +39,8 @@ def finished_run(tmp_path_factory, prefect_api, episode, two_episodes):
 
     @flow(name="identity-stages-test")
     def identity(run: RunRef, segment: StageResult) -> dict[str, StageResult]:
-        return identity_stages(run, params, "select", segment)
+        results = run_pipeline(run, params, PIPELINES["episode"], "select", after="segment", results={"segment": segment})
+        return {name: result for name, result in results.items() if name != "segment"}
 
     segment = StageResult(stage="segment", fingerprint=store.marker("segment")["fingerprint"],
                           manifest_digest=store.manifest_digest("segment"))
