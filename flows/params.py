@@ -18,16 +18,14 @@ LAST_STAGE: str = get_args(Stage)[-1]
 """Where a run stops by default: the end of the pipeline."""
 
 
-# `validate` (the stage) shadows pydantic's deprecated BaseModel.validate; the field is what we mean.
-warnings.filterwarnings("ignore", message='Field name "validate" in ".*" shadows', category=UserWarning)
-
-
 def pipeline_params(source: str, name: str, doc: str) -> type[BaseModel]:
     """The parameter model of a source's pipeline: one field per stage, typed by the stage spec's
     parameter model with its defaults; unknown fields are rejected. The one base of every run's parameters."""
     fields: dict[str, Any] = {step.name: (step.spec.params, Field(default_factory=step.spec.params))
                               for step in PIPELINES[source] if isinstance(step, Step)}
-    return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, __module__=__name__, **fields)
+    with warnings.catch_warnings():  # the stage `validate` shadows pydantic's deprecated BaseModel.validate
+        warnings.filterwarnings("ignore", message='Field name "validate" in ".*" shadows', category=UserWarning)
+        return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, __module__=__name__, **fields)
 
 
 RunParams = pipeline_params("episode", "RunParams", "Every stage's parameters, with defaults; unknown fields are rejected.")

@@ -209,10 +209,12 @@ class EvaluatePlan(BaseModel):
     specs: list[EvaluateSpec]
     fingerprint: str
     embedder: str
+    train: str = "train"  # the stage whose trainings are evaluated
 
 
-def _train_rows(store: RunStore) -> dict[str, dict]:
-    return {r["character"]: r for r in store.read_manifest("train").to_pylist() if r["kept"] and r["status"] == "completed"}
+def _train_rows(store: RunStore, train: str = "train") -> dict[str, dict]:
+    rows = store.read_manifest(train).to_pylist()
+    return {r["character"]: r for r in rows if r["kept"] and r["status"] == "completed"}
 
 
 def plan_evaluation(store: RunStore, train: StageResult, params: EvaluateParams, embedder: str) -> EvaluatePlan:
@@ -221,14 +223,15 @@ def plan_evaluation(store: RunStore, train: StageResult, params: EvaluateParams,
 
     spec_settings = params.model_dump(mode="json") | {"embedder": embedder_identity(embedder)}
     specs = [EvaluateSpec(character=c, fingerprint=fingerprint(STAGE, VERSION, spec_settings, {"train": json.dumps(r, sort_keys=True, default=str)}))
-             for c, r in sorted(_train_rows(store).items())]
+             for c, r in sorted(_train_rows(store, train.stage).items())]
     stage_fp = plan_sharded_stage(store, STAGE, VERSION, spec_settings, {s.character: s.fingerprint for s in specs})
-    return EvaluatePlan(specs=specs, fingerprint=stage_fp, embedder=embedder)
+    return EvaluatePlan(specs=specs, fingerprint=stage_fp, embedder=embedder, train=train.stage)
 
 
-def evaluate_one(store: RunStore, spec: EvaluateSpec, params: EvaluateParams, embedder: str) -> StageResult:
+def evaluate_one(store: RunStore, spec: EvaluateSpec, params: EvaluateParams, embedder: str,
+                 train: str = "train") -> StageResult:
     """Evaluate one character's checkpoints (one shard); records the choice in the versions registry."""
-    row = _train_rows(store)[spec.character]
+    row = _train_rows(store, train)[spec.character]
 
     def build(tmp: Path, prefix: str) -> tuple[pa.Table, dict]:
         manifest_row, records = evaluate_character(store.root, row, params, embedder, tmp, prefix)
@@ -268,7 +271,7 @@ def run_evaluate(store: RunStore, train: StageResult, params: EvaluateParams, em
     embedder = params.embedder or embedder
     plan = plan_evaluation(store, train, params, embedder)
     for spec in plan.specs:
-        evaluate_one(store, spec, params, embedder)
+        evaluate_one(store, spec, params, embedder, plan.train)
     return merge_evaluation(store, plan)
 
 
@@ -296,7 +299,7 @@ def _embedder(params: Any) -> str:
 EVALUATE = ShardedStage(
     name=STAGE, version=VERSION, params=EvaluateParams, inputs=("train",), tags=("gpu",), title="evaluate",
     plan=lambda store, params, inputs: plan_evaluation(store, inputs["train"], params.evaluate, _embedder(params)),
-    shard=lambda store, spec, params, plan: evaluate_one(store, spec, params.evaluate, plan.embedder),
+    shard=lambda store, spec, params, plan: evaluate_one(store, spec, params.evaluate, plan.embedder, plan.train),
     merge=lambda store, plan, params: merge_evaluation(store, plan),
     rows=lambda store, result: _publish_report(store), shard_rows=_scores,
     shards_of=lambda plan: plan.specs, key_of=lambda spec: spec.character, shard_name="{shard.character}",
