@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tasks.cluster import ClusterParams, cluster_embeddings, run_cluster  # noqa: E402
 from tasks.embed import EmbedParams, run_embed  # noqa: E402
-from tasks.store import RunStore  # noqa: E402
+from tasks.run.store import RunStore  # noqa: E402
 from tests.truth_layers import commit_truth_segment, identities_of_layers, scores  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import av
 
 from tasks.frames import FramesParams, extract_frames, run_frames
-from tasks.store import RunStore
+from tasks.run.store import RunStore
 from tests.footage import ShotSpec, default_shots, render_episode
 
 

@@ -25,7 +25,7 @@ from models.segmenters import providers, segmenter
 from models.weights import ensure_u2netp
 from tasks.frames import FramesParams, run_frames
 from tasks.segment import SegmentParams, run_segment
-from tasks.store import RunStore
+from tasks.run.store import RunStore
 from tests.footage import ShotSpec, default_shots, render_episode
 from tests.segment_scores import score
 

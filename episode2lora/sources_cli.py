@@ -6,7 +6,7 @@
     episode2lora photos DIR --name NAME --trigger WORD [--profile fast|final] [--dry-run]
     episode2lora photos DIR --trigger WORD --analyze [--json FILE]
 
-`register(app)` adds them to the main CLI (episode2lora/cli.py).
+episode2lora/cli.py adds them to the app.
 """
 
 from __future__ import annotations
@@ -15,22 +15,17 @@ import json
 import shlex
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 import yaml
 
+from episode2lora.common import RUNS_DIR, check_until, console, fail, parse_sets, run_and_report
+
 FLOWS = {"renders-to-lora": ("flows.renders_to_lora", "renders_to_lora", "RendersRunParams"),
          "photos-to-lora": ("flows.photos_to_lora", "photos_to_lora", "PhotosRunParams")}
 PROFILES_HELP = "training profile: fast / final (the FLUX guide's tables), package, demo (tiny CPU stand-in)"
-
-
-def _cli():
-    from episode2lora import cli
-
-    return cli
 
 
 def _flow_and_model(flow_name: str) -> tuple[Any, Any]:
@@ -45,21 +40,11 @@ def _load(model: Any, config: Optional[Path], sets: list[str], named: dict[str, 
     """Defaults < config file < --set < the named options."""
     from flows.params import ParamsError, load_params
 
-    cli = _cli()
-    overrides = {**cli._parse_sets(sets), **{k: v for k, v in named.items() if v is not None}}
+    overrides = {**parse_sets(sets), **{k: v for k, v in named.items() if v is not None}}
     try:
         return load_params(config, overrides, model=model)
     except ParamsError as exc:
-        cli._fail(str(exc))
-
-
-def _check_until(until: str) -> None:
-    from typing import get_args
-
-    from flows.source_params import SourceStage
-
-    if until not in get_args(SourceStage):
-        _cli()._fail(f"--until must be one of {', '.join(get_args(SourceStage))}, got {until!r}")
+        fail(str(exc))
 
 
 def _settings_of(train: Any, character: str, trigger: str) -> dict:
@@ -76,8 +61,7 @@ def _rerun_command() -> str:
 
 def _print_dry_run(flow_name: str, params: Any, input_dir: Path, run_dir: Path) -> None:
     """The resolved configuration, each training's settings, and the commands a run executes."""
-    cli = _cli()
-    out = cli.console
+    out = console
     ingest, train = params.ingest, params.train
     out.print(f"[bold]dry run[/] — nothing is trained. Run folder: {run_dir}", highlight=False)
     out.print("\n[bold]resolved configuration[/]")
@@ -97,60 +81,43 @@ def _print_dry_run(flow_name: str, params: Any, input_dir: Path, run_dir: Path) 
         out.print(f"  {character}: {what}", markup=False, highlight=False, soft_wrap=True)
         out.print(textwrap.indent(yaml.safe_dump(settings, sort_keys=False, width=1000), "      ").rstrip(), markup=False,
                   highlight=False, soft_wrap=True)
-    out.print("[bold]commands[/]")
+    out.print("[bold]commands[/] (the configs' paths are relative to the run folder: run them from there)")
     out.print(f"  {_rerun_command()}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"  cd {run_dir}", markup=False, highlight=False, soft_wrap=True)
     if flow_name == "renders-to-lora":
         for character, _ in loras:
-            out.print(f"  python run.py {run_dir / 'ingest' / 'ai_toolkit' / (character + '.yaml')}   "
+            out.print(f"  python run.py ingest/ai_toolkit/{character}.yaml   "
                       "# AI-Toolkit (FLUX), written by the ingest stage", markup=False, highlight=False, soft_wrap=True)
     else:
-        out.print(f"  python run.py {run_dir / 'package' / 'configs' / (ingest.name + '_ai_toolkit.yaml')}   "
+        out.print(f"  python run.py package/configs/{ingest.name}_ai_toolkit.yaml   "
                   "# AI-Toolkit (FLUX), written by the package stage", markup=False, highlight=False, soft_wrap=True)
     if train.trainer == "kohya":
         for character, _ in loras:
-            configs = run_dir / "package" / "configs"
             out.print(f"  accelerate launch {train.kohya_scripts or '<sd-scripts>'}/train_network.py --config_file "
-                      f"{configs / (character + '_config.toml')} --dataset_config {configs / (character + '_dataset.toml')}",
+                      f"package/configs/{character}_config.toml --dataset_config package/configs/{character}_dataset.toml",
                       markup=False, highlight=False, soft_wrap=True)
 
 
 def _execute(flow_name: str, input_dir: Path, name: str, trigger: Optional[str], runs_dir: Path, params: Any,
              until: str) -> None:
-    """Run a source flow in this process, then print its ingest report and the run's status."""
-    from tasks.store import RunLockedError, RunStore
+    """Run a source flow in this process, then print its ingest report, the run's status and its LoRAs."""
+    from flows.notify import lora_paths
+    from tasks.run.store import RunStore
 
-    cli = _cli()
     flow, _ = _flow_and_model(flow_name)
     store = RunStore(runs_dir, name)
-    started = time.time()
-    try:
-        results = flow(input_dir=str(input_dir), name=name, trigger=trigger, runs_dir=str(runs_dir), params=params,
-                       until=until)
-    except (RunLockedError, FileNotFoundError, ValueError) as exc:
-        _print_ingest_report(store)
-        cli._fail(str(exc))
-    except Exception as exc:  # the flow failed: say where, and how to continue
-        _print_ingest_report(store)
-        cli._fail(f"run '{store.name}' failed: {exc}\n  continue with: episode2lora resume {store.name} "
-                  f"--runs-dir {runs_dir}", 1)
-    _print_ingest_report(store)
-    cli._print_status(store)
-    cli.console.print(f"\n[bold green]done[/] — outputs in [bold]{store.root}[/]")
-    for stage in results:
-        manifest = store.manifest_path(stage)
-        fresh = manifest.exists() and manifest.stat().st_mtime >= started
-        cli.console.print(f"  {stage:<9} {manifest}  ({'computed now' if fresh else 'reused from an earlier run'})")
-    from flows.notify import lora_paths
-
+    run_and_report(store, runs_dir, lambda: flow(input_dir=str(input_dir), name=name, trigger=trigger,
+                                                 runs_dir=str(runs_dir), params=params, until=until),
+                   expected=(ValueError,), before_report=lambda: _print_ingest_report(store))
     for lora in lora_paths(store):
-        cli.console.print(f"  LoRA      {lora}")
+        console.print(f"  LoRA      {lora}")
 
 
 def _print_ingest_report(store: Any) -> None:
     for name in ("report.txt", "analysis.txt"):
         path = store.root / "ingest" / name
         if path.is_file():
-            _cli().console.print(path.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
+            console.print(path.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
 
 
 def renders(
@@ -168,24 +135,22 @@ def renders(
     base: Optional[str] = typer.Option(None, "--base", help="base model: Hugging Face id, local folder, or tiny"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of stage parameters"),
     sets: list[str] = typer.Option([], "--set", help="override one parameter, e.g. --set ingest.black_level=5"),
-    until: str = typer.Option("train", "--until", help="last stage: ingest, augment, caption, package, validate, train"),
+    until: str = typer.Option("train", "--until", help="last stage to run (default: train; a wrong one lists them)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved configuration and commands; train nothing"),
-    runs_dir: Path = typer.Option(Path("data/runs"), "--runs-dir", help="folder holding all runs"),
+    runs_dir: Path = RUNS_DIR,
 ) -> None:
     """Check a render folder (the Kyana guide's quality list) and train its staged LoRAs."""
     from flows.source_params import RendersRunParams
-    from tasks.store import RunStore
+    from tasks.run.store import RunStore
 
-    cli = _cli()
-    cli._quiet_prefect()
-    _check_until(until)
+    check_until(until, "renders")
     size = None
     if resolution is not None:
         try:
             size = [int(v) for v in resolution.lower().split("x")]
             assert len(size) == 2
         except (ValueError, AssertionError):
-            cli._fail(f"--resolution must look like 1024x1024, got {resolution!r}")
+            fail(f"--resolution must look like 1024x1024, got {resolution!r}")
     params = _load(RendersRunParams, config, sets, {
         "ingest.resolution": size, "ingest.frames_per_sequence": frames,
         "ingest.caption_template": str(caption_template.expanduser().resolve()) if caption_template else None,
@@ -194,7 +159,7 @@ def renders(
     try:
         resolved = params.for_run(name, trigger)
     except ValueError as exc:
-        cli._fail(str(exc))
+        fail(str(exc))
     if dry_run:
         _print_dry_run("renders-to-lora", resolved, input_dir, RunStore(runs_dir, name).root)
         return
@@ -211,40 +176,38 @@ def photos(
     base: Optional[str] = typer.Option(None, "--base", help="base model: Hugging Face id, local folder, or tiny"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of stage parameters"),
     sets: list[str] = typer.Option([], "--set", help="override one parameter, e.g. --set ingest.min_images=20"),
-    until: str = typer.Option("train", "--until", help="last stage: ingest, augment, caption, package, validate, train"),
+    until: str = typer.Option("train", "--until", help="last stage to run (default: train; a wrong one lists them)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved configuration and commands; train nothing"),
-    runs_dir: Path = typer.Option(Path("data/runs"), "--runs-dir", help="folder holding all runs"),
+    runs_dir: Path = RUNS_DIR,
 ) -> None:
     """Analyze a photo set (the FLUX identity guide) and train its LoRA with the fast or final profile."""
     from flows.source_params import PhotosRunParams
-    from tasks.ingest_photos import analyze_photos, format_analysis
-    from tasks.store import RunStore
+    from tasks.sources.ingest_photos import analyze_photos, format_analysis
+    from tasks.run.store import RunStore
 
-    cli = _cli()
-    cli._quiet_prefect()
-    _check_until(until)
+    check_until(until, "photos")
     if not trigger:
-        cli._fail("--trigger is required: a unique token such as ohwx, sks or a made-up word")
+        fail("--trigger is required: a unique token such as ohwx, sks or a made-up word")
     if not name and not analyze:
-        cli._fail("--name is required (the run and the LoRA's name); or pass --analyze to only analyze the set")
+        fail("--name is required (the run and the LoRA's name); or pass --analyze to only analyze the set")
     params = _load(PhotosRunParams, config, sets, {"train.profile": profile, "train.base": base})
     try:
         resolved = params.for_run(name or Path(input_dir).name, trigger)
     except ValueError as exc:
-        cli._fail(str(exc))
+        fail(str(exc))
     if analyze:
         try:
             analysis = analyze_photos(input_dir, resolved.ingest)
         except FileNotFoundError as exc:
-            cli._fail(str(exc))
+            fail(str(exc))
         if str(json_out) == "-":
             print(json.dumps(analysis, indent=2))
             return
-        cli.console.print(format_analysis(analysis), markup=False, highlight=False, soft_wrap=True)
+        console.print(format_analysis(analysis), markup=False, highlight=False, soft_wrap=True)
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(analysis, indent=2), encoding="utf-8")
-            cli.console.print(f"analysis: {json_out}", highlight=False)
+            console.print(f"analysis: {json_out}", highlight=False)
         return
     if dry_run:
         _print_dry_run("photos-to-lora", resolved, input_dir, RunStore(runs_dir, name).root)
@@ -257,9 +220,3 @@ def resume_source(record: dict, name: str, runs_dir: Path) -> None:
     _, model = _flow_and_model(record["flow"])
     params = model.model_validate(record["params"])
     _execute(record["flow"], Path(record["inputs"][0]), name, params.ingest.trigger, runs_dir, params, record["until"])
-
-
-def register(app: typer.Typer) -> None:
-    """Add the `renders` and `photos` commands to the CLI."""
-    app.command()(renders)
-    app.command()(photos)

@@ -6,22 +6,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+from episode2lora.common import console, fail, parse_sets
 
 
 def _train_params(profile: str, base: Optional[str], trainer: str, kohya_scripts: Optional[str],
                   characters: list[str], sets: list[str]) -> Any:
     """TrainParams from the options; `--set rank=16` and `--set train.rank=16` both work."""
-    import yaml
     from pydantic import ValidationError
 
     from flows.params import describe
@@ -32,15 +24,11 @@ def _train_params(profile: str, base: Optional[str], trainer: str, kohya_scripts
         data["base"] = base
     if kohya_scripts:
         data["kohya_scripts"] = kohya_scripts
-    for item in sets:
-        if "=" not in item:
-            _fail(f"--set expects FIELD=VALUE (e.g. rank=16), got {item!r}")
-        key, value = item.split("=", 1)
-        data[key.strip().removeprefix("train.")] = yaml.safe_load(value)
+    data.update({key.removeprefix("train."): value for key, value in parse_sets(sets, "rank=16").items()})
     try:
         return TrainParams.model_validate(data)
     except ValidationError as exc:
-        _fail(describe(exc, "train options").replace("\n  ", "\n  train."))
+        fail(describe(exc, "train options").replace("\n  ", "\n  train."))
 
 
 def train(
@@ -66,9 +54,9 @@ def train(
         done = train_folder(directory, output, params, resume=resume, registry=runs_dir)
     except (FileNotFoundError, FileExistsError, ResumeMismatch, BaseModelMissing, ValueError, KeyError) as exc:
         hint = "\n  add --resume to continue it" if isinstance(exc, FileExistsError) else ""
-        _fail(f"{exc}{hint}", 1)
+        fail(f"{exc}{hint}", 1)
     except Exception as exc:  # the training itself failed: it is recorded as failed in the registry
-        _fail(f"training failed: {type(exc).__name__}: {exc}\n  see: episode2lora versions --runs-dir {runs_dir}", 1)
+        fail(f"training failed: {type(exc).__name__}: {exc}\n  see: episode2lora versions --runs-dir {runs_dir}", 1)
     table = Table(title=f"LoRAs in {output}")
     for column in ("character", "steps", "final loss", "best val loss", "LoRA (kohya format)", "version"):
         table.add_column(column)
@@ -87,7 +75,7 @@ def versions(
     character: Optional[str] = typer.Option(None, "--character", help="only this character's trainings"),
 ) -> None:
     """List every LoRA training: status, steps, losses, evaluation's choice, files, errors."""
-    from tasks.versions import read_versions
+    from tasks.run.versions import read_versions
 
     rows = read_versions(runs_dir).to_pylist()
     if character:
@@ -121,9 +109,3 @@ def print_loras(store: Any, params: Any) -> None:
             console.print(f"  {character:<16} {store.root / path}", markup=False, highlight=False)
     if is_tiny(params.train.base):
         console.print(f"\n[bold yellow]note:[/] {TINY_NOTICE.format(base=params.train.base)}")
-
-
-def register(app: typer.Typer) -> None:
-    """Add `train` and `versions` to the CLI."""
-    app.command("train")(train)
-    app.command("versions")(versions)

@@ -1,27 +1,18 @@
-"""The full run: episodes in, per-episode stages fanned out, then the global stages."""
+"""The full run: the `episode` pipeline (tasks/pipelines.py), per-episode stages fanned out, then the
+global ones. Wiring only: the runner slices the table by `until`."""
 
 from __future__ import annotations
 
-import os
-
-from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
-
-from flows.dataset import dataset_stages
-from flows.identity import identity_stages
-from flows.notify import webhook_hooks
 from flows.params import LAST_STAGE, RunParams, Stage
+from flows.review import pause_for_review
 from flows.scale import TaskRunnerKind, check_runner, on_dask, run_on_dask
-from flows.training import training_stages
-from tasks.frames import frames_episode_task, merge_frames_task, plan_frames_task
-from tasks.segment import merge_segment_task, plan_segment_task, segment_shard_task
-from tasks.links import publish_outputs
-from tasks.stage import RunRef, StageResult, bind_to_run, settle
-from tasks.store import reaches
+from flows.sources import pipeline_flow
+from tasks.pipelines import PIPELINES
+from tasks.run.runner import run_pipeline, stages_between
+from tasks.run.stage import RunRef, StageResult
 
 
-@flow(name="episode-to-lora", flow_run_name="{name}", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2),
-      **webhook_hooks())
+@pipeline_flow("episode-to-lora")
 def episode_to_lora(
     inputs: list[str],
     name: str,
@@ -51,27 +42,9 @@ def episode_to_lora(
     store = run.store()
     with store.lock():
         store.write_run_record({"inputs": inputs, "params": params.model_dump(mode="json"), "until": until})
-        plan = plan_frames_task(run, inputs, params.frames)
-        shards = [
-            bind_to_run(frames_episode_task, run).submit(run, video, episode, fp, params.frames)
-            for video, episode, fp in zip(plan.videos, plan.episodes, plan.shard_fingerprints)
-        ]
-        settle(shards)
-        frames = bind_to_run(merge_frames_task, run)(run, plan, params.frames, wait_for=shards)
-        results = {"frames": frames}
-        if reaches(until, "segment"):
-            seg_plan = plan_segment_task(run, frames, params.segment)
-            seg_shards = [bind_to_run(segment_shard_task, run).submit(run, shard, params.segment)
-                          for shard in seg_plan.shards]
-            settle(seg_shards)
-            results["segment"] = bind_to_run(merge_segment_task, run)(run, seg_plan, wait_for=seg_shards)
-        if reaches(until, "embed"):  # embed -> cluster -> tier -> select, then the cluster report
-            results.update(identity_stages(run, params, until, results["segment"], review=review_clusters))
-        if reaches(until, "augment"):  # augment -> caption -> package -> validate (raises when invalid)
-            if "select" not in results:
-                raise RuntimeError("the dataset stages (augment onward) need the select stage, which is not wired yet")
-            results.update(dataset_stages(run, params, until, results["select"]))
-        if reaches(until, "train"):  # train (one task per character, tagged gpu) -> evaluate
-            results.update(training_stages(run, params, until, results["package"], results.get("validate")))
-        publish_outputs(store)  # links on the run page: cluster report, evaluation report, LoRA files
-        return results
+        steps = PIPELINES["episode"]
+        if not (review_clusters and "select" in stages_between(steps, until)):
+            return run_pipeline(run, params, steps, until, sources=inputs)
+        results = run_pipeline(run, params, steps, "tier", sources=inputs)  # then the person's choices
+        params = params.model_copy(update={"select": pause_for_review(run, results["tier"], params.select)})
+        return run_pipeline(run, params, steps, until, after="tier", results=results)

@@ -22,7 +22,8 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable
 
-from tasks.store import STAGES, RunStore
+from tasks.pipelines import STAGES
+from tasks.run.store import RunStore
 
 log = logging.getLogger("episode2lora.notify")
 

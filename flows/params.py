@@ -7,51 +7,23 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, create_model, model_serializer
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema as cs
 
-from tasks.frames import FramesParams
-from tasks.segment import SegmentParams
-from tasks.embed import EmbedParams
-from tasks.cluster import ClusterParams
-from tasks.tier import TierParams
-from tasks.select import SelectParams
-from tasks.augment import AugmentParams
-from tasks.caption import CaptionParams
-from tasks.package import PackageParams
-from tasks.validate import ValidateParams
-from tasks.train import TrainParams
-from tasks.evaluate import EvaluateParams
+from tasks.pipelines import PIPELINES, stages_of
+from tasks.run.spec import Step
 
-Stage = Literal["frames", "segment", "embed", "cluster", "tier", "select", "augment", "caption", "package", "validate",
-               "train", "evaluate"]
-"""Stages a run can stop after (grows as stages land)."""
+Stage = Literal[tuple(stages_of("episode"))]  # type: ignore[valid-type]
+"""Stages an episode run can stop after (the `episode` pipeline's, tasks/pipelines.py)."""
 LAST_STAGE: str = get_args(Stage)[-1]
 """Where a run stops by default: the end of the pipeline."""
 
 
-# `validate` (the stage) shadows pydantic's deprecated BaseModel.validate; the field is what we mean.
-warnings.filterwarnings("ignore", message='Field name "validate" in "RunParams" shadows', category=UserWarning)
-
-
-class RunParams(BaseModel):
-    """Every stage's parameters, with defaults; unknown fields are rejected."""
+class PipelineParams(BaseModel):
+    """The base of every run's parameters: unknown fields rejected, no nulls, a readable UI form."""
 
     model_config = ConfigDict(extra="forbid")
-
-    frames: FramesParams = Field(default_factory=FramesParams)
-    segment: SegmentParams = Field(default_factory=SegmentParams)
-    embed: EmbedParams = Field(default_factory=EmbedParams)
-    cluster: ClusterParams = Field(default_factory=ClusterParams)
-    tier: TierParams = Field(default_factory=TierParams)
-    select: SelectParams = Field(default_factory=SelectParams)
-    augment: AugmentParams = Field(default_factory=AugmentParams)
-    caption: CaptionParams = Field(default_factory=CaptionParams)
-    package: PackageParams = Field(default_factory=PackageParams)
-    validate: ValidateParams = Field(default_factory=ValidateParams)
-    train: TrainParams = Field(default_factory=TrainParams)
-    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
     @model_serializer(mode="wrap")
     def _without_unset(self, handler: Any) -> Any:
@@ -72,6 +44,20 @@ def _drop_nones(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _drop_nones(v) for k, v in value.items() if v is not None}
     return value
+
+
+def pipeline_params(source: str, name: str, doc: str) -> type[BaseModel]:
+    """The parameter model of a source's pipeline: one field per stage, typed by the stage spec's
+    parameter model with its defaults; unknown fields are rejected. The one base of every run's parameters."""
+    fields: dict[str, Any] = {step.name: (step.spec.params, Field(default_factory=step.spec.params))
+                              for step in PIPELINES[source] if isinstance(step, Step)}
+    with warnings.catch_warnings():  # the stage `validate` shadows pydantic's deprecated BaseModel.validate
+        warnings.filterwarnings("ignore", message='Field name "validate" in ".*" shadows', category=UserWarning)
+        return create_model(name, __base__=PipelineParams, __doc__=doc, __module__=__name__, **fields)
+
+
+RunParams = pipeline_params("episode", "RunParams", "Every stage's parameters, with defaults; unknown fields are rejected.")
+"""An episode run's parameters (frames ... evaluate, in the pipeline's order)."""
 
 
 class ParamsError(ValueError):

@@ -1,30 +1,22 @@
 """Render folders to LoRAs (the Kyana render guide): ingest -> augment -> caption -> package -> validate
 -> train, where training is staged: the core LoRA first, then the detail LoRA fine-tuned from it.
 
-Wiring only: the stages are the episode run's (flows/dataset.py, flows/training.py) after an ingest
-stage of their own (tasks/ingest_renders.py).
+Wiring only: the `renders` pipeline of tasks/pipelines.py, the episode run's dataset and training steps
+after an ingest step of their own (tasks/sources/ingest_renders.py).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
-from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
-
-from flows.dataset import dataset_stages
-from flows.notify import webhook_hooks
 from flows.source_params import RendersRunParams, SourceStage
-from flows.training import training_stages
-from tasks.ingest_renders import ingest_phase_task, merge_ingest_renders_task, plan_ingest_renders_task
-from tasks.stage import RunRef, StageResult, bind_to_run, settle
+from flows.sources import pipeline_flow, run_source
+from tasks.run.stage import StageResult
 
 FLOW_NAME = "renders-to-lora"
 
 
-@flow(name=FLOW_NAME, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2),
-      **webhook_hooks())
+@pipeline_flow(FLOW_NAME)
 def renders_to_lora(
     input_dir: str,
     name: str,
@@ -43,17 +35,4 @@ def renders_to_lora(
         webhook_url: POST a JSON summary here when the run completes or fails (optional).
     """
     params = params.for_run(name, trigger)
-    run = RunRef(runs_dir=runs_dir, name=name)
-    store = run.store()
-    with store.lock():
-        store.write_run_record({"flow": FLOW_NAME, "inputs": [input_dir], "params": params.model_dump(mode="json"),
-                                "until": until})
-        plan = plan_ingest_renders_task(run, input_dir, params.ingest)
-        phases = [bind_to_run(ingest_phase_task, run).submit(run, shard, params.ingest, plan.template)
-                  for shard in plan.shards]
-        settle(phases)
-        results = {"ingest": bind_to_run(merge_ingest_renders_task, run)(run, plan, params.ingest, wait_for=phases)}
-        results.update(dataset_stages(run, params, until, results["ingest"]))  # raises when validation fails
-        if "package" in results:
-            results.update(training_stages(run, params, until, results["package"], results.get("validate")))
-        return results
+    return run_source("renders", FLOW_NAME, input_dir, name, runs_dir, params, until)

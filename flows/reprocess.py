@@ -7,7 +7,6 @@ the union (clusters are matched to the previous run's, so names and triggers per
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +14,12 @@ from prefect import flow, get_run_logger
 
 from flows.params import RunParams
 from tasks.frames import VIDEO_SUFFIXES
-from tasks.store import MARKER, RunStore
+from tasks.run.store import RunStore
 
 
 def seen_videos(store: RunStore) -> set[Path]:
     """Videos that already have a committed frames shard in the run (quarantined ones included)."""
-    shards = store.root / "frames" / "shards"
-    seen: set[Path] = set()
-    for report in shards.glob("*/report.json") if shards.is_dir() else []:
-        if (report.parent / MARKER).is_file():
-            video = json.loads(report.read_text()).get("video")
-            if video:
-                seen.add(Path(video).resolve())
-    return seen
+    return {Path(r["video"]).resolve() for r in store.shard_reports("frames").values() if r.get("video")}
 
 
 def new_episodes(store: RunStore, watch_folder: str | Path) -> list[Path]:

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from prefect.input import RunInput
 
 from tasks.select import ClusterOverride, Overrides, SelectParams, default_name, load_overrides
-from tasks.stage import RunRef, StageResult
-from tasks.store import RunStore
+from tasks.run.stage import RunRef, StageResult
+from tasks.run.store import RunStore
 
 REVIEW_TIMEOUT_S = 24 * 3600
 """How long a paused run waits for its answers before it fails."""

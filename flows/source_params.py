@@ -1,32 +1,25 @@
 """Parameters of the image-source runs: render folders and photo sets (one model each).
 
-Both compose the same stage parameters as episodes from `ingest` on (augment, caption, package,
-validate, train), with defaults of their own: captions come from the ingest stage, augmentation
+Both are their pipeline's parameter model (`pipeline_params`: one field per stage of the table, the
+same stage models as an episode run's) with defaults of their own: captions come from the ingest stage, augmentation
 keeps colours and sides (product colours, faces), renders package at the guide's 1024 px.
 User values (YAML, --set, the UI form) are merged over these defaults field by field.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import model_validator
 
-from tasks.augment import AugmentParams
-from tasks.caption import CaptionParams
-from tasks.ingest_photos import IngestPhotosParams
-from tasks.ingest_renders import IngestRendersParams
-from tasks.package import PackageParams
-from tasks.render_training import staged_train_params
-from tasks.train import TrainParams
-from tasks.validate import ValidateParams
+from flows.params import pipeline_params
+from tasks.pipelines import stages_of
+from tasks.sources.ingest_photos import IngestPhotosParams
+from tasks.sources.ingest_renders import IngestRendersParams
+from tasks.sources.render_training import staged_train_params
 
-SourceStage = Literal["ingest", "augment", "caption", "package", "validate", "train"]
-"""Stages a render or photo run can stop after."""
-
-for _model in ("_SourceParams", "RendersRunParams", "PhotosRunParams"):  # `validate` shadows BaseModel.validate
-    warnings.filterwarnings("ignore", message=f'Field name "validate" in "{_model}" shadows', category=UserWarning)
+SourceStage = Literal[tuple(stages_of("renders"))]  # type: ignore[valid-type]
+"""Stages a render or photo run can stop after (their pipelines', tasks/pipelines.py)."""
 
 SHARED_DEFAULTS: dict[str, Any] = {
     "augment": {"flip": False, "hue_deg": 0.0, "background_swap_probability": 0.0},
@@ -50,20 +43,8 @@ def merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _SourceParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    augment: AugmentParams = Field(default_factory=AugmentParams)
-    caption: CaptionParams = Field(default_factory=CaptionParams)
-    package: PackageParams = Field(default_factory=PackageParams)
-    validate: ValidateParams = Field(default_factory=ValidateParams)
-    train: TrainParams = Field(default_factory=TrainParams)
-
-
-class RendersRunParams(_SourceParams):
+class RendersRunParams(pipeline_params("renders", "RendersParamsBase", "The renders pipeline's stages.")):
     """A render folder's run: the render checks and training stages, then the shared stages."""
-
-    ingest: IngestRendersParams = Field(default_factory=IngestRendersParams)
 
     @model_validator(mode="before")
     @classmethod
@@ -78,10 +59,8 @@ class RendersRunParams(_SourceParams):
         return self.model_copy(update={"ingest": ingest, "train": staged_train_params(self.train, ingest)})
 
 
-class PhotosRunParams(_SourceParams):
+class PhotosRunParams(pipeline_params("photos", "PhotosParamsBase", "The photos pipeline's stages.")):
     """A photo set's run: the analysis thresholds, then the shared stages (FLUX guide profiles)."""
-
-    ingest: IngestPhotosParams = Field(default_factory=IngestPhotosParams)
 
     @model_validator(mode="before")
     @classmethod

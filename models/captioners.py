@@ -17,6 +17,8 @@ one per character kind ("human", "creature", "unknown").
 
 from __future__ import annotations
 
+import threading
+
 import os
 from pathlib import Path
 from typing import Callable, Protocol
@@ -247,9 +249,18 @@ CAPTIONERS: dict[str, Callable[..., Captioner]] = {"template": _template, "blip2
 """name -> factory(argument after ':', device=, dtype=, max_new_tokens=, batch_size=)."""
 
 
+_cache: dict[tuple, Captioner] = {}
+_lock = threading.Lock()
+
+
 def captioner(spec: str, **options) -> Captioner:
-    """Build a captioner from `name` or `name:argument` (e.g. `blip2:Salesforce/blip2-opt-6.7b`)."""
+    """The captioner `name` or `name:argument` (e.g. `blip2:Salesforce/blip2-opt-6.7b`), built once per
+    process for the same options (thread-safe)."""
     name, _, arg = spec.partition(":")
     if name not in CAPTIONERS:
         raise KeyError(f"unknown captioner '{name}'; known captioners: {', '.join(CAPTIONERS)}")
-    return CAPTIONERS[name](arg, **options)
+    key = (spec, tuple(sorted((k, str(v)) for k, v in options.items())))
+    with _lock:
+        if key not in _cache:
+            _cache[key] = CAPTIONERS[name](arg, **options)
+        return _cache[key]

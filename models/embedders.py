@@ -376,16 +376,16 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 def embedder_identity(spec: str) -> str:
     """What determines an embedder's vectors, for fingerprints: the spec plus local file digests."""
-    from tasks.store import video_digest
+    from models.weights import file_identity
 
     family, model = parse_spec(spec)
     if family == "colour-shape":
         return f"colour-shape@{ColourShapeEmbedder.HUE}.{ColourShapeEmbedder.BANDS}.v1"
     path = Path(model or DEFAULT_MODELS.get(family, "")).expanduser()
     if path.is_file():
-        return f"{spec}@{video_digest(path)[:16]}"
+        return f"{spec}@{file_identity(path)[:16]}"
     if path.is_dir():
-        parts = [f"{f.name}:{video_digest(f)[:16]}" for f in sorted(path.iterdir())
+        parts = [f"{f.name}:{file_identity(f)[:16]}" for f in sorted(path.iterdir())
                  if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".onnx")]
         return f"{spec}@{'|'.join(parts)}"
     return spec

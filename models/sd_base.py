@@ -26,7 +26,7 @@ class BaseModelMissing(FileNotFoundError):
 
 
 @dataclass
-class BaseModel:
+class LoadedBase:
     """The parts of a Stable Diffusion pipeline a LoRA trainer uses."""
 
     name: str
@@ -93,7 +93,7 @@ def _missing_message(name: str, exc: BaseException) -> str:
             "or use base 'tiny' for an untrained stand-in that only exercises the code")
 
 
-def load_base(name: str, *, dtype: Any = None, device: Any = "cpu") -> BaseModel:
+def load_base(name: str, *, dtype: Any = None, device: Any = "cpu") -> LoadedBase:
     """Load tokenizers, text encoders, UNet, VAE and the DDPM noise scheduler of a SD1.5/SDXL base.
 
     Raises BaseModelMissing with what to do when the model is not available.
@@ -106,7 +106,7 @@ def load_base(name: str, *, dtype: Any = None, device: Any = "cpu") -> BaseModel
         return _load(name, path, family, dtype or torch.float32, device)
 
 
-def _load(name: str, path: str, family: Family, dtype: Any, device: Any) -> BaseModel:
+def _load(name: str, path: str, family: Family, dtype: Any, device: Any) -> LoadedBase:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -124,5 +124,5 @@ def _load(name: str, path: str, family: Family, dtype: Any, device: Any) -> Base
     for module in (*encoders, unet, vae):
         module.requires_grad_(False)
         module.to(device)
-    return BaseModel(name=name, path=path, family=family, tokenizers=tokenizers, text_encoders=encoders,
+    return LoadedBase(name=name, path=path, family=family, tokenizers=tokenizers, text_encoders=encoders,
                      unet=unet, vae=vae, noise_scheduler=scheduler)

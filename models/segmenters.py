@@ -177,12 +177,12 @@ def model_identity(name: str) -> str:
     check_model_name(name)
     if not name.startswith(CUSTOM):
         return name
-    from tasks.store import video_digest
+    from models.weights import file_identity
 
     path = Path(name[len(CUSTOM):]).expanduser()
     if not path.is_file():
         raise ModelFileMissing(f"custom model file {path} does not exist; " + _where_models_go(""))
-    return f"{name}@{video_digest(path)[:16]}"
+    return f"{name}@{file_identity(path)[:16]}"
 
 
 def segmenter(name: str) -> Segmenter:

@@ -51,6 +51,7 @@ class KohyaScriptsTrainer:
         self.launcher = launcher or [sys.executable, "-m", "accelerate.commands.launch"]
 
     def command(self, job: TrainJob, family: str) -> list[str]:
+        """The train_network.py command line; run it from the run folder (paths in the TOMLs are relative to it)."""
         config = job.kohya_config
         if config is None or not Path(config).is_file():
             raise FileNotFoundError(f"character '{job.character}' has no configs/{job.character}_config.toml in its package")
@@ -68,7 +69,9 @@ class KohyaScriptsTrainer:
         started = time.time()
         family = "sdxl" if "xl" in job.settings.base.lower() else "sd15"
         with open(out / "kohya.log", "a") as log:
-            done = subprocess.run(self.command(job, family), cwd=self.scripts, stdout=log, stderr=subprocess.STDOUT)
+            # the package's TOMLs hold paths relative to the run folder (configs/ -> package/ -> run)
+            done = subprocess.run(self.command(job, family), cwd=Path(job.kohya_config).resolve().parent.parent.parent,
+                                  stdout=log, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             tail = (out / "kohya.log").read_text(errors="replace")[-1500:]
             raise RuntimeError(f"kohya train_network.py exited with {done.returncode}; log tail:\n{tail}")

@@ -76,5 +76,24 @@ def ensure_u2netp() -> Path:
     return target
 
 
+
+def file_identity(path: Path, *, sample: int = 1 << 20) -> str:
+    """Cheap identity of a large file (an episode, a model file): size, mtime and its first and last MiB.
+
+    An unreadable file gets a digest of its error, so it is fingerprinted (and quarantined) too.
+    """
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return hashlib.sha256(f"unreadable:{path}:{exc.errno}".encode()).hexdigest()
+    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(sample))
+        if st.st_size > sample:
+            fh.seek(max(st.st_size - sample, sample))
+            h.update(fh.read(sample))
+    return h.hexdigest()
+
+
 if __name__ == "__main__":
     print(ensure_u2netp())

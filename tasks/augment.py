@@ -28,12 +28,12 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from prefect import task
 
-from tasks.progress import StageProgress
-from tasks.render import read_layer
-from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
-from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name
+from tasks.run.progress import StageProgress
+from tasks.composite import background_layers, read_layer
+from tasks.run.spec import ShardedStage
+from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "augment"
 VERSION = 1
@@ -260,17 +260,6 @@ class AugmentPlan(BaseModel):
         return {s.key: s.fingerprint for s in self.shards}
 
 
-def background_layers(store: RunStore) -> list[str]:
-    """Run-relative background layers from the segment stage (none when it is not done)."""
-    if not store.is_done("segment"):
-        return []
-    table = store.read_manifest("segment")
-    if "background_path" not in table.column_names:
-        return []
-    paths = sorted({p for p in table.column("background_path").to_pylist() if p})
-    return [p for p in paths if (store.root / p).is_file()]
-
-
 def plan_augment(store: RunStore, params: AugmentParams, source: str = "select") -> AugmentPlan:
     """One shard per selected character, fingerprinted by its rows, the params and the backgrounds.
 
@@ -327,27 +316,10 @@ def run_augment(store: RunStore, params: AugmentParams, source: str = "select") 
     return merge_augment(store, plan)
 
 
-# ---- Prefect tasks ----------------------------------------------------------------------------
-
-@task(name="plan-augment")
-def plan_augment_task(run: RunRef, select: StageResult, params: AugmentParams) -> AugmentPlan:
-    """Shard the selected characters (after `select`, or `ingest`: the stage of the result passed in)."""
-    return plan_augment(run.store(), params, source=select.stage)
-
-
-@task(name="augment", task_run_name="augment-{shard.key}",
-      cache_key_fn=shard_cache_key(STAGE))
-def augment_shard_task(run: RunRef, shard: AugmentShard, backgrounds: list[str], params: AugmentParams) -> StageResult:
-    """Augment one character (one shard)."""
-    result = augment_shard(run.store(), shard, backgrounds, params)
-    publish(result, f"augment {shard.character}")
-    return result
-
-
-@task(name="merge-augment",
-      cache_key_fn=merge_cache_key(STAGE))
-def merge_augment_task(run: RunRef, plan: AugmentPlan) -> StageResult:
-    """Merge the characters' shards into the run's augment manifest."""
-    result = merge_augment(run.store(), plan)
-    publish(result, "augment")
-    return result
+AUGMENT = ShardedStage(
+    name=STAGE, version=VERSION, params=AugmentParams, inputs=("images",), title="augment",
+    plan=lambda store, params, inputs: plan_augment(store, params.augment, source=inputs["images"].stage),
+    shard=lambda store, shard, params, plan: augment_shard(store, shard, plan.backgrounds, params.augment),
+    merge=lambda store, plan, params: merge_augment(store, plan),
+)
+"""The augment stage: one shard per character of the images it is handed (`select` or `ingest`)."""

@@ -1,6 +1,6 @@
 """Stage `caption`: one caption per dataset image, trigger word first.
 
-Each kept image of the augment stage is rendered as it will be packaged (tasks/render.py)
+Each kept image of the augment stage is rendered as it will be packaged (tasks/composite.py)
 and described by a captioner (models/captioners.py) with a prompt for the character's kind.
 A post-processor then enforces the caption rules of the seeds: the trigger word first,
 then what varies (pose, framing, setting, lighting, expression); prompt echoes, repeated
@@ -16,20 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
-from typing import Any
 
 import pyarrow as pa
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from prefect import task
 
-from tasks.progress import StageProgress
-from tasks.render import RenderSpec, read_row_images
-from tasks.render import render as render_image
-from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
-from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name
+from tasks.run.progress import StageProgress
+from tasks.composite import RenderSpec, read_row_images
+from tasks.composite import render as render_image
+from tasks.run.spec import ShardedStage
+from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "caption"
 VERSION = 1
@@ -88,10 +86,8 @@ class CaptionParams(BaseModel):
     @field_validator("captions_from")
     @classmethod
     def _stage(cls, value: str | None) -> str | None:
-        from tasks.store import STAGES
-
-        if value is not None and value not in STAGES:
-            raise ValueError(f"captions_from: unknown stage '{value}'; stages are {', '.join(STAGES)}")
+        if value is not None and (not value or safe_name(value) != value):  # the stage must be done: its plan checks
+            raise ValueError(f"captions_from: '{value}' is not a stage name (e.g. ingest)")
         return value
 
     @field_validator("prompts")
@@ -150,22 +146,12 @@ def finish_caption(raw: str, trigger: str, *, prompt: str = "", drop_words: list
     return ", ".join([trigger, *phrases]) if trigger else ", ".join(phrases)
 
 
-# ---- captioners are loaded once per process -------------------------------------------------------
-
-_loaded: dict[tuple, Any] = {}
-_load_lock = threading.Lock()
-
-
 def load_captioner(params: CaptionParams):
-    """The captioner named by params (cached per process; thread-safe)."""
+    """The captioner named by params (the registry in models/captioners.py builds it once per process)."""
     from models.captioners import captioner
 
-    key = (params.captioner, params.device, params.dtype, params.max_new_tokens, params.batch_size)
-    with _load_lock:
-        if key not in _loaded:
-            _loaded[key] = captioner(params.captioner, device=params.device, dtype=params.dtype,
-                                     max_new_tokens=params.max_new_tokens, batch_size=params.batch_size)
-        return _loaded[key]
+    return captioner(params.captioner, device=params.device, dtype=params.dtype,
+                     max_new_tokens=params.max_new_tokens, batch_size=params.batch_size)
 
 
 def prompt_for(kind: str, params: CaptionParams, defaults: dict[str, str]) -> str:
@@ -244,9 +230,9 @@ def _settings(params: CaptionParams, render: RenderSpec) -> dict:
             "render": render.model_dump(mode="json")}
 
 
-def plan_caption(store: RunStore, params: CaptionParams, render: RenderSpec) -> CaptionPlan:
-    """Chunk each character's kept images into shards of `shard_size`."""
-    table = store.read_manifest("augment")
+def plan_caption(store: RunStore, params: CaptionParams, render: RenderSpec, augment: str = "augment") -> CaptionPlan:
+    """Chunk each character's kept images (of the stage `augment`) into shards of `shard_size`."""
+    table = store.read_manifest(augment)
     rows = [r for r in table.to_pylist() if r["kept"]]
     if params.captions_from:
         source = store.read_manifest(params.captions_from)
@@ -295,27 +281,11 @@ def run_caption(store: RunStore, params: CaptionParams, render: RenderSpec | Non
     return merge_caption(store, plan)
 
 
-# ---- Prefect tasks ---------------------------------------------------------------------------------
-
-@task(name="plan-caption")
-def plan_caption_task(run: RunRef, augment: StageResult, params: CaptionParams, render: RenderSpec) -> CaptionPlan:
-    """Shard the dataset images (after `augment`)."""
-    return plan_caption(run.store(), params, render)
-
-
-@task(name="caption", task_run_name="caption-{shard.key}", tags=["gpu"],
-      cache_key_fn=shard_cache_key(STAGE))
-def caption_shard_task(run: RunRef, shard: CaptionShard, params: CaptionParams, render: RenderSpec) -> StageResult:
-    """Caption one shard of images."""
-    result = caption_shard(run.store(), shard, params, render)
-    publish(result, f"caption {shard.key}")
-    return result
-
-
-@task(name="merge-caption",
-      cache_key_fn=merge_cache_key(STAGE))
-def merge_caption_task(run: RunRef, plan: CaptionPlan) -> StageResult:
-    """Merge the caption shards into the run's caption manifest."""
-    result = merge_caption(run.store(), plan)
-    publish(result, "caption")
-    return result
+CAPTION = ShardedStage(
+    name=STAGE, version=VERSION, params=CaptionParams, inputs=("augment",), tags=("gpu",), title="caption",
+    plan=lambda store, params, inputs: plan_caption(store, params.caption, params.package.render,
+                                                    inputs["augment"].stage),
+    shard=lambda store, shard, params, plan: caption_shard(store, shard, params.caption, params.package.render),
+    merge=lambda store, plan, params: merge_caption(store, plan),
+)
+"""The caption stage: one shard per character, each image captioned as it will be packaged."""

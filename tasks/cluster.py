@@ -28,10 +28,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from prefect import task
-
-from tasks.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
-from tasks.store import RunStore, write_table
+from tasks.run.spec import GlobalStage
+from tasks.run.stage import StageResult, finished, run_global_stage
+from tasks.run.store import RunStore, write_table
 
 STAGE = "cluster"
 VERSION = 1
@@ -368,24 +367,16 @@ def run_cluster(store: RunStore, params: ClusterParams, upstream: dict[str, Stag
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
         previous = read_previous_centroids(folder)  # the last result, read before it is replaced
-        table, centroids, summary = cluster_layers(store.read_manifest("embed"), store.read_manifest("segment"),
-                                                   params, previous)
+        embeds, segments = (store.read_manifest(upstream[role].stage) for role in ("embed", "segment"))
+        table, centroids, summary = cluster_layers(embeds, segments, params, previous)
         write_table(centroids, folder / CENTROIDS)
         return table, summary, [f"{STAGE}/{CENTROIDS}"]
 
     return run_global_stage(store, STAGE, VERSION, params, upstream, build)
 
 
-# ---- Prefect task -------------------------------------------------------------------------------
-
-def _probe(run: RunRef, embed: StageResult, segment: StageResult, params: ClusterParams) -> tuple[str, bool]:
-    fp = stage_fingerprint(STAGE, VERSION, params, {"embed": embed, "segment": segment})
-    return fp, run.store().is_done(STAGE, fp)
-
-
-@task(name="cluster", cache_key_fn=cache_key(_probe))
-def cluster_task(run: RunRef, embed: StageResult, segment: StageResult, params: ClusterParams) -> StageResult:
-    """Cluster the run's layers by identity (after `embed`)."""
-    result = run_cluster(run.store(), params, {"embed": embed, "segment": segment})
-    publish(result, "clusters")
-    return result
+CLUSTER = GlobalStage(
+    name=STAGE, version=VERSION, params=ClusterParams, inputs=("embed", "segment"), title="clusters",
+    build=lambda store, params, inputs: run_cluster(store, params.cluster, inputs),
+)
+"""The cluster stage: the run's layers grouped by identity."""

@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from prefect import task
 
-from tasks.progress import StageProgress
-from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
-from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name
+from tasks.run.progress import StageProgress
+from tasks.run.spec import ShardedStage
+from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "embed"
 VERSION = 1
@@ -142,7 +142,7 @@ def embed_layers(layers: list[dict], run_root: Path, embedder: Any, *, label: st
     Returns:
         (rows with `embed_schema(embedder.dim)`, a report of counts).
     """
-    from tasks.render import read_layer
+    from tasks.composite import read_layer
 
     schema = embed_schema(embedder.dim)
     rows: list[dict] = []
@@ -218,11 +218,12 @@ def _layer_identity(run_root: Path, rows: list[dict]) -> str:
     return h.hexdigest()
 
 
-def plan_embed(store: RunStore, params: EmbedParams) -> EmbedPlan:
-    """Shard the kept layers per episode and fingerprint each shard; start the stage unless done."""
+def plan_embed(store: RunStore, params: EmbedParams, segment: str = "segment") -> EmbedPlan:
+    """Shard the kept layers (of the stage `segment`) per episode and fingerprint each shard; start the
+    stage unless it is done."""
     settings = params_affecting_output(params)
     by_episode: dict[str, list[dict]] = {}
-    for row in kept_layers(store.read_manifest("segment")).to_pylist():
+    for row in kept_layers(store.read_manifest(segment)).to_pylist():
         by_episode.setdefault(row["episode"], []).append(row)
     shards = []
     for episode, rows in by_episode.items():
@@ -287,27 +288,10 @@ def read_embeddings(table: pa.Table) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
 
 
-# ---- Prefect tasks ----------------------------------------------------------------------------
-
-@task(name="plan-embed")
-def plan_embed_task(run: RunRef, segment: StageResult, params: EmbedParams) -> EmbedPlan:
-    """Shard the run's kept layers per episode (after `segment`)."""
-    return plan_embed(run.store(), params)
-
-
-@task(name="embed", task_run_name="embed-{shard.key}",
-      cache_key_fn=shard_cache_key(STAGE))
-def embed_shard_task(run: RunRef, shard: EmbedShard, params: EmbedParams) -> StageResult:
-    """Embed one shard of layers."""
-    result = embed_shard(run.store(), shard, params)
-    publish(result, f"embed {shard.key}")
-    return result
-
-
-@task(name="merge-embed",
-      cache_key_fn=merge_cache_key(STAGE))
-def merge_embed_task(run: RunRef, plan: EmbedPlan) -> StageResult:
-    """Merge the shards into the run's embed manifest."""
-    result = merge_embed(run.store(), plan)
-    publish(result, "embed")
-    return result
+EMBED = ShardedStage(
+    name=STAGE, version=VERSION, params=EmbedParams, inputs=("segment",), title="embed",
+    plan=lambda store, params, inputs: plan_embed(store, params.embed, inputs["segment"].stage),
+    shard=lambda store, shard, params, plan: embed_shard(store, shard, params.embed),
+    merge=lambda store, plan, params: merge_embed(store, plan),
+)
+"""The embed stage: one shard per episode of kept layers."""

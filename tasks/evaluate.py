@@ -21,10 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from prefect import task
-
-from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
-from tasks.store import RunStore, fingerprint, safe_name, write_table
+from tasks.run.spec import ShardedStage
+from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.store import RunStore, fingerprint, safe_name, write_table
 
 STAGE = "evaluate"
 VERSION = 1
@@ -210,10 +209,12 @@ class EvaluatePlan(BaseModel):
     specs: list[EvaluateSpec]
     fingerprint: str
     embedder: str
+    train: str = "train"  # the stage whose trainings are evaluated
 
 
-def _train_rows(store: RunStore) -> dict[str, dict]:
-    return {r["character"]: r for r in store.read_manifest("train").to_pylist() if r["kept"] and r["status"] == "completed"}
+def _train_rows(store: RunStore, train: str = "train") -> dict[str, dict]:
+    rows = store.read_manifest(train).to_pylist()
+    return {r["character"]: r for r in rows if r["kept"] and r["status"] == "completed"}
 
 
 def plan_evaluation(store: RunStore, train: StageResult, params: EvaluateParams, embedder: str) -> EvaluatePlan:
@@ -222,14 +223,15 @@ def plan_evaluation(store: RunStore, train: StageResult, params: EvaluateParams,
 
     spec_settings = params.model_dump(mode="json") | {"embedder": embedder_identity(embedder)}
     specs = [EvaluateSpec(character=c, fingerprint=fingerprint(STAGE, VERSION, spec_settings, {"train": json.dumps(r, sort_keys=True, default=str)}))
-             for c, r in sorted(_train_rows(store).items())]
+             for c, r in sorted(_train_rows(store, train.stage).items())]
     stage_fp = plan_sharded_stage(store, STAGE, VERSION, spec_settings, {s.character: s.fingerprint for s in specs})
-    return EvaluatePlan(specs=specs, fingerprint=stage_fp, embedder=embedder)
+    return EvaluatePlan(specs=specs, fingerprint=stage_fp, embedder=embedder, train=train.stage)
 
 
-def evaluate_one(store: RunStore, spec: EvaluateSpec, params: EvaluateParams, embedder: str) -> StageResult:
+def evaluate_one(store: RunStore, spec: EvaluateSpec, params: EvaluateParams, embedder: str,
+                 train: str = "train") -> StageResult:
     """Evaluate one character's checkpoints (one shard); records the choice in the versions registry."""
-    row = _train_rows(store)[spec.character]
+    row = _train_rows(store, train)[spec.character]
 
     def build(tmp: Path, prefix: str) -> tuple[pa.Table, dict]:
         manifest_row, records = evaluate_character(store.root, row, params, embedder, tmp, prefix)
@@ -239,7 +241,7 @@ def evaluate_one(store: RunStore, spec: EvaluateSpec, params: EvaluateParams, em
 
     result = run_shard(store, STAGE, spec.character, spec.fingerprint, build)
     if result.recomputed and row.get("version_id"):
-        from tasks import versions
+        from tasks.run import versions
 
         shard = store.shard_dir(STAGE, spec.character)
         committed = pq.read_table(shard / "rows.parquet").to_pylist()[0]
@@ -269,38 +271,8 @@ def run_evaluate(store: RunStore, train: StageResult, params: EvaluateParams, em
     embedder = params.embedder or embedder
     plan = plan_evaluation(store, train, params, embedder)
     for spec in plan.specs:
-        evaluate_one(store, spec, params, embedder)
+        evaluate_one(store, spec, params, embedder, plan.train)
     return merge_evaluation(store, plan)
-
-
-# ---- Prefect tasks ----------------------------------------------------------------------------
-
-@task(name="plan-evaluate")
-def plan_evaluate_task(run: RunRef, train: StageResult, params: EvaluateParams, embedder: str) -> EvaluatePlan:
-    """List the trained characters and fingerprint their evaluations."""
-    return plan_evaluation(run.store(), train, params, params.embedder or embedder)
-
-
-@task(name="evaluate", task_run_name="evaluate-{spec.character}", tags=["gpu"],
-      cache_key_fn=cache_key(lambda run, spec, params, embedder: (spec.fingerprint, run.store().shard_done(STAGE, spec.character, spec.fingerprint))))
-def evaluate_task(run: RunRef, spec: EvaluateSpec, params: EvaluateParams, embedder: str) -> StageResult:
-    """Gallery, scores and best checkpoint of one character."""
-    result = evaluate_one(run.store(), spec, params, embedder)
-    shard = run.store().shard_dir(STAGE, spec.character)
-    rows = pq.read_table(shard / "scores.parquet").to_pylist() if (shard / "scores.parquet").is_file() else None
-    publish(result, f"evaluation of {spec.character}", rows=rows)
-    return result
-
-
-@task(name="merge-evaluate",
-      cache_key_fn=cache_key(lambda run, plan: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
-def merge_evaluate_task(run: RunRef, plan: EvaluatePlan) -> StageResult:
-    """Gather the characters' evaluations into the evaluate manifest and report."""
-    store = run.store()
-    result = merge_evaluation(store, plan)
-    publish(result, "evaluate")
-    _publish_report(store)
-    return result
 
 
 def _publish_report(store: RunStore) -> None:
@@ -313,3 +285,23 @@ def _publish_report(store: RunStore) -> None:
         create_markdown_artifact(text, key="evaluate-report", description="checkpoint evaluation")
     except Exception:  # the UI is a nicety: never fail the stage because of it
         pass
+
+
+def _scores(store: RunStore, result: StageResult) -> list[dict] | None:
+    shard = store.shard_dir(STAGE, result.key)
+    return pq.read_table(shard / "scores.parquet").to_pylist() if (shard / "scores.parquet").is_file() else None
+
+
+def _embedder(params: Any) -> str:
+    return params.evaluate.embedder or params.embed.embedder
+
+
+EVALUATE = ShardedStage(
+    name=STAGE, version=VERSION, params=EvaluateParams, inputs=("train",), tags=("gpu",), title="evaluate",
+    plan=lambda store, params, inputs: plan_evaluation(store, inputs["train"], params.evaluate, _embedder(params)),
+    shard=lambda store, spec, params, plan: evaluate_one(store, spec, params.evaluate, plan.embedder, plan.train),
+    merge=lambda store, plan, params: merge_evaluation(store, plan),
+    rows=lambda store, result: _publish_report(store), shard_rows=_scores,
+    shards_of=lambda plan: plan.specs, key_of=lambda spec: spec.character, shard_name="{shard.character}",
+)
+"""The evaluate stage: one shard per trained character (gallery, scores, best checkpoint)."""

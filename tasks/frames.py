@@ -10,7 +10,6 @@ dropped with their reason. A run-level merge then drops frames that repeat anoth
 from __future__ import annotations
 
 import glob
-import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +20,12 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from prefect import task
-
-from tasks.progress import StageProgress
-from tasks.stage import RunRef, StageResult, cache_key, merge_cache_key, publish
-from tasks.store import QUARANTINE, RunStore, StageNotDoneError, fingerprint, safe_name, video_digest, write_table
+from models.weights import file_identity
+from tasks.run.progress import StageProgress
+from tasks.run.runner import SOURCES
+from tasks.run.spec import ShardedStage
+from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name, write_table
 
 STAGE = "frames"
 VERSION = 1
@@ -80,10 +80,6 @@ class FramesParams(BaseModel):
     dedup_distance: int = Field(6, ge=0, le=64, description="perceptual-hash bits that may differ in a near-duplicate")
     dedup_across_run: bool = Field(True, description="also drop frames that repeat another episode's")
     image_format: Literal["png", "webp"] = Field("png", description="lossless format of kept frames")
-
-
-def params_affecting_output(params: FramesParams) -> dict:
-    return params.model_dump(mode="json")
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -445,88 +441,65 @@ def summarize(table: pa.Table, episodes: list[dict]) -> dict:
     }
 
 
-# ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) --------------
+# ---- run-store wiring (plain functions; the spec below makes the Prefect tasks from them) ---------
+
+class FramesShard(BaseModel):
+    """One episode of the run: its video and the fingerprint its shard will have."""
+
+    key: str
+    video: str
+    fingerprint: str
+
 
 class FramesPlan(BaseModel):
-    """The episodes of a run and the fingerprints their shards and the stage will have."""
+    """The episodes of a run and the fingerprint the stage will have."""
 
-    videos: list[str]
-    episodes: list[str]
-    shard_fingerprints: list[str]
+    shards: list[FramesShard]
     fingerprint: str
+
+    def shard_fingerprints(self) -> dict[str, str]:
+        return {s.key: s.fingerprint for s in self.shards}
 
 
 def plan_frames(store: RunStore, inputs: list[str], params: FramesParams) -> FramesPlan:
     """Find the episodes and fingerprint them; start the stage unless it is already done."""
     videos = discover_videos(inputs)
-    episodes = episode_ids(videos)
     settings = params.model_dump(mode="json")
-    shard_fps = [fingerprint(STAGE, VERSION, settings, {"video": video_digest(v)}) for v in videos]
-    stage_fp = fingerprint(STAGE, VERSION, settings, dict(zip(episodes, shard_fps)))
-    if not store.is_done(STAGE, stage_fp):
-        store.begin_stage(STAGE, settings, shard_keys=episodes)
-        store.sweep_temporaries(STAGE)
-    return FramesPlan(videos=[str(v) for v in videos], episodes=episodes, shard_fingerprints=shard_fps, fingerprint=stage_fp)
+    shards = [FramesShard(key=episode, video=str(v), fingerprint=fingerprint(STAGE, VERSION, settings,
+                                                                             {"video": file_identity(v)}))
+              for v, episode in zip(videos, episode_ids(videos))]
+    fp = plan_sharded_stage(store, STAGE, VERSION, settings, {s.key: s.fingerprint for s in shards})
+    return FramesPlan(shards=shards, fingerprint=fp)
 
 
-def frames_for_episode(store: RunStore, video: str, episode: str, fp: str, params: FramesParams) -> StageResult:
+def frames_for_episode(store: RunStore, shard: FramesShard, params: FramesParams) -> StageResult:
     """Extract one episode into its shard, unless that shard is already committed."""
-    if store.shard_done(STAGE, episode, fp):
-        report = json.loads((store.shard_dir(STAGE, episode) / "report.json").read_text())
-        return StageResult(stage=STAGE, key=episode, fingerprint=fp, summary=report, recomputed=False)
-    with store.writing_shard(STAGE, episode, fp) as tmp:
-        table, report = extract_frames(Path(video), episode, params, tmp, store.shard_prefix(STAGE, episode))
-        write_table(table, tmp / "rows.parquet")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-    return StageResult(stage=STAGE, key=episode, fingerprint=fp, summary=report)
+    return run_shard(store, STAGE, shard.key, shard.fingerprint,
+                     lambda out, prefix: extract_frames(Path(shard.video), shard.key, params, out, prefix))
 
 
 def merge_frames(store: RunStore, plan: FramesPlan, params: FramesParams) -> StageResult:
     """Merge committed episode shards into `frames/manifest.parquet` (cross-episode dedup)."""
-    if store.is_done(STAGE, plan.fingerprint):
-        marker = store.marker(STAGE)
-        return StageResult(stage=STAGE, fingerprint=plan.fingerprint, manifest_digest=marker["manifest_digest"],
-                           summary=marker["summary"], recomputed=False)
-    missing = [e for e, fp in zip(plan.episodes, plan.shard_fingerprints) if not store.shard_done(STAGE, e, fp)]
-    if missing:
-        raise StageNotDoneError(f"frames shards not finished for episodes: {', '.join(missing)}")
-    table = merge_episodes([store.read_shard(STAGE, e) for e in plan.episodes], params)
-    reports = [json.loads((store.shard_dir(STAGE, e) / "report.json").read_text()) for e in plan.episodes]
-    write_table(pa.Table.from_pylist(reports, schema=EPISODE_SCHEMA), store.stage_dir(STAGE) / "episodes.parquet")
-    summary = summarize(table, reports)
-    digest = store.commit_stage(STAGE, table, plan.fingerprint, outputs=[f"{STAGE}/episodes.parquet"], summary=summary)
-    return StageResult(stage=STAGE, fingerprint=plan.fingerprint, manifest_digest=digest, summary=summary)
+    def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
+        table = merge_episodes(tables, params)
+        write_table(pa.Table.from_pylist(reports, schema=EPISODE_SCHEMA), store.stage_dir(STAGE) / "episodes.parquet")
+        return table, summarize(table, reports), [f"{STAGE}/episodes.parquet"]
+
+    return merge_shards(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), merge)
+
+
+FRAMES = ShardedStage(
+    name=STAGE, version=VERSION, params=FramesParams, inputs=(SOURCES,), title="frames",
+    plan=lambda store, params, inputs: plan_frames(store, inputs[SOURCES].summary["paths"], params.frames),
+    shard=lambda store, shard, params, plan: frames_for_episode(store, shard, params.frames),
+    merge=lambda store, plan, params: merge_frames(store, plan, params.frames),
+)
+"""The frames stage: one shard per episode, merged with cross-episode dedup."""
 
 
 def run_frames(store: RunStore, inputs: list[str], params: FramesParams) -> StageResult:
     """The whole stage as one plain call (no Prefect): plan, every episode, merge."""
     plan = plan_frames(store, inputs, params)
-    for video, episode, fp in zip(plan.videos, plan.episodes, plan.shard_fingerprints):
-        frames_for_episode(store, video, episode, fp, params)
+    for shard in plan.shards:
+        frames_for_episode(store, shard, params)
     return merge_frames(store, plan, params)
-
-
-# ---- Prefect tasks ----------------------------------------------------------------------------
-
-@task(name="plan-frames")
-def plan_frames_task(run: RunRef, inputs: list[str], params: FramesParams) -> FramesPlan:
-    """Find the run's episodes and fingerprint them."""
-    return plan_frames(run.store(), inputs, params)
-
-
-@task(name="frames", task_run_name="frames-{episode}",
-      cache_key_fn=cache_key(lambda run, video, episode, fp, params: (fp, run.store().shard_done(STAGE, episode, fp))))
-def frames_episode_task(run: RunRef, video: str, episode: str, fp: str, params: FramesParams) -> StageResult:
-    """Sample one episode's frames (one shard)."""
-    result = frames_for_episode(run.store(), video, episode, fp, params)
-    publish(result, f"frames of {episode}")
-    return result
-
-
-@task(name="merge-frames",
-      cache_key_fn=merge_cache_key(STAGE))
-def merge_frames_task(run: RunRef, plan: FramesPlan, params: FramesParams) -> StageResult:
-    """Merge the episodes' frames into the run's frames manifest."""
-    result = merge_frames(run.store(), plan, params)
-    publish(result, "frames")
-    return result

@@ -10,7 +10,7 @@ Layout under `<run>/package/`::
     configs/{character}_ai_toolkit.yaml               AI-Toolkit FLUX LoRA job (the Kyana seed's profile)
     manifest.parquet, characters.parquet
 
-Images are rendered from the caption stage's rows (tasks/render.py: RGBA layer onto the plain
+Images are rendered from the caption stage's rows (tasks/composite.py: RGBA layer onto the plain
 colour, or onto the background layer the augment op chose); a render that comes out blank (a
 white shape on the white canvas) is quarantined, not packaged. The validation split is drawn
 per character over originals: an original and all its augmented copies land on the same side.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 from pathlib import Path
@@ -35,12 +36,11 @@ import yaml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from prefect import task
-
-from tasks.progress import StageProgress
-from tasks.render import RenderSpec, blank_reason, cover, read_background, read_row_images, render
-from tasks.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
-from tasks.store import QUARANTINE, RunStore, safe_name, write_table
+from tasks.run.progress import StageProgress
+from tasks.composite import RenderSpec, background_layers, blank_reason, cover, read_background, read_row_images, render
+from tasks.run.spec import GlobalStage
+from tasks.run.stage import StageResult, finished, run_global_stage
+from tasks.run.store import QUARANTINE, RunStore, safe_name, write_table
 
 STAGE = "package"
 VERSION = 2
@@ -267,36 +267,13 @@ def sample_prompts(trigger: str, kind: str, params: PackageParams) -> list[str]:
 def ai_toolkit_job(name: str, triggers: list[str], kind: str, folders: list[Path], output: Path,
                    params: PackageParams) -> str:
     """An AI-Toolkit `sd_trainer` job for a FLUX LoRA (the Kyana seed's profile)."""
+    from models.ai_toolkit_format import ai_toolkit_job as build
+
     at = params.ai_toolkit
-    size = params.render.resolution
     prompts = [p.split(" --n ")[0] for t in triggers for p in sample_prompts(t, kind, params)]
-    job = {
-        "job": "extension",
-        "config": {
-            "name": f"{name}_flux_lora",
-            "process": [{
-                "type": "sd_trainer",
-                "training_folder": str(output),
-                "device": "cuda:0",
-                "trigger_word": triggers[0],
-                "network": {"type": "lora", "linear": at.rank, "linear_alpha": at.rank},
-                "save": {"dtype": "float16", "save_every": at.sample_every, "max_step_saves_to_keep": 3},
-                "datasets": [{"folder_path": str(folder), "caption_ext": "txt", "caption_dropout_rate": 0.05,
-                              "shuffle_tokens": False, "cache_latents_to_disk": True, "resolution": [size]}
-                             for folder in folders],
-                "train": {"batch_size": 1, "steps": at.steps, "gradient_accumulation_steps": 1, "train_unet": True,
-                          "train_text_encoder": False, "gradient_checkpointing": True, "noise_scheduler": "flowmatch",
-                          "optimizer": "adamw8bit", "lr": at.lr, "lr_scheduler": "constant",
-                          "ema_config": {"use_ema": True, "ema_decay": 0.99}, "dtype": "bf16"},
-                "model": {"name_or_path": at.base_model, "is_flux": True, "quantize": True},
-                "sample": {"sampler": "flowmatch", "sample_every": at.sample_every, "width": size, "height": size,
-                           "prompts": prompts,
-                           "neg": "blurry, low quality, distorted, deformed, watermark, text, logo",
-                           "seed": 42, "walk_seed": True, "guidance_scale": 4.0, "sample_steps": 20},
-            }],
-        },
-        "meta": {"name": name, "version": "1.0"},
-    }
+    job = build(f"{name}_flux_lora", triggers[0], folders, output, rank=at.rank, steps=at.steps, lr=at.lr,
+                base_model=at.base_model, resolution=[params.render.resolution], prompts=prompts,
+                save_every=at.sample_every, sample_every=at.sample_every, meta={"name": name})
     return yaml.safe_dump(job, sort_keys=False)
 
 
@@ -454,18 +431,28 @@ def steps_line(character: dict, params: PackageParams) -> str:
 
 def _write_configs(out: Path, name: str, triggers: list[str], kind: str, plan: dict, subsets: list[dict],
                    folders: list[Path], params: PackageParams) -> None:
-    """Dataset TOML, training TOML, sample prompts and AI-Toolkit YAML of one LoRA."""
+    """Dataset TOML, training TOML, sample prompts and AI-Toolkit YAML of one LoRA.
+
+    Paths inside them are relative to the run folder (`out`'s parent), so a moved run folder keeps
+    working: run kohya or AI-Toolkit from the run folder (the kohya trainer does).
+    """
     configs = out / "configs"
     dataset_path = configs / f"{name}_dataset.toml"
     prompts_path = configs / f"{name}_prompts.txt"
-    output_dir = out.parent / "train" / name
+
+    def rel(path: Path | str) -> Path:
+        return Path(os.path.relpath(path, out.parent))
+
+    output_dir = Path("train") / name
+    subsets = [{**s, "image_dir": str(rel(s["image_dir"]))} for s in subsets]
     dataset_path.write_text(kohya_dataset(subsets, params), encoding="utf-8")
     prompts = [line for trigger in triggers for line in sample_prompts(trigger, kind, params)]
     prompts_path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
     (configs / f"{name}_config.toml").write_text(
-        kohya_training(name, plan, dataset_path, prompts_path, output_dir, params), encoding="utf-8")
+        kohya_training(name, plan, rel(dataset_path), rel(prompts_path), output_dir, params), encoding="utf-8")
     (configs / f"{name}_ai_toolkit.yaml").write_text(
-        ai_toolkit_job(name, triggers, kind, folders, output_dir / "ai_toolkit", params), encoding="utf-8")
+        ai_toolkit_job(name, triggers, kind, [rel(f) for f in folders], output_dir / "ai_toolkit", params),
+        encoding="utf-8")
 
 
 def _package_backgrounds(root: Path, backgrounds: list[str], params: PackageParams, out: Path,
@@ -514,15 +501,13 @@ def _package_backgrounds(root: Path, backgrounds: list[str], params: PackagePara
 
 def run_package(store: RunStore, params: PackageParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
     """The whole stage as one plain call: package the kept captioned images (after `caption`)."""
-    from tasks.augment import background_layers
-
     upstream = upstream or {"caption": finished(store, "caption")}
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
         for child in folder.iterdir():  # a previous package is replaced wholesale
             if child.name != "params.json":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-        rows = [r for r in store.read_manifest("caption").to_pylist() if r["kept"]]
+        rows = [r for r in store.read_manifest(upstream["caption"].stage).to_pylist() if r["kept"]]
         backgrounds = background_layers(store) if params.background.enabled else []
         table, characters, summary = package_dataset(store.root, rows, backgrounds, params, folder)
         write_table(characters, folder / "characters.parquet")
@@ -531,18 +516,17 @@ def run_package(store: RunStore, params: PackageParams, upstream: dict[str, Stag
     return run_global_stage(store, STAGE, VERSION, params, upstream, build)
 
 
-def _probe(run: RunRef, caption: StageResult, params: PackageParams) -> tuple[str, bool]:
-    fp = stage_fingerprint(STAGE, VERSION, params, {"caption": caption})
-    return fp, run.store().is_done(STAGE, fp)
-
-
-@task(name="package", cache_key_fn=cache_key(_probe))
-def package_task(run: RunRef, caption: StageResult, params: PackageParams) -> StageResult:
-    """Write the kohya tree, configs and AI-Toolkit YAML (after `caption`)."""
-    result = run_package(run.store(), params, {"caption": caption})
-    configs = run.store().stage_dir(STAGE) / "configs"
+def _steps(store: RunStore, result: StageResult) -> list[dict]:
+    """Print each character's kohya command (run from the run folder); the per-character step counts for the UI."""
     for line in result.summary.get("steps", []):
         name = safe_name(line.split(":", 1)[0])
-        print(f"{line}  ->  accelerate launch train_network.py --config_file {configs / f'{name}_config.toml'}")
-    publish(result, "package", rows=[{"character": k, "total_steps": v} for k, v in result.summary["total_steps"].items()])
-    return result
+        print(f"{line}  ->  cd {store.root} && accelerate launch train_network.py "
+              f"--config_file {STAGE}/configs/{name}_config.toml")
+    return [{"character": k, "total_steps": v} for k, v in result.summary["total_steps"].items()]
+
+
+PACKAGE = GlobalStage(
+    name=STAGE, version=VERSION, params=PackageParams, inputs=("caption",), title="package",
+    build=lambda store, params, inputs: run_package(store, params.package, inputs), rows=_steps,
+)
+"""The package stage: the kohya tree, its configs and the AI-Toolkit job."""

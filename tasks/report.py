@@ -21,10 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from prefect import task
-
-from tasks.stage import RunRef, StageResult
-from tasks.store import RunStore, StageNotDoneError
+from tasks.run.stage import RunRef, StageResult
+from tasks.run.store import RunStore, StageNotDoneError
 from tasks.tier import TIERS, UNKNOWN, TierParams, quality_issues, size_tier
 
 FOLDER = "report"
@@ -283,11 +281,8 @@ def write_report(store: RunStore, out: Path | None = None) -> tuple[Path, Path, 
     return html_path, json_path, report
 
 
-# ---- Prefect task -------------------------------------------------------------------------------
-
-@task(name="cluster-report")
-def report_task(run: RunRef, results: dict[str, StageResult]) -> str:
-    """Write the cluster report of a run whose tier stage is done (`results` orders it after them)."""
+def write_cluster_report(run: RunRef, results: dict[str, StageResult]) -> str:
+    """Write the cluster report of a run whose tier stage is done (a pipeline hook after tier/select)."""
     html_path, _, report = write_report(run.store())
     print(f"cluster report: {html_path} ({report['summary']['clusters']} clusters)")
     return str(html_path)

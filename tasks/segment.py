@@ -30,11 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prefect import task
 
-from tasks.progress import StageProgress
-from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
-from tasks.store import QUARANTINE, RunStore, fingerprint
+from tasks.run.progress import StageProgress
+from tasks.run.spec import ShardedStage
+from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.store import QUARANTINE, RunStore, fingerprint
 
 STAGE = "segment"
 VERSION = 2
@@ -319,11 +319,11 @@ def shard_frames(frames: pa.Table, shard_size: int) -> dict[str, list[dict]]:
     return shards
 
 
-def plan_segment(store: RunStore, params: SegmentParams) -> SegmentPlan:
-    """Shard the run's kept frames and fingerprint each shard; start the stage unless it is done."""
+def plan_segment(store: RunStore, params: SegmentParams, frames: str = "frames") -> SegmentPlan:
+    """Shard the kept frames (of the stage `frames`) and fingerprint each shard; start the stage unless done."""
     settings = params_affecting_output(params)
     shards = []
-    for key, rows in shard_frames(store.read_manifest("frames"), params.shard_size).items():
+    for key, rows in shard_frames(store.read_manifest(frames), params.shard_size).items():
         identity = {r["item_id"]: r["phash"] for r in rows}
         shards.append(SegmentShard(key=key, fingerprint=fingerprint(STAGE, VERSION, settings, identity), frames=rows))
     fp = plan_sharded_stage(store, STAGE, VERSION, settings, {s.key: s.fingerprint for s in shards})
@@ -376,27 +376,10 @@ def run_segment(store: RunStore, params: SegmentParams) -> StageResult:
     return merge_segment(store, plan)
 
 
-# ---- Prefect tasks ----------------------------------------------------------------------------
-
-@task(name="plan-segment")
-def plan_segment_task(run: RunRef, frames: StageResult, params: SegmentParams) -> SegmentPlan:
-    """Shard the run's kept frames (after `frames`)."""
-    return plan_segment(run.store(), params)
-
-
-@task(name="segment", task_run_name="segment-{shard.key}",
-      cache_key_fn=shard_cache_key(STAGE))
-def segment_shard_task(run: RunRef, shard: SegmentShard, params: SegmentParams) -> StageResult:
-    """Segment one shard of frames into character and background layers."""
-    result = segment_shard(run.store(), shard, params)
-    publish(result, f"segment {shard.key}")
-    return result
-
-
-@task(name="merge-segment",
-      cache_key_fn=merge_cache_key(STAGE))
-def merge_segment_task(run: RunRef, plan: SegmentPlan) -> StageResult:
-    """Merge the shards into the run's segment manifest."""
-    result = merge_segment(run.store(), plan)
-    publish(result, "segment")
-    return result
+SEGMENT = ShardedStage(
+    name=STAGE, version=VERSION, params=SegmentParams, inputs=("frames",), title="segment",
+    plan=lambda store, params, inputs: plan_segment(store, params.segment, inputs["frames"].stage),
+    shard=lambda store, shard, params, plan: segment_shard(store, shard, params.segment),
+    merge=lambda store, plan, params: merge_segment(store, plan),
+)
+"""The segment stage: one shard per episode of kept frames."""

@@ -12,7 +12,7 @@ stage's recommended clusters), refined by an optional overrides YAML file::
       "ep01:0000123:01": {move_to: 3}            # one layer into another cluster
       "ep01:0000456:02": {exclude: true}         # one layer out
 
-Names become folder names through `tasks.store.safe_name` (so `../x` is `x`); without a name a
+Names become folder names through `tasks.run.store.safe_name` (so `../x` is `x`); without a name a
 character is `char_<id:03d>` with trigger `char<id:03d>`, by its cluster id, which the cluster
 stage keeps stable across runs. References to clusters or layers that no longer exist are
 reported as warnings and ignored; malformed files fail before work starts.
@@ -29,10 +29,9 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from prefect import task
-
-from tasks.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
-from tasks.store import RunStore, safe_name, write_table
+from tasks.run.spec import GlobalStage
+from tasks.run.stage import StageResult, finished, run_global_stage, stage_fingerprint
+from tasks.run.store import RunStore, safe_name, write_table
 from tasks.tier import Tier
 
 STAGE = "select"
@@ -317,25 +316,18 @@ def run_select(store: RunStore, params: SelectParams, upstream: dict[str, StageR
     upstream = upstream or {s: finished(store, s) for s in ("cluster", "tier")}
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
-        table, characters, summary = select_characters(store.read_manifest("cluster"), store.read_manifest("tier"),
-                                                       params, load_overrides(params.overrides))
+        clusters, tiers = (store.read_manifest(upstream[role].stage) for role in ("cluster", "tier"))
+        table, characters, summary = select_characters(clusters, tiers, params, load_overrides(params.overrides))
         write_table(characters, folder / CHARACTERS)
         return table, summary, [f"{STAGE}/{CHARACTERS}"]
 
     return run_global_stage(store, STAGE, VERSION, _settings(params), upstream, build)
 
 
-def _probe(run: RunRef, cluster: StageResult, tier: StageResult, params: SelectParams) -> tuple[str, bool]:
-    fp = stage_fingerprint(STAGE, VERSION, _settings(params), {"cluster": cluster, "tier": tier})
-    return fp, run.store().is_done(STAGE, fp)
-
-
-@task(name="select", cache_key_fn=cache_key(_probe))
-def select_task(run: RunRef, cluster: StageResult, tier: StageResult, params: SelectParams) -> StageResult:
-    """Choose the characters to train (after `tier`)."""
-    store = run.store()
-    result = run_select(store, params, {"cluster": cluster, "tier": tier})
-    characters = pq.read_table(store.stage_dir(STAGE) / CHARACTERS).to_pylist()
-    publish(result, "selected characters", rows=characters)
-    return result
-
+SELECT = GlobalStage(
+    name=STAGE, version=VERSION, params=SelectParams, inputs=("cluster", "tier"), title="selected characters",
+    build=lambda store, params, inputs: run_select(store, params.select, inputs),
+    probe=lambda params, inputs: stage_fingerprint(STAGE, VERSION, _settings(params.select), inputs),
+    rows=lambda store, result: pq.read_table(store.stage_dir(STAGE) / CHARACTERS).to_pylist(),
+)
+"""The select stage: the characters to train, with their names and triggers."""

@@ -18,11 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from prefect import task
-
 from tasks.embed import EmbedParams, read_embeddings
-from tasks.stage import RunRef, StageResult, cache_key, finished, publish, run_global_stage, stage_fingerprint
-from tasks.store import RunStore, write_table
+from tasks.run.spec import GlobalStage
+from tasks.run.stage import StageResult, finished, run_global_stage
+from tasks.run.store import RunStore, write_table
 
 STAGE = "tier"
 VERSION = 1
@@ -226,8 +225,9 @@ def run_tier(store: RunStore, params: TierParams, embed_params: EmbedParams | No
     upstream = upstream or {s: finished(store, s) for s in ("cluster", "embed", "segment")}
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
-        embeds = store.read_manifest("embed")
-        table, summary = tier_clusters(store.read_manifest("cluster"), embeds, store.read_manifest("segment"),
+        embeds = store.read_manifest(upstream["embed"].stage)
+        table, summary = tier_clusters(store.read_manifest(upstream["cluster"].stage), embeds,
+                                       store.read_manifest(upstream["segment"].stage),
                                        params, text_embedder_for(embeds, embed_params))
         write_table(table, folder / CLUSTERS)
         return table, summary, [f"{STAGE}/{CLUSTERS}"]
@@ -235,20 +235,9 @@ def run_tier(store: RunStore, params: TierParams, embed_params: EmbedParams | No
     return run_global_stage(store, STAGE, VERSION, params, upstream, build)
 
 
-# ---- Prefect task -------------------------------------------------------------------------------
-
-def _probe(run: RunRef, cluster: StageResult, embed: StageResult, segment: StageResult, params: TierParams,
-           embed_params: EmbedParams | None = None) -> tuple[str, bool]:
-    fp = stage_fingerprint(STAGE, VERSION, params, {"cluster": cluster, "embed": embed, "segment": segment})
-    return fp, run.store().is_done(STAGE, fp)
-
-
-@task(name="tier", cache_key_fn=cache_key(_probe))
-def tier_task(run: RunRef, cluster: StageResult, embed: StageResult, segment: StageResult, params: TierParams,
-              embed_params: EmbedParams | None = None) -> StageResult:
-    """Tier the run's clusters (after `cluster`)."""
-    store = run.store()
-    result = run_tier(store, params, embed_params, {"cluster": cluster, "embed": embed, "segment": segment})
-    rows = store.read_manifest(STAGE).drop_columns(["sample_paths"]).to_pylist()
-    publish(result, "tiers", rows=rows)
-    return result
+TIER = GlobalStage(
+    name=STAGE, version=VERSION, params=TierParams, inputs=("cluster", "embed", "segment"), title="tiers",
+    build=lambda store, params, inputs: run_tier(store, params.tier, params.embed, inputs),
+    rows=lambda store, result: store.read_manifest(STAGE).drop_columns(["sample_paths"]).to_pylist(),
+)
+"""The tier stage: every cluster graded S..D (and by kind)."""

@@ -20,14 +20,13 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
-from prefect import task
-
 from models.lora_data import CharacterSet, read_package
 from models.lora_settings import Profile, SettingsOverrides, TrainSettings, read_kohya_config, resolve_settings
 from models.sd_base import DEFAULT_BASE
-from tasks.progress import StageProgress
-from tasks.stage import RunRef, StageResult, cache_key, merge_shards, plan_sharded_stage, publish, run_shard
-from tasks.store import RunStore, fingerprint, safe_name
+from tasks.run.progress import StageProgress
+from tasks.run.spec import ShardedStage
+from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.store import RunStore, fingerprint, safe_name
 
 STAGE = "train"
 VERSION = 1
@@ -103,7 +102,7 @@ def train_job(job: Any, *, trainer: str = "diffusers", kohya_scripts: str | None
     from models.lora_checkpoints import checkpoint_dirs
     from models.sd_base import is_tiny
     from models.trainers import get_trainer
-    from tasks import versions
+    from tasks.run import versions
 
     if not resume and checkpoint_dirs(job.output_dir):  # refused before anything is recorded
         raise FileExistsError(f"{job.output_dir} already holds checkpoints of a training; resume it or use another output folder")
@@ -199,7 +198,7 @@ def package_dir(store: RunStore) -> Path:
 
 def plan_training(store: RunStore, package: StageResult, params: TrainParams) -> TrainPlan:
     """The characters of the run's package and their fingerprints; starts the stage if needed."""
-    characters, skipped = read_package(package_dir(store))
+    characters, skipped = read_package(store.stage_dir(package.stage))
     if params.characters:
         unknown = sorted(set(params.characters) - {c.name for c in characters})
         if unknown:
@@ -236,7 +235,7 @@ def finished_lora(store: RunStore, character: str) -> Path:
     """The committed LoRA file of a character's training in this run (what a fine-tune starts from)."""
     path = store.shard_dir(STAGE, character) / f"{safe_name(character)}.safetensors"
     if not path.is_file():
-        from tasks.store import StageNotDoneError
+        from tasks.run.store import StageNotDoneError
 
         raise StageNotDoneError(f"the training of '{character}' is not finished ({path} missing); train it first")
     return path
@@ -301,7 +300,7 @@ def train_character(store: RunStore, spec: TrainSpec, params: TrainParams) -> St
                "diffusers_path": rel(outcome.diffusers_path) if outcome.diffusers_path else None,
                "checkpoints": json.dumps(checkpoints), "settings_path": f"{prefix}/settings.json",
                "seconds": outcome.seconds, "resumed_from": outcome.resumed_from, "kept": True, "drop_reason": None}
-        from tasks import versions
+        from tasks.run import versions
 
         versions.update_version(registry, version, lora_path=str(final / Path(outcome.lora_path).name),
                                 diffusers_path=str(final / "diffusers" / "pytorch_lora_weights.safetensors"),
@@ -344,27 +343,12 @@ def run_train(store: RunStore, package: StageResult, params: TrainParams) -> Sta
     return merge_training(store, plan)
 
 
-# ---- Prefect tasks ----------------------------------------------------------------------------
-
-@task(name="plan-train")
-def plan_train_task(run: RunRef, package: StageResult, params: TrainParams) -> TrainPlan:
-    """Find the packaged characters and fingerprint their trainings."""
-    return plan_training(run.store(), package, params)
-
-
-@task(name="train", task_run_name="train-{spec.character}", tags=["gpu"],
-      cache_key_fn=cache_key(lambda run, spec, params: (spec.fingerprint, run.store().shard_done(STAGE, spec.character, spec.fingerprint))))
-def train_character_task(run: RunRef, spec: TrainSpec, params: TrainParams) -> StageResult:
-    """Train one character's LoRA (resumes an interrupted training)."""
-    result = train_character(run.store(), spec, params)
-    publish(result, f"LoRA of {spec.character}")
-    return result
-
-
-@task(name="merge-train",
-      cache_key_fn=cache_key(lambda run, plan: (plan.fingerprint, run.store().is_done(STAGE, plan.fingerprint))))
-def merge_train_task(run: RunRef, plan: TrainPlan) -> StageResult:
-    """Gather the characters' trainings into the train manifest."""
-    result = merge_training(run.store(), plan)
-    publish(result, "train")
-    return result
+TRAIN = ShardedStage(
+    name=STAGE, version=VERSION, params=TrainParams, inputs=("package",), tags=("gpu",), title="train",
+    plan=lambda store, params, inputs: plan_training(store, inputs["package"], params.train),
+    shard=lambda store, spec, params, plan: train_character(store, spec, params.train),
+    merge=lambda store, plan, params: merge_training(store, plan),
+    shards_of=lambda plan: plan.specs, key_of=lambda spec: spec.character, shard_name="{shard.character}",
+    waits_for=lambda spec: spec.init_from,
+)
+"""The train stage: one LoRA per packaged character; a fine-tune waits for the training it starts from."""

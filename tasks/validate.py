@@ -24,11 +24,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from prefect import task
-
-from tasks.render import blank_reason
-from tasks.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
-from tasks.store import RunStore, safe_name
+from tasks.composite import blank_reason
+from tasks.run.spec import GlobalStage
+from tasks.run.stage import StageResult, run_global_stage
+from tasks.run.store import RunStore, safe_name
 
 STAGE = "validate"
 VERSION = 1
@@ -271,17 +270,17 @@ class DatasetInvalidError(RuntimeError):
 
 def run_validate(store: RunStore, params: ValidateParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
     """Validate the run's package into `validate/report.json` and a per-image manifest."""
-    from tasks.stage import finished
+    from tasks.run.stage import finished
 
     upstream = upstream or {"package": finished(store, "package")}
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
-        root = store.stage_dir("package")
+        root = store.stage_dir(upstream["package"].stage)
         report = validate_dataset(root, params)
         (folder / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
         ids = {}
-        if store.is_done("package"):
-            package = store.read_manifest("package")
+        if store.is_done(upstream["package"].stage):
+            package = store.read_manifest(upstream["package"].stage)
             ids = {p: i for p, i in zip(package.column("path").to_pylist(), package.column("item_id").to_pylist()) if p}
         rows = []
         for image in report["per_image"]:
@@ -307,15 +306,10 @@ def check_passed(result: StageResult, store: RunStore) -> None:
         f"See {store.root / STAGE / 'report.json'}, fix the package (or the stage parameters) and resume.")
 
 
-def _probe(run: RunRef, package: StageResult, params: ValidateParams) -> tuple[str, bool]:
-    fp = stage_fingerprint(STAGE, VERSION, params, {"package": package})
-    return fp, run.store().is_done(STAGE, fp)
-
-
-@task(name="validate", cache_key_fn=cache_key(_probe))
-def validate_task(run: RunRef, package: StageResult, params: ValidateParams) -> StageResult:
-    """Validate the packaged dataset (after `package`)."""
-    result = run_validate(run.store(), params, {"package": package})
-    publish(result, "validate", rows=[{"issue": k, "count": v} for k, v in
-                                      {**result.summary["errors"], **result.summary["warnings"]}.items()])
-    return result
+VALIDATE = GlobalStage(
+    name=STAGE, version=VERSION, params=ValidateParams, inputs=("package",), title="validate",
+    build=lambda store, params, inputs: run_validate(store, params.validate, inputs),
+    rows=lambda store, result: [{"issue": k, "count": v}
+                                for k, v in {**result.summary["errors"], **result.summary["warnings"]}.items()],
+)
+"""The validate stage: the packaged dataset checked; `check_passed` stops a run before training."""

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from tasks.store import RunStore, write_table
+from tasks.run.store import RunStore, write_table
 
 POSES = ("idle", "walk0", "walk2", "walk4", "walk6", "jump", "fall", "climb0", "walk1", "walk3", "walk5", "walk7")
 SPRITES = {"human": ("male_person", "female_person", "male_adventurer", "female_adventurer"),

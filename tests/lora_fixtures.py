@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +58,15 @@ def train_then_die(package: str, out: str, overrides_json: str, kill_at: int) ->
             os.kill(os.getpid(), signal.SIGKILL)
 
     train_lora(tiny_job(Path(package), Path(out), **json.loads(overrides_json)), on_step=on_step)
+
+
+def kill_after(proc: subprocess.Popen, checkpoint: Path, timeout: float = 300) -> None:
+    """SIGKILL a training subprocess once `checkpoint` exists (somewhere after it); asserts it was killed."""
+    import time
+
+    deadline = time.time() + timeout
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    _, stderr = proc.communicate()
+    assert proc.returncode == -9, stderr[-2000:]

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from tasks.augment import (AugmentParams, apply_ops, augment_shard_task, draw_ops, merge_augment_task, multiplier,
-                           plan_augment_task, run_augment, target_count)
-from tasks.stage import finished
-from tasks.render import read_layer
-from tasks.stage import RunRef
+from flows.params import RunParams
+from tasks.augment import AUGMENT, AugmentParams, apply_ops, draw_ops, multiplier, run_augment, target_count
+from tasks.run.stage import finished
+from tasks.composite import read_layer
+from tasks.run.stage import RunRef
 from tests.dataset_fixtures import make_run
 
 
@@ -190,10 +190,8 @@ def test_prefect_tasks(prefect_api, tmp_path):
     select = finished(store, "select")
 
     @flow
-    def augment_flow():
-        plan = plan_augment_task(run, select, AugmentParams())
-        shards = [augment_shard_task.submit(run, s, plan.backgrounds, AugmentParams()) for s in plan.shards]
-        return merge_augment_task(run, plan, wait_for=shards)
+    def augment_flow():  # the spec's plan, shard and merge tasks
+        return AUGMENT.submit(run, RunParams(), {"images": select})
 
     result = augment_flow()
     assert result.summary["kept"] == 35 and store.is_done("augment", result.fingerprint)

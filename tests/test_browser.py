@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.store import RunStore
+from tasks.run.store import RunStore
 from tests.live_prefect import E2E_INPUT, ROOT
 
 pytestmark = pytest.mark.e2e

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from models.captioners import Blip2Captioner, CaptionerMissing, TemplateCaptioner, captioner, colour_name
 from tasks.augment import AugmentParams, run_augment
 from tasks.caption import CaptionParams, finish_caption, run_caption
-from tasks.render import RenderSpec, render
+from tasks.composite import RenderSpec, render
 from tests.conftest import ROOT
 from tests.dataset_fixtures import make_run
 
@@ -158,9 +158,9 @@ def test_killed_run_resumes_without_recaptioning_finished_shards(tmp_path, tiny_
     run_augment(store, AugmentParams())
     params = CaptionParams(captioner=f"blip2:{tiny_blip2}", max_new_tokens=12, batch_size=2, shard_size=4)
     script = textwrap.dedent(f"""
-        from tasks.store import RunStore
+        from tasks.run.store import RunStore
         from tasks.caption import CaptionParams, run_caption
-        from tasks.render import RenderSpec
+        from tasks.composite import RenderSpec
         run_caption(RunStore({str(store.root.parent)!r}, {store.name!r}),
                     CaptionParams.model_validate_json({params.model_dump_json()!r}))
     """)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from tasks.cluster import (CENTROIDS, ClusterParams, centroid_table, cluster_embeddings, cluster_layers,
                            match_ids, merge_close_clusters, read_previous_centroids, run_cluster)
 from tasks.embed import EmbedParams, run_embed
-from tasks.store import RunStore
+from tasks.run.store import RunStore
 from tests.truth_layers import commit_truth_segment, scores
 
 # Floors set from what the colour-shape embedder achieves on the generated footage (true

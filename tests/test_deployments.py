@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.store import MARKER, RunStore
+from tasks.pipelines import STAGES
+from tasks.run.store import MARKER, RunStore
 from tests.live_prefect import CONFIG, E2E_INPUT, SAMPLE, WebhookReceiver, get_json
 
 pytestmark = pytest.mark.e2e
@@ -100,7 +101,7 @@ def test_full_run_through_the_api_has_outputs_artifacts_and_webhook(prefect_ui, 
     progress = [a for a in artifacts if a["type"] == "progress"]
     assert progress and all(float(a["data"]) == 100.0 for a in progress), [a["data"] for a in progress]
 
-    from tasks.links import artifact_key
+    from tasks.run.links import artifact_key
 
     links = {a["key"]: a for pattern in ("report", "lora-") for a in get_json(  # the files to open next
         f"{prefect_ui.api_url}/artifacts/filter", {"flow_runs": {"id": {"any_": [str(api_run.id)]}},
@@ -153,7 +154,7 @@ def test_failed_run_retried_like_the_ui_reruns_only_what_did_not_finish(prefect_
     until = default_until()
     store = RunStore(prefect_ui.runs_dir, "api")
     inputs = store.read_run_record()["inputs"]
-    store.clean(until)
+    store.clean(until, STAGES)
     blocker = _block(store, until)
     failed = run_and_wait(prefect_ui, "episode-to-lora/episode-to-lora",
                           {"name": "api", "inputs": inputs, "until": until, "webhook_url": webhook.url})

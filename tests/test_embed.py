@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from models.embedders import (ColourShapeEmbedder, ModelNotAvailable, layer_on_background, load_embedder,
                               parse_spec, supports_text)
 from tasks.embed import EmbedParams, read_embeddings, run_embed
-from tasks.render import read_layer
-from tasks.store import QUARANTINE, RunStore
+from tasks.composite import read_layer
+from tasks.run.store import QUARANTINE, RunStore
 from tests.truth_layers import commit_truth_segment
 
 

@@ -44,9 +44,10 @@ def test_train_and_evaluate_stages_through_the_flow(tmp_path, prefect_api):
     from prefect import flow
 
     from flows.params import RunParams
-    from flows.training import training_stages
-    from tasks.stage import RunRef, StageResult
-    from tasks.versions import read_versions
+    from tasks.pipelines import PIPELINES
+    from tasks.run.runner import run_pipeline
+    from tasks.run.stage import RunRef, StageResult
+    from tasks.run.versions import read_versions
 
     run = RunRef(runs_dir=str(tmp_path), name="lora")
     store = run.store()
@@ -60,7 +61,8 @@ def test_train_and_evaluate_stages_through_the_flow(tmp_path, prefect_api):
 
     @flow(name="lora-stages")
     def lora_stages(until: str):
-        return training_stages(run, params, until, package)
+        results = run_pipeline(run, params, PIPELINES["episode"], until, after="validate", results={"package": package})
+        return {name: result for name, result in results.items() if name != "package"}
 
     first = lora_stages("evaluate")
     assert first["train"].recomputed and first["evaluate"].recomputed

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.stage import settle
-from tasks.store import reaches
+from tasks.run.stage import settle
+from tasks.pipelines import PIPELINES
+from tasks.run.runner import stages_between
 
 
 def test_a_failed_shard_fails_the_flow_with_its_own_error(prefect_api):
@@ -25,8 +26,10 @@ def test_a_failed_shard_fails_the_flow_with_its_own_error(prefect_api):
         fan_out()
 
 
-def test_reaches_follows_the_stage_order():
-    assert reaches("evaluate", "frames") and reaches("segment", "segment")
-    assert not reaches("frames", "segment")
-    with pytest.raises(ValueError):
-        reaches("frames", "nonsense")
+def test_until_slices_the_pipeline_in_stage_order():
+    steps = PIPELINES["episode"]
+    assert "frames" in stages_between(steps, "evaluate") and "segment" in stages_between(steps, "segment")
+    assert "segment" not in stages_between(steps, "frames")
+    assert stages_between(steps, "caption", after="select") == ["augment", "caption"]
+    with pytest.raises(ValueError, match="unknown stage 'nonsense'"):
+        stages_between(steps, "nonsense")

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.frames import FramesParams, discover_videos, extract_frames, run_frames
-from tasks.store import RunStore
+from tasks.run.store import RunStore
 from tests.conftest import ROOT, run_cli
 from tests.footage import ShotSpec, render_episode
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from tasks.store import RunStore
+from tasks.run.store import RunStore
 from tests.live_prefect import CONFIG, WebhookReceiver
 
 
@@ -96,7 +96,7 @@ def test_run_params_without_none_round_trip():
 # ---- links on the run page -----------------------------------------------------------------
 
 def test_run_outputs_lists_reports_then_loras(tmp_path):
-    from tasks.links import artifact_key, run_outputs
+    from tasks.run.links import artifact_key, run_outputs
 
     store = RunStore(tmp_path, "links")
     for relative in ("report/cluster_report.html", "evaluate/report.md", "train/shards/Hero/Hero.safetensors",

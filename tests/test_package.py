@@ -157,7 +157,7 @@ def test_dataset_tomls_parse_and_use_only_keys_kohya_accepts(packaged):
         assert set(subset) <= SUBSET_KEYS
         assert {"image_dir", "num_repeats", "class_tokens", "caption_extension", "keep_tokens", "shuffle_caption"} <= set(subset)
         assert subset["num_repeats"] == c["repeats"] and subset["class_tokens"] == c["trigger"]
-        assert subset["image_dir"] == str(root / f"{c['repeats']}_{name}")
+        assert store.root / subset["image_dir"] == root / f"{c['repeats']}_{name}"  # relative to the run folder
 
 
 def test_training_tomls_parse_and_use_only_train_network_options(packaged):
@@ -172,7 +172,7 @@ def test_training_tomls_parse_and_use_only_train_network_options(packaged):
                 "network_dim", "network_alpha", "unet_lr", "text_encoder_lr", "optimizer_type", "lr_scheduler",
                 "max_train_epochs", "save_every_n_epochs", "mixed_precision", "cache_latents", "min_snr_gamma",
                 "noise_offset", "caption_dropout_rate", "sample_prompts"} <= set(flat)
-        assert flat["dataset_config"] == str(root / "configs" / f"{name}_dataset.toml")
+        assert store.root / flat["dataset_config"] == root / "configs" / f"{name}_dataset.toml"  # relative to the run
         assert (flat["network_dim"], flat["network_alpha"], flat["max_train_epochs"]) == (c["network_dim"], c["network_alpha"], c["epochs"])
         assert flat["unet_lr"] == c["unet_lr"] and flat["text_encoder_lr"] == c["text_encoder_lr"]
         prompts = (root / "configs" / f"{name}_prompts.txt").read_text().splitlines()
@@ -189,8 +189,8 @@ def test_ai_toolkit_yaml(packaged):
     assert process["network"] == {"type": "lora", "linear": 16, "linear_alpha": 16}
     assert process["train"]["steps"] == 3000 and process["train"]["lr"] == 1e-4
     (dataset,) = process["datasets"]
-    assert dataset["caption_ext"] == "txt" and str(root / f"{_characters(store)['hero']['repeats']}_hero") == \
-        dataset["folder_path"]
+    assert dataset["caption_ext"] == "txt" and root / f"{_characters(store)['hero']['repeats']}_hero" == \
+        store.root / dataset["folder_path"]  # relative to the run folder
     assert all(p.startswith("hero_tok, ") for p in process["sample"]["prompts"])
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.ingest_photos import IngestPhotosParams, analyze_photos, find_photos, format_analysis, run_ingest_photos
-from tasks.store import QUARANTINE, RunStore
+from tasks.sources.ingest_photos import IngestPhotosParams, analyze_photos, find_photos, format_analysis, run_ingest_photos
+from tasks.run.store import QUARANTINE, RunStore
 from tests.source_fixtures import photo, write_photos
 
 

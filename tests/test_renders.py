@@ -11,10 +11,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from tasks.ingest_renders import IngestRendersParams, parse_render_name, run_ingest_renders
-from tasks.render_captions import RenderTemplate, caption_from_name, read_template
-from tasks.render_training import GUIDE_PROMPTS_STAGE1
-from tasks.store import QUARANTINE, RunStore
+from tasks.sources.ingest_renders import IngestRendersParams, parse_render_name, run_ingest_renders
+from tasks.sources.render_captions import RenderTemplate, caption_from_name, read_template
+from tasks.sources.render_training import GUIDE_PROMPTS_STAGE1
+from tasks.run.store import QUARANTINE, RunStore
 from tests.source_fixtures import turntable, write_sequence
 
 SEQ1 = "FULL_ASSEMBLY_FLAT_MID_360_64x64"

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tasks.embed import EmbedParams
-from tasks.stage import RunRef, StageResult
-from tasks.store import RunStore
+from tasks.run.stage import RunRef, StageResult
+from tasks.run.store import RunStore
 from tests.conftest import ARTIFACTS, ROOT
 from tests.truth_layers import commit_truth_segment
 
@@ -26,8 +26,9 @@ def finished_run(tmp_path_factory, prefect_api, episode, two_episodes):
     """True layers of three episodes through embed -> cluster -> tier -> select, as Prefect tasks in a flow."""
     from prefect import flow
 
-    from flows.identity import identity_stages
     from flows.params import RunParams
+    from tasks.pipelines import PIPELINES
+    from tasks.run.runner import run_pipeline
 
     runs = tmp_path_factory.mktemp("runs")
     store = RunStore(runs, "report-run")
@@ -38,7 +39,8 @@ def finished_run(tmp_path_factory, prefect_api, episode, two_episodes):
 
     @flow(name="identity-stages-test")
     def identity(run: RunRef, segment: StageResult) -> dict[str, StageResult]:
-        return identity_stages(run, params, "select", segment)
+        results = run_pipeline(run, params, PIPELINES["episode"], "select", after="segment", results={"segment": segment})
+        return {name: result for name, result in results.items() if name != "segment"}
 
     segment = StageResult(stage="segment", fingerprint=store.marker("segment")["fingerprint"],
                           manifest_digest=store.manifest_digest("segment"))
@@ -94,7 +96,7 @@ def test_report_command_prints_tiers_and_kinds(finished_run):
 
 def test_report_needs_finished_stages(tmp_path):
     from tasks.report import write_report
-    from tasks.store import StageNotDoneError
+    from tasks.run.store import StageNotDoneError
 
     with pytest.raises(StageNotDoneError, match="--until tier"):
         write_report(RunStore(tmp_path, "empty"))
@@ -152,7 +154,7 @@ def test_a_run_without_layers_goes_through_every_stage(tmp_path):
     from tasks.report import write_report
     from tasks.segment import SCHEMA as SEGMENT_SCHEMA
     from tasks.select import SelectParams, run_select
-    from tasks.store import fingerprint
+    from tasks.run.store import fingerprint
     from tasks.tier import TierParams, run_tier
 
     store = RunStore(tmp_path, "empty")

@@ -21,7 +21,7 @@ from tasks.frames import FramesParams, run_frames
 from tasks.segment import (
     SegmentParams, layer_frame, merge_segment, plan_segment, run_segment, segment_frames, segment_shard,
 )
-from tasks.store import QUARANTINE, RunStore
+from tasks.run.store import QUARANTINE, RunStore
 from tests.conftest import ROOT, run_cli
 from tests.footage import default_shots, render_episode, sprite_dir
 from tests.segment_scores import box_iou, score
@@ -229,7 +229,7 @@ def test_killed_run_resumes_and_loses_at_most_one_shard(short_framed_run, tmp_pa
     store = copy_run(short_framed_run, tmp_path)
     script = textwrap.dedent(f"""
         from tasks.segment import SegmentParams, run_segment
-        from tasks.store import RunStore
+        from tasks.run.store import RunStore
         store = RunStore({str(tmp_path)!r}, "r")
         with store.lock():
             run_segment(store, SegmentParams(shard_size=2))

@@ -9,7 +9,8 @@ import textwrap
 import pyarrow as pa
 import pytest
 
-from tasks.store import RunLockedError, RunStore, StageNotDoneError, fingerprint, safe_name
+from tasks.pipelines import STAGES
+from tasks.run.store import RunLockedError, RunStore, StageNotDoneError, fingerprint, safe_name
 
 
 def test_fingerprint_changes_only_with_params_inputs_or_version():
@@ -67,16 +68,16 @@ def test_clean_removes_stage_and_downstream(tmp_path):
     store = RunStore(tmp_path, "r")
     for stage in ("frames", "segment", "embed"):
         store.begin_stage(stage, {})
-    assert store.clean("segment") == ["segment", "embed"]
+    assert store.clean("segment", STAGES) == ["segment", "embed"]
     assert store.stage_dir("frames").exists() and not store.stage_dir("segment").exists()
     with pytest.raises(KeyError, match="known stages"):
-        store.clean("nonsense")
+        store.clean("nonsense", STAGES)
 
 
 def test_second_process_is_refused_with_a_clear_message(tmp_path):
     store = RunStore(tmp_path, "busy")
     script = textwrap.dedent(f"""
-        from tasks.store import RunStore, RunLockedError
+        from tasks.run.store import RunStore, RunLockedError
         try:
             with RunStore({str(tmp_path)!r}, "busy").lock():
                 print("got the lock")

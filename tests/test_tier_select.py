@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from tasks.select import (CHARACTER_SCHEMA, SCHEMA, OverridesError, SelectParams, load_overrides, run_select,
                           select_characters)
-from tasks.store import RunStore, safe_name
+from tasks.run.store import RunStore, safe_name
 from tasks.tier import (SCHEMA as TIER_SCHEMA, TierParams, assign_tier, classify_kinds, duplicate_ratio,
                         quality_issues, size_tier, tier_clusters)
 
@@ -259,7 +259,7 @@ def test_select_params_check_the_overrides_file_up_front(tmp_path):
 
 
 def test_select_stage_rereads_an_edited_overrides_file(tmp_path):
-    from tasks.store import fingerprint
+    from tasks.run.store import fingerprint
 
     store = RunStore(tmp_path / "runs", "sel")
     clusters, embeds, layers = _cluster_tables({0: 30, 1: 25})

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT, run_cli
-from tests.lora_fixtures import make_character, tiny_job
+from tests.lora_fixtures import kill_after, make_character, tiny_job
 
 
 @pytest.fixture(scope="module")
@@ -168,29 +168,21 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted_run(package, tm
 
 def test_train_stage_killed_mid_training_resumes_on_the_next_run(tmp_path):
     """The stage keeps an interrupted training's checkpoints and version id, and continues it."""
-    import time
-
-    from tasks.stage import StageResult
-    from tasks.store import RunStore
+    from tasks.run.stage import StageResult
+    from tasks.run.store import RunStore
     from tasks.train import TrainParams, run_train
-    from tasks.versions import read_versions
+    from tasks.run.versions import read_versions
 
     store = RunStore(tmp_path, "lora")
     make_character(store.root / "package", "blob", "zqx", n_train=4, n_validation=0)
     settings = {"profile": "demo", "base": "tiny", "max_steps": 20, "save_every_steps": 4, "sample_prompts": []}
-    code = ("import json, sys; from tasks.stage import StageResult; from tasks.store import RunStore; "
+    code = ("import json, sys; from tasks.run.stage import StageResult; from tasks.run.store import RunStore; "
             "from tasks.train import TrainParams, run_train; "
             "run_train(RunStore(sys.argv[1], 'lora'), StageResult(stage='package', fingerprint='p'), "
             "TrainParams.model_validate(json.loads(sys.argv[2])))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), json.dumps(settings)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first_checkpoint = store.root / "train" / "work" / "blob" / "checkpoints" / "step-000004"
-    deadline = time.time() + 300
-    while not first_checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.kill()  # SIGKILL, somewhere after the first checkpoint
-    _, stderr = proc.communicate()
-    assert proc.returncode == -9, stderr[-2000:]
+    kill_after(proc, store.root / "train" / "work" / "blob" / "checkpoints" / "step-000004")  # SIGKILL
     assert not store.is_done("train")
     running = read_versions(tmp_path).to_pylist()
     assert [r["status"] for r in running] == ["running"]
@@ -253,7 +245,7 @@ def test_sdxl_trains_with_text_encoders_and_exports_te1_te2(package, tmp_path):
 def test_registry_records_a_failed_training_with_its_error(package, tmp_path):
     from models.sd_base import BaseModelMissing
     from tasks.train import train_job
-    from tasks.versions import read_versions
+    from tasks.run.versions import read_versions
 
     job = tiny_job(package, tmp_path / "out", max_steps=2)
     job.settings = job.settings.model_copy(update={"base": str(tmp_path / "no-such-model")})
@@ -374,7 +366,7 @@ for suffix in ("-000002", ""):
 def test_kohya_scripts_trainer_runs_train_network_with_the_package_tomls(tmp_path):
     """sd-scripts itself is not installed here: a stand-in train_network.py checks what we hand it."""
     from tasks.train import TrainParams, train_folder
-    from tasks.versions import read_versions
+    from tasks.run.versions import read_versions
 
     package = tmp_path / "package"
     make_character(package, "blob", "zqx", n_train=2, n_validation=0)

@@ -16,8 +16,8 @@ from flows.params import RunParams
 from tasks.augment import AugmentParams, run_augment
 from tasks.caption import CaptionParams, run_caption
 from tasks.package import PackageParams, run_package
-from tasks.stage import finished
-from tasks.stage import RunRef
+from tasks.run.stage import finished
+from tasks.run.stage import RunRef
 from tasks.validate import DatasetInvalidError, ValidateParams, format_summary, run_validate, validate_dataset
 from tests.conftest import ROOT, run_cli
 from tests.dataset_fixtures import make_run
@@ -182,7 +182,8 @@ def test_validate_stage_reports_the_run_package(packaged_run):
 def test_a_failing_report_stops_the_flow(prefect_api, packaged_run):
     from prefect import flow
 
-    from flows.dataset import dataset_stages
+    from tasks.pipelines import PIPELINES
+    from tasks.run.runner import run_pipeline
 
     store = packaged_run
     run = RunRef(runs_dir=str(store.root.parent), name=store.name)
@@ -190,7 +191,8 @@ def test_a_failing_report_stops_the_flow(prefect_api, packaged_run):
 
     @flow
     def dataset_flow(params: RunParams, until: str):
-        return dataset_stages(run, params, until, select)
+        results = run_pipeline(run, params, PIPELINES["episode"], until, after="select", results={"select": select})
+        return {name: result for name, result in results.items() if name != "select"}
 
     results = dataset_flow(RunParams(), "validate")
     assert list(results) == ["augment", "caption", "package", "validate"]

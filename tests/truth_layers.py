@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.segment import SCHEMA as SEGMENT_SCHEMA
-from tasks.store import RunStore, fingerprint, safe_name
+from tasks.run.store import RunStore, fingerprint, safe_name
 
 
 def _decoded_frames(video: Path) -> list[np.ndarray]:

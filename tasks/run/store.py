@@ -26,22 +26,13 @@ import unicodedata
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-STAGES: tuple[str, ...] = (
-    "frames", "segment", "embed", "cluster", "tier", "select",
-    "ingest",  # render folders and photo sets enter here instead (tasks/ingest_*.py)
-    "augment", "caption", "package", "validate", "train", "evaluate",
-)
 MARKER = "_DONE.json"
 
-
-def reaches(until: str, stage: str) -> bool:
-    """True when a run that stops after stage `until` includes `stage` (STAGES order)."""
-    return STAGES.index(until) >= STAGES.index(stage)
 
 MANIFEST = "manifest.parquet"
 QUARANTINE = "quarantine: "
@@ -85,24 +76,6 @@ def file_digest(path: Path, *, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
-    return h.hexdigest()
-
-
-def video_digest(path: Path, *, sample: int = 1 << 20) -> str:
-    """Cheap identity of a large input file: size, mtime and its first and last MiB.
-
-    An unreadable file gets a digest of its error, so it is fingerprinted (and quarantined) too.
-    """
-    try:
-        st = path.stat()
-    except OSError as exc:
-        return hashlib.sha256(f"unreadable:{path}:{exc.errno}".encode()).hexdigest()
-    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(sample))
-        if st.st_size > sample:
-            fh.seek(max(st.st_size - sample, sample))
-            h.update(fh.read(sample))
     return h.hexdigest()
 
 
@@ -180,8 +153,9 @@ class RunStore:
 
     # ---- stages -----------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
-        if stage not in STAGES:
-            raise KeyError(f"unknown stage '{stage}'; known stages: {', '.join(STAGES)}")
+        """A stage's folder (the store knows no stage list: the pipelines do, tasks/pipelines.py)."""
+        if not stage or safe_name(stage) != stage:
+            raise KeyError(f"'{stage}' is not a stage name (a single folder name)")
         return self.root / stage
 
     def manifest_path(self, stage: str) -> Path:
@@ -210,13 +184,6 @@ class RunStore:
             return True
         table = pq.read_table(manifest, columns=columns)
         return all(os.path.exists(self.root / rel) for col in columns for rel in table.column(col).to_pylist() if rel)
-
-    def done_token(self, stage: str) -> str:
-        """A short token for the stage's current on-disk state (part of Prefect cache keys)."""
-        marker = self.marker(stage)
-        if marker is None or not self.is_done(stage):
-            return "missing"
-        return marker["manifest_digest"][:16]
 
     def begin_stage(self, stage: str, params: dict[str, Any], shard_keys: list[str] | None = None) -> Path:
         """Mark a stage as in progress: drop its marker and manifest, record params and plan."""
@@ -254,11 +221,12 @@ class RunStore:
             raise StageNotDoneError(f"stage '{stage}' of run '{self.name}' is not done; run it first")
         return marker["manifest_digest"]
 
-    def clean(self, stage: str) -> list[str]:
-        """Remove a stage and every stage downstream of it. Returns the stages removed."""
-        first = STAGES.index(self.stage_dir(stage).name)
+    def clean(self, stage: str, stages: Sequence[str]) -> list[str]:
+        """Remove a stage and every stage after it in `stages` (run order). Returns the stages removed."""
+        if stage not in stages:
+            raise KeyError(f"unknown stage '{stage}'; known stages: {', '.join(stages)}")
         removed = []
-        for name in STAGES[first:]:
+        for name in stages[list(stages).index(stage):]:
             folder = self.root / name
             if folder.exists():
                 shutil.rmtree(folder)
@@ -306,6 +274,15 @@ class RunStore:
         """Run-relative folder of a shard, for paths stored in manifests."""
         return self.shard_dir(stage, key).relative_to(self.root).as_posix()
 
+    def shard_reports(self, stage: str) -> dict[str, dict[str, Any]]:
+        """The `report.json` of every committed shard of a stage, by shard folder (any fingerprint)."""
+        shards = self.stage_dir(stage) / "shards"
+        reports = {}
+        for path in sorted(shards.glob("*/report.json")) if shards.is_dir() else []:
+            if (path.parent / MARKER).is_file():
+                reports[path.parent.name] = _read_json(path) or {}
+        return reports
+
     def read_shard(self, stage: str, key: str) -> pa.Table:
         return pq.read_table(self.shard_dir(stage, key) / "rows.parquet")
 
@@ -340,10 +317,15 @@ class RunStore:
             "fingerprint": ((marker or {}).get("fingerprint") or "")[:12],
         }
 
-    def quarantine_report(self) -> list[str]:
-        """One line per quarantined item of every finished stage (`drop_reason` 'quarantine: ...')."""
+    def quarantine_report(self, stages: Sequence[str] | None = None) -> list[str]:
+        """One line per quarantined item of every finished stage (`drop_reason` 'quarantine: ...').
+
+        `stages` gives the order (default: the run's stage folders by name).
+        """
         lines = []
-        for stage in STAGES:
+        if stages is None:
+            stages = sorted(p.parent.name for p in self.root.glob(f"*/{MARKER}"))
+        for stage in stages:
             if not (self.root / stage).exists() or not self.is_done(stage):
                 continue
             table = pq.read_table(self.manifest_path(stage))

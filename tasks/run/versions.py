@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.store import write_table
+from tasks.run.store import write_table
 
 FILE = "versions.parquet"
 SCHEMA = pa.schema([

@@ -1,6 +1,6 @@
 """What both image sources (render folders, photo sets) share in their `ingest` stage.
 
-The two ingest modules (tasks/ingest_renders.py, tasks/ingest_photos.py) write the same stage,
+The two ingest modules (tasks/sources/ingest_renders.py, tasks/sources/ingest_photos.py) write the same stage,
 `ingest`, whose rows carry the columns the dataset stages read from `select` (item_id,
 source_id, character, trigger, kind, cluster_id, path) plus each image's `caption`: the caption
 stage keeps those (`CaptionParams.captions_from="ingest"`) instead of generating new ones.

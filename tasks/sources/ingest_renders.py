@@ -32,15 +32,15 @@ import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prefect import task
-
-from tasks.ingest import (IMAGE_SUFFIXES, STAGE, check_trigger, image_stats, listing_digest, place_image, read_caption,
+from tasks.sources.ingest import (IMAGE_SUFFIXES, STAGE, check_trigger, image_stats, listing_digest, place_image, read_caption,
                           require_identity, with_trigger)
-from tasks.progress import StageProgress
-from tasks.render_captions import SIZE_TOKEN, RenderTemplate, caption_from_name, read_template
-from tasks.render_training import GUIDE_PROMPTS_STAGE1, GUIDE_PROMPTS_STAGE2, ai_toolkit_config
-from tasks.stage import RunRef, StageResult, merge_cache_key, merge_shards, plan_sharded_stage, publish, run_shard, shard_cache_key
-from tasks.store import QUARANTINE, RunStore, fingerprint, safe_name, write_table
+from tasks.run.progress import StageProgress
+from tasks.sources.render_captions import SIZE_TOKEN, RenderTemplate, caption_from_name, read_template
+from tasks.sources.render_training import GUIDE_PROMPTS_STAGE1, GUIDE_PROMPTS_STAGE2, ai_toolkit_config
+from tasks.run.runner import SOURCES
+from tasks.run.spec import ShardedStage
+from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name, write_table
 
 VERSION = 1
 RENDER_NAME = re.compile(r"^(?P<name>[A-Z0-9]+(?:_(?:[A-Z0-9]+|\d+x\d+))*)_(?P<frame>\d{4})\.png$")
@@ -430,8 +430,8 @@ def merge_ingest_renders(store: RunStore, plan: IngestRendersPlan, params: Inges
         for stage in (1, 2):
             keys = [s.key for s, r in zip(plan.shards, reports) if r["stage"] == stage and r["kept"]]
             if keys:
-                config = ai_toolkit_config(params, stage, [store.shard_dir(STAGE, k) / "images" for k in keys],
-                                           store.root / "train" / "ai_toolkit")
+                config = ai_toolkit_config(params, stage, [Path(store.shard_prefix(STAGE, k)) / "images" for k in keys],
+                                           Path("train") / "ai_toolkit")  # relative to the run folder
                 name = f"{STAGE}/ai_toolkit/{safe_name(params.character_of(stage))}.yaml"
                 (store.root / name).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
                 outputs.append(name)
@@ -457,31 +457,16 @@ def run_ingest_renders(store: RunStore, input_dir: str, params: IngestRendersPar
     return merge_ingest_renders(store, plan, params)
 
 
-# ---- Prefect tasks --------------------------------------------------------------------------------
-
-@task(name="plan-ingest-renders")
-def plan_ingest_renders_task(run: RunRef, input_dir: str, params: IngestRendersParams) -> IngestRendersPlan:
-    """Find the phase folders of a render folder and fingerprint them."""
-    return plan_ingest_renders(run.store(), input_dir, params)
+def _phases(store: RunStore, result: StageResult) -> list[dict]:
+    phases = json.loads((store.stage_dir(STAGE) / "report.json").read_text())["phases"]
+    return [{k: p[k] for k in ("phase", "stage", "images", "kept", "dropped")}
+            | {"issues": ", ".join(f"{i} {n}" for i, n in p["issues"].items())} for p in phases]
 
 
-@task(name="ingest-renders", task_run_name="ingest-{shard.key}",
-      cache_key_fn=shard_cache_key(STAGE))
-def ingest_phase_task(run: RunRef, shard: PhaseShard, params: IngestRendersParams,
-                      template: Optional[RenderTemplate]) -> StageResult:
-    """Check and ingest one phase folder (one shard)."""
-    result = ingest_phase_shard(run.store(), shard, params, template)
-    publish(result, f"ingest {shard.phase}")
-    return result
-
-
-@task(name="merge-ingest-renders",
-      cache_key_fn=merge_cache_key(STAGE))
-def merge_ingest_renders_task(run: RunRef, plan: IngestRendersPlan, params: IngestRendersParams) -> StageResult:
-    """Merge the phases into the run's ingest manifest and write the per-phase report."""
-    result = merge_ingest_renders(run.store(), plan, params)
-    phases = json.loads((run.store().stage_dir(STAGE) / "report.json").read_text())["phases"]
-    publish(result, "ingest (renders)", rows=[{k: p[k] for k in ("phase", "stage", "images", "kept", "dropped")}
-                                              | {"issues": ", ".join(f"{i} {n}" for i, n in p["issues"].items())}
-                                              for p in phases])
-    return result
+INGEST_RENDERS = ShardedStage(
+    name=STAGE, version=VERSION, params=IngestRendersParams, inputs=(SOURCES,), title="ingest (renders)",
+    plan=lambda store, params, inputs: plan_ingest_renders(store, inputs[SOURCES].summary["paths"][0], params.ingest),
+    shard=lambda store, shard, params, plan: ingest_phase_shard(store, shard, params.ingest, plan.template),
+    merge=lambda store, plan, params: merge_ingest_renders(store, plan, params.ingest), rows=_phases,
+)
+"""A render folder as a source: one shard per phase folder, checked against the guide's list."""

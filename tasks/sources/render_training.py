@@ -10,10 +10,8 @@ stage 1's finished LoRA).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from tasks.ingest_renders import IngestRendersParams
 
 GUIDE_PROMPTS_STAGE1 = [
     "{trigger} health smartwatch rotating 360 degrees, black device with glossy screen, 33mm square design, white background",
@@ -29,45 +27,21 @@ GUIDE_PROMPTS_STAGE2 = [
     "{trigger} smartwatch display screen closeup, glossy surface, reflections",
 ]
 """The guide's test prompts of stage 2 (detail enhancement)."""
-NEGATIVE = "blurry, low quality, distorted, deformed, watermark, text, logo"
-
-
-def ai_toolkit_config(params: "IngestRendersParams", stage: int, folders: list[Path], training_folder: Path) -> dict:
+def ai_toolkit_config(params: Any, stage: int, folders: list[Path], training_folder: Path) -> dict:
     """The guide's AI-Toolkit FLUX LoRA job for one training stage (stage 2 starts from stage 1's LoRA)."""
-    name = params.character_of(stage)
+    from models.ai_toolkit_format import ai_toolkit_job
+
+    name, first = params.character_of(stage), params.character_of(1)
     prompts = [p.replace("{trigger}", params.trigger) for p in (params.stage1_prompts if stage == 1 else params.stage2_prompts)]
-    network: dict[str, Any] = {"type": "lora", "linear": params.rank, "linear_alpha": params.rank}
-    if stage == 2:
-        first = params.character_of(1)
-        network["pretrained_lora_path"] = str(training_folder / first / f"{first}.safetensors")
-    size = list(params.resolution)
-    return {
-        "job": "extension",
-        "config": {
-            "name": name,
-            "process": [{
-                "type": "sd_trainer", "training_folder": str(training_folder), "device": "cuda:0",
-                "trigger_word": params.trigger, "network": network,
-                "save": {"dtype": "float16", "save_every": 100, "max_step_saves_to_keep": 3},
-                "datasets": [{"folder_path": str(f), "caption_ext": "txt", "caption_dropout_rate": 0.05,
-                              "shuffle_tokens": False, "cache_latents_to_disk": True, "resolution": size}
-                             for f in folders],
-                "train": {"batch_size": 1, "steps": params.stage1_steps if stage == 1 else params.stage2_steps,
-                          "gradient_accumulation_steps": 1, "train_unet": True, "train_text_encoder": False,
-                          "gradient_checkpointing": True, "noise_scheduler": "flowmatch", "optimizer": "adamw8bit",
-                          "lr": params.stage1_lr if stage == 1 else params.stage2_lr, "lr_scheduler": "constant",
-                          "ema_config": {"use_ema": True, "ema_decay": 0.99}, "dtype": "bf16"},
-                "model": {"name_or_path": params.base_model, "is_flux": True, "quantize": True},
-                "sample": {"sampler": "flowmatch", "sample_every": 100, "width": size[0], "height": size[1],
-                           "prompts": prompts, "neg": NEGATIVE, "seed": 42, "walk_seed": True,
-                           "guidance_scale": 4.0, "sample_steps": 20},
-            }],
-        },
-        "meta": {"name": name, "version": "1.0", "stage": stage},
-    }
+    return ai_toolkit_job(
+        name, params.trigger, folders, training_folder, rank=params.rank,
+        steps=params.stage1_steps if stage == 1 else params.stage2_steps,
+        lr=params.stage1_lr if stage == 1 else params.stage2_lr, base_model=params.base_model,
+        resolution=list(params.resolution), prompts=prompts, save_every=100, sample_every=100,
+        init_lora=str(training_folder / first / f"{first}.safetensors") if stage == 2 else None, meta={"stage": stage})
 
 
-def staged_train_params(train: Any, params: "IngestRendersParams") -> Any:
+def staged_train_params(train: Any, params: Any) -> Any:
     """The train stage's parameters for the guide's two stages: steps, LR and sample prompts of each
     LoRA, and stage 2 starting from stage 1's finished LoRA (`TrainParams.per_character`, `init_from`).
     Settings the user gave per character are kept."""

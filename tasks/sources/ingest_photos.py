@@ -26,14 +26,14 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prefect import task
-
 from tasks.frames import hamming_to_all, perceptual_hash
-from tasks.ingest import (STAGE, check_trigger, has_trigger, image_stats, listing_digest, place_image, read_caption,
+from tasks.sources.ingest import (STAGE, check_trigger, has_trigger, image_stats, listing_digest, place_image, read_caption,
                           require_identity, with_trigger)
-from tasks.progress import StageProgress
-from tasks.stage import RunRef, StageResult, cache_key, publish, run_global_stage, stage_fingerprint
-from tasks.store import QUARANTINE, RunStore
+from tasks.run.progress import StageProgress
+from tasks.run.runner import SOURCES
+from tasks.run.spec import GlobalStage
+from tasks.run.stage import StageResult, run_global_stage, stage_fingerprint
+from tasks.run.store import QUARANTINE, RunStore
 
 VERSION = 1
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -378,17 +378,14 @@ def run_ingest_photos(store: RunStore, folder: str, params: IngestPhotosParams) 
     return run_global_stage(store, STAGE, VERSION, params, {"input": input_result(folder)}, build)
 
 
-def _probe(run: RunRef, folder: str, params: IngestPhotosParams) -> tuple[str, bool]:
-    fp = stage_fingerprint(STAGE, VERSION, params, {"input": input_result(folder)})
-    return fp, run.store().is_done(STAGE, fp)
+def _folder(inputs: dict[str, StageResult]) -> str:
+    return inputs[SOURCES].summary["paths"][0]
 
 
-# ---- Prefect task ---------------------------------------------------------------------------------
-
-@task(name="ingest-photos",
-      cache_key_fn=cache_key(_probe))
-def ingest_photos_task(run: RunRef, folder: str, params: IngestPhotosParams) -> StageResult:
-    """Analyze a photo set and ingest its usable photos."""
-    result = run_ingest_photos(run.store(), folder, params)
-    publish(result, "ingest (photos)", rows=[{"warning": w} for w in result.summary.get("warnings", [])] or None)
-    return result
+INGEST_PHOTOS = GlobalStage(
+    name=STAGE, version=VERSION, params=IngestPhotosParams, inputs=(SOURCES,), title="ingest (photos)",
+    build=lambda store, params, inputs: run_ingest_photos(store, _folder(inputs), params.ingest),
+    probe=lambda params, inputs: stage_fingerprint(STAGE, VERSION, params.ingest, {"input": input_result(_folder(inputs))}),
+    rows=lambda store, result: [{"warning": w} for w in result.summary.get("warnings", [])] or None,
+)
+"""A photo set as a source: analyzed and ingested in one step."""

@@ -1,9 +1,9 @@
-"""Glue shared by every stage's Prefect task: the run reference, results, cache keys, artifacts."""
+"""What stages share: the run reference, results, fingerprints, the global/sharded commit protocol,
+artifacts. Their Prefect tasks and cache keys are made from their specs (tasks/run/spec.py)."""
 
 from __future__ import annotations
 
 import re
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -12,7 +12,7 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     import pyarrow as pa
 
-from tasks.store import STAGES, RunStore, fingerprint
+from tasks.run.store import RunStore, fingerprint
 
 
 class RunRef(BaseModel):
@@ -36,20 +36,6 @@ class StageResult(BaseModel):
     recomputed: bool = True
 
 
-def cache_key(probe: Callable[..., tuple[str, bool]]) -> Callable[[Any, dict[str, Any]], str]:
-    """Prefect cache key from a stage's fingerprint, but only while its output is intact on disk.
-
-    `probe(**task_parameters)` returns (fingerprint, done). When the output is missing the key
-    is unique, so Prefect cannot return a cached result for files that were deleted.
-    """
-
-    def key_fn(context: Any, parameters: dict[str, Any]) -> str:
-        fp, done = probe(**parameters)
-        return f"{fp}-done" if done else f"{fp}-{uuid.uuid4().hex}"
-
-    return key_fn
-
-
 def bind_to_run(task: Any, run: RunRef) -> Any:
     """The task with results persisted inside the run folder (not ~/.prefect)."""
     storage = Path(run.runs_dir).resolve() / run.store().name / ".prefect-results"
@@ -70,7 +56,7 @@ def publish(result: StageResult, title: str, rows: list[dict[str, Any]] | None =
     lines += [f"| {k} | {v} |" for k, v in result.summary.items()]
     lines += ["", f"fingerprint `{result.fingerprint[:12]}`, recomputed: {result.recomputed}"]
     run = (TaskRunContext.get().parameters or {}).get("run")
-    if isinstance(run, RunRef) and result.stage in STAGES:  # where the stage's manifest and report are
+    if isinstance(run, RunRef) and run.store().manifest_path(result.stage).is_file():  # where its manifest and report are
         lines += ["", f"report: `{run.store().stage_dir(result.stage)}`"]
     counts = [{"measure": k, "value": v} for k, v in result.summary.items() if isinstance(v, (int, float, str, bool))]
     _log_stage_line(title, result, counts, lines[-1] if lines[-1].startswith("report:") else "")
@@ -148,7 +134,7 @@ def run_shard(store: RunStore, stage: str, key: str, fp: str,
     """
     import json
 
-    from tasks.store import write_table
+    from tasks.run.store import write_table
 
     if store.shard_done(stage, key, fp):
         report_path = store.shard_dir(stage, key) / "report.json"
@@ -172,7 +158,7 @@ def merge_shards(
     """
     import json
 
-    from tasks.store import StageNotDoneError
+    from tasks.run.store import StageNotDoneError
 
     if store.is_done(stage, fp):
         marker = store.marker(stage)
@@ -196,31 +182,13 @@ def finished(store: RunStore, stage: str) -> StageResult:
 
     Raises StageNotDoneError naming the stage when it is not done.
     """
-    from tasks.store import StageNotDoneError
+    from tasks.run.store import StageNotDoneError
 
     marker = store.marker(stage)
     if marker is None or not store.is_done(stage):
         raise StageNotDoneError(f"stage '{stage}' of run '{store.name}' is not done; run it first")
     return StageResult(stage=stage, fingerprint=marker["fingerprint"], manifest_digest=marker["manifest_digest"],
                        summary=marker.get("summary", {}), recomputed=False)
-
-
-def shard_cache_key(stage: str, *, shard: str = "shard", key: str = "key") -> Callable[[Any, dict[str, Any]], str]:
-    """Prefect cache key of a shard task: the shard's fingerprint, while its committed files are intact.
-
-    The task's parameter named `shard` must have `.fingerprint` and an attribute `key` naming the shard.
-    """
-
-    def probe(run: RunRef, **parameters: Any) -> tuple[str, bool]:
-        item = parameters[shard]
-        return item.fingerprint, run.store().shard_done(stage, getattr(item, key), item.fingerprint)
-
-    return cache_key(probe)
-
-
-def merge_cache_key(stage: str) -> Callable[[Any, dict[str, Any]], str]:
-    """Prefect cache key of a merge task: the stage fingerprint of its `plan`, while the output is intact."""
-    return cache_key(lambda run, plan, **_: (plan.fingerprint, run.store().is_done(stage, plan.fingerprint)))
 
 
 def settle(futures: list[Any]) -> list[Any]:

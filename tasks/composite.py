@@ -11,11 +11,15 @@ character (what a captioner may measure); packaging keeps only RGB.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from PIL import Image, ImageColor
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from tasks.run.store import RunStore
 
 ALPHA_ON = 8
 """Alpha (0-255) above which a layer pixel belongs to the character."""
@@ -142,3 +146,14 @@ def blank_reason(gray: np.ndarray, black_level: float = 10.0, uniform_std: float
     if std < uniform_std:
         return "uniform_image", f"luma std {std:.2f}"
     return None
+
+
+def background_layers(store: "RunStore") -> list[str]:
+    """Run-relative background layers from the segment stage (none when it is not done)."""
+    if not store.is_done("segment"):
+        return []
+    table = store.read_manifest("segment")
+    if "background_path" not in table.column_names:
+        return []
+    paths = sorted({p for p in table.column("background_path").to_pylist() if p})
+    return [p for p in paths if (store.root / p).is_file()]

@@ -1,0 +1,155 @@
+"""`episode2lora run | resume | status | clean | report | validate`: episode runs from the terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from episode2lora.common import CONFIG, RUNS_DIR, check_until, console, existing_store, fail, parse_sets, print_status, \
+    run_and_report
+
+
+def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str) -> None:
+    """Run the episode flow in this process, then report: status, outputs, steps, LoRAs, stand-ins."""
+    from flows.episode_to_lora import episode_to_lora
+    from tasks.run.store import RunStore
+
+    store = RunStore(runs_dir, name)
+    results = run_and_report(store, runs_dir, lambda: episode_to_lora(inputs=inputs, name=name, runs_dir=str(runs_dir),
+                                                                      params=params, until=until))
+    if "package" in results:  # the guide's total steps per character (images x repeats x epochs / batch)
+        console.print("\ntraining steps:")
+        for line in results["package"].summary.get("steps", []):
+            console.print(f"  {line}", markup=False, highlight=False)
+    if "train" in results:  # the LoRA files, and a plain word when the base model is a stand-in
+        from episode2lora.training_commands import print_loras
+
+        print_loras(store, params)
+    _print_stand_ins(params)
+    if (store.root / "report" / "cluster_report.html").exists():
+        console.print(f"\ncluster report: {store.root / 'report' / 'cluster_report.html'}")
+
+
+def _print_stand_ins(params: Any) -> None:
+    """Say plainly which models of this run are offline stand-ins, and how to use real ones."""
+    notes = []
+    if params.segment.model == "u2netp":
+        notes.append("segmentation: u2netp, a small general model that also cuts out background objects; "
+                     "for anime use --set segment.model=isnet-anime")
+    if params.caption.captioner == "template":
+        notes.append("captions: the offline template captioner; for BLIP2 use "
+                     "--set caption.captioner=blip2:Salesforce/blip2-opt-2.7b")
+    if params.embed.embedder == "colour-shape":
+        notes.append("identity embeddings: colour-shape features (no weights); a learned embedder is e.g. "
+                     "--set embed.embedder=clip:openai/clip-vit-base-patch32")
+    if notes:
+        console.print("\n[bold]stand-ins in this run[/] (they work offline; real models download on first use):")
+        for note in notes:
+            console.print(f"  - {note}", highlight=False)
+
+
+def run(
+    inputs: list[str] = typer.Argument(..., help="video files, folders of videos, or globs"),
+    name: str = typer.Option(..., "--name", "-n", help="run name (a folder under --runs-dir)"),
+    config: Optional[Path] = CONFIG,
+    until: Optional[str] = typer.Option(None, "--until", help="last stage to run (default: the whole pipeline)"),
+    sets: list[str] = typer.Option([], "--set", help="override one parameter, e.g. --set frames.mode=interval"),
+    runs_dir: Path = RUNS_DIR,
+) -> None:
+    """Run the pipeline on episodes (a new run, or more episodes for an existing one)."""
+    from flows.params import LAST_STAGE, ParamsError, load_params
+
+    until = until or LAST_STAGE
+    try:
+        params = load_params(config, parse_sets(sets))
+    except ParamsError as exc:
+        fail(str(exc))
+    check_until(until, "episode")
+    _execute(inputs, name, runs_dir, params, until)
+
+
+def resume(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RUNS_DIR) -> None:
+    """Continue a failed or interrupted run with the parameters it was started with."""
+    from flows.params import RunParams
+    from tasks.run.store import RunStore
+
+    try:
+        record = RunStore(runs_dir, name).read_run_record()
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    if record.get("flow") in ("renders-to-lora", "photos-to-lora"):  # image-source runs (sources_cli.py)
+        from episode2lora.sources_cli import resume_source
+
+        return resume_source(record, name, runs_dir)
+    _execute(record["inputs"], name, runs_dir, RunParams.model_validate(record["params"]), record["until"])
+
+
+def status(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RUNS_DIR) -> None:
+    """Show each stage of a run: done, partial (n of m shards) or missing, with counts."""
+    print_status(existing_store(name, runs_dir))
+
+
+def clean(
+    name: str = typer.Argument(..., help="run name"),
+    stage: str = typer.Option(..., "--stage", "-s", help="first stage to remove"),
+    runs_dir: Path = RUNS_DIR,
+) -> None:
+    """Remove a stage and every stage after it, so they run again."""
+    from tasks.pipelines import STAGES
+    from tasks.run.store import RunLockedError
+
+    check_until(stage)
+    store = existing_store(name, runs_dir)
+    try:
+        with store.lock():
+            removed = store.clean(stage, STAGES)
+    except RunLockedError as exc:
+        fail(str(exc))
+    console.print(f"removed: {', '.join(removed) or 'nothing (no such stage output)'}")
+
+
+def report(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RUNS_DIR) -> None:
+    """Write the cluster report (<run>/report/cluster_report.html + .json) and print clusters per tier and kind."""
+    from tasks.report import summary_table, write_report
+    from tasks.run.store import StageNotDoneError
+
+    store = existing_store(name, runs_dir)
+    try:
+        html_path, json_path, data = write_report(store)
+    except StageNotDoneError as exc:
+        fail(str(exc))
+    console.print(summary_table(data))
+    for warning in data["warnings"]:
+        console.print(f"  [yellow]warning[/] {warning}")
+    console.print(f"report: {html_path}\n        {json_path}")
+
+
+def validate(
+    directory: Path = typer.Argument(..., help="a kohya training tree (or a run folder: its package/ is checked)"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the JSON report here"),
+    min_resolution: Optional[int] = typer.Option(None, "--min-resolution", help="shortest image side, pixels (default 512)"),
+) -> None:
+    """Check a training dataset before training; exits non-zero when it has errors."""
+    import json
+
+    from pydantic import ValidationError
+
+    from tasks.validate import ValidateParams, format_summary, tree_root, validate_dataset
+
+    root = tree_root(directory)
+    if not root.is_dir():
+        fail(f"no such folder: {directory}")
+    try:
+        params = ValidateParams(**({} if min_resolution is None else {"min_resolution": min_resolution}))
+    except ValidationError as exc:
+        fail(f"--min-resolution must be >= 1, got {min_resolution} ({exc.error_count()} error)")
+    result = validate_dataset(root, params)
+    console.print(format_summary(result), markup=False, highlight=False)
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+        console.print(f"report: {report}")
+    if not result["passed"]:
+        raise typer.Exit(1)

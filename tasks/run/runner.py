@@ -1,0 +1,80 @@
+"""The pipeline runner: one function that runs a slice of a pipeline table inside a flow.
+
+A pipeline is a list of `Step`s (tasks/run/spec.py) and `Hook`s in run order. `run_pipeline`
+runs the stages after `after` up to and including `until` (kedro's `--from-nodes`/`--to-nodes`),
+handing each stage the results bound to its input roles; a hook (the cluster report, the dataset
+check) runs once, right after the last of its `after` stages that ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, Optional, Sequence
+
+from tasks.run.spec import Step
+from tasks.run.links import publish_outputs
+from tasks.run.stage import RunRef, StageResult
+
+SOURCES = "sources"
+"""The role (and pseudo-stage) of the run's input paths: episodes, a render folder, a photo set."""
+
+
+@dataclass(frozen=True)
+class Hook:
+    """Work that is not a stage (writes no manifest): runs after the last of its `after` stages."""
+
+    name: str
+    after: tuple[str, ...]
+    call: Callable[[RunRef, dict[str, StageResult]], Any]
+
+    @cached_property
+    def task(self) -> Any:
+        from prefect import task
+
+        return task(self.call, name=self.name)
+
+
+def sources_result(paths: Sequence[str]) -> StageResult:
+    """The run's input paths as the result of the pseudo-stage `sources` (stages read `.summary['paths']`)."""
+    digest = hashlib.sha256(json.dumps(list(paths)).encode()).hexdigest()
+    return StageResult(stage=SOURCES, fingerprint=digest, manifest_digest=digest, summary={"paths": list(paths)},
+                       recomputed=False)
+
+
+def stage_names(steps: Sequence[Any]) -> list[str]:
+    """The stages of a pipeline table, in run order (hooks left out)."""
+    return [s.name for s in steps if isinstance(s, Step)]
+
+
+def stages_between(steps: Sequence[Any], until: str, after: Optional[str] = None) -> list[str]:
+    """The stages after `after` up to and including `until`. Raises ValueError naming an unknown stage."""
+    names = stage_names(steps)
+    for name in (until, after):
+        if name is not None and name not in names:
+            raise ValueError(f"unknown stage '{name}'; this pipeline's stages are: {', '.join(names)}")
+    start = names.index(after) + 1 if after else 0
+    return names[start:names.index(until) + 1]
+
+
+def run_pipeline(run: RunRef, params: Any, steps: Sequence[Any], until: str, *, sources: Sequence[str] = (),
+                 after: Optional[str] = None, results: Optional[dict[str, StageResult]] = None
+                 ) -> dict[str, StageResult]:
+    """Run the slice (after, until] of `steps` in the current flow; returns every stage's result by name.
+
+    `results` carries the results of stages run before (by an earlier call), `sources` the run's inputs.
+    """
+    chosen = stages_between(steps, until, after)
+    results = dict(results or {})
+    for item in steps:
+        if isinstance(item, Step) and item.name in chosen:
+            inputs = item.inputs({SOURCES: sources_result(sources), **results})
+            results[item.name] = item.spec.submit(run, params, inputs)
+            for hook in steps:
+                if isinstance(hook, Hook) and item.name in hook.after and \
+                        not any(later in hook.after for later in chosen[chosen.index(item.name) + 1:]):
+                    hook.task(run, results)
+    publish_outputs(run.store())  # links on the run page: cluster report, evaluation report, LoRA files
+    return results

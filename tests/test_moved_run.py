@@ -1,0 +1,64 @@
+"""A run folder moved (renamed) after packaging still trains from its packaged configs and resumes an
+interrupted training: manifests and written configs hold paths relative to the run folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from tasks.augment import AugmentParams, run_augment
+from tasks.caption import CaptionParams, run_caption
+from tasks.package import PackageParams, run_package
+from tasks.run.stage import finished
+from tasks.run.store import RunStore
+from tasks.train import TrainParams, run_train
+from tests.conftest import ROOT
+from tests.dataset_fixtures import make_run
+from tests.lora_fixtures import kill_after
+
+# profile `package`: the kohya TOMLs the package stage wrote, with a tiny base and a short schedule on top
+SETTINGS = {"profile": "package", "base": "tiny", "resolution": 64, "max_steps": 12, "save_every_steps": 4,
+            "sample_prompts": [], "batch_size": 1, "optimizer": "adamw", "mixed_precision": "no"}
+
+
+def _config_paths(run: Path) -> list[str]:
+    """Every path written into the package's kohya TOMLs and AI-Toolkit YAMLs."""
+    paths = []
+    for toml in (run / "package" / "configs").glob("*_dataset.toml"):
+        paths += [s["image_dir"] for d in tomllib.loads(toml.read_text())["datasets"] for s in d["subsets"]]
+    for toml in (run / "package" / "configs").glob("*_config.toml"):
+        flat = {k: v for table in tomllib.loads(toml.read_text()).values() for k, v in table.items()}
+        paths += [flat["dataset_config"], flat["sample_prompts"]]
+    for job in (run / "package" / "configs").glob("*_ai_toolkit.yaml"):
+        paths += [d["folder_path"] for d in yaml.safe_load(job.read_text())["config"]["process"][0]["datasets"]]
+    return paths
+
+
+def test_a_moved_run_folder_trains_from_its_packaged_configs_and_resumes(tmp_path):
+    store = make_run(tmp_path / "old", {"hero": ("human", 3)}, name="before")
+    run_augment(store, AugmentParams(intensity="light"))
+    run_caption(store, CaptionParams())
+    run_package(store, PackageParams())
+    assert _config_paths(store.root) and not any(Path(p).is_absolute() for p in _config_paths(store.root))
+
+    code = ("import json, sys; from tasks.run.stage import finished; from tasks.run.store import RunStore; "
+            "from tasks.train import TrainParams, run_train; store = RunStore(sys.argv[1], 'before'); "
+            "run_train(store, finished(store, 'package'), TrainParams.model_validate(json.loads(sys.argv[2])))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "old"), json.dumps(SETTINGS)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kill_after(proc, store.root / "train" / "work" / "hero" / "checkpoints" / "step-000004")  # SIGKILL
+
+    (tmp_path / "new").mkdir()
+    store.root.rename(tmp_path / "new" / "after")  # another runs folder and another name
+    moved = RunStore(tmp_path / "new", "after")
+    assert all((moved.root / p).exists() for p in _config_paths(moved.root))
+    package = finished(moved, "package")  # the package is still done where it now lies
+    result = run_train(moved, package, TrainParams.model_validate(SETTINGS))
+    [row] = moved.read_manifest("train").to_pylist()
+    assert result.recomputed and row["steps"] == 12 and row["resumed_from"] >= 4
+    assert (moved.root / row["lora_path"]).is_file()

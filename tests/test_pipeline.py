@@ -1,0 +1,102 @@
+"""The pipeline layer: a stage declared once (spec) runs the same as a plain call and through Prefect,
+a table is sliced by `until`, inputs are handed by role, hooks run after the last of their stages."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from pydantic import BaseModel
+
+from tasks.run.runner import Hook, run_pipeline, sources_result, stages_between
+from tasks.run.spec import GlobalStage, ShardedStage, step
+from tasks.run.stage import RunRef, merge_shards, plan_sharded_stage, run_global_stage, run_shard
+from tasks.run.store import RunStore, fingerprint
+
+
+class CountParams(BaseModel):
+    factor: int = 2
+
+
+class Params(BaseModel):
+    numbers: CountParams = CountParams()
+    total: CountParams = CountParams()
+
+
+class Shard(BaseModel):
+    key: str
+    value: int
+    fingerprint: str
+
+
+class Plan(BaseModel):
+    shards: list[Shard]
+    fingerprint: str
+
+
+def _plan(store: RunStore, params: Params, inputs: dict) -> Plan:
+    settings = params.numbers.model_dump()
+    shards = [Shard(key=f"n{v}", value=int(v), fingerprint=fingerprint("numbers", 1, settings, {"v": v}))
+              for v in inputs["sources"].summary["paths"]]
+    return Plan(shards=shards, fingerprint=plan_sharded_stage(store, "numbers", 1, settings,
+                                                              {s.key: s.fingerprint for s in shards}))
+
+
+def _shard(store: RunStore, shard: Shard, params: Params, plan: Plan):
+    rows = pa.table({"item_id": [shard.key], "value": [shard.value * params.numbers.factor]})
+    return run_shard(store, "numbers", shard.key, shard.fingerprint, lambda out, prefix: (rows, {"n": 1}))
+
+
+def _merge(store: RunStore, plan: Plan, params: Params):
+    return merge_shards(store, "numbers", plan.fingerprint, {s.key: s.fingerprint for s in plan.shards},
+                        lambda tables, reports: (pa.concat_tables(tables), {"kept": sum(t.num_rows for t in tables)}, []))
+
+
+def _total(store: RunStore, params: Params, inputs: dict):
+    def build(folder):
+        values = store.read_manifest(inputs["values"].stage).column("value").to_pylist()  # the stage handed to it
+        return pa.table({"item_id": ["sum"], "value": [sum(values) * params.total.factor]}), {"kept": 1}, []
+
+    return run_global_stage(store, "total", 1, params.total, inputs, build)
+
+
+NUMBERS = ShardedStage(name="numbers", version=1, params=CountParams, inputs=("sources",),
+                       plan=_plan, shard=_shard, merge=_merge)
+TOTAL = GlobalStage(name="total", version=1, params=CountParams, inputs=("values",), build=_total)
+HOOKED: list[str] = []
+STEPS = [step(NUMBERS), step(TOTAL, values="numbers"), Hook("note", ("numbers", "total"), lambda run, r: HOOKED.append(
+    ",".join(r)))]
+
+
+def test_a_spec_runs_as_a_plain_call(tmp_path):
+    store = RunStore(tmp_path, "plain")
+    numbers = NUMBERS.run(store, Params(), {"sources": sources_result(["1", "2", "3"])})
+    assert sorted(store.read_manifest("numbers").column("value").to_pylist()) == [2, 4, 6]
+    total = TOTAL.run(store, Params(), {"values": numbers})
+    assert store.read_manifest("total").column("value").to_pylist() == [24]
+    assert not NUMBERS.run(store, Params(), {"sources": sources_result(["1", "2", "3"])}).recomputed
+    assert not TOTAL.run(store, Params(), {"values": numbers}).recomputed and total.recomputed
+
+
+def test_the_runner_slices_the_table_and_runs_hooks_after_their_last_stage(tmp_path, prefect_api):
+    from prefect import flow
+
+    run = RunRef(runs_dir=str(tmp_path), name="flow")
+
+    @flow
+    def numbers_flow(until: str) -> dict:
+        return run_pipeline(run, Params(), STEPS, until, sources=["1", "2", "3"])
+
+    HOOKED.clear()
+    assert list(numbers_flow("numbers")) == ["numbers"] and HOOKED == ["numbers"]  # the hook after `numbers`
+    results = numbers_flow("total")
+    assert list(results) == ["numbers", "total"] and not results["numbers"].recomputed
+    assert HOOKED == ["numbers", "numbers,total"]  # once, after `total` (the last of its stages that ran)
+    assert run.store().read_manifest("total").column("value").to_pylist() == [24]
+    assert stages_between(STEPS, "total", after="numbers") == ["total"]
+
+
+def test_a_step_names_its_input_roles_and_until_names_the_stages():
+    with pytest.raises(KeyError, match="total has no input role frames; its roles: values"):
+        step(TOTAL, frames="numbers")
+    with pytest.raises(ValueError, match="unknown stage 'nonsense'; this pipeline's stages are: numbers, total"):
+        stages_between(STEPS, "nonsense")
