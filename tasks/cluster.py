@@ -93,7 +93,7 @@ class ClusterParams(BaseModel):
                                    description="a new cluster takes an earlier run's id when their centroids' "
                                                "cosine similarity is at least this")
     seed: int = Field(0, ge=0, description="random seed (UMAP); the result is deterministic for a seed")
-    fit_layers: int = Field(40000, ge=0, description="fit UMAP + HDBSCAN on at most this many layers (an even "
+    fit_layers: int = Field(20000, ge=0, description="fit UMAP + HDBSCAN on at most this many layers (an even "
                                                      "random sample); the rest join the found clusters by nearest "
                                                      "centroid (0: fit on all layers)")
     place_slack: float = Field(1.5, gt=0, description="a placed layer joins its nearest cluster when its cosine "
