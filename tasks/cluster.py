@@ -465,8 +465,18 @@ def _previous_fit(previous: pa.Table | None, placement: pa.Table | None, params:
     return fit, ""
 
 
+@dataclass
+class _Placed:
+    """An incremental result: the layers' clusters, the updated fit record, centroids and radii."""
+
+    clustering: Clustering
+    fit: dict
+    centroids: dict[int, np.ndarray]
+    radii: dict[int, float]
+
+
 def _place_new(x: np.ndarray, items: list[str], previous: pa.Table, placement: pa.Table, fit: dict,
-               params: ClusterParams) -> tuple[Clustering, dict] | tuple[None, str]:
+               params: ClusterParams) -> tuple[_Placed | None, str]:
     """Keep earlier layers' clusters, place the new layers; (None, reason) when a full clustering is due."""
     known = {i: k for k, i in enumerate(placement.column("item_id").to_pylist())}
     old = np.array([i in known for i in items], bool)
@@ -496,7 +506,15 @@ def _place_new(x: np.ndarray, items: list[str], previous: pa.Table, placement: p
     map_xy[old] = np.stack([placement.column("umap_x").to_numpy()[rows], placement.column("umap_y").to_numpy()[rows]], 1)
     labels[new], probs[new] = placed, probabilities
     map_xy[new] = map_positions(placed, labels[old], map_xy[old], params.seed)
-    return Clustering(labels, probs, map_xy), {**fit, "placed_since_fit": since, "unplaced": round(unplaced, 4)}
+    present = set(np.unique(labels).tolist()) - {NOISE}
+    centroids = {k: v for k, v in centroids.items() if k in present}  # a cluster whose layers all left retires
+    radii = {k: v for k, v in radii.items() if k in present}
+    for k in set(placed.tolist()) - {NOISE}:  # only the clusters that grew move: time follows the new layers
+        members = x[labels == k]
+        centroids[k] = _l2(members.sum(0, keepdims=True))[0]
+        radii[k] = float(np.quantile(1.0 - members @ centroids[k], 0.95))
+    fit = {**fit, "placed_since_fit": since, "unplaced": round(unplaced, 4)}
+    return _Placed(Clustering(labels, probs, map_xy), fit, centroids, radii), ""
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -532,18 +550,11 @@ def cluster_layers(embeds: pa.Table, layers: pa.Table, params: ClusterParams,
     fit, why_full = _previous_fit(previous, placement, params, embedder, dim)
     incremental = None
     if fit is not None:
-        incremental, detail = _place_new(x, items, previous, placement, fit, params)
-        if incremental is None:
-            why_full = detail
-        else:
-            fit = detail
+        incremental, why_full = _place_new(x, items, previous, placement, fit, params)
     if incremental is not None:
-        result = incremental
+        result, fit, stable_centroids, radii = incremental.clustering, incremental.fit, incremental.centroids, incremental.radii
         stable = result.labels
-        centroids = centroids_of(x, stable)
-        earlier = set(previous.column("cluster_id").to_pylist())
-        matched = sum(1 for k in centroids if k in earlier)
-        stable_centroids = centroids
+        matched = len(stable_centroids)  # every cluster kept its id
     else:
         result = cluster_embeddings(x, params)
         centroids = centroids_of(x, result.labels)
@@ -552,8 +563,8 @@ def cluster_layers(embeds: pa.Table, layers: pa.Table, params: ClusterParams,
         stable_centroids = {mapping[k]: v for k, v in centroids.items()}
     ids, counts = np.unique(stable[stable != NOISE], return_counts=True)
     sizes = dict(zip(ids.tolist(), counts.tolist()))
-    radii = cluster_radii(x, stable, stable_centroids)
     if incremental is None:
+        radii = cluster_radii(x, stable, stable_centroids)
         placed, _ = place_layers(x, stable_centroids, radii, params.place_slack)
         fit = {"settings": _fit_settings(params), "embedder": embedder, "fitted_layers": len(items),
                "placed_since_fit": 0, "baseline_unplaced": round(float((placed == NOISE).mean()) if len(items) else 0.0, 4)}
