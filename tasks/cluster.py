@@ -296,13 +296,20 @@ def _fit(x: np.ndarray, params: ClusterParams) -> Clustering:
 
 # ---- placing layers into existing clusters -----------------------------------------------------
 
+def members_of(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Row indices of each label's members, from one sort (not one scan per label)."""
+    order = np.argsort(labels, kind="stable")
+    ids, starts = np.unique(labels[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    return {int(k): order[a:b] for k, a, b in zip(ids, starts, ends)}
+
+
 def cluster_radii(x: np.ndarray, labels: np.ndarray, centroids: dict[int, np.ndarray]) -> dict[int, float]:
     """Per cluster, the 95th percentile of its members' cosine distance to its centroid."""
-    radii = {}
-    for k, c in centroids.items():
-        members = x[labels == k]
-        radii[k] = float(np.quantile(1.0 - members @ c, 0.95)) if len(members) else 0.0
-    return radii
+    members = members_of(labels)
+    empty = np.zeros(0, np.int64)
+    return {k: float(np.quantile(1.0 - x[members.get(k, empty)] @ c, 0.95)) if len(members.get(k, empty)) else 0.0
+            for k, c in centroids.items()}
 
 
 def place_layers(x: np.ndarray, centroids: dict[int, np.ndarray], radii: dict[int, float], slack: float,
@@ -339,11 +346,10 @@ def map_positions(labels: np.ndarray, ref_labels: np.ndarray, ref_xy: np.ndarray
     out = np.zeros((len(labels), 2), np.float32)
     if not len(ref_xy):
         return out
-    for k in np.unique(labels):
-        mine = labels == k
-        ref = ref_xy[ref_labels == k] if k != NOISE else ref_xy
-        ref = ref if len(ref) else ref_xy
-        out[mine] = ref.mean(0) + rng.normal(size=(int(mine.sum()), 2)) * (ref.std(0) + 1e-3)
+    refs = members_of(ref_labels)
+    for k, mine in members_of(labels).items():
+        ref = ref_xy[refs[k]] if k != NOISE and k in refs else ref_xy
+        out[mine] = ref.mean(0) + rng.normal(size=(len(mine), 2)) * (ref.std(0) + 1e-3)
     return out
 
 
@@ -509,8 +515,9 @@ def _place_new(x: np.ndarray, items: list[str], previous: pa.Table, placement: p
     present = set(np.unique(labels).tolist()) - {NOISE}
     centroids = {k: v for k, v in centroids.items() if k in present}  # a cluster whose layers all left retires
     radii = {k: v for k, v in radii.items() if k in present}
+    groups = members_of(labels)
     for k in set(placed.tolist()) - {NOISE}:  # only the clusters that grew move: time follows the new layers
-        members = x[labels == k]
+        members = x[groups[k]]
         centroids[k] = _l2(members.sum(0, keepdims=True))[0]
         radii[k] = float(np.quantile(1.0 - members @ centroids[k], 0.95))
     fit = {**fit, "placed_since_fit": since, "unplaced": round(unplaced, 4)}
