@@ -12,10 +12,19 @@ Ids: clusters are numbered by size; when the stage folder holds the previous res
 similarity (Hungarian assignment, `scipy.optimize.linear_sum_assignment`), so a cluster the
 user named keeps its id; an unmatched cluster gets a never-used id. Everything is
 deterministic for a `seed`. (`episode2lora clean NAME --stage cluster` forgets the ids.)
+
+Series scale: above `fit_layers` layers UMAP and HDBSCAN see an even sample and the rest join
+the nearest cluster centroid (within `place_slack` x the cluster's radius). When episodes are
+added to a clustered run, the earlier layers keep their clusters and only the new layers are
+placed (`cluster/placement.parquet` holds the assignments, the centroid table the radii and the
+record of the last full clustering); the run is clustered in full again when the share of new
+layers that fit no cluster drifts above the share at the last fit by `refit_unplaced`, or when
+the run has grown by `refit_growth` since then (doubling: total work stays linear).
 """
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,6 +45,8 @@ STAGE = "cluster"
 VERSION = 1
 NOISE = -1
 CENTROIDS = "centroids.parquet"
+PLACEMENT = "placement.parquet"
+FIT_KEY = "episode2lora.fit"
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),        # the layer
@@ -55,6 +66,7 @@ def centroid_schema(dim: int) -> pa.Schema:
         ("size", pa.int64()),
         ("active", pa.bool_()),      # false: a cluster of an earlier run not seen now (its id stays reserved)
         ("centroid", pa.list_(pa.float32(), dim)),
+        ("radius", pa.float32()),    # 95th percentile of the members' cosine distance to the centroid
     ])
 
 
@@ -80,6 +92,20 @@ class ClusterParams(BaseModel):
                                    description="a new cluster takes an earlier run's id when their centroids' "
                                                "cosine similarity is at least this")
     seed: int = Field(0, ge=0, description="random seed (UMAP); the result is deterministic for a seed")
+    fit_layers: int = Field(20000, ge=0, description="fit UMAP + HDBSCAN on at most this many layers (an even "
+                                                     "random sample); the rest join the found clusters by nearest "
+                                                     "centroid (0: fit on all layers)")
+    place_slack: float = Field(1.5, gt=0, description="a placed layer joins its nearest cluster when its cosine "
+                                                      "distance to the centroid is within this multiple of the "
+                                                      "cluster's radius, else it is noise")
+    incremental: bool = Field(True, description="place the layers of new episodes into the existing clusters "
+                                                "instead of clustering the whole run again (until a drift check fails)")
+    refit_unplaced: float = Field(0.15, ge=0, le=1, description="cluster in full when the share of new layers "
+                                                                "that fit no cluster exceeds the share at the "
+                                                                "last full clustering by more than this")
+    refit_growth: float = Field(1.0, gt=0, description="cluster in full once the layers placed since the last "
+                                                       "full clustering exceed this fraction of it (1: when the "
+                                                       "run has doubled; total work stays linear)")
 
 
 # ---- clustering -------------------------------------------------------------------------------
@@ -176,7 +202,8 @@ def merge_close_clusters(x: np.ndarray, labels: np.ndarray, threshold: float) ->
     ids = sorted(set(labels.tolist()) - {NOISE})
     if threshold <= 0 or len(ids) < 2:
         return labels, 0
-    centroids = _l2(np.stack([x[labels == k].mean(0) for k in ids]))
+    means = centroids_of(x, labels)
+    centroids = np.stack([means[k] for k in ids])
     groups = fcluster(linkage(centroids, method="average", metric="cosine"), threshold, criterion="distance")
     lookup = {k: int(g) for k, g in zip(ids, groups)}
     merged = np.array([lookup[v] if v != NOISE else NOISE for v in labels.tolist()], dtype=np.int64)
@@ -185,11 +212,11 @@ def merge_close_clusters(x: np.ndarray, labels: np.ndarray, threshold: float) ->
 
 def _by_size(labels: np.ndarray) -> np.ndarray:
     """Renumber clusters 0.. by size (largest first; ties by first member), noise stays -1."""
-    ids = [k for k in dict.fromkeys(labels.tolist()) if k != NOISE]
-    sizes = {k: int((labels == k).sum()) for k in ids}
-    order = sorted(ids, key=lambda k: (-sizes[k], int(np.flatnonzero(labels == k)[0])))
-    lookup = {k: i for i, k in enumerate(order)}
-    return np.array([lookup.get(v, NOISE) for v in labels.tolist()], dtype=np.int64)
+    ids, first, sizes = np.unique(labels, return_index=True, return_counts=True)
+    order = sorted((k for k in range(len(ids)) if ids[k] != NOISE), key=lambda k: (-sizes[k], first[k]))
+    lookup = np.full(len(ids), NOISE, np.int64)
+    lookup[order] = np.arange(len(order))
+    return lookup[np.searchsorted(ids, labels)] if len(labels) else labels.astype(np.int64)
 
 
 MAP_EPOCHS = 100
@@ -199,12 +226,38 @@ MAP_EPOCHS = 100
 def cluster_embeddings(x: np.ndarray, params: ClusterParams) -> Clustering:
     """PCA -> UMAP -> HDBSCAN -> merge -> numbering by size, plus a 2-D map. Deterministic for `params.seed`.
 
+    Above `params.fit_layers` layers the clustering is fitted on an even random sample of that
+    size and the other layers are placed into its clusters (`place_layers`), so time and memory
+    grow linearly beyond the sample.
+
     Args:
         x: (n, d) L2-normalised embeddings.
         params: clustering parameters.
     Returns:
         a Clustering (labels 0.. by size, -1 noise; `seconds` per phase).
     """
+    n = len(x)
+    if not params.fit_layers or n <= params.fit_layers:
+        return _fit(x, params)
+    sample = np.sort(np.random.default_rng(params.seed).choice(n, params.fit_layers, replace=False))
+    fitted = _fit(x[sample], params)
+    clock = time.perf_counter()
+    labels = np.full(n, NOISE, np.int64)
+    probabilities = np.zeros(n, np.float32)
+    labels[sample], probabilities[sample] = fitted.labels, fitted.probabilities
+    rest = np.setdiff1d(np.arange(n), sample)
+    centroids = centroids_of(x[sample], fitted.labels)
+    radii = cluster_radii(x[sample], fitted.labels, centroids)
+    labels[rest], probabilities[rest] = place_layers(x[rest], centroids, radii, params.place_slack)
+    map_xy = np.zeros((n, 2), np.float32)
+    map_xy[sample] = fitted.map_xy
+    map_xy[rest] = map_positions(labels[rest], fitted.labels, fitted.map_xy, params.seed)
+    seconds = {**(fitted.seconds or {}), "place": round(time.perf_counter() - clock, 3)}
+    return Clustering(_by_size(labels), probabilities, map_xy, fitted.merged, seconds)
+
+
+def _fit(x: np.ndarray, params: ClusterParams) -> Clustering:
+    """The full clustering of `x` (every layer enters UMAP and HDBSCAN)."""
     n = len(x)
     seconds: dict[str, float] = {}
     if n < max(params.min_cluster_size, 2):
@@ -240,6 +293,65 @@ def cluster_embeddings(x: np.ndarray, params: ClusterParams) -> Clustering:
     return Clustering(labels, probabilities, map_xy, merged, seconds)
 
 
+# ---- placing layers into existing clusters -----------------------------------------------------
+
+def members_of(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Row indices of each label's members, from one sort (not one scan per label)."""
+    order = np.argsort(labels, kind="stable")
+    ids, starts = np.unique(labels[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    return {int(k): order[a:b] for k, a, b in zip(ids, starts, ends)}
+
+
+def cluster_radii(x: np.ndarray, labels: np.ndarray, centroids: dict[int, np.ndarray]) -> dict[int, float]:
+    """Per cluster, the 95th percentile of its members' cosine distance to its centroid."""
+    members = members_of(labels)
+    empty = np.zeros(0, np.int64)
+    return {k: float(np.quantile(1.0 - x[members.get(k, empty)] @ c, 0.95)) if len(members.get(k, empty)) else 0.0
+            for k, c in centroids.items()}
+
+
+def place_layers(x: np.ndarray, centroids: dict[int, np.ndarray], radii: dict[int, float], slack: float,
+                 chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Put each layer into its nearest cluster (cosine) when within `slack` x that cluster's radius.
+
+    Time is proportional to len(x) x the number of clusters. Returns (labels with -1 for layers
+    that fit no cluster, probabilities: 1 at the centroid falling to 0 at the edge).
+    """
+    labels = np.full(len(x), NOISE, np.int64)
+    probabilities = np.zeros(len(x), np.float32)
+    if not centroids or not len(x):
+        return labels, probabilities
+    ids = np.array(sorted(centroids), np.int64)
+    matrix = np.stack([centroids[k] for k in ids]).astype(np.float32)
+    reach = slack * np.maximum(np.array([radii[k] for k in ids], np.float32), 1e-3)
+    for start in range(0, len(x), chunk):
+        sims = x[start:start + chunk] @ matrix.T
+        best = sims.argmax(1)
+        distance = 1.0 - sims[np.arange(len(best)), best]
+        inside = distance <= reach[best]
+        labels[start:start + chunk] = np.where(inside, ids[best], NOISE)
+        probabilities[start:start + chunk] = np.where(inside, np.clip(1.0 - distance / reach[best], 0.0, 1.0), 0.0)
+    return labels, probabilities
+
+
+def map_positions(labels: np.ndarray, ref_labels: np.ndarray, ref_xy: np.ndarray, seed: int) -> np.ndarray:
+    """2-D map positions for placed layers: scattered around their cluster's members on the map.
+
+    A picture only (placed layers never enter UMAP): the cluster's mean position plus noise of
+    its spread; noise layers scatter around the whole map's centre.
+    """
+    rng = np.random.default_rng(seed + len(labels))
+    out = np.zeros((len(labels), 2), np.float32)
+    if not len(ref_xy):
+        return out
+    refs = members_of(ref_labels)
+    for k, mine in members_of(labels).items():
+        ref = ref_xy[refs[k]] if k != NOISE and k in refs else ref_xy
+        out[mine] = ref.mean(0) + rng.normal(size=(len(mine), 2)) * (ref.std(0) + 1e-3)
+    return out
+
+
 # ---- ids that persist -------------------------------------------------------------------------
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -248,8 +360,15 @@ def _l2(x: np.ndarray) -> np.ndarray:
 
 def centroids_of(x: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
     """Normalised mean embedding per cluster id (noise excluded)."""
-    ids = sorted(set(labels.tolist()) - {NOISE})
-    return {k: _l2(x[labels == k].mean(0, keepdims=True))[0] for k in ids}
+    from scipy.sparse import csr_matrix
+
+    clustered = np.flatnonzero(labels != NOISE)
+    ids, rows = np.unique(labels[clustered], return_inverse=True)
+    if not len(ids):
+        return {}
+    members = csr_matrix((np.ones(len(clustered), np.float32), (rows, clustered)), shape=(len(ids), len(x)))
+    sums = np.asarray(members @ x, np.float32)  # the mean's direction: normalising drops the count
+    return dict(zip(ids.tolist(), _l2(sums)))
 
 
 def match_ids(new: dict[int, np.ndarray], previous: pa.Table | None, embedder: str,
@@ -299,29 +418,128 @@ def read_previous_centroids(folder: Path) -> pa.Table | None:
         return None
 
 
+def read_previous_placement(folder: Path) -> pa.Table | None:
+    """The last result's layer assignments (PLACEMENT), or None."""
+    try:
+        return pq.read_table(folder / PLACEMENT)
+    except (FileNotFoundError, OSError, pa.ArrowInvalid):
+        return None
+
+
 def centroid_table(centroids: dict[int, np.ndarray], sizes: dict[int, int], embedder: str,
-                   previous: pa.Table | None, dim: int) -> pa.Table:
-    """This run's centroids (active) plus earlier ones not seen now (inactive, ids kept reserved)."""
-    rows = [{"cluster_id": k, "embedder": embedder, "size": sizes[k], "active": True, "centroid": v.tolist()}
-            for k, v in sorted(centroids.items())]
+                   previous: pa.Table | None, dim: int, radii: dict[int, float] | None = None,
+                   fit: dict | None = None) -> pa.Table:
+    """This run's centroids (active) plus earlier ones not seen now (inactive, ids kept reserved).
+
+    `fit` (when given) is kept in the table's metadata: what incremental placement needs to know
+    about the last full clustering.
+    """
+    radii = radii or {}
+    rows = [{"cluster_id": k, "embedder": embedder, "size": sizes[k], "active": True, "centroid": v.tolist(),
+             "radius": radii.get(k)} for k, v in sorted(centroids.items())]
     if previous is not None and previous.num_rows and previous.schema.field("centroid").type.list_size == dim:
         for row in previous.to_pylist():
             if row["cluster_id"] not in centroids:
                 rows.append({**row, "active": False})
-    return pa.Table.from_pylist(rows, schema=centroid_schema(dim))
+    schema = centroid_schema(dim)
+    if fit is not None:
+        schema = schema.with_metadata({FIT_KEY: json.dumps(fit, sort_keys=True)})
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _fit_settings(params: ClusterParams) -> dict:
+    """The parameters a clustering depends on (not the ones deciding when to cluster again)."""
+    return params.model_dump(mode="json", exclude={"incremental", "refit_unplaced", "refit_growth", "match_threshold"})
+
+
+def _previous_fit(previous: pa.Table | None, placement: pa.Table | None, params: ClusterParams, embedder: str,
+                  dim: int) -> tuple[dict | None, str]:
+    """The last full clustering's record when new layers may be placed into it, else (None, why not)."""
+    if not params.incremental:
+        return None, "incremental placement is off"
+    if previous is None or placement is None:
+        return None, "no earlier clustering"
+    meta = previous.schema.metadata or {}
+    if FIT_KEY.encode() not in meta or "radius" not in previous.schema.names:
+        return None, "the earlier clustering has no placement record"
+    fit = json.loads(meta[FIT_KEY.encode()])
+    if fit.get("settings") != _fit_settings(params):
+        return None, "clustering parameters changed"
+    if fit.get("embedder") != embedder or previous.schema.field("centroid").type.list_size != dim:
+        return None, "the embedder changed"
+    return fit, ""
+
+
+@dataclass
+class _Placed:
+    """An incremental result: the layers' clusters, the updated fit record, centroids and radii."""
+
+    clustering: Clustering
+    fit: dict
+    centroids: dict[int, np.ndarray]
+    radii: dict[int, float]
+
+
+def _place_new(x: np.ndarray, items: list[str], previous: pa.Table, placement: pa.Table, fit: dict,
+               params: ClusterParams) -> tuple[_Placed | None, str]:
+    """Keep earlier layers' clusters, place the new layers; (None, reason) when a full clustering is due."""
+    known = {i: k for k, i in enumerate(placement.column("item_id").to_pylist())}
+    old = np.array([i in known for i in items], bool)
+    if not old.any():
+        return None, "no layer of the earlier clustering is left"
+    rows = np.array([known[i] for i in np.asarray(items, object)[old]], np.int64)
+    active = previous.filter(pc.equal(previous.column("active"), True))
+    ids = active.column("cluster_id").to_pylist()
+    vectors = np.asarray(active.column("centroid").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                         np.float32).reshape(len(ids), -1)
+    centroids = dict(zip(ids, vectors))
+    radii = dict(zip(ids, active.column("radius").to_pylist()))
+    new = ~old
+    placed, probabilities = place_layers(x[new], centroids, radii, params.place_slack)
+    unplaced = float((placed == NOISE).mean()) if new.any() else 0.0
+    drift = unplaced - fit["baseline_unplaced"]
+    if drift > params.refit_unplaced:
+        return None, f"drift: {unplaced:.0%} of the new layers fit no cluster ({fit['baseline_unplaced']:.0%} at the fit)"
+    since = fit["placed_since_fit"] + int(new.sum())
+    if since > params.refit_growth * fit["fitted_layers"]:
+        return None, f"growth: {since} layers placed since the last full clustering of {fit['fitted_layers']}"
+    labels = np.full(len(items), NOISE, np.int64)
+    probs = np.zeros(len(items), np.float32)
+    map_xy = np.zeros((len(items), 2), np.float32)
+    labels[old] = placement.column("cluster_id").to_numpy()[rows]
+    probs[old] = placement.column("probability").to_numpy()[rows]
+    map_xy[old] = np.stack([placement.column("umap_x").to_numpy()[rows], placement.column("umap_y").to_numpy()[rows]], 1)
+    labels[new], probs[new] = placed, probabilities
+    map_xy[new] = map_positions(placed, labels[old], map_xy[old], params.seed)
+    present = set(np.unique(labels).tolist()) - {NOISE}
+    centroids = {k: v for k, v in centroids.items() if k in present}  # a cluster whose layers all left retires
+    radii = {k: v for k, v in radii.items() if k in present}
+    groups = members_of(labels)
+    for k in set(placed.tolist()) - {NOISE}:  # only the clusters that grew move: time follows the new layers
+        members = x[groups[k]]
+        centroids[k] = _l2(members.sum(0, keepdims=True))[0]
+        radii[k] = float(np.quantile(1.0 - members @ centroids[k], 0.95))
+    fit = {**fit, "placed_since_fit": since, "unplaced": round(unplaced, 4)}
+    return _Placed(Clustering(labels, probs, map_xy), fit, centroids, radii), ""
 
 
 # ---- the stage ----------------------------------------------------------------------------------
 
 def cluster_layers(embeds: pa.Table, layers: pa.Table, params: ClusterParams,
-                   previous: pa.Table | None = None) -> tuple[pa.Table, pa.Table, dict]:
-    """Cluster the kept layers of an embed manifest.
+                   previous: pa.Table | None = None, placement: pa.Table | None = None) -> tuple[pa.Table, pa.Table, dict]:
+    """Cluster the kept layers of an embed manifest, or place new layers into the earlier clusters.
+
+    With the earlier result (`previous` centroids and `placement`) and `params.incremental`, the
+    earlier layers keep their clusters and only the new layers are placed (time proportional to
+    them); the whole run is clustered again when the parameters or embedder changed, when too
+    many new layers fit no cluster (drift) or when the run has grown by `refit_growth`.
 
     Args:
         embeds: embed manifest (item_id, source_id, embedder, embedding, kept).
         layers: segment manifest (item_id, path) for the layer files.
         params: clustering parameters.
         previous: the earlier run's centroid table, for id matching (None: ids from 0).
+        placement: the earlier run's layer assignments (PLACEMENT), for incremental placement.
     Returns:
         (cluster manifest with SCHEMA, centroid table, summary).
     """
@@ -334,14 +552,29 @@ def cluster_layers(embeds: pa.Table, layers: pa.Table, params: ClusterParams,
     if len(embedders) > 1:
         raise ValueError(f"the embed manifest mixes embedders {embedders}; re-run the embed stage")
     embedder = embedders[0] if embedders else ""
-    result = cluster_embeddings(x, params)
-    centroids = centroids_of(x, result.labels)
-    mapping, matched = match_ids(centroids, previous, embedder, params.match_threshold)
-    stable = np.array([mapping.get(v, NOISE) for v in result.labels.tolist()], dtype=np.int64)
-    stable_centroids = {mapping[k]: v for k, v in centroids.items()}
-    sizes = {mapping[k]: int((result.labels == k).sum()) for k in centroids}
-    paths = dict(zip(layers.column("item_id").to_pylist(), layers.column("path").to_pylist()))
     items = kept.column("item_id").to_pylist()
+    fit, why_full = _previous_fit(previous, placement, params, embedder, dim)
+    incremental = None
+    if fit is not None:
+        incremental, why_full = _place_new(x, items, previous, placement, fit, params)
+    if incremental is not None:
+        result, fit, stable_centroids, radii = incremental.clustering, incremental.fit, incremental.centroids, incremental.radii
+        stable = result.labels
+        matched = len(stable_centroids)  # every cluster kept its id
+    else:
+        result = cluster_embeddings(x, params)
+        centroids = centroids_of(x, result.labels)
+        mapping, matched = match_ids(centroids, previous, embedder, params.match_threshold)
+        stable = np.array([mapping.get(v, NOISE) for v in result.labels.tolist()], dtype=np.int64)
+        stable_centroids = {mapping[k]: v for k, v in centroids.items()}
+    ids, counts = np.unique(stable[stable != NOISE], return_counts=True)
+    sizes = dict(zip(ids.tolist(), counts.tolist()))
+    if incremental is None:
+        radii = cluster_radii(x, stable, stable_centroids)
+        placed, _ = place_layers(x, stable_centroids, radii, params.place_slack)
+        fit = {"settings": _fit_settings(params), "embedder": embedder, "fitted_layers": len(items),
+               "placed_since_fit": 0, "baseline_unplaced": round(float((placed == NOISE).mean()) if len(items) else 0.0, 4)}
+    paths = dict(zip(layers.column("item_id").to_pylist(), layers.column("path").to_pylist()))
     table = pa.table({
         "item_id": items,
         "source_id": kept.column("source_id").to_pylist(),
@@ -353,12 +586,20 @@ def cluster_layers(embeds: pa.Table, layers: pa.Table, params: ClusterParams,
     }, schema=SCHEMA)
     n = len(items)
     summary = {
-        "layers": n, "kept": n, "clusters": len(centroids), "noise": int((stable == NOISE).sum()),
+        "layers": n, "kept": n, "clusters": len(stable_centroids), "noise": int((stable == NOISE).sum()),
         "noise_fraction": round(float((stable == NOISE).mean()) if n else 0.0, 4),
-        "merged": result.merged, "matched_ids": matched, "new_ids": len(centroids) - matched,
+        "merged": result.merged, "matched_ids": matched, "new_ids": len(stable_centroids) - matched,
         "embedder": embedder, "seconds": result.seconds or {},
+        "mode": "incremental" if incremental is not None else "full",
+        "placed": fit["placed_since_fit"] if incremental is not None else 0,
+        "full_because": why_full if incremental is None else None,
     }
-    return table, centroid_table(stable_centroids, sizes, embedder, previous, dim), summary
+    return table, centroid_table(stable_centroids, sizes, embedder, previous, dim, radii, fit), summary
+
+
+def placement_table(table: pa.Table) -> pa.Table:
+    """The layer assignments kept for the next run's incremental placement."""
+    return table.select(["item_id", "cluster_id", "probability", "umap_x", "umap_y"])
 
 
 def run_cluster(store: RunStore, params: ClusterParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
@@ -367,10 +608,12 @@ def run_cluster(store: RunStore, params: ClusterParams, upstream: dict[str, Stag
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
         previous = read_previous_centroids(folder)  # the last result, read before it is replaced
+        placement = read_previous_placement(folder)
         embeds, segments = (store.read_manifest(upstream[role].stage) for role in ("embed", "segment"))
-        table, centroids, summary = cluster_layers(embeds, segments, params, previous)
+        table, centroids, summary = cluster_layers(embeds, segments, params, previous, placement)
         write_table(centroids, folder / CENTROIDS)
-        return table, summary, [f"{STAGE}/{CENTROIDS}"]
+        write_table(placement_table(table), folder / PLACEMENT)
+        return table, summary, [f"{STAGE}/{CENTROIDS}", f"{STAGE}/{PLACEMENT}"]
 
     return run_global_stage(store, STAGE, VERSION, params, upstream, build)
 

@@ -10,10 +10,12 @@ dropped with their reason. A run-level merge then drops frames that repeat anoth
 from __future__ import annotations
 
 import glob
+import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import cv2
 import numpy as np
@@ -179,12 +181,27 @@ def _write_image(target: Path, rgb: np.ndarray, image_format: str) -> int:
     return target.stat().st_size
 
 
+WRITERS = max(1, min(4, os.cpu_count() or 1))
+"""Threads encoding kept frames (cv2 releases the GIL while it encodes)."""
+QUEUED = 64
+"""At most this many sampled frames wait for the analysis thread (bounds memory on slow disks)."""
+
+
 @dataclass
 class _Candidate:
     frame_index: int
     timestamp: float
     shot_id: int
-    rgb: np.ndarray
+    frame: Any = None              # the decoded av.VideoFrame, until converted
+    rgb: np.ndarray | None = None
+    measured: _Measure | None = None
+
+    def image(self) -> np.ndarray:
+        """The frame as RGB (converted once, on the analysis thread)."""
+        if self.rgb is None:
+            self.rgb = self.frame.to_ndarray(format="rgb24")
+            self.frame = None
+        return self.rgb
 
 
 @dataclass
@@ -197,7 +214,13 @@ class _Measure:
 
 @dataclass
 class _Episode:
-    """Mutable state of one episode's extraction."""
+    """Mutable state of one episode's extraction.
+
+    The decode thread only decodes, detects cuts and picks the sampled frames; it hands them in
+    order to one analysis thread (RGB conversion, measures, keep/drop decisions), which queues
+    kept frames to the writer threads. One analysis thread in decode order keeps the result
+    identical to doing everything inline.
+    """
 
     episode: str
     out: Path
@@ -207,13 +230,33 @@ class _Episode:
     kept_hashes: list[int] = field(default_factory=list)
     kept_ids: list[str] = field(default_factory=list)
     bytes_written: int = 0
-    writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="frame-writer"))
+    analysis: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="frame-analysis"))
+    writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(WRITERS, thread_name_prefix="frame-writer"))
+    jobs: list[Future] = field(default_factory=list)
     pending: list[Future] = field(default_factory=list)
+    queued: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(QUEUED))
+
+    def submit(self, job: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run `job` on the analysis thread after every job submitted before it."""
+        if self.jobs and self.jobs[-1].done() and self.jobs[-1].exception() is not None:
+            raise self.jobs[-1].exception()  # stop decoding once the analysis failed
+        self.queued.acquire()
+
+        def run() -> Any:
+            try:
+                return job(*args, **kwargs)
+            finally:
+                self.queued.release()
+
+        self.jobs.append(self.analysis.submit(run))
 
     def measure(self, cand: _Candidate) -> _Measure:
-        gray = cv2.cvtColor(cand.rgb, cv2.COLOR_RGB2GRAY)
-        brightness, contrast, sharp = float(gray.mean()), float(gray.std()), sharpness(gray)
-        return _Measure(brightness, sharp, perceptual_hash(gray), drop_reason_for(brightness, contrast, sharp, self.params))
+        if cand.measured is None:
+            gray = cv2.cvtColor(cand.image(), cv2.COLOR_RGB2GRAY)
+            brightness, contrast, sharp = float(gray.mean()), float(gray.std()), sharpness(gray)
+            cand.measured = _Measure(brightness, sharp, perceptual_hash(gray),
+                                     drop_reason_for(brightness, contrast, sharp, self.params))
+        return cand.measured
 
     def record(self, cand: _Candidate, m: _Measure | None = None, *, forced_reason: str | None = None) -> bool:
         """Decide keep or drop for a sampled frame, save it when kept; returns whether it was kept."""
@@ -230,7 +273,7 @@ class _Episode:
             path = self._save(cand)
             self.kept_hashes.append(m.phash)
             self.kept_ids.append(item_id)
-        h, w = cand.rgb.shape[:2]
+        h, w = cand.image().shape[:2]
         self.rows.append({
             "item_id": item_id, "source_id": self.episode, "episode": self.episode,
             "frame_index": cand.frame_index, "timestamp": round(cand.timestamp, 4), "shot_id": cand.shot_id,
@@ -238,18 +281,30 @@ class _Episode:
             "kept": reason is None, "drop_reason": reason, "duplicate_of": duplicate_of,
             "width": w, "height": h, "path": path,
         })
+        cand.rgb = None  # decided: only a queued write still holds the image
         return reason is None
 
     def _save(self, cand: _Candidate) -> str:
-        """Queue the frame for writing on the writer thread (image encoding overlaps decoding)."""
+        """Queue the frame for writing on a writer thread (image encoding overlaps decoding)."""
         name = f"{cand.frame_index:07d}.{self.params.image_format}"
-        self.pending.append(self.writer.submit(_write_image, self.out / "images" / name, cand.rgb, self.params.image_format))
+        while self.pending and (self.pending[0].done() or len(self.pending) >= 2 * WRITERS):
+            self.bytes_written += self.pending.pop(0).result()  # when writes lag behind, wait for the oldest
+        self.pending.append(self.writer.submit(_write_image, self.out / "images" / name, cand.image(), self.params.image_format))
         return f"{self.prefix}/images/{name}"
 
-    def finish_writes(self) -> None:
-        """Wait for queued images; raises the first write error."""
-        self.bytes_written += sum(f.result() for f in self.pending)
-        self.pending.clear()
+    def finish(self) -> None:
+        """Wait for the analysis jobs and the queued images; raises the first error."""
+        try:
+            for job in self.jobs:
+                job.result()
+        finally:
+            self.jobs.clear()
+            self.bytes_written += sum(f.result() for f in self.pending)
+            self.pending.clear()
+
+    def shutdown(self) -> None:
+        self.analysis.shutdown(cancel_futures=True)
+        self.writer.shutdown()
 
     def close_shot(self, candidates: list[_Candidate]) -> None:
         """Scene mode: keep at most K good, distinct candidates of a finished shot, spread over it."""
@@ -303,8 +358,11 @@ def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, p
             try:
                 _decode(container, stream, rate, state, report, bar)
             finally:
-                state.finish_writes()
-                state.writer.shutdown()
+                try:
+                    state.finish()
+                finally:
+                    state.shutdown()
+    state.rows.sort(key=lambda r: r["frame_index"])
     if report["frames_decoded"] == 0:
         return _quarantined(video, episode, report, report["reason"] or "no decodable frames")
     if report["decode_errors"]:
@@ -354,27 +412,27 @@ def _decode(container, stream, rate: float, state: _Episode, report: dict, bar: 
             if is_cut:
                 shot += 1
                 if params.mode == "scene":
-                    state.close_shot(shot_candidates)
+                    state.submit(state.close_shot, shot_candidates)
                     shot_candidates, step, next_sample = [], params.scene_sample_s, t
             if params.mode == "keyframes":
-                state.record(_Candidate(index, t, shot, frame.to_ndarray(format="rgb24")))
+                state.submit(state.record, _Candidate(index, t, shot, frame))
             elif t + 1e-6 >= next_sample:
-                cand = _Candidate(index, t, shot, frame.to_ndarray(format="rgb24"))
+                cand = _Candidate(index, t, shot, frame)
                 if params.mode == "interval":
                     next_sample += params.interval_s
-                    state.record(cand)
+                    state.submit(state.record, cand)
                 else:
                     next_sample = t + step
                     shot_candidates.append(cand)
+                    state.submit(state.measure, cand)  # convert and measure now, decide at the cut
                     if len(shot_candidates) > cap:  # long shot: thin evenly, sample half as often
                         for dropped in shot_candidates[1::2]:
-                            state.record(dropped, forced_reason="shot_limit")
+                            state.submit(state.record, dropped, forced_reason="shot_limit")
                         shot_candidates = shot_candidates[0::2]
                         step *= 2
     if params.mode == "scene":
-        state.close_shot(shot_candidates)
+        state.submit(state.close_shot, shot_candidates)
     report["shots"] = shot + 1 if report["frames_decoded"] else 0
-    state.rows.sort(key=lambda r: r["frame_index"])
 
 
 def _reason(exc: BaseException) -> str:

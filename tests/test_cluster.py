@@ -136,3 +136,83 @@ def test_clustering_quality_on_known_identities(incremental_run):
     assert got["ari"] >= ARI_FLOOR and got["purity"] >= PURITY_FLOOR and got["noise"] <= NOISE_CEILING
     assert got["clusters"] == len(set(identities.values()))
     assert all((store.root / p).is_file() for p in table.column("path").to_pylist())
+
+
+# ---- series scale: sampled fit, incremental placement, drift ----------------------------------
+
+def _embeds(x: np.ndarray, names: list[str]) -> tuple[pa.Table, pa.Table]:
+    embeds = pa.table({"item_id": names, "source_id": ["f"] * len(names), "embedder": ["colour-shape"] * len(names),
+                       "embedding": pa.array(x.tolist(), pa.list_(pa.float32(), x.shape[1])), "kept": [True] * len(names)})
+    return embeds, pa.table({"item_id": names, "path": [f"{n}.png" for n in names]})
+
+
+def _reload(table: pa.Table, tmp_path, name: str) -> pa.Table:
+    """Through Parquet, as the stage does between runs (the fit record lives in the metadata)."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, tmp_path / name)
+    return pq.read_table(tmp_path / name)
+
+
+def test_a_fit_on_a_sample_places_the_other_layers():
+    x, truth = blobs(n_per=80, k=5)
+    result = cluster_embeddings(x, ClusterParams(fit_layers=120))
+    assert scores(truth.tolist(), result.labels.tolist())["ari"] > 0.95
+    assert "place" in result.seconds and result.map_xy.shape == (400, 2)
+
+
+def test_new_layers_are_placed_into_existing_clusters_until_drift(tmp_path):
+    x, truth = blobs(n_per=40, k=5, seed=1)
+    first_n = 4 * 40  # groups 0-3 clustered first; group 4 arrives later
+    names = [f"l{i:04d}" for i in range(len(x))]
+    embeds, layers = _embeds(x[:first_n], names[:first_n])
+    table, centroids, summary = cluster_layers(embeds, layers, ClusterParams())
+    assert summary["mode"] == "full" and summary["clusters"] == 4
+    centroids, placement = _reload(centroids, tmp_path, "c.parquet"), _reload(table, tmp_path, "p.parquet")
+    before = dict(zip(table.column("item_id").to_pylist(), table.column("cluster_id").to_pylist()))
+
+    same_characters = blobs(n_per=50, k=5, seed=1)[0][:200:5]  # new draws around the centres of groups 0-3
+    more = np.concatenate([x[:first_n], same_characters])
+    more_names = names[:first_n] + [f"m{i:04d}" for i in range(len(more) - first_n)]
+    table2, _, summary2 = cluster_layers(*_embeds(more, more_names), ClusterParams(), centroids, placement)
+    assert summary2["mode"] == "incremental" and summary2["placed"] == 40 and summary2["new_ids"] == 0
+    after = dict(zip(table2.column("item_id").to_pylist(), table2.column("cluster_id").to_pylist()))
+    assert all(after[n] == before[n] for n in before)  # earlier layers keep their ids
+    new_truth = np.repeat(np.arange(5), 50)[:200:5]
+    by_group = {g: before[names[int(np.flatnonzero(truth == g)[0])]] for g in range(4)}
+    assert [after[n] for n in more_names[first_n:]] == [by_group[g] for g in new_truth]
+
+    unseen = np.concatenate([x[:first_n], x[first_n:]])  # 40 layers of a character never seen before
+    table3, _, summary3 = cluster_layers(*_embeds(unseen, names), ClusterParams(), centroids, placement)
+    assert summary3["mode"] == "full" and summary3["full_because"].startswith("drift")
+    assert summary3["clusters"] == 5 and summary3["matched_ids"] == 4  # a full re-clustering still keeps the ids
+    third = dict(zip(table3.column("item_id").to_pylist(), table3.column("cluster_id").to_pylist()))
+    assert all(third[n] == before[n] for n in before if before[n] >= 0)
+
+    _, _, grown = cluster_layers(*_embeds(more, more_names), ClusterParams(refit_growth=0.1), centroids, placement)
+    assert grown["mode"] == "full" and grown["full_because"].startswith("growth")
+    _, _, off = cluster_layers(*_embeds(more, more_names), ClusterParams(incremental=False), centroids, placement)
+    assert off["mode"] == "full"
+
+
+def test_incremental_placement_on_generated_footage(tmp_path, episode, two_episodes):
+    """A new episode's true layers go into the clusters its characters already have; old layers keep theirs."""
+    store = RunStore(tmp_path / "runs", "series")
+    _, first_ids = commit_truth_segment(store, [episode, two_episodes[0]], stride=2)
+    run_embed(store, EmbedParams())
+    assert run_cluster(store, ClusterParams()).summary["mode"] == "full"
+    first = store.read_manifest("cluster")
+    before = dict(zip(first.column("item_id").to_pylist(), first.column("cluster_id").to_pylist()))
+    character_ids = _majority_ids(store, first_ids)
+    _, identities = commit_truth_segment(store, [episode, *two_episodes], stride=2)
+    run_embed(store, EmbedParams())
+    second = run_cluster(store, ClusterParams())
+    print(second.summary)
+    assert second.summary["mode"] == "incremental" and second.summary["placed"] > 0
+    table = store.read_manifest("cluster").to_pylist()
+    assert all(before[r["item_id"]] == r["cluster_id"] for r in table if r["item_id"] in before)
+    new = [r for r in table if r["item_id"] not in before]
+    known = [r for r in new if identities[r["item_id"]] in character_ids]
+    right = sum(r["cluster_id"] == character_ids[identities[r["item_id"]]] for r in known)
+    assert len(new) == second.summary["placed"] and known
+    assert right / len(known) >= 0.9, (right, len(known))

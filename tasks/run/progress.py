@@ -1,4 +1,9 @@
-"""Progress of long work: a rich bar in the terminal and a progress artifact in the Prefect UI."""
+"""Progress of long work: live bars on a terminal, a few plain lines elsewhere, an artifact in Prefect.
+
+Where stderr is a terminal the bars redraw in place (rich). Where it is not (a log file, CI, a
+pipe) each unit of work writes at most six plain lines: started, every quarter done, finished.
+`EPISODE2LORA_NO_PROGRESS=1` silences both; the Prefect progress artifact is written either way.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import os
 import sys
 import time
 import threading
+from typing import TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -13,6 +19,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 _lock = threading.Lock()
 _bars: Progress | None = None
 _open = 0
+QUARTERS = 4
+"""Plain-line mode reports this many evenly spaced steps of a known total."""
+QUIET_S = 30.0
+"""Plain-line mode, unknown total: at most one line per this many seconds."""
+
+
+def _silenced() -> bool:
+    return os.environ.get("EPISODE2LORA_NO_PROGRESS") == "1"
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # closed or not a real stream
+        return False
 
 
 def _shared_bars() -> Progress:
@@ -21,7 +42,6 @@ def _shared_bars() -> Progress:
         _bars = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             console=Console(file=sys.stderr), transient=False,
-            disable=os.environ.get("EPISODE2LORA_NO_PROGRESS") == "1",
         )
     return _bars
 
@@ -41,6 +61,34 @@ def _prefect_artifact(description: str) -> str | None:
         return None
 
 
+class _Lines:
+    """Plain-line progress of one unit of work: start, each quarter (or every QUIET_S), end."""
+
+    def __init__(self, description: str, total: int | None, stream: TextIO):
+        self.description, self.total, self.stream = description, total, stream
+        self.started = self.last_line = time.monotonic()
+        self.next_step = 1
+        total_text = f"{total} items" if total else "total unknown"
+        self._say(f"started ({total_text})")
+
+    def _say(self, text: str) -> None:
+        with _lock:
+            self.stream.write(f"{self.description}: {text}\n")
+            self.stream.flush()
+
+    def update(self, done: int) -> None:
+        if self.total:
+            if done * QUARTERS >= self.next_step * self.total and done < self.total:
+                self.next_step = done * QUARTERS // self.total + 1
+                self._say(f"{done}/{self.total} ({100 * done // self.total}%)")
+        elif time.monotonic() - self.last_line >= QUIET_S:
+            self.last_line = time.monotonic()
+            self._say(f"{done} done")
+
+    def close(self, done: int) -> None:
+        self._say(f"finished {done} in {time.monotonic() - self.started:.1f} s")
+
+
 class StageProgress:
     """Count finished items of one unit of work (an episode, a shard) and show it."""
 
@@ -50,6 +98,13 @@ class StageProgress:
         self.done = 0
         self._artifact = _prefect_artifact(description)
         self._last_report = 0.0
+        self._task = None
+        self._lines: _Lines | None = None
+        if _silenced():
+            return
+        if not _is_terminal(sys.stderr):
+            self._lines = _Lines(description, total, sys.stderr)
+            return
         with _lock:
             bars = _shared_bars()
             if _open == 0:
@@ -59,7 +114,10 @@ class StageProgress:
 
     def advance(self, n: int = 1) -> None:
         self.done += n
-        _shared_bars().update(self._task, completed=self.done)
+        if self._task is not None:
+            _shared_bars().update(self._task, completed=self.done)
+        elif self._lines is not None:
+            self._lines.update(self.done)
         now = time.monotonic()
         if self._artifact and self.total and now - self._last_report > 2.0:
             self._last_report = now
@@ -67,7 +125,10 @@ class StageProgress:
 
     def set_total(self, total: int) -> None:
         self.total = total
-        _shared_bars().update(self._task, total=total)
+        if self._task is not None:
+            _shared_bars().update(self._task, total=total)
+        elif self._lines is not None:
+            self._lines.total = total
 
     def _report(self) -> None:
         try:
@@ -81,12 +142,19 @@ class StageProgress:
         if self._artifact and self.total:
             self.done = self.total
             self._report()
+        if self._lines is not None:
+            self._lines.close(self.done)
+        if self._task is None:
+            return
         with _lock:
             bars = _shared_bars()
             bars.update(self._task, completed=self.total or self.done)
             _open -= 1
             if _open == 0:
                 bars.stop()
+                for task_id in list(bars.task_ids):  # the next unit of work starts a fresh set of bars
+                    bars.remove_task(task_id)
+        self._task = None
 
     def __enter__(self) -> "StageProgress":
         return self
