@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 from models import lora_checkpoints as ckpt
 from models.kohya_format import metadata, save_kohya, to_diffusers, to_kohya
-from models.lora_data import Example, bucket_sizes, encode_latents, epoch_batches
+from models.captions import CaptionRules, process_caption
+from models.lora_data import Example, Geometry, bucket_sizes, encode_latents, epoch_batches
 from models.lora_settings import TrainSettings
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -58,7 +59,7 @@ class TrainJob:
 
     def signature(self) -> str:
         """What a checkpoint must agree with to be resumed: settings and data."""
-        data = [(e.image.name, e.image.stat().st_size, e.caption) for e in self.train + self.validation]
+        data = [(e.image.name, e.image.stat().st_size, e.caption, e.folder, e.repeats) for e in self.train + self.validation]
         payload = json.dumps({"settings": self.settings.model_dump(mode="json"), "data": data,
                               "repeats": self.repeats}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()
@@ -116,7 +117,7 @@ def snr_weights(scheduler: Any, timesteps: Any, gamma: float, prediction: str) -
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = alphas / (1.0 - alphas)
     clipped = snr.clamp(max=gamma)
-    return clipped / (snr + 1.0) if prediction == "v_prediction" else clipped / snr
+    return clipped / (snr + 1.0) if prediction == "v_prediction" else clipped / snr.clamp(min=1e-8)  # ZTSNR: snr 0 at T
 
 
 def _precision(setting: str, on_gpu: bool) -> str:
@@ -157,7 +158,8 @@ class _Run:
         )
         self.device = self.acc.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
-        self.base = load_base(s.base, dtype=self.weight_dtype, device=self.device)
+        self.base = load_base(s.base, dtype=self.weight_dtype, device=self.device, config=s.base_config,
+                              prediction=s.prediction, zero_terminal_snr=s.zero_terminal_snr)
         self.family = self.base.family
         self.gen = torch.Generator().manual_seed(s.seed * 7919 + self.acc.process_index)
         set_seed(s.seed)  # LoRA init and dropout draw from the global RNGs
@@ -211,16 +213,22 @@ class _Run:
             self.base.vae.to(dtype=torch.float32)  # encode in fp32 (SDXL's VAE overflows in fp16), once
         encoded = encode_latents(job.train, self.buckets, self.base.vae, vae_id, cache, device=self.device, dtype=torch.float32)
         self.latents = [lat for lat, _ in encoded]
-        self.example_buckets = [b for _, b in encoded]
+        self.geometry: list[Geometry] = [g for _, g in encoded]
+        self.example_buckets = [g.bucket for g in self.geometry]
         validation = encode_latents(job.validation, self.buckets, self.base.vae, vae_id, cache, device=self.device,
                                     dtype=torch.float32)
         self.val_latents = [lat for lat, _ in validation]
-        self.val_buckets = [b for _, b in validation]
+        self.val_geometry = [g for _, g in validation]
         if half:
             self.base.vae.to(dtype=self.weight_dtype)
         self.captions = [e.caption for e in job.train]
+        self.repeats = [e.repeats or job.repeats for e in job.train]
+        self.folders = [e.folder or f"{job.repeats}_{job.character}" for e in job.train]
+        self.rules = CaptionRules(shuffle_caption=s.shuffle_caption, keep_tokens=s.keep_tokens,
+                                  caption_dropout_rate=s.caption_dropout_rate,
+                                  caption_tag_dropout_rate=s.caption_tag_dropout_rate)
         world = self.acc.num_processes
-        per_epoch = len(epoch_batches(self.example_buckets, job.repeats, s.batch_size, s.seed, 0))
+        per_epoch = len(epoch_batches(self.example_buckets, self.repeats, s.batch_size, s.seed, 0))
         self.micro_per_epoch = max(1, per_epoch // world)
         self.total = s.max_steps or math.ceil(s.epochs * self.micro_per_epoch / s.grad_accum)
         self.te_steps = math.ceil(s.text_encoder_fraction * self.total) if self.te_train else 0
@@ -262,7 +270,8 @@ class _Run:
         """Prompt embeddings (and SDXL pooled embeddings); cached per caption once the TE is frozen for good."""
         import torch
 
-        cacheable = not train_te and (not self.te_train or self.step >= self.te_steps)  # TE frozen for good
+        # cached once the TE is frozen for good, unless shuffling makes nearly every caption new
+        cacheable = not train_te and (not self.te_train or self.step >= self.te_steps) and not self.rules.rewrites
         if cacheable and all(c in self._text_cache for c in captions):
             embeds, pooled = zip(*(self._text_cache[c] for c in captions))
             return torch.stack(embeds), (torch.stack(pooled) if pooled[0] is not None else None)
@@ -281,18 +290,18 @@ class _Run:
                 self._text_cache[c] = (embeds[i].detach(), pooled[i].detach() if pooled is not None else None)
         return embeds, pooled
 
-    def _added_cond(self, pooled: Any, bucket: tuple[int, int], n: int) -> dict | None:
-        """SDXL micro-conditioning: original size, crop (0, 0), target size = the bucket."""
+    def added_cond(self, pooled: Any, geometry: list[Geometry]) -> dict | None:
+        """SDXL micro-conditioning of each image: its original size, its crop's top-left in the
+        resized image, and the target size (the bucket), as recorded when it was bucketed."""
         import torch
 
         if self.family != "sdxl":
             return None
-        w, h = bucket
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]] * n, device=self.device, dtype=pooled.dtype)
+        time_ids = torch.tensor([g.time_ids() for g in geometry], device=self.device, dtype=pooled.dtype)
         return {"text_embeds": pooled, "time_ids": time_ids}
 
     # -- one step ----------------------------------------------------------------------------------
-    def _loss(self, latents: Any, captions: list[str], bucket: tuple[int, int], *, train_te: bool,
+    def _loss(self, latents: Any, captions: list[str], geometry: list[Geometry], *, train_te: bool,
               gen: Any, timesteps: Any = None, weights: bool = True) -> Any:
         import torch
         import torch.nn.functional as F
@@ -312,7 +321,7 @@ class _Run:
         embeds, pooled = self._encode(captions, train_te)
         with self.acc.autocast():
             pred = self.unet(noisy.to(self.weight_dtype), timesteps, embeds,
-                             added_cond_kwargs=self._added_cond(pooled, bucket, b)).sample
+                             added_cond_kwargs=self.added_cond(pooled, geometry)).sample
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if weights and s.min_snr_gamma:
             loss = loss * snr_weights(sched, timesteps, s.min_snr_gamma, prediction)
@@ -325,10 +334,10 @@ class _Run:
         m = start
         while True:
             epoch, pos = divmod(m, self.micro_per_epoch)
-            batches = epoch_batches(self.example_buckets, job.repeats, s.batch_size, s.seed, epoch)
+            batches = epoch_batches(self.example_buckets, self.repeats, s.batch_size, s.seed, epoch)
             mine = batches[: self.micro_per_epoch * world][rank::world]
-            for indices in mine[pos:]:
-                yield epoch, indices
+            for k, indices in enumerate(mine[pos:], start=epoch * self.micro_per_epoch + pos):
+                yield epoch, k, indices
             m = (epoch + 1) * self.micro_per_epoch
 
     def train(self) -> None:
@@ -360,13 +369,13 @@ class _Run:
                 for te in self.text_encoders:
                     te.requires_grad_(False)
             for _ in range(s.grad_accum):
-                epoch, indices = next(batches)
+                epoch, micro, indices = next(batches)
                 self.epoch = epoch
                 with self.acc.accumulate(self.unet, *(self.text_encoders if train_te else [])):
                     latents = torch.stack([self.latents[i] for i in indices])
-                    drop = torch.rand(len(indices), generator=self.gen) < s.caption_dropout_rate
-                    captions = ["" if d else self.captions[i] for i, d in zip(indices, drop.tolist())]
-                    loss = self._loss(latents, captions, self.example_buckets[indices[0]], train_te=train_te, gen=self.gen)
+                    captions = self.step_captions(micro, indices)
+                    loss = self._loss(latents, captions, [self.geometry[i] for i in indices], train_te=train_te,
+                                      gen=self.gen)
                     self.acc.backward(loss)
                     if self.acc.sync_gradients and s.max_grad_norm > 0:
                         self.acc.unscale_gradients()  # fp16: clip the true gradients
@@ -379,6 +388,18 @@ class _Run:
             self.last_loss = sum(running) / len(running)
             running.clear()
             self._after_step()
+
+    def step_captions(self, micro: int, indices: list[int]) -> list[str]:
+        """The captions of micro-batch `micro` after shuffle / keep_tokens / dropout (kohya's rules).
+
+        Each draw is seeded by (seed, micro-batch, position), so a resumed run sees the same captions.
+        """
+        import random
+
+        if not self.rules.varies:
+            return [self.captions[i] for i in indices]
+        return [process_caption(self.captions[i], self.rules, random.Random(f"{self.s.seed}:{micro}:{j}"))
+                for j, i in enumerate(indices)]
 
     # -- per step bookkeeping -----------------------------------------------------------------
     def _after_step(self) -> None:
@@ -426,7 +447,7 @@ class _Run:
         """Mean loss over the validation split at fixed timesteps and noise."""
         import torch
 
-        latents, buckets = self.val_latents, self.val_buckets
+        latents, geometries = self.val_latents, self.val_geometry
         captions = [e.caption for e in self.job.validation]
         gen = torch.Generator().manual_seed(self.s.seed + 12345)
         modules = [self.unet, *(self.text_encoders if self.te_train else [])]
@@ -434,9 +455,9 @@ class _Run:
             module.eval()
         total, n = 0.0, 0
         with torch.random.fork_rng(devices=self._rng_devices()), torch.no_grad():
-            for lat, caption, bucket in zip(latents, captions, buckets):
+            for lat, caption, geometry in zip(latents, captions, geometries):
                 for t in VALIDATION_TIMESTEPS:
-                    total += self._loss(lat[None], [caption], bucket, train_te=False, gen=gen,
+                    total += self._loss(lat[None], [caption], [geometry], train_te=False, gen=gen,
                                         timesteps=torch.tensor([t]), weights=False).item()
                     n += 1
         for module in modules:
@@ -485,15 +506,27 @@ class _Run:
         tensors = to_kohya(unet, tes, family=self.family, alpha=s.alpha,
                            layers_per_block=self.acc.unwrap_model(self.unet).config.layers_per_block,
                            dtype=torch.float16 if self.precision == "fp16" else None)
-        settings = s.model_dump(mode="json") | {"te_lr": s.te_lr}
-        folder = f"{job.repeats}_{job.character}"
+        settings = s.model_dump(mode="json") | {"te_lr": s.te_lr, "v_prediction": self.base.v_prediction,
+                                                "zero_terminal_snr": self.base.zero_terminal_snr}
+        captions: dict[str, list[str]] = {}
+        for folder, caption in zip(self.folders, self.captions):
+            captions.setdefault(folder, []).append(caption)
+        repeats = dict(zip(self.folders, self.repeats))
         meta = metadata(family=self.family, base=s.base, rank=s.rank, alpha=s.alpha, resolution=s.resolution,
                         steps=self.step, epochs=getattr(self, "epoch", 0) + 1, max_steps=self.total,
-                        output_name=job.output_name, trigger=job.trigger, captions={folder: self.captions},
-                        repeats={folder: job.repeats}, settings=settings, started=self.started, finished=time.time(),
+                        output_name=job.output_name, trigger=job.trigger, captions=captions, base_hashes=self.base_hashes(),
+                        repeats=repeats, settings=settings, started=self.started, finished=time.time(),
                         buckets={f"{w}x{h}": self.example_buckets.count((w, h)) for w, h in sorted(set(self.example_buckets))},
                         extra={"ss_optimizer": self.optimizer_name, "ss_character": job.character})
         return save_kohya(path, tensors, meta)
+
+    def base_hashes(self) -> dict[str, str]:
+        """kohya's hashes of a single-file base (computed once): legacy short hash and full sha256."""
+        from models.kohya_format import model_hashes
+
+        if not hasattr(self, "_base_hashes"):
+            self._base_hashes = model_hashes(Path(self.base.file)) if self.base.file else {}
+        return self._base_hashes
 
     def _save_checkpoint(self) -> None:
         """Checkpoint of the current step: written in a temporary folder, renamed, rotated."""
