@@ -120,6 +120,20 @@ def snr_weights(scheduler: Any, timesteps: Any, gamma: float, prediction: str) -
     return clipped / (snr + 1.0) if prediction == "v_prediction" else clipped / snr.clamp(min=1e-8)  # ZTSNR: snr 0 at T
 
 
+def training_target(scheduler: Any, latents: Any, noise: Any, timesteps: Any) -> Any:
+    """What the UNet learns to predict: the noise (epsilon bases) or the velocity (v-prediction)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def _has_tensorboard() -> bool:
+    """TensorBoard logs when it is installed (it is in the lock; a bare GPU box may lack it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 def _precision(setting: str, on_gpu: bool) -> str:
     import torch
 
@@ -154,7 +168,7 @@ class _Run:
         self.precision = _precision(s.mixed_precision, on_gpu)
         self.acc = Accelerator(
             mixed_precision=self.precision, gradient_accumulation_steps=s.grad_accum, cpu=not on_gpu,
-            log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+            log_with="tensorboard" if _has_tensorboard() else None, project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
         self.device = self.acc.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
@@ -317,7 +331,7 @@ class _Run:
         timesteps = timesteps.to(self.device).long()
         noisy = sched.add_noise(latents, noise, timesteps)
         prediction = sched.config.prediction_type
-        target = sched.get_velocity(latents, noise, timesteps) if prediction == "v_prediction" else noise
+        target = training_target(sched, latents, noise, timesteps)
         embeds, pooled = self._encode(captions, train_te)
         with self.acc.autocast():
             pred = self.unet(noisy.to(self.weight_dtype), timesteps, embeds,
@@ -345,7 +359,7 @@ class _Run:
         tracker_config = {k: v for k, v in s.model_dump().items() if isinstance(v, (int, float, str, bool))}
         self.acc.init_trackers("lora", config=tracker_config)
         main = self.acc.is_main_process  # per-step logs: one line-buffered file, TensorBoard without a flush per step
-        self.board = self.acc.get_tracker("tensorboard", unwrap=True) if main else None
+        self.board = self.acc.get_tracker("tensorboard", unwrap=True) if main and _has_tensorboard() else None
         self.loss_log = open(self.out / "loss.jsonl", "a", buffering=1) if main else None
         self.board_losses: list[float] = []
         try:
@@ -408,7 +422,7 @@ class _Run:
         if self.loss_log is not None:
             self.loss_log.write(json.dumps({"step": step, "loss": self.last_loss, "lr": lr, "epoch": self.epoch}) + "\n")
             self.board_losses.append(self.last_loss)
-            if step % TENSORBOARD_EVERY == 0 or step == self.total:  # TensorBoard: the mean of the last steps
+            if self.board is not None and (step % TENSORBOARD_EVERY == 0 or step == self.total):  # TensorBoard: the mean of the last steps
                 self.board.add_scalar("loss", sum(self.board_losses) / len(self.board_losses), global_step=step)
                 self.board.add_scalar("lr", lr, global_step=step)
                 self.board_losses.clear()

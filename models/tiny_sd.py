@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CACHE = REPO / ".cache"
-TINY_VERSION = 2
+TINY_VERSION = 3
 """Bumped whenever a builder changes, so cached tiny models are rebuilt."""
 
 _WORDS = (
@@ -83,6 +83,12 @@ def _text_config(tokenizer, hidden_size: int = 32, **extra):
     )
 
 
+VAE_SCALING = 3.2
+"""Latent scaling of the tiny VAE: as SD's 0.18215 does for its VAE, it brings the latents of
+ordinary images to about unit variance (this random VAE's raw latents have a std of ~0.3), so
+that noise and image weigh in the tiny models as they do in the real ones."""
+
+
 def _vae():
     from diffusers import AutoencoderKL
 
@@ -90,7 +96,7 @@ def _vae():
         in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
         block_out_channels=(8, 16, 16), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        sample_size=64,
+        sample_size=64, scaling_factor=VAE_SCALING,
     )
 
 
