@@ -34,6 +34,7 @@ from models.lora_settings import TrainSettings
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
+TINY_UNET_PARAMS = 5_000_000  # below this a CPU training runs on one thread (real UNets have ~10^9)
 TENSORBOARD_EVERY = 10  # steps per TensorBoard point (loss.jsonl has every step)
 
 
@@ -154,7 +155,7 @@ class _Run:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
-        from models.sd_base import is_tiny, load_base
+        from models.sd_base import load_base
 
         self.job, self.s, self.on_step = job, job.settings, on_step
         self.out = Path(job.output_dir)
@@ -163,8 +164,6 @@ class _Run:
         if s.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device is 'cuda' but no CUDA GPU is available; use device auto or cpu")
         on_gpu = s.device != "cpu" and torch.cuda.is_available()
-        if not on_gpu and is_tiny(s.base):
-            torch.set_num_threads(1)  # tiny ops: thread hand-offs cost more than they give
         self.precision = _precision(s.mixed_precision, on_gpu)
         self.acc = Accelerator(
             mixed_precision=self.precision, gradient_accumulation_steps=s.grad_accum, cpu=not on_gpu,
@@ -175,6 +174,8 @@ class _Run:
         self.base = load_base(s.base, dtype=self.weight_dtype, device=self.device, config=s.base_config,
                               prediction=s.prediction, zero_terminal_snr=s.zero_terminal_snr)
         self.family = self.base.family
+        if not on_gpu and sum(p.numel() for p in self.base.unet.parameters()) < TINY_UNET_PARAMS:
+            torch.set_num_threads(1)  # tiny ops (a stand-in base, from a folder or a file): thread hand-offs cost more
         self.gen = torch.Generator().manual_seed(s.seed * 7919 + self.acc.process_index)
         set_seed(s.seed)  # LoRA init and dropout draw from the global RNGs
         self._add_lora()
