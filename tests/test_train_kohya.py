@@ -332,3 +332,21 @@ def test_learning_check_fails_when_captions_never_reach_the_text_encoder(cast_pa
     report = _check(cast_package, outcome.lora_path, "robo")
     assert report.gain > 1.0 and report.caption_gain < MIN_CAPTION_GAIN, report.to_json()
     assert not report.passed(MIN_GAIN, MIN_CAPTION_GAIN)
+
+
+def test_package_marks_a_v_prediction_base_and_the_trainer_reads_it(tmp_path):
+    import tomllib
+
+    from models.lora_settings import read_kohya_config, resolve_settings
+    from tasks.package import PackageParams, kohya_training
+
+    plan = {"network_dim": 8, "network_alpha": 8, "unet_lr": 1e-4, "text_encoder_lr": 5e-5, "epochs": 2}
+    config = tmp_path / "x_config.toml"
+    config.write_text(kohya_training("x", plan, tmp_path / "d.toml", tmp_path / "p.txt", tmp_path,
+                                     PackageParams(v_parameterization=True)))
+    model = tomllib.loads(config.read_text())["model"]
+    assert model["v_parameterization"] is True and model["zero_terminal_snr"] is True
+    settings = resolve_settings("package", read_kohya_config(config))
+    assert (settings.prediction, settings.zero_terminal_snr) == ("v", True)
+    assert "v_parameterization" not in tomllib.loads(kohya_training("x", plan, tmp_path / "d.toml", tmp_path / "p.txt",
+                                                                    tmp_path, PackageParams()))["model"]
