@@ -407,13 +407,14 @@ class _Run:
     def step_captions(self, micro: int, indices: list[int]) -> list[str]:
         """The captions of micro-batch `micro` after shuffle / keep_tokens / dropout (kohya's rules).
 
-        Each draw is seeded by (seed, micro-batch, position), so a resumed run sees the same captions.
+        Each draw is seeded by (seed, process, micro-batch, position), so a resumed run sees the same captions.
         """
         import random
 
         if not self.rules.varies:
             return [self.captions[i] for i in indices]
-        return [process_caption(self.captions[i], self.rules, random.Random(f"{self.s.seed}:{micro}:{j}"))
+        rank = self.acc.process_index
+        return [process_caption(self.captions[i], self.rules, random.Random(f"{self.s.seed}:{rank}:{micro}:{j}"))
                 for j, i in enumerate(indices)]
 
     # -- per step bookkeeping -----------------------------------------------------------------
