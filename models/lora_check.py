@@ -2,11 +2,12 @@
 
 On held-out images of the trained characters (poses the training never saw), the denoising
 loss of the base with the LoRA file loaded (through diffusers' `load_lora_weights`, as a user
-would) is compared with the base alone, and with the LoRA but each image's caption swapped for
-another character's. Noise and timesteps are fixed, so the three figures differ only by what
-the LoRA and the captions change. A working training lowers the loss (`gain` = off / on > 1)
-and makes the right trigger word matter (`caption_gain` = swapped / right > 1); a training that
-did nothing, learned the wrong target, or never let the captions reach the text encoder does not.
+would) is compared with the base alone, and with the LoRA but other captions (e.g. empty ones,
+or another character's). Noise and timesteps are fixed, so the three figures differ only by
+what the LoRA and the captions change. A working training lowers the loss (`gain` = off / on
+> 1) and fits the captions it was trained with (`caption_gain` = other / right > 1); a training
+that did nothing or whose LoRA is not applied has gain 1, and one whose captions never reached
+the text encoder fits the empty caption better than the right one (caption gain < 1).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class LearningReport:
 
     loss_base: float          # base alone, right captions
     loss_lora: float          # base + LoRA, right captions
-    loss_swapped: float       # base + LoRA, another character's caption
+    loss_other: float         # base + LoRA, the other captions
     lora_scale: float
     velocity: bool            # measured against the velocity (a v-prediction base)
 
@@ -36,7 +37,7 @@ class LearningReport:
 
     @property
     def caption_gain(self) -> float:
-        return self.loss_swapped / self.loss_lora
+        return self.loss_other / self.loss_lora
 
     def passed(self, min_gain: float, min_caption_gain: float) -> bool:
         return self.gain >= min_gain and self.caption_gain >= min_caption_gain
@@ -71,7 +72,7 @@ def _losses(pipe: Any, latents: Any, captions: list[str], noise: Any) -> float:
     return total / n
 
 
-def learning_check(base: str, lora: Path | str, heldout: list[Example], swapped: list[str], *,
+def learning_check(base: str, lora: Path | str, heldout: list[Example], other: list[str], *,
                    lora_scale: float = 1.0, seed: int = 0, config: str | None = None,
                    prediction: str = "auto") -> LearningReport:
     """Held-out denoising losses of `base` without and with the LoRA file (at `lora_scale`).
@@ -79,7 +80,7 @@ def learning_check(base: str, lora: Path | str, heldout: list[Example], swapped:
     Args:
         base: the base the LoRA was trained on (SD 1.5 family; `config` as for a single file);
             lora: its kohya-format file.
-        heldout: images with their right captions; swapped: the same images' wrong captions.
+        heldout: images with their right captions; other: a caption per image to compare with.
     """
     import torch
     from diffusers import DDPMScheduler
@@ -87,8 +88,8 @@ def learning_check(base: str, lora: Path | str, heldout: list[Example], swapped:
     from models.lora_data import load_image, nearest_bucket
     from models.sd_base import load_base
 
-    if len(swapped) != len(heldout):
-        raise ValueError(f"swapped needs one caption per held-out image ({len(heldout)}), got {len(swapped)}")
+    if len(other) != len(heldout):
+        raise ValueError(f"other needs one caption per held-out image ({len(heldout)}), got {len(other)}")
     model = load_base(base, config=config, prediction=prediction)
     if model.family != "sd15":
         raise ValueError(f"learning_check measures SD 1.5 bases, got {model.family} ({base})")
@@ -108,6 +109,6 @@ def learning_check(base: str, lora: Path | str, heldout: list[Example], swapped:
     pipe.load_lora_weights(str(lora), adapter_name="checked")
     pipe.set_adapters(["checked"], adapter_weights=[lora_scale])
     loss_lora = _losses(pipe, latents, captions, noise)
-    loss_swapped = _losses(pipe, latents, list(swapped), noise)
-    return LearningReport(loss_base=loss_base, loss_lora=loss_lora, loss_swapped=loss_swapped, lora_scale=lora_scale,
+    loss_other = _losses(pipe, latents, list(other), noise)
+    return LearningReport(loss_base=loss_base, loss_lora=loss_lora, loss_other=loss_other, lora_scale=lora_scale,
                           velocity=model.v_prediction)

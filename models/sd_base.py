@@ -200,7 +200,7 @@ def _load_file(name: str, path: str, family: Family, dtype: Any, device: Any, co
     kwargs = {"original_config": arch} if arch.lower().endswith((".yaml", ".yml")) else {"config": arch}
     try:
         pipe = cls.from_single_file(path, torch_dtype=dtype, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:  # hub / offline errors are OSErrors
         raise BaseModelMissing(
             f"single-file base '{name}' ({family}) needs the configs and tokenizers of its architecture, read from "
             f"'{arch}', which is not a local diffusers folder of that family and could not be fetched "
