@@ -9,7 +9,10 @@ A package (what our `package` stage writes, and what kohya sd-scripts reads)::
     <package>/characters.parquet          trigger word per character (optional)
 
 Folder names are parsed like kohya does: the part before the first `_` must be an integer
-(the repeats), the rest is the name; other folders are skipped and reported.
+(the repeats), the rest is the name; other folders are skipped and reported. A dataset TOML
+whose subsets name several of these folders (the package's multi-concept config) is one more
+training over all of them, each folder keeping its repeats. Each image's bucket geometry
+(original size, crop offset) is recorded when it is bucketed, for SDXL's micro-conditioning.
 """
 
 from __future__ import annotations
