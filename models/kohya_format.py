@@ -10,7 +10,9 @@ on a diffusers-named UNet); SDXL paths use the original (sgm) names kohya uses f
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -77,12 +79,13 @@ def to_diffusers(unet_state: dict[str, Any], te_states: list[dict[str, Any]], sc
 
 
 def tag_frequency(captions: dict[str, list[str]]) -> dict[str, dict[str, int]]:
-    """kohya's ss_tag_frequency: per image folder, how often each comma-separated tag occurs."""
+    """kohya's ss_tag_frequency: per image folder, how often each comma-separated tag occurs
+    (tags stripped and lower-cased, as kohya counts them)."""
     out: dict[str, dict[str, int]] = {}
     for folder, texts in captions.items():
         counts: dict[str, int] = {}
         for text in texts:
-            for tag in (t.strip() for t in text.split(",")):
+            for tag in (t.strip().lower() for t in text.split(",")):
                 if tag:
                     counts[tag] = counts.get(tag, 0) + 1
         out[folder] = counts
@@ -92,12 +95,19 @@ def tag_frequency(captions: dict[str, list[str]]) -> dict[str, dict[str, int]]:
 def metadata(*, family: str, base: str, rank: int, alpha: float, resolution: int, steps: int, epochs: int,
              max_steps: int, output_name: str, trigger: str, captions: dict[str, list[str]],
              repeats: dict[str, int], settings: dict[str, Any], started: float, finished: float,
-             buckets: dict[str, int], extra: dict[str, Any] | None = None) -> dict[str, str]:
+             buckets: dict[str, int], base_hashes: dict[str, str] | None = None,
+             extra: dict[str, Any] | None = None) -> dict[str, str]:
     """The `ss_*` (kohya) and `modelspec.*` metadata strings of a LoRA file."""
     meta = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
         "ss_network_dropout": str(settings.get("dropout", 0.0)),
-        "ss_base_model_version": BASE_VERSIONS[family], "ss_v2": "False", "ss_sd_model_name": base,
+        "ss_base_model_version": BASE_VERSIONS[family], "ss_v2": "False",
+        "ss_sd_model_name": os.path.basename(base.rstrip("/\\")) or base,
+        "ss_v_parameterization": str(bool(settings.get("v_prediction"))),
+        "ss_zero_terminal_snr": str(bool(settings.get("zero_terminal_snr"))),
+        "ss_shuffle_caption": str(bool(settings.get("shuffle_caption"))),
+        "ss_keep_tokens": str(settings.get("keep_tokens", 0)),
+        "ss_caption_tag_dropout_rate": str(settings.get("caption_tag_dropout_rate", 0.0)),
         "ss_resolution": f"({resolution}, {resolution})", "ss_steps": str(steps), "ss_epoch": str(epochs),
         "ss_max_train_steps": str(max_steps), "ss_output_name": output_name,
         "ss_unet_lr": str(settings.get("unet_lr")), "ss_learning_rate": str(settings.get("unet_lr")),
@@ -120,8 +130,22 @@ def metadata(*, family: str, base: str, rank: int, alpha: float, resolution: int
         "modelspec.trigger_phrase": trigger, "modelspec.resolution": f"{resolution}x{resolution}",
         "ss_training_comment": f"trained by episode2lora; trigger word: {trigger}",
     }
+    meta.update(base_hashes or {})
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     return meta
+
+
+def model_hashes(path: Path) -> dict[str, str]:
+    """kohya's hashes of a base model file: `ss_sd_model_hash` (the legacy short hash: sha256 of
+    64 KiB at offset 1 MiB, 8 hex digits) and `ss_new_sd_model_hash` (sha256 of the whole file)."""
+    full = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(0x100000)
+        legacy = hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+        fh.seek(0)
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            full.update(block)
+    return {"ss_sd_model_hash": legacy, "ss_new_sd_model_hash": full.hexdigest()}
 
 
 def save_kohya(path: Path, tensors: dict[str, Any], meta: dict[str, str]) -> Path:

@@ -9,7 +9,10 @@ A package (what our `package` stage writes, and what kohya sd-scripts reads)::
     <package>/characters.parquet          trigger word per character (optional)
 
 Folder names are parsed like kohya does: the part before the first `_` must be an integer
-(the repeats), the rest is the name; other folders are skipped and reported.
+(the repeats), the rest is the name; other folders are skipped and reported. A dataset TOML
+whose subsets name several of these folders (the package's multi-concept config) is one more
+training over all of them, each folder keeping its repeats. Each image's bucket geometry
+(original size, crop offset) is recorded when it is bucketed, for SDXL's micro-conditioning.
 """
 
 from __future__ import annotations
@@ -27,10 +30,34 @@ _REPEATS = re.compile(r"^(\d+)_(.+)$")
 
 @dataclass(frozen=True)
 class Example:
-    """One training image and its caption."""
+    """One training image and its caption, with the `<repeats>_<name>` folder it came from."""
 
     image: Path
     caption: str
+    folder: str = ""        # e.g. "10_hero" (kohya's folder: its tag frequency and repeats)
+    repeats: int = 0        # times per epoch; 0 = the job's repeats
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a training image sits in its bucket (SDXL micro-conditioning, kohya's order).
+
+    `original_hw` is the image's own (height, width); `crop_top_left` the (top, left) offset of
+    the bucket-sized crop in the resized image; `target_hw` the bucket's (height, width).
+    """
+
+    original_hw: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_hw: tuple[int, int]
+
+    @property
+    def bucket(self) -> tuple[int, int]:
+        """The bucket as (width, height)."""
+        return self.target_hw[1], self.target_hw[0]
+
+    def time_ids(self) -> list[int]:
+        """SDXL's added time ids: original size, crop top-left, target size."""
+        return [*self.original_hw, *self.crop_top_left, *self.target_hw]
 
 
 @dataclass
@@ -45,6 +72,7 @@ class CharacterSet:
     validation: list[Example] = field(default_factory=list)
     config_files: list[Path] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
+    concepts: list[str] = field(default_factory=list)   # a multi-concept training: the characters it covers
 
 
 def parse_repeats_folder(name: str) -> tuple[int, str] | None:
@@ -59,7 +87,7 @@ def parse_repeats_folder(name: str) -> tuple[int, str] | None:
     return int(m[1]), m[2].strip()
 
 
-def _pairs(folder: Path, default_caption: str) -> tuple[list[Example], list[str]]:
+def _pairs(folder: Path, default_caption: str, repeats: int = 0) -> tuple[list[Example], list[str]]:
     """Image/caption pairs of a folder; unreadable images are quarantined with a reason."""
     from PIL import Image
 
@@ -73,7 +101,7 @@ def _pairs(folder: Path, default_caption: str) -> tuple[list[Example], list[str]
             continue
         caption_file = image.with_suffix(".txt")
         caption = caption_file.read_text(errors="replace").strip() if caption_file.is_file() else ""
-        examples.append(Example(image=image, caption=caption or default_caption))
+        examples.append(Example(image=image, caption=caption or default_caption, folder=folder.name, repeats=repeats))
     return examples, quarantined
 
 
@@ -109,7 +137,7 @@ def read_package(package: Path | str) -> tuple[list[CharacterSet], list[str]]:
                 skipped.append(f"{folder.name}: name is not <repeats>_<name>")
                 continue
             repeats, name = parsed
-            train, quarantined = _pairs(folder, name)
+            train, quarantined = _pairs(folder, name, repeats)
             if not train:
                 skipped.append(f"{folder.name}: no readable images")
                 continue
@@ -125,7 +153,39 @@ def read_package(package: Path | str) -> tuple[list[CharacterSet], list[str]]:
     if not characters:
         raise FileNotFoundError(f"no <repeats>_<name> image folders in {package}"
                                 + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
-    return characters, skipped
+    return characters + _concepts(package, characters), skipped
+
+
+def _concepts(package: Path, characters: list[CharacterSet]) -> list[CharacterSet]:
+    """Multi-concept trainings: a `configs/<name>_dataset.toml` whose subsets name several of the
+    package's `<repeats>_<name>` folders (matched by folder name) is one more training over all of
+    them, each folder with its own repeats, tag frequency and validation images."""
+    import tomllib
+
+    by_folder = {c.folder.name: c for c in characters}
+    names = {c.name for c in characters}
+    found = []
+    for path in sorted((package / "configs").glob("*_dataset.toml")) if (package / "configs").is_dir() else []:
+        name = path.name[: -len("_dataset.toml")]
+        if name in names:
+            continue
+        try:
+            config = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+            continue
+        folders = [Path(str(sub.get("image_dir", ""))).name for ds in config.get("datasets", [])
+                   for sub in ds.get("subsets", [])]
+        members = [by_folder[f] for f in folders if f in by_folder]
+        if len(members) < 2 or len(members) != len(folders):
+            continue
+        trigger = ", ".join(m.trigger for m in members)
+        configs = [package / "configs" / f"{name}_dataset.toml", package / "configs" / f"{name}_config.toml"]
+        found.append(CharacterSet(name=name, folder=package, repeats=1, trigger=trigger,
+                                  train=[e for m in members for e in m.train],
+                                  validation=[e for m in members for e in m.validation],
+                                  config_files=[c for c in configs if c.is_file()],
+                                  quarantined=[q for m in members for q in m.quarantined], concepts=[m.name for m in members]))
+    return found
 
 
 # ---- buckets ---------------------------------------------------------------------------------
@@ -150,6 +210,15 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
+def fit(width: int, height: int, bucket: tuple[int, int]) -> tuple[tuple[int, int], Geometry]:
+    """The size an image is resized to (covering the bucket) and where its centre crop sits."""
+    w, h = bucket
+    scale = max(w / width, h / height)
+    size = (max(w, round(width * scale)), max(h, round(height * scale)))
+    left, top = (size[0] - w) // 2, (size[1] - h) // 2
+    return size, Geometry(original_hw=(height, width), crop_top_left=(top, left), target_hw=(h, w))
+
+
 def load_image(path: Path, bucket: tuple[int, int]):
     """RGB float tensor (3, H, W) in [-1, 1]: resized to cover the bucket, centre-cropped."""
     import numpy as np
@@ -163,10 +232,9 @@ def load_image(path: Path, bucket: tuple[int, int]):
             im = Image.alpha_composite(canvas, im)
         im = im.convert("RGB")
         w, h = bucket
-        scale = max(w / im.width, h / im.height)
-        size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
+        size, geometry = fit(im.width, im.height, bucket)
         im = im.resize(size, Image.Resampling.LANCZOS)
-        left, top = (size[0] - w) // 2, (size[1] - h) // 2
+        top, left = geometry.crop_top_left
         im = im.crop((left, top, left + w, top + h))
         array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
@@ -180,8 +248,9 @@ def image_key(path: Path, bucket: tuple[int, int], vae_id: str) -> str:
 
 
 def encode_latents(examples: list[Example], buckets: list[tuple[int, int]], vae: Any, vae_id: str,
-                   cache_dir: Path | None, *, device: Any, dtype: Any, batch: int = 8) -> list[tuple[Any, tuple[int, int]]]:
-    """Latents (scaled, CPU float32) and bucket of each example, read from / written to `cache_dir`."""
+                   cache_dir: Path | None, *, device: Any, dtype: Any, batch: int = 8) -> list[tuple[Any, Geometry]]:
+    """Latents (scaled, CPU float32) and bucket geometry of each example (read from / written to
+    `cache_dir`); the geometry (original size, crop) is recorded here, when the bucket is chosen."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -193,7 +262,7 @@ def encode_latents(examples: list[Example], buckets: list[tuple[int, int]], vae:
 
         with Image.open(ex.image) as im:
             bucket = nearest_bucket(im.width, im.height, buckets)
-        sizes.append(bucket)
+            sizes.append(fit(im.width, im.height, bucket)[1])
         key = image_key(ex.image, bucket, vae_id)
         cached = cache_dir / f"{key}.safetensors" if cache_dir else None
         if cached is not None and cached.is_file():
@@ -222,15 +291,17 @@ def encode_latents(examples: list[Example], buckets: list[tuple[int, int]], vae:
     return list(zip(out, sizes))
 
 
-def epoch_batches(buckets_of: list[tuple[int, int]], repeats: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch's micro-batches (example indices), kohya-style: every image `repeats` times,
-    batches drawn within a bucket, shuffled; the same (seed, epoch) always gives the same epoch."""
+def epoch_batches(buckets_of: list[tuple[int, int]], repeats: list[int], batch_size: int, seed: int,
+                  epoch: int) -> list[list[int]]:
+    """One epoch's micro-batches (example indices), kohya-style: image i `repeats[i]` times (its
+    folder's repeats), batches drawn within a bucket, shuffled; the same (seed, epoch) always
+    gives the same epoch."""
     import torch
 
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for i, bucket in enumerate(buckets_of):
-        by_bucket.setdefault(bucket, []).extend([i] * repeats)
+        by_bucket.setdefault(bucket, []).extend([i] * repeats[i])
     batches = []
     for bucket in sorted(by_bucket):
         items = by_bucket[bucket]

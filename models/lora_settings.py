@@ -20,6 +20,9 @@ from models.sd_base import DEFAULT_BASE
 Scheduler = Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"]
 Precision = Literal["auto", "no", "fp16", "bf16"]
 Optimizer = Literal["auto", "adamw", "adamw8bit"]
+Prediction = Literal["auto", "epsilon", "v"]
+CAPTION_FIELDS = ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate")
+"""How captions vary: read from the package's dataset TOML whatever the profile (captions as packaged)."""
 
 
 class TrainSettings(BaseModel):
@@ -27,7 +30,15 @@ class TrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base: str = Field(DEFAULT_BASE, description="base model: Hugging Face id, local diffusers folder, or tiny / tiny-sdxl (untrained stand-ins)")
+    base: str = Field(DEFAULT_BASE, description="base model: Hugging Face id, local diffusers folder, single "
+                      ".safetensors/.ckpt file, or tiny / tiny-sdxl (untrained stand-ins)")
+    base_config: Optional[str] = Field(None, description="for a single-file base: a diffusers folder (or hub id) of the "
+                                       "same architecture whose configs and tokenizers it uses (default: the SD 1.5 / "
+                                       "SDXL base id, which needs the hub once)")
+    prediction: Prediction = Field("auto", description="what the UNet predicts: auto (the base's scheduler, or the "
+                                   "file's v_pred marker), epsilon, or v (v-prediction)")
+    zero_terminal_snr: Optional[bool] = Field(None, description="rescale the noise schedule to zero terminal SNR "
+                                              "(None: on for v-prediction, off for epsilon)")
     resolution: int = Field(512, ge=64, description="training resolution (bucket area = resolution²)")
     min_bucket_reso: int = Field(256, ge=64, description="smallest bucket side")
     max_bucket_reso: int = Field(768, ge=64, description="largest bucket side")
@@ -50,6 +61,9 @@ class TrainSettings(BaseModel):
     noise_offset: float = Field(0.05, ge=0, description="noise offset (per-channel constant added to the noise)")
     min_snr_gamma: Optional[float] = Field(None, gt=0, description="min-SNR loss weighting gamma (None: off)")
     caption_dropout_rate: float = Field(0.0, ge=0, le=1, description="share of steps trained with an empty caption")
+    caption_tag_dropout_rate: float = Field(0.0, ge=0, le=1, description="each tag after keep_tokens is dropped with this probability")
+    shuffle_caption: bool = Field(False, description="shuffle the comma-separated tags after the first keep_tokens")
+    keep_tokens: int = Field(0, ge=0, description="leading tags never shuffled or dropped (the trigger word)")
     optimizer: Optimizer = Field("auto", description="adamw, adamw8bit (bitsandbytes + GPU), auto = 8-bit when possible")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0: off)")
@@ -114,6 +128,8 @@ KOHYA_KEYS: dict[str, str] = {
     "text_encoder_lr": "text_encoder_lr", "lr_scheduler": "lr_scheduler", "lr_warmup_steps": "warmup_steps",
     "lr_scheduler_num_cycles": "lr_cycles", "noise_offset": "noise_offset", "min_snr_gamma": "min_snr_gamma",
     "caption_dropout_rate": "caption_dropout_rate", "mixed_precision": "mixed_precision",
+    "caption_tag_dropout_rate": "caption_tag_dropout_rate", "shuffle_caption": "shuffle_caption",
+    "keep_tokens": "keep_tokens", "zero_terminal_snr": "zero_terminal_snr",
     "gradient_checkpointing": "gradient_checkpointing", "seed": "seed", "save_every_n_steps": "save_every_steps",
     "max_grad_norm": "max_grad_norm", "cache_latents": "cache_latents", "cache_latents_to_disk": "cache_latents",
 }
@@ -139,6 +155,8 @@ def from_kohya(config: dict[str, Any]) -> dict[str, Any]:
             out[KOHYA_KEYS[key]] = _resolution(value) if key == "resolution" else value
     if "network_train_unet_only" in flat:
         out["train_text_encoder"] = not bool(flat["network_train_unet_only"])
+    if "v_parameterization" in flat:
+        out["prediction"] = "v" if flat["v_parameterization"] else "epsilon"
     if str(flat.get("optimizer_type", "")).lower() in ("adamw8bit", "adamw"):
         out["optimizer"] = str(flat["optimizer_type"]).lower()
     if out.get("lr_scheduler") not in (None, *Scheduler.__args__):
@@ -171,12 +189,19 @@ SettingsOverrides = _optional(TrainSettings, "SettingsOverrides")
 
 def resolve_settings(profile: str, package_config: dict[str, Any] | None = None,
                      overrides: dict[str, Any] | None = None) -> TrainSettings:
-    """Defaults < profile < package kohya config (profile `package`) < explicit overrides."""
+    """Defaults < profile < package kohya config < explicit overrides.
+
+    The package config counts whole under profile `package`; under other profiles only its
+    caption handling (CAPTION_FIELDS: shuffle, keep_tokens, dropout) counts, since it describes
+    how the packaged captions are meant to be read.
+    """
     if profile not in PROFILES:
         raise KeyError(f"unknown profile '{profile}'; known profiles: {', '.join(PROFILES)}")
     data: dict[str, Any] = dict(PROFILES["fast"] if profile == "package" else PROFILES[profile])
     if profile == "package":
         data.update(package_config or {})
+    else:
+        data.update({k: v for k, v in (package_config or {}).items() if k in CAPTION_FIELDS})
     explicit = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "epochs" in explicit and "max_steps" not in explicit:
         data["max_steps"] = None  # asking for epochs means epochs decide the length

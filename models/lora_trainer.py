@@ -27,12 +27,14 @@ from typing import Any, Callable
 
 from models import lora_checkpoints as ckpt
 from models.kohya_format import metadata, save_kohya, to_diffusers, to_kohya
-from models.lora_data import Example, bucket_sizes, encode_latents, epoch_batches
+from models.captions import CaptionRules, process_caption
+from models.lora_data import Example, Geometry, bucket_sizes, encode_latents, epoch_batches
 from models.lora_settings import TrainSettings
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
+TINY_UNET_PARAMS = 5_000_000  # below this a CPU training runs on one thread (real UNets have ~10^9)
 TENSORBOARD_EVERY = 10  # steps per TensorBoard point (loss.jsonl has every step)
 
 
@@ -58,7 +60,7 @@ class TrainJob:
 
     def signature(self) -> str:
         """What a checkpoint must agree with to be resumed: settings and data."""
-        data = [(e.image.name, e.image.stat().st_size, e.caption) for e in self.train + self.validation]
+        data = [(e.image.name, e.image.stat().st_size, e.caption, e.folder, e.repeats) for e in self.train + self.validation]
         payload = json.dumps({"settings": self.settings.model_dump(mode="json"), "data": data,
                               "repeats": self.repeats}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()
@@ -116,7 +118,21 @@ def snr_weights(scheduler: Any, timesteps: Any, gamma: float, prediction: str) -
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = alphas / (1.0 - alphas)
     clipped = snr.clamp(max=gamma)
-    return clipped / (snr + 1.0) if prediction == "v_prediction" else clipped / snr
+    return clipped / (snr + 1.0) if prediction == "v_prediction" else clipped / snr.clamp(min=1e-8)  # ZTSNR: snr 0 at T
+
+
+def training_target(scheduler: Any, latents: Any, noise: Any, timesteps: Any) -> Any:
+    """What the UNet learns to predict: the noise (epsilon bases) or the velocity (v-prediction)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def _has_tensorboard() -> bool:
+    """TensorBoard logs when it is installed (it is in the lock; a bare GPU box may lack it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def _precision(setting: str, on_gpu: bool) -> str:
@@ -139,7 +155,7 @@ class _Run:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
-        from models.sd_base import is_tiny, load_base
+        from models.sd_base import load_base
 
         self.job, self.s, self.on_step = job, job.settings, on_step
         self.out = Path(job.output_dir)
@@ -148,17 +164,18 @@ class _Run:
         if s.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device is 'cuda' but no CUDA GPU is available; use device auto or cpu")
         on_gpu = s.device != "cpu" and torch.cuda.is_available()
-        if not on_gpu and is_tiny(s.base):
-            torch.set_num_threads(1)  # tiny ops: thread hand-offs cost more than they give
         self.precision = _precision(s.mixed_precision, on_gpu)
         self.acc = Accelerator(
             mixed_precision=self.precision, gradient_accumulation_steps=s.grad_accum, cpu=not on_gpu,
-            log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+            log_with="tensorboard" if _has_tensorboard() else None, project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
         self.device = self.acc.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
-        self.base = load_base(s.base, dtype=self.weight_dtype, device=self.device)
+        self.base = load_base(s.base, dtype=self.weight_dtype, device=self.device, config=s.base_config,
+                              prediction=s.prediction, zero_terminal_snr=s.zero_terminal_snr)
         self.family = self.base.family
+        if not on_gpu and sum(p.numel() for p in self.base.unet.parameters()) < TINY_UNET_PARAMS:
+            torch.set_num_threads(1)  # tiny ops (a stand-in base, from a folder or a file): thread hand-offs cost more
         self.gen = torch.Generator().manual_seed(s.seed * 7919 + self.acc.process_index)
         set_seed(s.seed)  # LoRA init and dropout draw from the global RNGs
         self._add_lora()
@@ -211,16 +228,22 @@ class _Run:
             self.base.vae.to(dtype=torch.float32)  # encode in fp32 (SDXL's VAE overflows in fp16), once
         encoded = encode_latents(job.train, self.buckets, self.base.vae, vae_id, cache, device=self.device, dtype=torch.float32)
         self.latents = [lat for lat, _ in encoded]
-        self.example_buckets = [b for _, b in encoded]
+        self.geometry: list[Geometry] = [g for _, g in encoded]
+        self.example_buckets = [g.bucket for g in self.geometry]
         validation = encode_latents(job.validation, self.buckets, self.base.vae, vae_id, cache, device=self.device,
                                     dtype=torch.float32)
         self.val_latents = [lat for lat, _ in validation]
-        self.val_buckets = [b for _, b in validation]
+        self.val_geometry = [g for _, g in validation]
         if half:
             self.base.vae.to(dtype=self.weight_dtype)
         self.captions = [e.caption for e in job.train]
+        self.repeats = [e.repeats or job.repeats for e in job.train]
+        self.folders = [e.folder or f"{job.repeats}_{job.character}" for e in job.train]
+        self.rules = CaptionRules(shuffle_caption=s.shuffle_caption, keep_tokens=s.keep_tokens,
+                                  caption_dropout_rate=s.caption_dropout_rate,
+                                  caption_tag_dropout_rate=s.caption_tag_dropout_rate)
         world = self.acc.num_processes
-        per_epoch = len(epoch_batches(self.example_buckets, job.repeats, s.batch_size, s.seed, 0))
+        per_epoch = len(epoch_batches(self.example_buckets, self.repeats, s.batch_size, s.seed, 0))
         self.micro_per_epoch = max(1, per_epoch // world)
         self.total = s.max_steps or math.ceil(s.epochs * self.micro_per_epoch / s.grad_accum)
         self.te_steps = math.ceil(s.text_encoder_fraction * self.total) if self.te_train else 0
@@ -262,7 +285,8 @@ class _Run:
         """Prompt embeddings (and SDXL pooled embeddings); cached per caption once the TE is frozen for good."""
         import torch
 
-        cacheable = not train_te and (not self.te_train or self.step >= self.te_steps)  # TE frozen for good
+        # cached once the TE is frozen for good, unless shuffling makes nearly every caption new
+        cacheable = not train_te and (not self.te_train or self.step >= self.te_steps) and not self.rules.rewrites
         if cacheable and all(c in self._text_cache for c in captions):
             embeds, pooled = zip(*(self._text_cache[c] for c in captions))
             return torch.stack(embeds), (torch.stack(pooled) if pooled[0] is not None else None)
@@ -281,18 +305,18 @@ class _Run:
                 self._text_cache[c] = (embeds[i].detach(), pooled[i].detach() if pooled is not None else None)
         return embeds, pooled
 
-    def _added_cond(self, pooled: Any, bucket: tuple[int, int], n: int) -> dict | None:
-        """SDXL micro-conditioning: original size, crop (0, 0), target size = the bucket."""
+    def added_cond(self, pooled: Any, geometry: list[Geometry]) -> dict | None:
+        """SDXL micro-conditioning of each image: its original size, its crop's top-left in the
+        resized image, and the target size (the bucket), as recorded when it was bucketed."""
         import torch
 
         if self.family != "sdxl":
             return None
-        w, h = bucket
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]] * n, device=self.device, dtype=pooled.dtype)
+        time_ids = torch.tensor([g.time_ids() for g in geometry], device=self.device, dtype=pooled.dtype)
         return {"text_embeds": pooled, "time_ids": time_ids}
 
     # -- one step ----------------------------------------------------------------------------------
-    def _loss(self, latents: Any, captions: list[str], bucket: tuple[int, int], *, train_te: bool,
+    def _loss(self, latents: Any, captions: list[str], geometry: list[Geometry], *, train_te: bool,
               gen: Any, timesteps: Any = None, weights: bool = True) -> Any:
         import torch
         import torch.nn.functional as F
@@ -308,11 +332,11 @@ class _Run:
         timesteps = timesteps.to(self.device).long()
         noisy = sched.add_noise(latents, noise, timesteps)
         prediction = sched.config.prediction_type
-        target = sched.get_velocity(latents, noise, timesteps) if prediction == "v_prediction" else noise
+        target = training_target(sched, latents, noise, timesteps)
         embeds, pooled = self._encode(captions, train_te)
         with self.acc.autocast():
             pred = self.unet(noisy.to(self.weight_dtype), timesteps, embeds,
-                             added_cond_kwargs=self._added_cond(pooled, bucket, b)).sample
+                             added_cond_kwargs=self.added_cond(pooled, geometry)).sample
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if weights and s.min_snr_gamma:
             loss = loss * snr_weights(sched, timesteps, s.min_snr_gamma, prediction)
@@ -325,10 +349,10 @@ class _Run:
         m = start
         while True:
             epoch, pos = divmod(m, self.micro_per_epoch)
-            batches = epoch_batches(self.example_buckets, job.repeats, s.batch_size, s.seed, epoch)
+            batches = epoch_batches(self.example_buckets, self.repeats, s.batch_size, s.seed, epoch)
             mine = batches[: self.micro_per_epoch * world][rank::world]
-            for indices in mine[pos:]:
-                yield epoch, indices
+            for k, indices in enumerate(mine[pos:], start=epoch * self.micro_per_epoch + pos):
+                yield epoch, k, indices
             m = (epoch + 1) * self.micro_per_epoch
 
     def train(self) -> None:
@@ -336,7 +360,7 @@ class _Run:
         tracker_config = {k: v for k, v in s.model_dump().items() if isinstance(v, (int, float, str, bool))}
         self.acc.init_trackers("lora", config=tracker_config)
         main = self.acc.is_main_process  # per-step logs: one line-buffered file, TensorBoard without a flush per step
-        self.board = self.acc.get_tracker("tensorboard", unwrap=True) if main else None
+        self.board = self.acc.get_tracker("tensorboard", unwrap=True) if main and _has_tensorboard() else None
         self.loss_log = open(self.out / "loss.jsonl", "a", buffering=1) if main else None
         self.board_losses: list[float] = []
         try:
@@ -360,13 +384,13 @@ class _Run:
                 for te in self.text_encoders:
                     te.requires_grad_(False)
             for _ in range(s.grad_accum):
-                epoch, indices = next(batches)
+                epoch, micro, indices = next(batches)
                 self.epoch = epoch
                 with self.acc.accumulate(self.unet, *(self.text_encoders if train_te else [])):
                     latents = torch.stack([self.latents[i] for i in indices])
-                    drop = torch.rand(len(indices), generator=self.gen) < s.caption_dropout_rate
-                    captions = ["" if d else self.captions[i] for i, d in zip(indices, drop.tolist())]
-                    loss = self._loss(latents, captions, self.example_buckets[indices[0]], train_te=train_te, gen=self.gen)
+                    captions = self.step_captions(micro, indices)
+                    loss = self._loss(latents, captions, [self.geometry[i] for i in indices], train_te=train_te,
+                                      gen=self.gen)
                     self.acc.backward(loss)
                     if self.acc.sync_gradients and s.max_grad_norm > 0:
                         self.acc.unscale_gradients()  # fp16: clip the true gradients
@@ -380,6 +404,19 @@ class _Run:
             running.clear()
             self._after_step()
 
+    def step_captions(self, micro: int, indices: list[int]) -> list[str]:
+        """The captions of micro-batch `micro` after shuffle / keep_tokens / dropout (kohya's rules).
+
+        Each draw is seeded by (seed, process, micro-batch, position), so a resumed run sees the same captions.
+        """
+        import random
+
+        if not self.rules.varies:
+            return [self.captions[i] for i in indices]
+        rank = self.acc.process_index
+        return [process_caption(self.captions[i], self.rules, random.Random(f"{self.s.seed}:{rank}:{micro}:{j}"))
+                for j, i in enumerate(indices)]
+
     # -- per step bookkeeping -----------------------------------------------------------------
     def _after_step(self) -> None:
         s, step = self.s, self.step
@@ -387,7 +424,7 @@ class _Run:
         if self.loss_log is not None:
             self.loss_log.write(json.dumps({"step": step, "loss": self.last_loss, "lr": lr, "epoch": self.epoch}) + "\n")
             self.board_losses.append(self.last_loss)
-            if step % TENSORBOARD_EVERY == 0 or step == self.total:  # TensorBoard: the mean of the last steps
+            if self.board is not None and (step % TENSORBOARD_EVERY == 0 or step == self.total):  # TensorBoard: the mean of the last steps
                 self.board.add_scalar("loss", sum(self.board_losses) / len(self.board_losses), global_step=step)
                 self.board.add_scalar("lr", lr, global_step=step)
                 self.board_losses.clear()
@@ -426,7 +463,7 @@ class _Run:
         """Mean loss over the validation split at fixed timesteps and noise."""
         import torch
 
-        latents, buckets = self.val_latents, self.val_buckets
+        latents, geometries = self.val_latents, self.val_geometry
         captions = [e.caption for e in self.job.validation]
         gen = torch.Generator().manual_seed(self.s.seed + 12345)
         modules = [self.unet, *(self.text_encoders if self.te_train else [])]
@@ -434,9 +471,9 @@ class _Run:
             module.eval()
         total, n = 0.0, 0
         with torch.random.fork_rng(devices=self._rng_devices()), torch.no_grad():
-            for lat, caption, bucket in zip(latents, captions, buckets):
+            for lat, caption, geometry in zip(latents, captions, geometries):
                 for t in VALIDATION_TIMESTEPS:
-                    total += self._loss(lat[None], [caption], bucket, train_te=False, gen=gen,
+                    total += self._loss(lat[None], [caption], [geometry], train_te=False, gen=gen,
                                         timesteps=torch.tensor([t]), weights=False).item()
                     n += 1
         for module in modules:
@@ -485,15 +522,27 @@ class _Run:
         tensors = to_kohya(unet, tes, family=self.family, alpha=s.alpha,
                            layers_per_block=self.acc.unwrap_model(self.unet).config.layers_per_block,
                            dtype=torch.float16 if self.precision == "fp16" else None)
-        settings = s.model_dump(mode="json") | {"te_lr": s.te_lr}
-        folder = f"{job.repeats}_{job.character}"
+        settings = s.model_dump(mode="json") | {"te_lr": s.te_lr, "v_prediction": self.base.v_prediction,
+                                                "zero_terminal_snr": self.base.zero_terminal_snr}
+        captions: dict[str, list[str]] = {}
+        for folder, caption in zip(self.folders, self.captions):
+            captions.setdefault(folder, []).append(caption)
+        repeats = dict(zip(self.folders, self.repeats))
         meta = metadata(family=self.family, base=s.base, rank=s.rank, alpha=s.alpha, resolution=s.resolution,
                         steps=self.step, epochs=getattr(self, "epoch", 0) + 1, max_steps=self.total,
-                        output_name=job.output_name, trigger=job.trigger, captions={folder: self.captions},
-                        repeats={folder: job.repeats}, settings=settings, started=self.started, finished=time.time(),
+                        output_name=job.output_name, trigger=job.trigger, captions=captions, base_hashes=self.base_hashes(),
+                        repeats=repeats, settings=settings, started=self.started, finished=time.time(),
                         buckets={f"{w}x{h}": self.example_buckets.count((w, h)) for w, h in sorted(set(self.example_buckets))},
                         extra={"ss_optimizer": self.optimizer_name, "ss_character": job.character})
         return save_kohya(path, tensors, meta)
+
+    def base_hashes(self) -> dict[str, str]:
+        """kohya's hashes of a single-file base (computed once): legacy short hash and full sha256."""
+        from models.kohya_format import model_hashes
+
+        if not hasattr(self, "_base_hashes"):
+            self._base_hashes = model_hashes(Path(self.base.file)) if self.base.file else {}
+        return self._base_hashes
 
     def _save_checkpoint(self) -> None:
         """Checkpoint of the current step: written in a temporary folder, renamed, rotated."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CACHE = REPO / ".cache"
-TINY_VERSION = 1
+TINY_VERSION = 3
 """Bumped whenever a builder changes, so cached tiny models are rebuilt."""
 
 _WORDS = (
@@ -72,15 +72,21 @@ def _merges_of(bpe) -> list[tuple[str, str]]:
     return [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
 
 
-def _text_config(tokenizer, **extra):
+def _text_config(tokenizer, hidden_size: int = 32, **extra):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_attention_heads=4,
         num_hidden_layers=2, max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, **extra,
     )
+
+
+VAE_SCALING = 3.2
+"""Latent scaling of the tiny VAE: as SD's 0.18215 does for its VAE, it brings the latents of
+ordinary images to about unit variance (this random VAE's raw latents have a std of ~0.3), so
+that noise and image weigh in the tiny models as they do in the real ones."""
 
 
 def _vae():
@@ -90,7 +96,7 @@ def _vae():
         in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
         block_out_channels=(8, 16, 16), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        sample_size=64,
+        sample_size=64, scaling_factor=VAE_SCALING,
     )
 
 
@@ -140,7 +146,11 @@ def build_tiny_sd15(path: Path | str, seed: int = 0) -> Path:
 
 
 def build_tiny_sdxl(path: Path | str, seed: int = 0) -> Path:
-    """Build and save a tiny SDXL-shaped StableDiffusionXLPipeline (two CLIP text encoders)."""
+    """Build and save a tiny SDXL-shaped StableDiffusionXLPipeline (two CLIP text encoders).
+
+    As in SDXL, the second text encoder is wider than the first (48 vs 32 here), which is also
+    how diffusers' single-file loading tells the two apart.
+    """
     import torch
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -153,11 +163,11 @@ def build_tiny_sdxl(path: Path | str, seed: int = 0) -> Path:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
         addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=32 + 48, norm_num_groups=8,
     )
     pipe = StableDiffusionXLPipeline(
         vae=_vae(), text_encoder=CLIPTextModel(_text_config(tokenizer)),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, hidden_size=48)),
         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(),
     )
     return _save(pipe, path)

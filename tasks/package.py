@@ -122,6 +122,8 @@ class PackageParams(BaseModel):
     validation_split: float = Field(0.1, ge=0, lt=1, description="share of each character's originals held out")
     seed: int = Field(0, description="seed of the validation split")
     base_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="kohya pretrained_model_name_or_path")
+    v_parameterization: bool = Field(False, description="the base is a v-prediction model: kohya v_parameterization "
+                                     "and zero_terminal_snr")
     batch_size: int = Field(1, ge=1, description="training batch size")
     min_bucket_reso: int = Field(256, ge=64, description="smallest aspect bucket side")
     max_bucket_reso: int = Field(1024, ge=64, description="largest aspect bucket side")
@@ -234,7 +236,8 @@ def kohya_subset(image_dir: Path, repeats: int, trigger: str, params: PackagePar
 def kohya_training(name: str, plan: dict[str, Any], dataset_config: Path, prompts: Path, output_dir: Path,
                    params: PackageParams) -> str:
     return flat_toml({
-        "model": {"pretrained_model_name_or_path": params.base_model},
+        "model": {"pretrained_model_name_or_path": params.base_model,
+                  **({"v_parameterization": True, "zero_terminal_snr": True} if params.v_parameterization else {})},
         "dataset": {"dataset_config": str(dataset_config), "cache_latents": True,
                     "caption_dropout_rate": params.caption_dropout_rate, "max_data_loader_n_workers": 2},
         "network": {"network_module": "networks.lora", "network_dim": plan["network_dim"],

@@ -72,7 +72,7 @@ class TrainParams(SettingsOverrides):
 
     def settings_for(self, character: CharacterSet) -> TrainSettings:
         """The resolved settings of one character's training."""
-        package = read_kohya_config(*character.config_files) if self.profile == "package" else {}
+        package = read_kohya_config(*character.config_files)  # all of it for profile package, else captions only
         overrides = self.model_dump(include=set(TrainSettings.model_fields))
         if character.name in self.per_character:
             overrides.update(self.per_character[character.name].model_dump(exclude_none=True))

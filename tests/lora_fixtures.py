@@ -70,3 +70,32 @@ def kill_after(proc: subprocess.Popen, checkpoint: Path, timeout: float = 300) -
     proc.kill()
     _, stderr = proc.communicate()
     assert proc.returncode == -9, stderr[-2000:]
+
+
+HELD_OUT_POSES = ("walk1", "walk5", "fall")
+TRAIN_POSES = ("idle", "walk0", "walk2", "walk3", "walk4", "walk6", "walk7", "jump", "climb0", "climb1")
+
+
+def make_renders(package: Path, name: str, trigger: str, identity: str, *, repeats: int = 2, size: int = 64,
+                 seed: int = 0, backdrop: tuple[int, int, int] = (230, 230, 230)) -> Path:
+    """Renders of one arcade sprite character (tests/footage.py's cast) on its own backdrop colour
+    (varied a little per image): `<repeats>_<name>/` holds TRAIN_POSES, `validation/<name>/` the
+    HELD_OUT_POSES, captions `<trigger>, <pose>, simple background`."""
+    from tests.dataset_fixtures import sprite_layer
+
+    rng = np.random.default_rng(seed)
+    train = Path(package) / f"{repeats}_{name}"
+    validation = Path(package) / "validation" / name
+    for folder, poses in ((train, TRAIN_POSES), (validation, HELD_OUT_POSES)):
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, pose in enumerate(poses):
+            layer = Image.fromarray(sprite_layer(identity, pose, size), "RGBA")
+            if layer.width > size:
+                layer = layer.resize((size, round(layer.height * size / layer.width)))
+            colour = np.clip(np.array(backdrop) + rng.integers(-20, 21, 3), 0, 255)
+            canvas = Image.new("RGBA", (size, size), tuple(int(x) for x in colour) + (255,))
+            x = int(rng.integers(0, max(1, size - layer.width + 1)))
+            canvas.alpha_composite(layer, (x, size - layer.height))
+            canvas.convert("RGB").save(folder / f"{pose}.png")
+            (folder / f"{pose}.txt").write_text(f"{trigger}, {pose.rstrip('0123456789')}, simple background")
+    return train
