@@ -14,10 +14,11 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
 
 import numpy as np
 from PIL import Image, ImageOps
+from pydantic import AfterValidator
 
 STAGE = "ingest"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -29,6 +30,18 @@ def check_trigger(value: str) -> str:
     if not text or re.search(r"[,\n\r\t]", text):
         raise ValueError(f"trigger must be a non-empty word without commas, tabs or newlines, got {value!r}")
     return text
+
+
+def _check_name(value: str) -> str:
+    if not value.strip():
+        raise ValueError("name must not be empty")
+    return value
+
+
+TriggerWord = Annotated[Optional[str], AfterValidator(lambda v: check_trigger(v) if v is not None else None)]
+"""An optional trigger word, checked by `check_trigger` when given."""
+IdentityName = Annotated[Optional[str], AfterValidator(lambda v: _check_name(v) if v is not None else None)]
+"""An optional identity name (a LoRA's name), refused when blank."""
 
 
 def require_identity(params: Any) -> None:

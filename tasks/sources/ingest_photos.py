@@ -24,10 +24,10 @@ from typing import Any, Optional
 
 import pyarrow as pa
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.frames import hamming_to_all, perceptual_hash
-from tasks.sources.ingest import (STAGE, check_trigger, has_trigger, image_stats, listing_digest, place_image, read_caption,
+from tasks.sources.ingest import (STAGE, IdentityName, TriggerWord, has_trigger, image_stats, listing_digest, place_image, read_caption,
                           require_identity, with_trigger)
 from tasks.run.progress import StageProgress
 from tasks.run.runner import SOURCES
@@ -63,8 +63,8 @@ class IngestPhotosParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Optional[str] = Field(None, description="the identity: the LoRA's name (the flow sets it from the run name)")
-    trigger: Optional[str] = Field(None, description="unique trigger token (e.g. ohwx, sks, or a made-up word)")
+    name: IdentityName = Field(None, description="the identity: the LoRA's name (the flow sets it from the run name)")
+    trigger: TriggerWord = Field(None, description="unique trigger token (e.g. ohwx, sks, or a made-up word)")
     kind: str = Field("human", description="kind of subject for the captioner prompts (human / creature / unknown)")
     min_images: int = Field(15, ge=1, description="fewest images (the guide: 15)")
     max_images: int = Field(30, ge=1, description="top of the recommended range (the guide: 15-30)")
@@ -73,18 +73,6 @@ class IngestPhotosParams(BaseModel):
     max_aspect_ratio: float = Field(2.0, ge=1, description="long side / short side above this is an odd aspect ratio")
     min_side: int = Field(512, ge=1, description="short sides below this are low resolution (the fast profile trains at 512)")
     max_caption_words: int = Field(40, ge=1, description="captions longer than this are verbose")
-
-    @field_validator("trigger")
-    @classmethod
-    def _trigger(cls, value: Optional[str]) -> Optional[str]:
-        return check_trigger(value) if value is not None else None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not value.strip():
-            raise ValueError("name must not be empty")
-        return value
 
     @model_validator(mode="after")
     def _range(self) -> "IngestPhotosParams":

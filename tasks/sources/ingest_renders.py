@@ -32,7 +32,7 @@ import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.sources.ingest import (IMAGE_SUFFIXES, STAGE, check_trigger, image_stats, listing_digest, place_image, read_caption,
+from tasks.sources.ingest import (IMAGE_SUFFIXES, STAGE, IdentityName, TriggerWord, image_stats, listing_digest, place_image, read_caption,
                           require_identity, with_trigger)
 from tasks.run.progress import StageProgress
 from tasks.sources.render_captions import SIZE_TOKEN, RenderTemplate, caption_from_name, read_template
@@ -89,9 +89,9 @@ class IngestRendersParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Optional[str] = Field(None, description="the product: the stage-1 LoRA's name (stage 2 is <name>_detail); "
+    name: IdentityName = Field(None, description="the product: the stage-1 LoRA's name (stage 2 is <name>_detail); "
                                 "the flow sets it from the run name")
-    trigger: Optional[str] = Field(None, description="trigger word every caption carries (put in front when missing); "
+    trigger: TriggerWord = Field(None, description="trigger word every caption carries (put in front when missing); "
                                    "the flow's default is the name")
     resolution: tuple[int, int] = Field((1024, 1024), description="expected width and height of every render")
     frames_per_sequence: Optional[int] = Field(None, ge=1, description="frames a sequence should have (e.g. 36); "
@@ -110,18 +110,6 @@ class IngestRendersParams(BaseModel):
     stage2_prompts: list[str] = Field(GUIDE_PROMPTS_STAGE2, description="sample prompts of stage 2")
     rank: int = Field(16, ge=1, description="LoRA rank of the AI-Toolkit configs (the guide: 16)")
     base_model: str = Field("black-forest-labs/FLUX.1-dev", description="base model of the AI-Toolkit configs")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not value.strip():
-            raise ValueError("name must not be empty")
-        return value
-
-    @field_validator("trigger")
-    @classmethod
-    def _trigger(cls, value: Optional[str]) -> Optional[str]:
-        return check_trigger(value) if value is not None else None
 
     @field_validator("resolution")
     @classmethod
