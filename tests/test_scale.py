@@ -82,45 +82,6 @@ def test_noop_rerun_starts_no_flow_and_a_changed_run_is_not_done(cli_env, episod
     assert _flow_runs("noop") == 2  # the deleted output was redone by a flow
 
 
-class ShardLog:
-    """A Dask worker plugin that records (stage, shard key) of every Prefect shard task the worker starts."""
-
-    name = "shard-log"
-
-    def setup(self, worker) -> None:
-        self.worker, self.ran = worker, []
-
-    def transition(self, key, start, finish, **kwargs) -> None:
-        if finish == "executing" and key in self.worker.state.tasks:
-            found = _task_and_shard(self.worker.state.tasks[key].run_spec, {})
-            if "shard" in found:
-                self.ran.append((found["task"], found["shard"]))
-
-
-def _task_and_shard(obj, found: dict, depth: int = 0) -> dict:
-    """The Prefect task's name and the `shard` parameter's key, looked up in a Dask run spec."""
-    from prefect import Task
-    from pydantic import BaseModel
-
-    if depth > 8 or len(found) == 2:
-        return found
-    if isinstance(obj, Task):
-        found.setdefault("task", obj.name)
-    elif isinstance(obj, dict):
-        if isinstance(obj.get("shard"), BaseModel):
-            found.setdefault("shard", obj["shard"].key)
-        for value in obj.values():
-            _task_and_shard(value, found, depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            _task_and_shard(value, found, depth + 1)
-    else:
-        for attr in ("args", "kwargs", "value", "func"):
-            if hasattr(obj, attr) and not isinstance(obj, BaseModel):
-                _task_and_shard(getattr(obj, attr), found, depth + 1)
-    return found
-
-
 def test_two_dask_workers_divide_four_episodes_and_match_one_process(prefect_api, four_episodes, tmp_path):
     from distributed import Client, LocalCluster
 
@@ -130,6 +91,7 @@ def test_two_dask_workers_divide_four_episodes_and_match_one_process(prefect_api
     from tasks.pipelines import PIPELINES
     from tasks.run.runner import SOURCES, sources_result, stages_between
     from tasks.run.stage import RunRef
+    from tests.dask_shards import ShardLog
 
     inputs = [str(p) for p in four_episodes]
     params = load_params(None, {"segment.shard_size": 1000})  # one segment shard per episode
