@@ -13,12 +13,11 @@ from episode2lora.common import CONFIG, RUNS_DIR, check_until, console, existing
 
 def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str) -> None:
     """Run the episode flow in this process, then report: status, outputs, steps, LoRAs, stand-ins."""
-    from flows.episode_to_lora import episode_to_lora
     from tasks.run.store import RunStore
 
     store = RunStore(runs_dir, name)
-    results = run_and_report(store, runs_dir, lambda: episode_to_lora(inputs=inputs, name=name, runs_dir=str(runs_dir),
-                                                                      params=params, until=until))
+    results = run_and_report(store, runs_dir, lambda: _finished(inputs, name, runs_dir, params, until) or
+                             _flow(inputs, name, runs_dir, params, until))
     if "package" in results:  # the guide's total steps per character (images x repeats x epochs / batch)
         console.print("\ntraining steps:")
         for line in results["package"].summary.get("steps", []):
@@ -30,6 +29,24 @@ def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: s
     _print_stand_ins(params)
     if (store.root / "report" / "cluster_report.html").exists():
         console.print(f"\ncluster report: {store.root / 'report' / 'cluster_report.html'}")
+
+
+def _finished(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str) -> Optional[dict]:
+    """The results of a finished run asked again with the same inputs and parameters (no flow, no Prefect)."""
+    from tasks.pipelines import PIPELINES
+    from tasks.run.runner import finished_run
+    from tasks.run.stage import RunRef
+
+    record = {"inputs": inputs, "params": params.model_dump(mode="json"), "until": until}
+    return finished_run(RunRef(runs_dir=str(runs_dir), name=name), params, PIPELINES["episode"], until,
+                        sources=inputs, record=record)
+
+
+def _flow(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str) -> dict:
+    """Run the episode flow in this process (starts Prefect)."""
+    from flows.episode_to_lora import episode_to_lora
+
+    return episode_to_lora(inputs=inputs, name=name, runs_dir=str(runs_dir), params=params, until=until)
 
 
 def _print_stand_ins(params: Any) -> None:

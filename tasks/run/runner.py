@@ -4,6 +4,9 @@ A pipeline is a list of `Step`s (tasks/run/spec.py) and `Hook`s in run order. `r
 runs the stages after `after` up to and including `until` (kedro's `--from-nodes`/`--to-nodes`),
 handing each stage the results bound to its input roles; a hook (the cluster report, the dataset
 check) runs once, right after the last of its `after` stages that ran.
+
+`finished_run` answers a rerun with nothing to do from the stage markers alone, in plain Python,
+before any orchestration starts (no Prefect import, no server, no flow run).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 from tasks.run.spec import Step
 from tasks.run.links import publish_outputs
 from tasks.run.stage import RunRef, StageResult
+from tasks.run.store import RunLockedError
 
 SOURCES = "sources"
 """The role (and pseudo-stage) of the run's input paths: episodes, a render folder, a photo set."""
@@ -77,4 +81,56 @@ def run_pipeline(run: RunRef, params: Any, steps: Sequence[Any], until: str, *, 
                         not any(later in hook.after for later in chosen[chosen.index(item.name) + 1:]):
                     hook.task(run, results)
     publish_outputs(run.store())  # links on the run page: cluster report, evaluation report, LoRA files
+    return results
+
+
+def pipeline_done(run: RunRef, params: Any, steps: Sequence[Any], until: str, *, sources: Sequence[str] = ()
+                  ) -> Optional[dict[str, StageResult]]:
+    """Every stage's result when all stages up to `until` are done on disk with the fingerprints a run
+    would give them now (the specs' own fingerprints and plans, in plain Python); else None.
+
+    Writes nothing. A plan that fails (a missing episode, a stage not done) gives None: the flow then
+    runs and reports it.
+    """
+    store = run.store()
+    chosen = stages_between(steps, until)
+    results: dict[str, StageResult] = {}
+    for item in steps:
+        if isinstance(item, Step) and item.name in chosen:
+            try:
+                result = item.spec.done(store, params, item.inputs({SOURCES: sources_result(sources), **results}))
+            except Exception:  # whatever a plan raises, the real run raises it again, with the flow's report
+                return None
+            if result is None:
+                return None
+            results[item.name] = result
+    return results
+
+
+def finished_run(run: RunRef, params: Any, steps: Sequence[Any], until: str, *, sources: Sequence[str],
+                 record: dict[str, Any]) -> Optional[dict[str, StageResult]]:
+    """The results of a rerun with nothing to do, without starting a flow; None when there is work.
+
+    Nothing to do: run.json already holds `record` (what the flow would write: same inputs, parameters,
+    `until`) and `pipeline_done` finds every stage done. The hooks of the slice then run plainly, as
+    after a real run (the dataset check still stops a run whose validation failed). Checked under the
+    run's lock; a run being written by another process is left to the flow (which says so).
+    """
+    store = run.store()
+    if not (store.root / "run.json").is_file():
+        return None
+    try:
+        with store.lock():
+            written = store.read_run_record()
+            if any(written.get(key) != value for key, value in record.items()):
+                return None
+            results = pipeline_done(run, params, steps, until, sources=sources)
+            if results is None:
+                return None
+            chosen = set(stages_between(steps, until))
+            for hook in steps:
+                if isinstance(hook, Hook) and chosen.intersection(hook.after):
+                    hook.call(run, results)
+    except RunLockedError:
+        return None
     return results

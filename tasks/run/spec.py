@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel
 
-from tasks.run.stage import RunRef, StageResult, bind_to_run, publish, settle, stage_fingerprint
+from tasks.run.stage import RunRef, StageResult, bind_to_run, dry_plans, publish, reused, settle, stage_fingerprint
 from tasks.run.store import RunStore
 
 Inputs = dict[str, StageResult]
@@ -70,6 +70,10 @@ class GlobalStage(StageSpec):
         """The stage as one plain call (no Prefect)."""
         return self.build(store, params, inputs)
 
+    def done(self, store: RunStore, params: Any, inputs: Inputs) -> Optional[StageResult]:
+        """Its result when it is done on disk with the fingerprint a run would give it now, else None."""
+        return reused(store, self.name, self.fingerprint(params, inputs))
+
     @cached_property
     def task(self) -> Any:
         from prefect import task
@@ -112,6 +116,14 @@ class ShardedStage(StageSpec):
         for shard in self.shards_of(plan):
             self.shard(store, shard, params, plan)
         return self.merge(store, plan, params)
+
+    def done(self, store: RunStore, params: Any, inputs: Inputs) -> Optional[StageResult]:
+        """Its merged result when it and every shard of its plan are done on disk, else None (writes nothing)."""
+        with dry_plans():
+            plan = self.plan(store, params, inputs)
+        if not all(store.shard_done(self.name, self.key_of(s), s.fingerprint) for s in self.shards_of(plan)):
+            return None
+        return reused(store, self.name, plan.fingerprint)
 
     @cached_property
     def tasks(self) -> tuple[Any, Any, Any]:

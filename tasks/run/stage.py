@@ -4,8 +4,10 @@ artifacts. Their Prefect tasks and cache keys are made from their specs (tasks/r
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from pydantic import BaseModel
 
@@ -109,7 +111,29 @@ def run_global_stage(
     return StageResult(stage=stage, fingerprint=fp, manifest_digest=digest, summary=summary)
 
 
+def reused(store: RunStore, stage: str, fp: str) -> Optional[StageResult]:
+    """The result of a stage done on disk with fingerprint `fp` (as a rerun would return it), else None."""
+    if not store.is_done(stage, fp):
+        return None
+    marker = store.marker(stage)
+    return StageResult(stage=stage, fingerprint=fp, manifest_digest=marker["manifest_digest"],
+                       summary=marker.get("summary", {}), recomputed=False)
+
+
 # ---- sharded stages (plan -> shards -> merge), shared by the per-episode stages --------------
+
+_DRY = ContextVar("dry_plans", default=False)
+
+
+@contextmanager
+def dry_plans() -> Iterator[None]:
+    """Plans made inside only read the run: a stage that is not done is not started (no files written)."""
+    token = _DRY.set(True)
+    try:
+        yield
+    finally:
+        _DRY.reset(token)
+
 
 def plan_sharded_stage(store: RunStore, stage: str, version: int, settings: dict[str, Any],
                        shard_fingerprints: dict[str, str]) -> str:
@@ -119,7 +143,7 @@ def plan_sharded_stage(store: RunStore, stage: str, version: int, settings: dict
     temporaries left by killed writers; committed shards are kept for reuse.
     """
     fp = fingerprint(stage, version, settings, shard_fingerprints)
-    if not store.is_done(stage, fp):
+    if not _DRY.get() and not store.is_done(stage, fp):
         store.begin_stage(stage, settings, shard_keys=list(shard_fingerprints))
         store.sweep_temporaries(stage)
     return fp
