@@ -26,6 +26,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import yaml
+
 os.environ.setdefault("EPISODE2LORA_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -131,7 +133,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="keep the runs in this folder")
     args = ap.parse_args()
     overrides = dict(s.split("=", 1) for s in args.set)
-    params = load_params(args.config, {k: (json.loads(v) if v[:1] in "[{" else v) for k, v in overrides.items()})
+    params = load_params(args.config, {k: yaml.safe_load(v) for k, v in overrides.items()})
     ensure_u2netp()
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
