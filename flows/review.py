@@ -72,7 +72,7 @@ def review_choices(tiers: pa.Table, params: SelectParams, base: Overrides) -> li
         if entry.merge_into is not None:
             continue
         by_tier = row["tier"] in wanted if wanted is not None else bool(row["recommended"])
-        kind = row.get("kind") or ""
+        kind = row.get("kind") or "unknown"
         usable = row.get("used", row["size"])
         selected = entry.include or (not entry.exclude and by_tier and kind in (*params.kinds, "unknown")
                                      and usable >= params.min_images)

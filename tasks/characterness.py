@@ -6,7 +6,7 @@ disagree where something moves against it. `ShotMotion.differs` marks the pixels
 that differ from the aligned other frames of its shot (the "plate" test: a pixel that matches
 the rest of the shot is background). A layer's character-ness starts from the share of its
 pixels that move, and shape cues lower it: touching the top edge of the frame (skies,
-buildings, trees cut by the frame), many fragments, a faint mask. A layer in a shot of one
+buildings, trees cut by the frame), spanning most of the frame's width, many fragments, a faint mask. A layer in a shot of one
 sampled frame has no motion cue and starts from an even 0.5.
 
 `split_glued` cuts a layer whose moving part is a clear minority (a character glued by the
@@ -23,6 +23,8 @@ import numpy as np
 
 UNKNOWN_MOTION = 0.5
 """Score of a layer that has no motion cue (its shot has one sampled frame)."""
+WIDE = 0.6
+"""A layer at least this share of the frame wide is a landscape strip (hills, a street, glued scenery)."""
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -152,6 +154,9 @@ def character_score(motion: float | None, bbox: list[int], pixels: np.ndarray, c
     if bbox[1] <= 1:
         score -= 0.25
         reasons.append("touches the top edge")
+    if bbox[2] - bbox[0] >= WIDE * pixels.shape[1]:
+        score -= 0.6
+        reasons.append(f"spans {(bbox[2] - bbox[0]) / pixels.shape[1]:.0%} of the frame width")
     fragments = cv2.connectedComponents(pixels.astype(np.uint8), connectivity=8)[0] - 1
     if fragments > 3:
         score -= 0.1

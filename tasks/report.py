@@ -207,6 +207,10 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
+def _estimate(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
 def _purity(c: dict[str, Any]) -> str:
     if c.get("purity") is None:
         return ""
@@ -244,11 +248,12 @@ def render_html(report: dict[str, Any], map_image: bytes, sheets: dict[int, byte
                f"src='{_data_uri(map_image)}'>")
     if report["characters"]:
         out.append("<h2>Selected characters</h2><table id='characters'><thead><tr><th class='l'>character</th>"
-                   "<th class='l'>trigger</th><th class='l'>kind</th><th class='l'>clusters</th><th>images</th></tr></thead><tbody>")
+                   "<th class='l'>trigger</th><th class='l'>kind</th><th class='l'>clusters</th><th>images</th>"
+                   "<th>est. purity</th></tr></thead><tbody>")
         for c in report["characters"]:
             out.append(f"<tr><td class='l'>{_e(c['character'])}</td><td class='l'>{_e(c['trigger'])}</td>"
                        f"<td class='l'>{_e(c['kind'])}</td><td class='l'>{_e(', '.join(map(str, c['cluster_ids'])))}</td>"
-                       f"<td>{c['n_images']}</td></tr>")
+                       f"<td>{c['n_images']}</td><td>{_estimate(c.get('purity'))}</td></tr>")
         out.append("</tbody></table>")
     for warning in report["warnings"]:
         out.append(f"<p class='issues'>{_e(warning)}</p>")

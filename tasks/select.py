@@ -58,6 +58,7 @@ CHARACTER_SCHEMA = pa.schema([
     ("kind", pa.string()),
     ("cluster_ids", pa.list_(pa.int32())),
     ("n_images", pa.int64()),
+    ("purity", pa.float32()),        # estimated (the tier stage's, weighted by the clusters' usable layers)
 ])
 
 
@@ -228,6 +229,13 @@ def _trigger_from_name(name: str, cluster_id: int) -> str:
     return word or default_name(cluster_id)[1]
 
 
+def _purity(layers: list[dict], tier_rows: dict[int, dict]) -> float | None:
+    """A character's estimated purity: its clusters' estimates weighted by the layers taken from each."""
+    estimates = [tier_rows[r["cluster_id"]].get("purity") for r in layers if r["cluster_id"] in tier_rows]
+    estimates = [e for e in estimates if e is not None]
+    return float(sum(estimates) / len(estimates)) if estimates else None
+
+
 def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
                       overrides: Overrides | None = None, members: pa.Table | None = None) -> tuple[pa.Table, pa.Table, dict]:
     """Apply batch selection and the overrides.
@@ -303,7 +311,7 @@ def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
         largest = max(cids, key=lambda c: (tier_rows[c]["size"], -c))
         kind = entry.kind or tier_rows[largest].get("sub_kind") or tier_rows[largest]["kind"]
         characters.append({"character": name, "trigger": trigger, "kind": kind, "cluster_ids": sorted(cids),
-                           "n_images": len(layers_c)})
+                           "n_images": len(layers_c), "purity": _purity(layers_c, tier_rows)})
         rows += [{"item_id": r["item_id"], "source_id": r["item_id"], "character": name, "trigger": trigger,
                   "cluster_id": r["cluster_id"], "kind": kind, "path": r["path"]} for r in layers_c]
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
@@ -314,6 +322,7 @@ def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
         "tiers": list(params.tiers) if params.tiers is not None else "recommended",
         "min_images": params.min_images, "kinds": list(params.kinds), "warnings": warnings,
         "names": {c["character"]: c["trigger"] for c in characters},
+        "purity": {c["character"]: None if c["purity"] is None else round(c["purity"], 3) for c in characters},
     }
     return table, table_c, summary
 

@@ -101,6 +101,10 @@ class TierParams(BaseModel):
                                  "of its members are character material (between the two: 'mixed')")
     outlier_mads: float = Field(3.0, gt=0, description="members further from the medoid than the median distance plus "
                                 "this many robust deviations (1.4826 MAD) are trimmed to noise")
+    split_silhouette: float = Field(0.6, ge=-1, le=1, description="a cluster whose members form two groups with a mean "
+                                    "silhouette of at least this is split: the group away from the medoid is trimmed "
+                                    "to noise (it is usually another character or scenery)")
+    min_group: int = Field(3, ge=2, description="the smaller of two groups needs at least this many members to split")
 
     @model_validator(mode="after")
     def _ordered(self) -> "TierParams":
@@ -195,6 +199,36 @@ def typicality(x: np.ndarray, outlier_mads: float) -> tuple[np.ndarray, np.ndarr
     return dist, z, z > outlier_mads
 
 
+def second_group(x: np.ndarray, min_group: int, min_silhouette: float) -> np.ndarray:
+    """Members of the group away from the medoid when a cluster's rows of L2-normalised `x` form
+    two groups (2-means by cosine, started from the medoid and the member furthest from it, with a
+    mean silhouette of at least `min_silhouette`); otherwise no member."""
+    none = np.zeros(len(x), bool)
+    if len(x) < 2 * min_group:
+        return none
+    sims = x @ x.T
+    medoid = int(np.argmax(sims.sum(1)))
+    centres = x[[medoid, int(np.argmin(sims[medoid]))]]
+    for _ in range(20):
+        side = np.argmax(x @ centres.T, axis=1)
+        if side.min() == side.max():
+            return none
+        new = np.stack([x[side == k].mean(0) for k in (0, 1)])
+        new /= np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-12)
+        if np.allclose(new, centres):
+            break
+        centres = new
+    if min((side == 0).sum(), (side == 1).sum()) < min_group:
+        return none
+    dist = 1.0 - sims
+    own = np.array([dist[i, side == side[i]].sum() / max((side == side[i]).sum() - 1, 1) for i in range(len(x))])
+    other = np.array([dist[i, side != side[i]].mean() for i in range(len(x))])
+    silhouette = float(np.mean((other - own) / np.maximum(np.maximum(own, other), 1e-12)))
+    if silhouette < min_silhouette:
+        return none
+    return side != side[medoid]
+
+
 def cluster_kind(character_scores: list[float], params: TierParams) -> str:
     """character / scenery / mixed from the share of members that are character material."""
     share = float(np.mean([s >= params.min_character_score for s in character_scores])) if character_scores else 0.0
@@ -247,6 +281,7 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
             "mean_layer_area": float(np.mean([seg.get(r["item_id"], {}).get("area_frac") or 0.0 for r in rows_c])),
         }
         dist, z, outlier = typicality(x, params.outlier_mads)
+        outlier |= second_group(x, params.min_group, params.split_silhouette)
         scores = [seg.get(r["item_id"], {}).get("character_score") for r in rows_c]
         scores = [1.0 if s is None else float(s) for s in scores]
         kind = cluster_kind([s for s, o in zip(scores, outlier) if not o], params)

@@ -192,3 +192,16 @@ def test_a_missing_detector_file_is_named(tmp_path):
 
     with pytest.raises(DetectorFileMissing, match="segment.detector: detector file .*nope.onnx does not exist"):
         params_affecting_output(SegmentParams(detector=str(tmp_path / "nope.onnx")))
+
+
+def test_a_folder_of_images_is_pointed_to_renders_or_photos(tmp_path):
+    from tasks.frames import discover_videos
+
+    (tmp_path / "shots").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "shots" / "a.png")
+    with pytest.raises(FileNotFoundError, match="matched no video files; it holds images: .*episode2lora renders "
+                                                ".*episode2lora photos"):
+        discover_videos([str(tmp_path / "shots")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"matched no video files$"):
+        discover_videos([str(tmp_path / "empty")])
