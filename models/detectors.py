@@ -33,10 +33,14 @@ def _check(path: str | Path) -> Path:
 
 def detector_identity(path: str | Path) -> str:
     """What determines the detector's output, for fingerprints: the file's content digest."""
-    from tasks.store import video_digest
+    import hashlib
 
     path = _check(path)
-    return f"{path.name}@{video_digest(path)[:16]}"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{path.name}@{digest.hexdigest()[:16]}"
 
 
 def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float, tuple[int, int]]:

@@ -23,6 +23,8 @@ import numpy as np
 
 UNKNOWN_MOTION = 0.5
 """Score of a layer that has no motion cue (its shot has one sampled frame)."""
+GHOST_SHARE = 0.8
+"""A moving part this much inside the other frames' foreground is a ghost of their character."""
 WIDE = 0.6
 """A layer at least this share of the frame wide is a landscape strip (hills, a street, glued scenery)."""
 
@@ -60,16 +62,23 @@ class ShotMotion:
     differs: np.ndarray  # bool (H, W): differs from the aligned other frames
     known: np.ndarray    # bool (H, W): at least one other frame covers the pixel
     others: int = 0
+    occupied: np.ndarray | None = None  # bool (H, W): foreground in every other frame that sees it
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def of(cls, image: np.ndarray, others: list[np.ndarray], tolerance: int) -> "ShotMotion":
-        """Compare `image` with `others` (frames of its shot); `tolerance` is the 0-255 colour step."""
+    def of(cls, image: np.ndarray, others: list[np.ndarray], tolerance: int,
+           other_masks: list[np.ndarray] | None = None) -> "ShotMotion":
+        """Compare `image` with `others` (frames of its shot); `tolerance` is the 0-255 colour step.
+
+        `other_masks` (their soft masks) mark where every other frame has foreground: a moving
+        part lying there is mostly where another frame's character stood (a ghost).
+        """
         h, w = image.shape[:2]
         votes = np.zeros((h, w), np.int32)
         counts = np.zeros((h, w), np.int32)
         base = cv2.GaussianBlur(image, (5, 5), 0).astype(np.int16)
-        for other in others:
+        foreground = np.zeros((h, w), np.int32)
+        for n, other in enumerate(others):
             if other.shape != image.shape:
                 continue
             warp = align(other, image)
@@ -83,10 +92,15 @@ class ShotMotion:
             diff = cv2.morphologyEx(diff.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
             votes += diff & valid
             counts += valid
+            if other_masks is not None:
+                theirs = cv2.warpAffine(other_masks[n].astype(np.float32), warp, (w, h), flags=flags,
+                                        borderMode=cv2.BORDER_CONSTANT) >= 0.5
+                foreground += theirs & valid
         # the median-plate rule: differs from most frames that see the pixel (from the only one when
         # one does), so where another frame had a character this one is not marked
         differs = np.where(counts >= 2, 2 * votes > counts, votes >= 1)
-        return cls(differs=differs, known=counts > 0, others=len(others))
+        occupied = (counts > 0) & (foreground >= counts) if other_masks is not None else None
+        return cls(differs=differs, known=counts > 0, others=len(others), occupied=occupied)
 
 
 def motion_share(motion: ShotMotion | None, pixels: np.ndarray) -> float | None:
@@ -114,8 +128,11 @@ def moving_parts(motion: ShotMotion, pixels: np.ndarray, min_pixels: float, reac
         hull = np.zeros_like(moving)
         cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
         part = (cv2.dilate(hull, kernel) > 0) & pixels
-        if part.sum() >= min_pixels:
-            parts.append(part)
+        if part.sum() < min_pixels:
+            continue
+        if motion.occupied is not None and motion.occupied[part].mean() > GHOST_SHARE:
+            continue  # where the other frames' foreground stood: a ghost, not a character
+        parts.append(part)
     return parts
 
 

@@ -355,7 +355,8 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
             boxes = detector.detect([image for _, image in readable]) if detector and readable else None
             for k, ((frame, image), mask) in enumerate(zip(readable, masks)):
                 others = [other for j, (_, other) in enumerate(readable) if j != k]
-                motion = ShotMotion.of(image, others, params.motion_tolerance) if others else None
+                their_masks = [m for j, m in enumerate(masks) if j != k]
+                motion = ShotMotion.of(image, others, params.motion_tolerance, their_masks) if others else None
                 frame_rows = layer_frame(frame, image, mask, params, params.model, out, prefix, motion,
                                          boxes[k] if boxes is not None else None)
                 rows.extend(frame_rows)

@@ -187,6 +187,13 @@ def test_the_detector_gate_keeps_layers_that_overlap_a_detection(tmp_path, v8):
     assert all(ungated.column("kept").to_pylist())
 
 
+def test_the_detector_file_is_part_of_the_fingerprint(tmp_path):
+    one = tiny_yolo(tmp_path / "one.onnx", [[10, 10, 4, 4, 0.9]])
+    two = tiny_yolo(tmp_path / "two.onnx", [[20, 20, 4, 4, 0.9]])
+    settings = [params_affecting_output(SegmentParams(detector=str(p))) for p in (one, two)]
+    assert settings[0]["detector"] != settings[1]["detector"] and settings[0] != params_affecting_output(SegmentParams())
+
+
 def test_a_missing_detector_file_is_named(tmp_path):
     from models.detectors import DetectorFileMissing
 

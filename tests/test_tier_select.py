@@ -344,3 +344,29 @@ def test_scenery_is_never_selected_and_unused_layers_stay_out(tables, tmp_path):
     assert "cluster 1:" in message and "kind scenery" in message
     assert "--set select.tiers=[S,B,C,D] --set select.min_images=" in message
     assert issubclass(NothingSelected, RuntimeError)
+
+
+def test_select_stage_stops_with_the_largest_clusters_when_nothing_is_selected(tmp_path):
+    from tasks.select import NothingSelected
+    from tasks.store import fingerprint
+
+    store = RunStore(tmp_path / "runs", "none")
+    clusters, embeds, layers = _cluster_tables({0: 12, 1: 9})
+    tiers, _, _ = tier_clusters(clusters, embeds, layers, TierParams())
+    (store.root / "segment").mkdir(parents=True)
+    for rel in clusters.column("path").to_pylist():
+        (store.root / rel).touch()
+    for stage, table in (("cluster", clusters), ("tier", tiers)):
+        store.begin_stage(stage, {})
+        store.commit_stage(stage, table, fingerprint(stage, 0, {}, {}))
+    with pytest.raises(NothingSelected) as caught:
+        run_select(store, SelectParams())  # default: recommended tiers (S, A, B), 20 images: none qualifies
+    message = str(caught.value)
+    assert message.startswith("select: no character selected")
+    used = dict(zip(tiers.column("cluster_id").to_pylist(), tiers.column("used").to_pylist()))
+    assert f"cluster 0: {used[0]} usable layers of 12, tier D, kind character" in message
+    assert f"cluster 1: {used[1]} usable layers of 9, tier D, kind character" in message
+    assert message.endswith(f"--set select.tiers=[D] --set select.min_images={min(used.values())}")
+    assert not store.is_done("select")
+    taken = run_select(store, SelectParams(tiers=["D"], min_images=min(used.values())))  # what the message says
+    assert taken.summary["characters"] == 2
