@@ -99,8 +99,10 @@ class TierParams(BaseModel):
                                    "share of its members are character material")
     scenery_share: float = Field(0.3, ge=0, lt=1, description="a cluster is kind 'scenery' when at most this share "
                                  "of its members are character material (between the two: 'mixed')")
-    outlier_mads: float = Field(3.0, gt=0, description="members further from the medoid than the median distance plus "
+    outlier_mads: float = Field(4.5, gt=0, description="members further from the medoid than the median distance plus "
                                 "this many robust deviations (1.4826 MAD) are trimmed to noise")
+    cut_outlier_mads: float = Field(2.5, gt=0, description="the same, stricter, for layers cut from a glued layer "
+                                    "(segment split_from): a cut that does not look like its cluster is usually scenery")
     split_silhouette: float = Field(0.6, ge=-1, le=1, description="a cluster whose members form two groups with a mean "
                                     "silhouette of at least this is split: the group away from the medoid is trimmed "
                                     "to noise (it is usually another character or scenery)")
@@ -259,7 +261,8 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
     vectors = read_embeddings(emb_rows)
     sharp = emb_rows.column("sharpness").to_pylist()
     phash = emb_rows.column("phash").to_pylist()
-    fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score") if f in layers.column_names]
+    fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score", "split_from")
+              if f in layers.column_names]
     seg = {r["item_id"]: r for r in layers.select(fields).to_pylist()}
     by_cluster: dict[int, list[dict]] = {}
     for row in members:
@@ -281,6 +284,8 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
             "mean_layer_area": float(np.mean([seg.get(r["item_id"], {}).get("area_frac") or 0.0 for r in rows_c])),
         }
         dist, z, outlier = typicality(x, params.outlier_mads)
+        cut = np.array([seg.get(r["item_id"], {}).get("split_from") is not None for r in rows_c])
+        outlier |= cut & (z > params.cut_outlier_mads)
         outlier |= second_group(x, params.min_group, params.split_silhouette)
         scores = [seg.get(r["item_id"], {}).get("character_score") for r in rows_c]
         scores = [1.0 if s is None else float(s) for s in scores]

@@ -74,7 +74,11 @@ def test_report_json_matches_the_manifests(finished_run):
     lead = next(c for c in data["clusters"] if c["cluster_id"] == 0)
     assert lead["character"] == "Lead_b_b_Co" and lead["trigger"] == "leadco" and lead["selected"]
     page = html_path.read_text()
-    assert page.count("data:image/png;base64,") == 1 + len(tiers)  # the map + one contact sheet per cluster
+    atypical = [i for t in tiers if t["kind"] != "scenery" for i in t["atypical_ids"]]
+    assert atypical  # least typical layers first, one tick box each, for the overrides file
+    assert page.count("data:image/png;base64,") == 1 + len(tiers) + len(atypical)  # map, sheets, least typical
+    assert page.count("class='exclude'") == len(atypical) and "id='overrides'" in page
+    assert all(f"data-layer='{i}'" in page for i in atypical)
     assert "<b>&</b>" not in page  # user text is escaped
     assert not re.search(r"(src|href)=['\"](?!data:)", page)  # self-contained: no external resources
 
