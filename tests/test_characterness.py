@@ -212,3 +212,51 @@ def test_a_folder_of_images_is_pointed_to_renders_or_photos(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"matched no video files$"):
         discover_videos([str(tmp_path / "empty")])
+
+
+# ---- with the footage generator's truth ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiered(tmp_path_factory, two_episodes):
+    """Two generated episodes through frames -> segment (u2netp) -> embed -> cluster -> tier."""
+    from models.weights import ensure_u2netp
+    from tasks.cluster import ClusterParams, run_cluster
+    from tasks.embed import EmbedParams, run_embed
+    from tasks.frames import FramesParams, run_frames
+    from tasks.segment import run_segment
+    from tasks.store import RunStore
+    from tasks.tier import TierParams, run_tier
+
+    ensure_u2netp()
+    videos = list(two_episodes)
+    store = RunStore(tmp_path_factory.mktemp("tiered"), "t")
+    with store.lock():
+        run_frames(store, [str(v) for v in videos], FramesParams())
+        run_segment(store, SegmentParams())
+        run_embed(store, EmbedParams())
+        run_cluster(store, ClusterParams(n_neighbors=5, min_cluster_size=3, min_samples=2))
+        run_tier(store, TierParams(recommended_tiers=["S", "A", "B", "C", "D"]))  # only kind decides
+    return store, videos
+
+
+def test_scenery_clusters_are_never_recommended(tiered):
+    import pyarrow.parquet as pq
+    from collections import Counter
+
+    from tests.truth_layers import identities_of_layers
+
+    store, videos = tiered
+    truth = identities_of_layers(store.read_manifest("segment"), videos)
+    members = pq.read_table(store.stage_dir("tier") / "members.parquet").to_pylist()
+    seen = {}
+    for row in store.read_manifest("tier").to_pylist():
+        mine = [truth.get(m["item_id"]) for m in members if m["cluster_id"] == row["cluster_id"]]
+        majority, count = Counter(mine).most_common(1)[0]
+        seen[row["cluster_id"]] = (row["kind"], row["recommended"], majority, count / len(mine))
+        if majority is None:  # mostly background objects: never a character LoRA
+            assert not row["recommended"] and row["kind"] != "character", (row, Counter(mine))
+        if row["recommended"]:
+            assert majority is not None, (row, Counter(mine))
+    scenery = [s for s in seen.values() if s[0] == "scenery"]
+    assert scenery and all(s[2] is None for s in scenery), seen  # u2netp's clouds and trees are found
+    assert sum(s[1] for s in seen.values()) >= 1, seen
