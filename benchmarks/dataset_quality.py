@@ -3,8 +3,8 @@
     .venv/bin/python -m benchmarks.dataset_quality [--episodes 4] [--config data/demo.yaml] [--set k=v ...]
 
 Runs the pipeline to `select` (plain stage calls, no Prefect) on `data/sample` and on generated
-episodes (tests/footage.py: scenery in every background, pans, zooms, two characters in many
-shots), then matches each selected layer to the true instances of its frame by box IoU >= 0.5
+episodes (tests/footage.py as it is: clouds, sun, trees, rocks, buildings in the backgrounds,
+pan and zoom shots, up to two characters per shot), then matches each selected layer to the true instances of its frame by box IoU >= 0.5
 (tests/truth_layers.identities_of_layers). Per run it prints:
 
 - precision: selected layers that match a true character / selected layers;
