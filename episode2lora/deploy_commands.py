@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from episode2lora.common import console, fail
+from episode2lora.common import fail
 
 
 DEPLOYMENTS = typer.Option(None, "--config", help="deployments file (default: deployments/prefect.yaml)")

@@ -104,8 +104,12 @@ def print_loras(store: Any, params: Any) -> None:
         if store.is_done(stage):
             chosen.update({r["character"]: r[column] for r in store.read_manifest(stage).to_pylist() if r.get(column)})
     if chosen:
-        console.print("\nLoRA files (kohya format; load with diffusers' load_lora_weights, ComfyUI or A1111):")
+        purity = (store.marker("select") or {}).get("summary", {}).get("purity", {})
+        console.print("\nLoRA files (kohya format; load with diffusers' load_lora_weights, ComfyUI or A1111), "
+                      "with the estimated purity of each character's images:")
         for character, path in sorted(chosen.items()):
-            console.print(f"  {character:<16} {store.root / path}", markup=False, highlight=False)
+            estimate = purity.get(character)
+            shown = "" if estimate is None else f"  (estimated purity {estimate:.2f})"
+            console.print(f"  {character:<16} {store.root / path}{shown}", markup=False, highlight=False)
     if is_tiny(params.train.base):
         console.print(f"\n[bold yellow]note:[/] {TINY_NOTICE.format(base=params.train.base)}")

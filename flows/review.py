@@ -2,7 +2,7 @@
 
 In the Prefect UI the paused run shows "Resume" with the form: per cluster a tick box
 (train it or not), a character name and a trigger word, pre-filled with what `select` would
-do on its own. The answers are written as a select overrides file in the run folder
+do on its own, and its least typical layers first, each with one tick box to exclude it. The answers are written as a select overrides file in the run folder
 (`review/overrides.yaml`, on top of the overrides file given in the parameters, if any) and
 the run continues with `select` using it.
 """
@@ -17,13 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefect.input import RunInput
 
-from tasks.select import ClusterOverride, Overrides, SelectParams, default_name, load_overrides
+from tasks.select import ClusterOverride, LayerOverride, Overrides, SelectParams, default_name, load_overrides
 from tasks.run.stage import RunRef, StageResult
 from tasks.run.store import RunStore
 
 REVIEW_TIMEOUT_S = 24 * 3600
 """How long a paused run waits for its answers before it fails."""
 POLL_S = 3
+
+
+class LayerChoice(BaseModel):
+    """One of a cluster's least typical layers in the review form."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: str = Field(description="the layer (see its path)")
+    path: str = Field("", description="the layer image, relative to the run folder")
+    exclude: bool = Field(False, description="leave this layer out of the character")
 
 
 class ClusterChoice(BaseModel):
@@ -34,9 +44,13 @@ class ClusterChoice(BaseModel):
     cluster_id: int = Field(description="cluster id (kept stable across runs)")
     tier: str = Field("", description="tier S/A/B/C/D (for information)")
     size: int = Field(0, description="layers in the cluster (for information)")
+    kind: str = Field("", description="character / scenery / mixed (for information)")
+    purity: float = Field(0.0, description="estimated share of character layers among those taken (for information)")
     selected: bool = Field(description="train a LoRA for this character")
     name: str = Field("", description="character name (empty: char_<id>)")
     trigger: str = Field("", pattern=r"^[^,\t\r\n]*$", description="trigger word, no commas (empty: from the name)")
+    least_typical: list[LayerChoice] = Field(default_factory=list,
+                                             description="the cluster's least typical layers first: tick to exclude")
 
 
 class ClusterReview(RunInput):
@@ -58,9 +72,16 @@ def review_choices(tiers: pa.Table, params: SelectParams, base: Overrides) -> li
         if entry.merge_into is not None:
             continue
         by_tier = row["tier"] in wanted if wanted is not None else bool(row["recommended"])
-        selected = entry.include or (not entry.exclude and by_tier and row["size"] >= params.min_images)
-        choices.append(ClusterChoice(cluster_id=cid, tier=row["tier"], size=row["size"], selected=selected,
-                                     name=entry.name or default_name(cid)[0], trigger=entry.trigger or ""))
+        kind = row.get("kind") or "unknown"
+        usable = row.get("used", row["size"])
+        selected = entry.include or (not entry.exclude and by_tier and kind in (*params.kinds, "unknown")
+                                     and usable >= params.min_images)
+        layers = [LayerChoice(item_id=i, path=p, exclude=bool(base.layers.get(i) and base.layers[i].exclude))
+                  for i, p in zip(row.get("atypical_ids") or [], row.get("atypical_paths") or [])]
+        choices.append(ClusterChoice(cluster_id=cid, tier=row["tier"], size=row["size"], kind=kind,
+                                     purity=round(float(row.get("purity") or 0.0), 3), selected=selected,
+                                     name=entry.name or default_name(cid)[0], trigger=entry.trigger or "",
+                                     least_typical=layers))
     return choices
 
 
@@ -69,8 +90,10 @@ def describe(choices: list[ClusterChoice], store: RunStore) -> str:
     lines = [f"### Review the clusters of run `{store.name}`", "",
              "Tick the characters to train and give them a name and a trigger word.",
              f"Contact sheets: `{store.root / 'report'}`", "",
-             "| cluster | tier | layers | selected now |", "|---|---|---|---|"]
-    lines += [f"| {c.cluster_id} | {c.tier} | {c.size} | {'yes' if c.selected else 'no'} |" for c in choices]
+             "Each cluster lists its least typical layers first: tick `exclude` to leave one out.", "",
+             "| cluster | tier | kind | layers | est. purity | selected now |", "|---|---|---|---|---|---|"]
+    lines += [f"| {c.cluster_id} | {c.tier} | {c.kind} | {c.size} | {c.purity:.2f} | {'yes' if c.selected else 'no'} |"
+              for c in choices]
     return "\n".join(lines)
 
 
@@ -80,7 +103,13 @@ def overrides_from(choices: list[ClusterChoice], base: Overrides) -> Overrides:
     Raises ValueError naming the cluster when an answer is not a valid override.
     """
     clusters = dict(base.clusters)
+    layers = dict(base.layers)
     for choice in choices:
+        for layer in choice.least_typical:
+            if layer.exclude:
+                layers[layer.item_id] = LayerOverride(exclude=True)
+            elif layer.item_id in layers and layers[layer.item_id].exclude:
+                del layers[layer.item_id]
         entry = clusters.get(choice.cluster_id, ClusterOverride())
         try:
             clusters[choice.cluster_id] = ClusterOverride(
@@ -88,7 +117,7 @@ def overrides_from(choices: list[ClusterChoice], base: Overrides) -> Overrides:
                 kind=entry.kind, include=choice.selected, exclude=not choice.selected)
         except ValueError as exc:
             raise ValueError(f"review answer for cluster {choice.cluster_id}: {exc}") from None
-    return Overrides(clusters=clusters, layers=base.layers)
+    return Overrides(clusters=clusters, layers=layers)
 
 
 def write_overrides(store: RunStore, overrides: Overrides) -> Path:

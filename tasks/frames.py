@@ -102,9 +102,19 @@ def discover_videos(inputs: list[str]) -> list[Path]:
         else:
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not matches:
-            raise FileNotFoundError(f"input '{text}' matched no video files")
+            raise FileNotFoundError(f"input '{text}' matched no video files{_images_hint(path)}")
         found.extend(m.absolute() for m in matches)
     return sorted(dict.fromkeys(found))
+
+
+def _images_hint(path: Path) -> str:
+    """When a folder holds images but no videos: which command takes images."""
+    from tasks.ingest import IMAGE_SUFFIXES
+
+    if path.is_dir() and any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+        return (f"; it holds images: for a folder of images use `episode2lora renders {path}` (product renders, "
+                f"one folder per character) or `episode2lora photos {path}` (photo sets with captions)")
+    return ""
 
 
 def episode_ids(videos: list[Path]) -> list[str]:

@@ -4,7 +4,11 @@
 writes `<run>/report/cluster_report.html` and `.json`: a tier table (clusters per tier and
 kind), the 2-D map as a PNG scatter coloured by cluster, and per cluster a contact sheet of
 sample layers with tier, kind, counts, quality measures and, once selected, its character
-name and trigger. Images are embedded as data URIs, so the file can be mailed or archived.
+name and trigger. Each character or mixed cluster also shows its estimated purity and its
+least typical layers first, each with a tick box that adds `exclude: true` for it to an
+overrides snippet on the page (paste it into the select overrides file); scenery clusters are
+listed apart, as background material. Images are embedded as data URIs, so the file can be
+mailed or archived.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from tasks.run.stage import RunRef, StageResult
 from tasks.run.store import RunStore, StageNotDoneError
-from tasks.tier import TIERS, UNKNOWN, TierParams, quality_issues, size_tier
+from tasks.tier import KINDS, TIERS, UNKNOWN, TierParams, quality_issues, size_tier
 
 FOLDER = "report"
 HTML_NAME = "cluster_report.html"
@@ -72,7 +76,7 @@ def build_report(store: RunStore) -> dict[str, Any]:
             "character": character["character"] if character else None,
             "trigger": character["trigger"] if character else None,
         })
-    kinds = list(dict.fromkeys([*tier_params.kind_prompts, *sorted({r["kind"] for r in rows}), UNKNOWN]))
+    kinds = list(dict.fromkeys([*KINDS, *sorted({r["kind"] for r in rows})]))
     by_tier_kind = {t: {k: sum(1 for r in rows if r["tier"] == t and r["kind"] == k) for k in kinds} for t in TIERS}
     cluster_marker = (store.marker("cluster") or {}).get("summary", {})
     return {
@@ -189,6 +193,7 @@ border-radius:4px;color:#fff;font-weight:bold;margin-right:6px}
 .tS{background:#b8860b}.tA{background:#2e7d32}.tB{background:#1565c0}.tC{background:#6a1b9a}.tD{background:#757575}
 .issues{color:#b71c1c;font-size:.9em} .rec{color:#2e7d32;font-weight:bold} .swatch{display:inline-block;width:10px;
 height:10px;border-radius:5px;margin-right:6px} img{image-rendering:auto}
+.atypical{display:flex;flex-wrap:wrap;gap:6px} .layer{font-size:.75em;color:#555;text-align:center}
 """
 
 
@@ -200,7 +205,19 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def render_html(report: dict[str, Any], map_image: bytes, sheets: dict[int, bytes]) -> str:
+def _estimate(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _purity(c: dict[str, Any]) -> str:
+    if c.get("purity") is None:
+        return ""
+    return (f", estimated purity {c['purity']:.2f} ({c.get('used', c['size'])} layers usable, "
+            f"{c.get('trimmed', 0)} outliers trimmed)")
+
+
+def render_html(report: dict[str, Any], map_image: bytes, sheets: dict[int, bytes],
+                atypical: dict[str, bytes] | None = None) -> str:
     """The report page; every picture inline."""
     s = report["summary"]
     kinds = list(next(iter(s["by_tier_kind"].values())).keys()) if s["by_tier_kind"] else [UNKNOWN]
@@ -229,31 +246,63 @@ def render_html(report: dict[str, Any], map_image: bytes, sheets: dict[int, byte
                f"src='{_data_uri(map_image)}'>")
     if report["characters"]:
         out.append("<h2>Selected characters</h2><table id='characters'><thead><tr><th class='l'>character</th>"
-                   "<th class='l'>trigger</th><th class='l'>kind</th><th class='l'>clusters</th><th>images</th></tr></thead><tbody>")
+                   "<th class='l'>trigger</th><th class='l'>kind</th><th class='l'>clusters</th><th>images</th>"
+                   "<th>est. purity</th></tr></thead><tbody>")
         for c in report["characters"]:
             out.append(f"<tr><td class='l'>{_e(c['character'])}</td><td class='l'>{_e(c['trigger'])}</td>"
                        f"<td class='l'>{_e(c['kind'])}</td><td class='l'>{_e(', '.join(map(str, c['cluster_ids'])))}</td>"
-                       f"<td>{c['n_images']}</td></tr>")
+                       f"<td>{c['n_images']}</td><td>{_estimate(c.get('purity'))}</td></tr>")
         out.append("</tbody></table>")
     for warning in report["warnings"]:
         out.append(f"<p class='issues'>{_e(warning)}</p>")
-    out.append("<h2>Clusters</h2><div class='cards'>")
-    for c in report["clusters"]:
-        colour = "#%02x%02x%02x" % cluster_colour(c["cluster_id"])
-        demoted = f" (size tier {c['size_tier']})" if c["size_tier"] != c["tier"] else ""
-        who = f" &rarr; <b>{_e(c['character'])}</b> (trigger <code>{_e(c['trigger'])}</code>)" if c["selected"] else ""
-        out.append(
-            f"<div class='card' id='cluster-{c['cluster_id']}'><h3><span class='tier t{c['tier']}'>{c['tier']}</span>"
-            f"<span class='swatch' style='background:{colour}'></span>cluster {c['cluster_id']}{who}</h3>"
-            f"<div class='meta'>{c['size']} layers{demoted}, kind {_e(c['kind'])}"
-            f"{', <span class=rec>recommended</span>' if c['recommended'] else ''}; sharpness {c['mean_sharpness']:.1f}, "
-            f"alpha coverage {c['mean_alpha_coverage']:.2f}, duplicates {100 * c['duplicate_ratio']:.0f} %, "
-            f"mean layer area {100 * c['mean_layer_area']:.1f} % of the frame</div>"
-        )
-        for issue in c["quality_issues"]:
-            out.append(f"<div class='issues'>{_e(issue)}</div>")
-        out.append(f"<img alt='sample layers of cluster {c['cluster_id']}' src='{_data_uri(sheets[c['cluster_id']])}'></div>")
-    out.append("</div></body></html>")
+    scenery = [c for c in report["clusters"] if c["kind"] == "scenery"]
+    for title, group in (("Clusters", [c for c in report["clusters"] if c["kind"] != "scenery"]),
+                         ("Scenery (background material, never trained as a character)", scenery)):
+        if group or title == "Clusters":
+            out.append(f"<h2>{_e(title)}</h2><div class='cards'>")
+            out += [_card(c, sheets, atypical or {}) for c in group]
+            out.append("</div>")
+    out.append("<h2>Overrides</h2><p class='meta'>Tick layers above to exclude them; paste this into the select "
+               "overrides file (<code>--set select.overrides=FILE</code>):</p>"
+               "<textarea id='overrides' rows='8' cols='80' readonly>layers: {}</textarea>")
+    out.append(f"<script>{SCRIPT}</script></body></html>")
+    return "\n".join(out)
+
+
+SCRIPT = """
+document.addEventListener('change', () => {
+  const ids = [...document.querySelectorAll('input.exclude:checked')].map(b => b.dataset.layer);
+  document.getElementById('overrides').value = ids.length
+    ? 'layers:\\n' + ids.map(i => '  "' + i + '": {exclude: true}').join('\\n') : 'layers: {}';
+});
+"""
+
+
+def _card(c: dict[str, Any], sheets: dict[int, bytes], atypical: dict[str, bytes]) -> str:
+    """One cluster's card: tier, kind, purity, measures, samples, least typical layers with exclude boxes."""
+    out = []
+    colour = "#%02x%02x%02x" % cluster_colour(c["cluster_id"])
+    demoted = f" (size tier {c['size_tier']})" if c["size_tier"] != c["tier"] else ""
+    who = f" &rarr; <b>{_e(c['character'])}</b> (trigger <code>{_e(c['trigger'])}</code>)" if c["selected"] else ""
+    out.append(
+        f"<div class='card' id='cluster-{c['cluster_id']}'><h3><span class='tier t{c['tier']}'>{c['tier']}</span>"
+        f"<span class='swatch' style='background:{colour}'></span>cluster {c['cluster_id']}{who}</h3>"
+        f"<div class='meta'>{c['size']} layers{demoted}, kind {_e(c['kind'])}{_purity(c)}"
+        f"{', <span class=rec>recommended</span>' if c['recommended'] else ''}; sharpness {c['mean_sharpness']:.1f}, "
+        f"alpha coverage {c['mean_alpha_coverage']:.2f}, duplicates {100 * c['duplicate_ratio']:.0f} %, "
+        f"mean layer area {100 * c['mean_layer_area']:.1f} % of the frame</div>"
+    )
+    for issue in c["quality_issues"]:
+        out.append(f"<div class='issues'>{_e(issue)}</div>")
+    out.append(f"<img alt='sample layers of cluster {c['cluster_id']}' src='{_data_uri(sheets[c['cluster_id']])}'>")
+    if c.get("atypical_ids") and c["kind"] != "scenery":
+        out.append("<div class='meta'>least typical first (tick to exclude):</div><div class='atypical'>")
+        for item in c["atypical_ids"]:
+            thumb = f"<img alt='{_e(item)}' src='{_data_uri(atypical[item])}'>" if item in atypical else ""
+            out.append(f"<label class='layer'>{thumb}<br><input type='checkbox' class='exclude' "
+                       f"data-layer='{_e(item)}'> {_e(item)}</label>")
+        out.append("</div>")
+    out.append("</div>")
     return "\n".join(out)
 
 
@@ -270,10 +319,12 @@ def write_report(store: RunStore, out: Path | None = None) -> tuple[Path, Path, 
                    clusters.column("umap_y").to_numpy(zero_copy_only=False)], axis=1) if clusters.num_rows else np.zeros((0, 2))
     labels = clusters.column("cluster_id").to_numpy(zero_copy_only=False) if clusters.num_rows else np.zeros(0, int)
     sheets = {c["cluster_id"]: contact_sheet(store.root, c["sample_paths"]) for c in report["clusters"]}
+    atypical = {item: contact_sheet(store.root, [path], thumb=72, columns=1) for c in report["clusters"]
+                if c["kind"] != "scenery" for item, path in zip(c.get("atypical_ids") or [], c.get("atypical_paths") or [])}
     folder = Path(out) if out else store.root / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     html_path, json_path = folder / HTML_NAME, folder / JSON_NAME
-    for path, text in ((html_path, render_html(report, map_png(xy, labels), sheets)),
+    for path, text in ((html_path, render_html(report, map_png(xy, labels), sheets, atypical)),
                        (json_path, json.dumps(report, indent=2, default=str))):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text, encoding="utf-8")

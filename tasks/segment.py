@@ -31,13 +31,14 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+from tasks.characterness import ShotMotion
 from tasks.run.progress import StageProgress
 from tasks.run.spec import ShardedStage
 from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
 from tasks.run.store import QUARANTINE, RunStore, fingerprint
 
 STAGE = "segment"
-VERSION = 2
+VERSION = 3
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),          # <frame item_id>:<instance:02d>
@@ -58,6 +59,10 @@ SCHEMA = pa.schema([
     ("flag", pa.string()),             # null, "mask_empty", "mask_full"
     ("kept", pa.bool_()),
     ("drop_reason", pa.string()),
+    ("motion", pa.float32()),           # share of the layer's pixels that move against its shot (null: no cue)
+    ("character_score", pa.float32()),  # 0-1 character-ness (tasks/characterness.py); null: not scored
+    ("character_reasons", pa.string()), # why, "; "-joined
+    ("split_from", pa.int32()),         # the glued instance a split layer came from (null: not split)
 ])
 
 
@@ -80,6 +85,17 @@ class SegmentParams(BaseModel):
     empty_mask_frac: float = Field(0.002, ge=0, lt=1, description="masks covering less than this are flagged mask_empty")
     full_mask_frac: float = Field(0.9, gt=0, le=1, description="masks covering more than this are flagged mask_full")
     inpaint_radius: int = Field(3, ge=1, le=64, description="pixels: OpenCV inpainting radius for the background layer")
+    motion_tolerance: int = Field(40, ge=1, le=255, description="colour step (0-255) at which a pixel differs from the "
+                                  "shot's other frames (aligned on the camera motion)")
+    moving_share: float = Field(0.3, gt=0, le=1, description="share of a layer's pixels moving against the shot that "
+                                "counts as fully character-like (character_score 1)")
+    split_glued: bool = Field(True, description="cut a layer that glues moving parts to static scenery down to the moving parts")
+    glued_max_share: float = Field(0.7, gt=0, lt=1, description="a layer is glued when its moving parts cover at most "
+                                   "this share of it and the static rest is not a speck")
+    detector: str | None = Field(None, description="path of an anime person / head detector .onnx (YOLO-style outputs); "
+                                 "layers that overlap no detection are dropped as 'no_detection'")
+    detector_threshold: float = Field(0.35, gt=0, lt=1, description="detector confidence that counts as a detection")
+    detector_overlap: float = Field(0.3, gt=0, le=1, description="share of a detection box a layer's box must cover to be kept")
 
     @field_validator("model")
     @classmethod
@@ -102,8 +118,17 @@ def params_affecting_output(params: SegmentParams) -> dict[str, Any]:
     """Parameters in the fingerprint (batch size changes speed, not output)."""
     from models.segmenters import model_identity
 
-    settings = params.model_dump(mode="json", exclude={"batch_size"})
+    unused = {"batch_size"}
+    if not params.detector:
+        unused |= {"detector", "detector_threshold", "detector_overlap"}
+    if not params.split_glued:
+        unused |= {"glued_max_share"}
+    settings = params.model_dump(mode="json", exclude=unused)
     settings["model"] = model_identity(params.model)
+    if params.detector:
+        from models.detectors import detector_identity
+
+        settings["detector"] = detector_identity(params.detector)
     return settings
 
 
@@ -187,9 +212,35 @@ def _frame_row(frame: dict, model: str, **values: Any) -> dict:
     return row
 
 
+def split_glued_instances(instances: list[tuple[np.ndarray, np.ndarray]], motion: Any, params: SegmentParams
+                          ) -> list[tuple[np.ndarray, np.ndarray, int | None]]:
+    """Instances with each glued one (moving parts + static scenery) replaced by its moving parts.
+
+    Returns (pixels, region, number of the glued instance it came from or None).
+    """
+    from tasks.characterness import split_glued
+
+    out: list[tuple[np.ndarray, np.ndarray, int | None]] = []
+    min_pixels = params.min_area_frac * (instances[0][0].size if instances else 0)
+    for number, (pixels, region) in enumerate(instances, start=1):
+        parts = split_glued(motion, pixels, min_pixels, max_share=params.glued_max_share,
+                            reach=max(params.join_distance, round(0.03 * max(pixels.shape)))) if params.split_glued else None
+        if parts is None:
+            out.append((pixels, region, None))
+        else:
+            out += [(part, part, number) for part in parts]
+    return out
+
+
 def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: SegmentParams, model: str,
-                out: Path, prefix: str) -> list[dict]:
-    """Write one frame's mask, background and character layers; return its manifest rows."""
+                out: Path, prefix: str, motion: Any = None, detections: np.ndarray | None = None) -> list[dict]:
+    """Write one frame's mask, background and character layers; return its manifest rows.
+
+    `motion`: the frame's tasks.characterness.ShotMotion (None: no other frame of its shot);
+    `detections`: detector boxes (N, 4) when a detector gates the layers.
+    """
+    from tasks.characterness import character_score, motion_share
+
     h, w = mask.shape
     stem = f"{frame['frame_index']:07d}"
     _write_png(out / "mask" / f"{stem}.png", np.clip(mask * 255 + 0.5, 0, 255).astype(np.uint8))
@@ -213,7 +264,7 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
         matte = alpha_matte(image, mask)
         rgb, alpha = matte[..., :3], matte[..., 3].astype(np.float32) / 255.0
     rows = []
-    for number, (pixels, region) in enumerate(instances, start=1):
+    for number, (pixels, region, split_from) in enumerate(split_glued_instances(instances, motion, params), start=1):
         x0, y0, x1, y1 = bbox_of(pixels)
         m = params.margin
         cx0, cy0, cx1, cy1 = max(x0 - m, 0), max(y0 - m, 0), min(x1 + m, w), min(y1 + m, h)
@@ -222,7 +273,17 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
         name = f"{stem}_{number:02d}.png"
         _write_png(out / "character" / name, np.dstack([rgb[cy0:cy1, cx0:cx1], layer_alpha]))
         confidence = float(mask[pixels].mean())
-        faint = confidence < params.min_confidence
+        moving = motion_share(motion, pixels)
+        score, reasons = character_score(moving, [x0, y0, x1, y1], pixels, confidence,
+                                         moving_share=params.moving_share)
+        if split_from is not None:
+            reasons.append(f"cut from glued layer {split_from:02d}")
+        drop = "faint" if confidence < params.min_confidence else None
+        if drop is None and detections is not None:
+            from models.detectors import overlaps_detection
+
+            if not overlaps_detection([x0, y0, x1, y1], detections, params.detector_overlap):
+                drop = "no_detection"
         rows.append({
             "item_id": f"{frame['item_id']}:{number:02d}", "source_id": frame["item_id"],
             "episode": frame["episode"], "frame_index": frame["frame_index"], "instance": number,
@@ -230,9 +291,24 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
             "alpha_coverage": float((layer_alpha >= 128).mean()), "model": model,
             "width": w, "height": h, "path": f"{prefix}/character/{name}",
             "mask_path": mask_path, "background_path": base["background_path"],
-            "confidence": confidence, "flag": None, "kept": not faint, "drop_reason": "faint" if faint else None,
+            "confidence": confidence, "flag": None, "kept": drop is None, "drop_reason": drop,
+            "motion": moving, "character_score": score, "character_reasons": "; ".join(reasons),
+            "split_from": split_from,
         })
     return rows
+
+
+def shots_of(frames: list[dict]) -> list[list[dict]]:
+    """Frames grouped into runs of one shot (consecutive equal `shot_id`; no shot id: alone)."""
+    groups: list[list[dict]] = []
+    for frame in frames:
+        shot = frame.get("shot_id")
+        if groups and shot is not None and groups[-1][-1].get("shot_id") == shot \
+                and groups[-1][-1]["episode"] == frame["episode"]:
+            groups[-1].append(frame)
+        else:
+            groups.append([frame])
+    return groups
 
 
 # ---- one shard ------------------------------------------------------------------------------
@@ -256,12 +332,16 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
     started = time.perf_counter()
     rows: list[dict] = []
     report = {"frames": len(frames), "layers": 0, "mask_empty": 0, "mask_full": 0, "no_layers": 0,
-              "quarantined": 0, "seconds": 0.0}
+              "quarantined": 0, "split": 0, "no_detection": 0, "seconds": 0.0}
+    detector = None
+    if params.detector:
+        from models.detectors import OnnxDetector
+
+        detector = OnnxDetector(params.detector, threshold=params.detector_threshold)
     with StageProgress(label, len(frames)) as bar:
-        for start in range(0, len(frames), params.batch_size):
-            batch = frames[start:start + params.batch_size]
+        for shot in shots_of(frames):
             readable = []
-            for frame in batch:
+            for frame in shot:
                 image, reason = read_frame(run_root / frame["path"]) if frame.get("path") else (None, "no frame file")
                 if image is None:
                     rows.append(_frame_row(frame, params.model,
@@ -269,22 +349,31 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
                     report["quarantined"] += 1
                 else:
                     readable.append((frame, image))
-            masks = segmenter.segment([image for _, image in readable]) if readable else []
-            for (frame, image), mask in zip(readable, masks):
-                frame_rows = layer_frame(frame, image, mask, params, params.model, out, prefix)
+            masks = []
+            for start in range(0, len(readable), params.batch_size):
+                masks += segmenter.segment([image for _, image in readable[start:start + params.batch_size]])
+            boxes = detector.detect([image for _, image in readable]) if detector and readable else None
+            for k, ((frame, image), mask) in enumerate(zip(readable, masks)):
+                others = [other for j, (_, other) in enumerate(readable) if j != k]
+                their_masks = [m for j, m in enumerate(masks) if j != k]
+                motion = ShotMotion.of(image, others, params.motion_tolerance, their_masks) if others else None
+                frame_rows = layer_frame(frame, image, mask, params, params.model, out, prefix, motion,
+                                         boxes[k] if boxes is not None else None)
                 rows.extend(frame_rows)
                 reason = frame_rows[0]["drop_reason"]
                 if reason in ("mask_empty", "mask_full", "no_layers"):
                     report[reason] += 1
                 report["layers"] += sum(r["kept"] for r in frame_rows)
-            bar.advance(len(batch))
+                report["split"] += sum(r["split_from"] is not None for r in frame_rows)
+                report["no_detection"] += sum(r["drop_reason"] == "no_detection" for r in frame_rows)
+            bar.advance(len(shot))
     report["seconds"] = round(time.perf_counter() - started, 3)
     return pa.Table.from_pylist(rows, schema=SCHEMA), report
 
 
 # ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) --------------
 
-FRAME_FIELDS = ("item_id", "episode", "frame_index", "path", "phash", "width", "height")
+FRAME_FIELDS = ("item_id", "episode", "frame_index", "shot_id", "path", "phash", "width", "height")
 
 
 class SegmentShard(BaseModel):
@@ -307,7 +396,8 @@ class SegmentPlan(BaseModel):
 
 def shard_frames(frames: pa.Table, shard_size: int) -> dict[str, list[dict]]:
     """Kept frames grouped per episode in chunks of `shard_size`, keyed `<episode>-<chunk:04d>`."""
-    kept = frames.filter(pc.equal(frames.column("kept"), True)).select(list(FRAME_FIELDS))
+    kept = frames.filter(pc.equal(frames.column("kept"), True))
+    kept = kept.select([f for f in FRAME_FIELDS if f in kept.column_names])
     kept = kept.sort_by([("episode", "ascending"), ("frame_index", "ascending")])
     shards: dict[str, list[dict]] = {}
     by_episode: dict[str, list[dict]] = {}

@@ -1,7 +1,9 @@
 """Stage `select`: the characters to train, with folder-safe names and trigger words.
 
 Batch selection like the Yokai guide's `--tiers S A --min-images 20` (default: the tier
-stage's recommended clusters), refined by an optional overrides YAML file::
+stage's recommended clusters), of clusters whose kind is in `kinds` (default: character only;
+scenery is never a character), taking only the layers the tier stage marked used (outliers
+trimmed, scenery parts left out), refined by an optional overrides YAML file::
 
     clusters:
       3: {name: "Hero Boy", trigger: heroboy}   # name / trigger word / kind of a character
@@ -15,7 +17,9 @@ stage's recommended clusters), refined by an optional overrides YAML file::
 Names become folder names through `tasks.run.store.safe_name` (so `../x` is `x`); without a name a
 character is `char_<id:03d>` with trigger `char<id:03d>`, by its cluster id, which the cluster
 stage keeps stable across runs. References to clusters or layers that no longer exist are
-reported as warnings and ignored; malformed files fail before work starts.
+reported as warnings and ignored; malformed files fail before work starts. A selection of
+no character stops the run here (`NothingSelected`) with the largest clusters and the exact
+`--set` that would take them.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tasks.run.spec import GlobalStage
 from tasks.run.stage import StageResult, finished, run_global_stage, stage_fingerprint
 from tasks.run.store import RunStore, safe_name, write_table
-from tasks.tier import Tier
+from tasks.tier import KINDS, MEMBERS, Tier
 
 STAGE = "select"
-VERSION = 1
+VERSION = 2
 CHARACTERS = "characters.parquet"
 
 SCHEMA = pa.schema([
@@ -53,6 +57,7 @@ CHARACTER_SCHEMA = pa.schema([
     ("kind", pa.string()),
     ("cluster_ids", pa.list_(pa.int32())),
     ("n_images", pa.int64()),
+    ("purity", pa.float32()),        # estimated (the tier stage's, weighted by the clusters' usable layers)
 ])
 
 
@@ -60,6 +65,10 @@ CHARACTER_SCHEMA = pa.schema([
 
 class OverridesError(ValueError):
     """The overrides file is malformed; the message names the file and the entry."""
+
+
+class NothingSelected(RuntimeError):
+    """No cluster became a character; the message lists the largest clusters and what would take them."""
 
 
 def _check_trigger(value: str | None) -> str | None:
@@ -182,7 +191,17 @@ class SelectParams(BaseModel):
 
     tiers: list[Tier] | None = Field(None, description="tiers to select (None: the tier stage's recommended clusters)")
     min_images: int = Field(20, ge=1, description="a character needs at least this many layers (include: true overrides)")
+    kinds: list[str] = Field(["character"], description="cluster kinds that may be selected (character, mixed; "
+                             "scenery is never a character; include: true overrides)")
     overrides: str | None = Field(None, description="path of an overrides YAML file (names, triggers, merges, exclusions, moves)")
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds(cls, value: list[str]) -> list[str]:
+        bad = [k for k in value if k not in KINDS or k == "scenery"]
+        if bad:
+            raise ValueError(f"kinds must be among 'character' and 'mixed' (scenery is never a character), got {bad}")
+        return value
 
     @field_validator("overrides")
     @classmethod
@@ -209,15 +228,24 @@ def _trigger_from_name(name: str, cluster_id: int) -> str:
     return word or default_name(cluster_id)[1]
 
 
+def _purity(layers: list[dict], tier_rows: dict[int, dict]) -> float | None:
+    """A character's estimated purity: its clusters' estimates weighted by the layers taken from each."""
+    estimates = [tier_rows[r["cluster_id"]].get("purity") for r in layers if r["cluster_id"] in tier_rows]
+    estimates = [e for e in estimates if e is not None]
+    return float(sum(estimates) / len(estimates)) if estimates else None
+
+
 def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
-                      overrides: Overrides | None = None) -> tuple[pa.Table, pa.Table, dict]:
+                      overrides: Overrides | None = None, members: pa.Table | None = None) -> tuple[pa.Table, pa.Table, dict]:
     """Apply batch selection and the overrides.
 
     Args:
         clusters: cluster manifest (item_id, cluster_id, path).
         tiers: tier manifest (cluster_id, tier, kind, recommended).
-        params: tiers / min_images.
+        params: tiers / min_images / kinds.
         overrides: the parsed overrides file (None: none).
+        members: the tier stage's per-layer verdicts (item_id, used); layers not used are left
+            out unless moved by an override (None: every clustered layer counts).
     Returns:
         (selected layers with SCHEMA, characters with CHARACTER_SCHEMA, summary with warnings).
     Raises:
@@ -233,8 +261,11 @@ def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
         elif entry.merge_into is not None and entry.merge_into not in known:
             warnings.append(f"cluster {cid}: merge_into {entry.merge_into} does not exist in this run; not merged")
 
-    # layers -> effective cluster (moves, exclusions)
+    # layers -> effective cluster (moves, exclusions); trimmed and scenery layers left out
     layers = {r["item_id"]: r for r in clusters.to_pylist()}
+    if members is not None:
+        unused = {r["item_id"] for r in members.select(["item_id", "used"]).to_pylist() if not r["used"]}
+        layers = {k: v for k, v in layers.items() if k not in unused or k in overrides.layers}
     for item, entry in sorted(overrides.layers.items()):
         if item not in layers:
             warnings.append(f"layer {item} in the overrides does not exist in this run; ignored")
@@ -261,7 +292,8 @@ def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
     for root, cids in sorted(groups.items()):
         entry = overrides.clusters.get(root, ClusterOverride())
         layers_c = sorted(members_of[root], key=lambda r: r["item_id"])
-        by_tier = any((tier_rows[c]["tier"] in wanted) if wanted is not None else tier_rows[c]["recommended"] for c in cids)
+        by_tier = any(((tier_rows[c]["tier"] in wanted) if wanted is not None else tier_rows[c]["recommended"])
+                      and tier_rows[c]["kind"] in (*params.kinds, "unknown") for c in cids)
         if entry.exclude:
             excluded += 1
             continue
@@ -276,9 +308,9 @@ def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
                                  f"give them different names, or merge them with merge_into")
         names[name] = root
         largest = max(cids, key=lambda c: (tier_rows[c]["size"], -c))
-        kind = entry.kind or tier_rows[largest]["kind"]
+        kind = entry.kind or tier_rows[largest].get("sub_kind") or tier_rows[largest]["kind"]
         characters.append({"character": name, "trigger": trigger, "kind": kind, "cluster_ids": sorted(cids),
-                           "n_images": len(layers_c)})
+                           "n_images": len(layers_c), "purity": _purity(layers_c, tier_rows)})
         rows += [{"item_id": r["item_id"], "source_id": r["item_id"], "character": name, "trigger": trigger,
                   "cluster_id": r["cluster_id"], "kind": kind, "path": r["path"]} for r in layers_c]
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
@@ -287,10 +319,38 @@ def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
         "characters": len(characters), "kept": len(rows), "images": len(rows),
         "clusters_considered": len(known), "excluded_clusters": excluded,
         "tiers": list(params.tiers) if params.tiers is not None else "recommended",
-        "min_images": params.min_images, "warnings": warnings,
+        "min_images": params.min_images, "kinds": list(params.kinds), "warnings": warnings,
         "names": {c["character"]: c["trigger"] for c in characters},
+        "purity": {c["character"]: None if c["purity"] is None else round(c["purity"], 3) for c in characters},
     }
     return table, table_c, summary
+
+
+def nothing_selected_message(tiers: pa.Table, params: SelectParams, shown: int = 5) -> str:
+    """Why nothing was selected: the largest clusters (size, tier, kind) and the `--set` that takes them."""
+    rows = sorted(tiers.to_pylist(), key=lambda r: (-r.get("used", r["size"]), r["cluster_id"]))
+    if not rows:
+        return ("select: no character selected, because clustering found no cluster (every layer is noise); "
+                "try --set cluster.min_cluster_size=3 --set cluster.min_samples=2, or more episodes")
+    lines = [f"select: no character selected (tiers {list(params.tiers) if params.tiers else 'recommended'}, "
+             f"min_images {params.min_images}, kinds {list(params.kinds)}). The largest clusters:"]
+    for r in rows[:shown]:
+        lines.append(f"  cluster {r['cluster_id']}: {r.get('used', r['size'])} usable layers of {r['size']}, "
+                     f"tier {r['tier']}, kind {r['kind']}")
+    takeable = [r for r in rows if r["kind"] != "scenery"]
+    if takeable:
+        top = takeable[:shown]
+        tiers_needed = sorted({r["tier"] for r in top} | set(params.tiers or []), key="SABCD".index)
+        smallest = min(r.get("used", r["size"]) for r in top)
+        sets = [f"--set select.tiers=[{','.join(tiers_needed)}]", f"--set select.min_images={max(smallest, 1)}"]
+        kinds = sorted({r["kind"] for r in top} - {"unknown"} | set(params.kinds))
+        if kinds != sorted(params.kinds):
+            sets.append(f"--set select.kinds=[{','.join(kinds)}]")
+        lines.append("To train the largest non-scenery clusters above: " + " ".join(sets))
+    else:
+        lines.append("Every cluster is scenery: the layers are background, not characters. Try "
+                     "--set segment.model=isnet-anime (or a detector: --set segment.detector=<person.onnx>).")
+    return "\n".join(lines)
 
 
 # ---- run-store wiring ---------------------------------------------------------------------------
@@ -317,7 +377,11 @@ def run_select(store: RunStore, params: SelectParams, upstream: dict[str, StageR
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
         clusters, tiers = (store.read_manifest(upstream[role].stage) for role in ("cluster", "tier"))
-        table, characters, summary = select_characters(clusters, tiers, params, load_overrides(params.overrides))
+        members_path = store.stage_dir(upstream["tier"].stage) / MEMBERS
+        members = pq.read_table(members_path) if members_path.is_file() else None
+        table, characters, summary = select_characters(clusters, tiers, params, load_overrides(params.overrides), members)
+        if not characters.num_rows:
+            raise NothingSelected(nothing_selected_message(tiers, params))
         write_table(characters, folder / CHARACTERS)
         return table, summary, [f"{STAGE}/{CHARACTERS}"]
 

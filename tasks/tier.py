@@ -1,11 +1,21 @@
-"""Stage `tier`: one row per cluster with size, quality, tier, kind and a recommendation.
+"""Stage `tier`: one row per cluster with size, quality, tier, kind, purity and a recommendation.
+
+Hygiene first: each cluster's members are scored by their cosine distance to the cluster's
+medoid; a member further than `outlier_mads` robust deviations (median + MAD) is trimmed to
+noise, and a member whose segment `character_score` is below `min_character_score` is not
+character material. `kind` is `character` when at least `character_share` of the members are
+character material, `scenery` when at most `scenery_share` are, else `mixed`; only character
+clusters are recommended. `purity` estimates the share of true character layers among those
+`select` will take (their mean character score). `tier/members.parquet` holds the per-layer
+verdicts (typicality, outlier, used) that `select` and the report read.
 
 Tiers follow the Yokai guide by cluster size (S 100+, A 50-99, B 20-49, C 15-19, D < 15; the
 thresholds are parameters). A cluster of poor quality moves down one tier: low mean
 sharpness, low mean alpha coverage, or many near-duplicate layers. `kind` (human / creature /
 unknown, the guide's human / yokai) comes from a zero-shot prompt pair when the embedder has
 a text tower (CLIP, SigLIP); otherwise it is `unknown`. `recommended` = tier in
-`recommended_tiers`. `tier/manifest.parquet` is also written as `tier/clusters.parquet`.
+`recommended_tiers` and kind `character`. `tier/manifest.parquet` is also written as
+`tier/clusters.parquet`. The zero-shot human / creature result is kept as `sub_kind`.
 """
 
 from __future__ import annotations
@@ -24,11 +34,13 @@ from tasks.run.stage import StageResult, finished, run_global_stage
 from tasks.run.store import RunStore, write_table
 
 STAGE = "tier"
-VERSION = 1
+VERSION = 2
 TIERS: tuple[str, ...] = ("S", "A", "B", "C", "D")
 Tier = Literal["S", "A", "B", "C", "D"]
 UNKNOWN = "unknown"
 CLUSTERS = "clusters.parquet"
+MEMBERS = "members.parquet"
+KINDS: tuple[str, ...] = ("character", "scenery", "mixed")
 
 SCHEMA = pa.schema([
     ("cluster_id", pa.int32()),
@@ -38,9 +50,25 @@ SCHEMA = pa.schema([
     ("duplicate_ratio", pa.float32()),
     ("mean_layer_area", pa.float32()),      # mean area_frac: layer pixels / frame pixels
     ("tier", pa.string()),
-    ("kind", pa.string()),
+    ("kind", pa.string()),                  # character / scenery / mixed
+    ("sub_kind", pa.string()),              # human / creature / unknown (zero-shot, CLIP-type embedders)
+    ("purity", pa.float32()),               # estimated share of true character layers among the used ones
+    ("used", pa.int64()),                   # layers select may take (not trimmed, character material)
+    ("trimmed", pa.int64()),                # outliers trimmed to noise
     ("recommended", pa.bool_()),
     ("sample_paths", pa.list_(pa.string())),
+    ("atypical_ids", pa.list_(pa.string())),    # least typical used layers first (for review)
+    ("atypical_paths", pa.list_(pa.string())),
+])
+MEMBER_SCHEMA = pa.schema([
+    ("item_id", pa.string()),
+    ("cluster_id", pa.int32()),
+    ("distance", pa.float32()),             # cosine distance to the cluster medoid
+    ("typicality", pa.float32()),           # robust z of that distance (high: atypical)
+    ("character_score", pa.float32()),
+    ("outlier", pa.bool_()),
+    ("used", pa.bool_()),                   # select may take it
+    ("path", pa.string()),
 ])
 
 
@@ -64,6 +92,20 @@ class TierParams(BaseModel):
         description="zero-shot prompts per kind (CLIP-type embedders only)")
     kind_margin: float = Field(0.005, ge=0, description="best kind must beat the next by this cosine margin, else unknown")
     samples: int = Field(8, ge=1, le=64, description="sample layer paths kept per cluster (contact sheets)")
+    min_character_score: float = Field(0.5, ge=0, le=1, description="layers whose segment character_score is below "
+                                       "this are not character material (scenery, glued or ghost parts)")
+    character_share: float = Field(0.7, gt=0, le=1, description="a cluster is kind 'character' when at least this "
+                                   "share of its members are character material")
+    scenery_share: float = Field(0.3, ge=0, lt=1, description="a cluster is kind 'scenery' when at most this share "
+                                 "of its members are character material (between the two: 'mixed')")
+    outlier_mads: float = Field(4.5, gt=0, description="members further from the medoid than the median distance plus "
+                                "this many robust deviations (1.4826 MAD) are trimmed to noise")
+    cut_outlier_mads: float = Field(2.5, gt=0, description="the same, stricter, for layers cut from a glued layer "
+                                    "(segment split_from): a cut that does not look like its cluster is usually scenery")
+    split_silhouette: float = Field(0.6, ge=-1, le=1, description="a cluster whose members form two groups with a mean "
+                                    "silhouette of at least this is split: the group away from the medoid is trimmed "
+                                    "to noise (it is usually another character or scenery)")
+    min_group: int = Field(3, ge=2, description="the smaller of two groups needs at least this many members to split")
 
     @model_validator(mode="after")
     def _ordered(self) -> "TierParams":
@@ -75,6 +117,8 @@ class TierParams(BaseModel):
             raise ValueError(f"kind_prompts needs at least two kinds with prompts, got {self.kind_prompts}")
         if UNKNOWN in self.kind_prompts:
             raise ValueError(f"kind_prompts cannot define the kind {UNKNOWN!r} (it means: no decision)")
+        if self.scenery_share >= self.character_share:
+            raise ValueError(f"scenery_share must be < character_share, got {self.scenery_share} >= {self.character_share}")
         return self
 
 
@@ -141,20 +185,74 @@ def classify_kinds(centroids: np.ndarray, text_embedder: Any, params: TierParams
     return out
 
 
+def typicality(x: np.ndarray, outlier_mads: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per member of one cluster (rows of L2-normalised `x`): (cosine distance to the medoid,
+    robust z of that distance, outlier flag)."""
+    if len(x) < 3:
+        zeros = np.zeros(len(x), np.float32)
+        return zeros, zeros, np.zeros(len(x), bool)
+    sims = x @ x.T
+    medoid = int(np.argmax(sims.sum(1)))
+    dist = np.clip(1.0 - sims[medoid], 0.0, 2.0).astype(np.float32)
+    centre = float(np.median(dist))
+    spread = max(1.4826 * float(np.median(np.abs(dist - centre))), 1e-3)
+    z = ((dist - centre) / spread).astype(np.float32)
+    return dist, z, z > outlier_mads
+
+
+def second_group(x: np.ndarray, min_group: int, min_silhouette: float) -> np.ndarray:
+    """Members of the group away from the medoid when a cluster's rows of L2-normalised `x` form
+    two groups (2-means by cosine, started from the medoid and the member furthest from it, with a
+    mean silhouette of at least `min_silhouette`); otherwise no member."""
+    none = np.zeros(len(x), bool)
+    if len(x) < 2 * min_group:
+        return none
+    sims = x @ x.T
+    medoid = int(np.argmax(sims.sum(1)))
+    centres = x[[medoid, int(np.argmin(sims[medoid]))]]
+    for _ in range(20):
+        side = np.argmax(x @ centres.T, axis=1)
+        if side.min() == side.max():
+            return none
+        new = np.stack([x[side == k].mean(0) for k in (0, 1)])
+        new /= np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-12)
+        if np.allclose(new, centres):
+            break
+        centres = new
+    if min((side == 0).sum(), (side == 1).sum()) < min_group:
+        return none
+    dist = 1.0 - sims
+    own = np.array([dist[i, side == side[i]].sum() / max((side == side[i]).sum() - 1, 1) for i in range(len(x))])
+    other = np.array([dist[i, side != side[i]].mean() for i in range(len(x))])
+    silhouette = float(np.mean((other - own) / np.maximum(np.maximum(own, other), 1e-12)))
+    if silhouette < min_silhouette:
+        return none
+    return side != side[medoid]
+
+
+def cluster_kind(character_scores: list[float], params: TierParams) -> str:
+    """character / scenery / mixed from the share of members that are character material."""
+    share = float(np.mean([s >= params.min_character_score for s in character_scores])) if character_scores else 0.0
+    if share >= params.character_share:
+        return "character"
+    return "scenery" if share <= params.scenery_share else "mixed"
+
+
 # ---- the stage ------------------------------------------------------------------------------------
 
 def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params: TierParams,
-                  text_embedder: Any = None) -> tuple[pa.Table, dict]:
-    """One row per cluster (noise excluded) with size, quality measures, tier, kind, recommendation.
+                  text_embedder: Any = None) -> tuple[pa.Table, dict, pa.Table]:
+    """One row per cluster (noise excluded) with size, quality, tier, kind, purity, recommendation.
 
     Args:
         clusters: cluster manifest (item_id, cluster_id, probability, path).
         embeds: embed manifest (item_id, embedding, sharpness, phash).
-        layers: segment manifest (item_id, alpha_coverage, area_frac).
+        layers: segment manifest (item_id, alpha_coverage, area_frac, character_score; a null
+            score, from a segmenter run that did not score, counts as character material).
         params: tier parameters.
-        text_embedder: an embedder with `embed_text` (CLIP-type) for `kind`, or None.
+        text_embedder: an embedder with `embed_text` (CLIP-type) for `sub_kind`, or None.
     Returns:
-        (table with SCHEMA sorted by cluster_id, summary).
+        (table with SCHEMA sorted by cluster_id, summary, per-layer verdicts with MEMBER_SCHEMA).
     """
     members = clusters.filter(pc.not_equal(clusters.column("cluster_id"), -1)).to_pylist()
     emb_rows = embeds.filter(pc.equal(embeds.column("kept"), True))
@@ -162,17 +260,21 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
     vectors = read_embeddings(emb_rows)
     sharp = emb_rows.column("sharpness").to_pylist()
     phash = emb_rows.column("phash").to_pylist()
-    seg = {r["item_id"]: r for r in layers.select(["item_id", "alpha_coverage", "area_frac"]).to_pylist()}
+    fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score", "split_from")
+              if f in layers.column_names]
+    seg = {r["item_id"]: r for r in layers.select(fields).to_pylist()}
     by_cluster: dict[int, list[dict]] = {}
     for row in members:
         by_cluster.setdefault(row["cluster_id"], []).append(row)
     ids = sorted(by_cluster)
     centroids = []
-    rows = []
+    rows, verdicts = [], []
     for cid in ids:
         rows_c = sorted(by_cluster[cid], key=lambda r: r["item_id"])
         idx = [emb_index[r["item_id"]] for r in rows_c]
-        centroid = vectors[idx].mean(0)
+        x = vectors[idx]
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        centroid = x.mean(0)
         centroids.append(centroid / max(float(np.linalg.norm(centroid)), 1e-12))
         stats = {
             "mean_sharpness": float(np.mean([sharp[i] or 0.0 for i in idx])),
@@ -180,26 +282,45 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
             "duplicate_ratio": duplicate_ratio([phash[i] for i in idx if phash[i]], params.duplicate_distance),
             "mean_layer_area": float(np.mean([seg.get(r["item_id"], {}).get("area_frac") or 0.0 for r in rows_c])),
         }
+        dist, z, outlier = typicality(x, params.outlier_mads)
+        cut = np.array([seg.get(r["item_id"], {}).get("split_from") is not None for r in rows_c])
+        outlier |= cut & (z > params.cut_outlier_mads)
+        outlier |= second_group(x, params.min_group, params.split_silhouette)
+        scores = [seg.get(r["item_id"], {}).get("character_score") for r in rows_c]
+        scores = [1.0 if s is None else float(s) for s in scores]
+        kind = cluster_kind([s for s, o in zip(scores, outlier) if not o], params)
+        used = [not o and s >= params.min_character_score and kind != "scenery" for s, o in zip(scores, outlier)]
+        for r, d, t, s, o, u in zip(rows_c, dist, z, scores, outlier, used):
+            verdicts.append({"item_id": r["item_id"], "cluster_id": cid, "distance": float(d), "typicality": float(t),
+                             "character_score": s, "outlier": bool(o), "used": bool(u), "path": r["path"]})
+        taken = [s for s, u in zip(scores, used) if u]
+        atypical = sorted((r for r, u in zip(rows_c, used) if u), key=lambda r: -z[rows_c.index(r)])[:params.samples]
         best = sorted(rows_c, key=lambda r: (-(r["probability"] or 0.0), r["item_id"]))
         picks = [best[round(j)] for j in np.linspace(0, len(best) - 1, min(params.samples, len(best)))]
-        tier = assign_tier(len(rows_c), stats, params)
-        rows.append({"cluster_id": cid, "size": len(rows_c), **stats, "tier": tier, "kind": UNKNOWN,
-                     "recommended": tier in params.recommended_tiers,
-                     "sample_paths": [r["path"] for r in picks]})
-    kinds = classify_kinds(np.stack(centroids) if centroids else np.zeros((0, 1)), text_embedder, params)
-    for row, kind in zip(rows, kinds):
-        row["kind"] = kind
+        tier = assign_tier(len(taken), stats, params)
+        rows.append({"cluster_id": cid, "size": len(rows_c), **stats, "tier": tier, "kind": kind, "sub_kind": UNKNOWN,
+                     "purity": float(np.mean(taken)) if taken else 0.0, "used": len(taken),
+                     "trimmed": int(outlier.sum()),
+                     "recommended": tier in params.recommended_tiers and kind == "character",
+                     "sample_paths": [r["path"] for r in picks],
+                     "atypical_ids": [r["item_id"] for r in atypical], "atypical_paths": [r["path"] for r in atypical]})
+    sub_kinds = classify_kinds(np.stack(centroids) if centroids else np.zeros((0, 1)), text_embedder, params)
+    for row, sub_kind in zip(rows, sub_kinds):
+        row["sub_kind"] = sub_kind
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     summary = {
         "clusters": len(rows),
         "kept": int(sum(r["size"] for r in rows)),
+        "used": int(sum(r["used"] for r in rows)),
+        "trimmed": int(sum(r["trimmed"] for r in rows)),
         "by_tier": {t: sum(r["tier"] == t for r in rows) for t in TIERS},
-        "by_kind": {k: sum(r["kind"] == k for r in rows) for k in sorted({r["kind"] for r in rows})},
+        "by_kind": {k: sum(r["kind"] == k for r in rows) for k in KINDS},
+        "by_sub_kind": {k: sum(r["sub_kind"] == k for r in rows) for k in sorted({r["sub_kind"] for r in rows})},
         "recommended": sum(r["recommended"] for r in rows),
-        "demoted": sum(r["tier"] != size_tier(r["size"], params) for r in rows),
+        "demoted": sum(r["tier"] != size_tier(r["used"], params) for r in rows),
         "kind_from": getattr(text_embedder, "name", None) or "none (no text tower: unknown)",
     }
-    return table, summary
+    return table, summary, pa.Table.from_pylist(verdicts, schema=MEMBER_SCHEMA)
 
 
 def text_embedder_for(embeds: pa.Table, embed_params: EmbedParams | None) -> Any:
@@ -226,11 +347,12 @@ def run_tier(store: RunStore, params: TierParams, embed_params: EmbedParams | No
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
         embeds = store.read_manifest(upstream["embed"].stage)
-        table, summary = tier_clusters(store.read_manifest(upstream["cluster"].stage), embeds,
-                                       store.read_manifest(upstream["segment"].stage),
-                                       params, text_embedder_for(embeds, embed_params))
+        table, summary, verdicts = tier_clusters(store.read_manifest(upstream["cluster"].stage), embeds,
+                                                 store.read_manifest(upstream["segment"].stage),
+                                                 params, text_embedder_for(embeds, embed_params))
         write_table(table, folder / CLUSTERS)
-        return table, summary, [f"{STAGE}/{CLUSTERS}"]
+        write_table(verdicts, folder / MEMBERS)
+        return table, summary, [f"{STAGE}/{CLUSTERS}", f"{STAGE}/{MEMBERS}"]
 
     return run_global_stage(store, STAGE, VERSION, params, upstream, build)
 
@@ -238,6 +360,6 @@ def run_tier(store: RunStore, params: TierParams, embed_params: EmbedParams | No
 TIER = GlobalStage(
     name=STAGE, version=VERSION, params=TierParams, inputs=("cluster", "embed", "segment"), title="tiers",
     build=lambda store, params, inputs: run_tier(store, params.tier, params.embed, inputs),
-    rows=lambda store, result: store.read_manifest(STAGE).drop_columns(["sample_paths"]).to_pylist(),
+    rows=lambda store, result: store.read_manifest(STAGE).drop_columns(["sample_paths", "atypical_ids", "atypical_paths"]).to_pylist(),
 )
 """The tier stage: every cluster graded S..D (and by kind)."""

@@ -239,3 +239,20 @@ def test_review_rejects_a_trigger_with_commas():
 
     with pytest.raises(ValidationError, match="trigger"):
         ClusterChoice(cluster_id=0, selected=True, trigger="hero, boy")
+
+
+def test_review_form_lists_least_typical_layers_and_excludes_them_with_one_tick(tmp_path):
+    from flows.review import overrides_from, review_choices, write_overrides
+    from tasks.select import Overrides, SelectParams, load_overrides
+
+    tiers = _tiers().append_column("kind", pa.array(["character", "scenery", "character"]))
+    tiers = tiers.append_column("atypical_ids", pa.array([["l3", "l1"], [], []], pa.list_(pa.string())))
+    tiers = tiers.append_column("atypical_paths", pa.array([["p3", "p1"], [], []], pa.list_(pa.string())))
+    choices = review_choices(tiers, SelectParams(min_images=20), Overrides())
+    assert [(c.cluster_id, c.kind, c.selected) for c in choices] == [(0, "character", True), (1, "scenery", False),
+                                                                    (2, "character", False)]
+    assert [(l.item_id, l.path, l.exclude) for l in choices[0].least_typical] == [("l3", "p3", False), ("l1", "p1", False)]
+    choices[0].least_typical[0].exclude = True  # one tick
+    path = write_overrides(RunStore(tmp_path, "r"), overrides_from(choices, Overrides()))
+    overrides = load_overrides(path)
+    assert overrides.layers["l3"].exclude and "l1" not in overrides.layers

@@ -76,7 +76,11 @@ def test_report_json_matches_the_manifests(finished_run):
     lead = next(c for c in data["clusters"] if c["cluster_id"] == 0)
     assert lead["character"] == "Lead_b_b_Co" and lead["trigger"] == "leadco" and lead["selected"]
     page = html_path.read_text()
-    assert page.count("data:image/png;base64,") == 1 + len(tiers)  # the map + one contact sheet per cluster
+    atypical = [i for t in tiers if t["kind"] != "scenery" for i in t["atypical_ids"]]
+    assert atypical  # least typical layers first, one tick box each, for the overrides file
+    assert page.count("data:image/png;base64,") == 1 + len(tiers) + len(atypical)  # map, sheets, least typical
+    assert page.count("class='exclude'") == len(atypical) and "id='overrides'" in page
+    assert all(f"data-layer='{i}'" in page for i in atypical)
     assert "<b>&</b>" not in page  # user text is escaped
     assert not re.search(r"(src|href)=['\"](?!data:)", page)  # self-contained: no external resources
 
@@ -87,7 +91,7 @@ def test_report_command_prints_tiers_and_kinds(finished_run):
     done = subprocess.run([sys.executable, "-m", "episode2lora", "report", store.name, "--runs-dir", str(store.root.parent)],
                           env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "tier" in done.stdout and "creature" in done.stdout and "human" in done.stdout
+    assert "tier" in done.stdout and all(k in done.stdout for k in ("character", "scenery", "mixed"))
     assert re.search(r"S\s*│\s*\d+", done.stdout) and "cluster_report.html" in done.stdout
     missing = subprocess.run([sys.executable, "-m", "episode2lora", "report", "nope", "--runs-dir", str(store.root.parent)],
                              env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -137,7 +141,7 @@ def test_report_opens_in_headless_chromium_without_errors(finished_run):
             assert page.locator("#cluster-map").is_visible()
             width = page.eval_on_selector("#cluster-map", "img => img.complete ? img.naturalWidth : 0")
             assert width == 880
-            sheets = page.eval_on_selector_all(".card img", "imgs => imgs.filter(i => i.complete && i.naturalWidth > 0).length")
+            sheets = page.eval_on_selector_all(".card > img", "imgs => imgs.filter(i => i.complete && i.naturalWidth > 0).length")
             assert sheets == report["summary"]["clusters"]
             page.screenshot(path=str(shot), full_page=False)
         finally:
@@ -146,14 +150,14 @@ def test_report_opens_in_headless_chromium_without_errors(finished_run):
     assert shot.is_file() and shot.stat().st_size > 10_000
 
 
-def test_a_run_without_layers_goes_through_every_stage(tmp_path):
+def test_a_run_without_layers_goes_through_every_stage_and_stops_clearly_at_select(tmp_path):
     import pyarrow as pa
 
     from tasks.cluster import ClusterParams, run_cluster
     from tasks.embed import run_embed
     from tasks.report import write_report
     from tasks.segment import SCHEMA as SEGMENT_SCHEMA
-    from tasks.select import SelectParams, run_select
+    from tasks.select import NothingSelected, SelectParams, run_select
     from tasks.run.store import fingerprint
     from tasks.tier import TierParams, run_tier
 
@@ -163,7 +167,8 @@ def test_a_run_without_layers_goes_through_every_stage(tmp_path):
     assert run_embed(store, EmbedParams()).summary["kept"] == 0
     assert run_cluster(store, ClusterParams()).summary["clusters"] == 0
     assert run_tier(store, TierParams()).summary["clusters"] == 0
-    assert run_select(store, SelectParams()).summary["characters"] == 0
-    html_path, _, report = write_report(store)
+    with pytest.raises(NothingSelected, match="no character selected, because clustering found no cluster"):
+        run_select(store, SelectParams())
+    html_path, _, report = write_report(store)  # the report still shows what there is
     assert report["summary"]["layers"] == 0 and "tier-table" in html_path.read_text()
-    assert isinstance(store.read_manifest("select"), pa.Table)
+    assert isinstance(store.read_manifest("tier"), pa.Table) and not store.is_done("select")

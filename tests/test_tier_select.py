@@ -91,8 +91,8 @@ def test_kind_with_a_tiny_clip_embedder_end_to_end(tmp_path, episode):
                          "probability": [1.0] * len(identities), "path": [paths[i] for i in identities]})
     text = text_embedder_for(embeds, None)
     assert text is not None and text.name.startswith("clip:")
-    table, summary = tier_clusters(clusters, embeds, segment, TierParams(kind_margin=0.0), text)
-    assert set(table.column("kind").to_pylist()) <= {"human", "creature"} and table.num_rows == len(names)
+    table, summary, _ = tier_clusters(clusters, embeds, segment, TierParams(kind_margin=0.0), text)
+    assert set(table.column("sub_kind").to_pylist()) <= {"human", "creature"} and table.num_rows == len(names)
     assert summary["kind_from"] == text.name
     assert text_embedder_for(embeds.set_column(2, "embedder", pa.array(["colour-shape"] * embeds.num_rows)), None) is None
 
@@ -102,11 +102,12 @@ def _cluster_tables(sizes: dict[int, int], noise: int = 3) -> tuple[pa.Table, pa
     rows, embeds, layers = [], [], []
     rng = np.random.default_rng(0)
     for cid, size in [*sizes.items(), (-1, noise)]:
+        centre = rng.normal(size=4)  # a cluster is compact: its members around one centre
         for j in range(size):
             item = f"ep:{cid:+d}:{j:03d}"
             rows.append({"item_id": item, "source_id": "ep:f", "cluster_id": cid, "probability": 1.0 - j / 1000,
                          "umap_x": 0.0, "umap_y": 0.0, "path": f"segment/{item}.png"})
-            v = rng.normal(size=4)
+            v = centre / np.linalg.norm(centre) + rng.normal(scale=0.05, size=4)
             embeds.append({"item_id": item, "embedding": (v / np.linalg.norm(v)).tolist(), "sharpness": 100.0,
                            "phash": f"{rng.integers(0, 2**63):016x}", "kept": True})
             layers.append({"item_id": item, "alpha_coverage": 0.5, "area_frac": 0.1})
@@ -117,13 +118,15 @@ def _cluster_tables(sizes: dict[int, int], noise: int = 3) -> tuple[pa.Table, pa
 
 def test_tier_table_has_one_row_per_cluster_with_samples():
     clusters, embeds, layers = _cluster_tables({0: 120, 1: 60, 2: 25, 3: 16, 4: 4})
-    table, summary = tier_clusters(clusters, embeds, layers, TierParams(samples=5))
+    params = TierParams(samples=5, outlier_mads=100, split_silhouette=1.0)  # no trimming here: see the hygiene tests
+    table, summary, members = tier_clusters(clusters, embeds, layers, params)
     assert table.schema == TIER_SCHEMA
     rows = table.to_pylist()
     assert [r["cluster_id"] for r in rows] == [0, 1, 2, 3, 4]
     assert [r["tier"] for r in rows] == ["S", "A", "B", "C", "D"]
     assert [r["recommended"] for r in rows] == [True, True, True, False, False]
-    assert all(r["kind"] == "unknown" for r in rows)
+    assert all(r["kind"] == "character" and r["sub_kind"] == "unknown" for r in rows)  # no scores: characters
+    assert all(r["purity"] == 1.0 and r["trimmed"] == 0 for r in rows) and members.num_rows == 225
     assert len(rows[0]["sample_paths"]) == 5 and len(rows[4]["sample_paths"]) == 4
     assert rows[0]["sample_paths"][0] == "segment/ep:+0:000.png"  # most probable member first
     assert summary["by_tier"] == {"S": 1, "A": 1, "B": 1, "C": 1, "D": 1} and summary["recommended"] == 3
@@ -134,7 +137,7 @@ def test_tier_table_has_one_row_per_cluster_with_samples():
 @pytest.fixture
 def tables():
     clusters, embeds, layers = _cluster_tables({0: 120, 1: 60, 2: 25, 3: 16, 4: 4})
-    tiers, _ = tier_clusters(clusters, embeds, layers, TierParams())
+    tiers, _, _ = tier_clusters(clusters, embeds, layers, TierParams())
     return clusters, tiers
 
 
@@ -263,7 +266,7 @@ def test_select_stage_rereads_an_edited_overrides_file(tmp_path):
 
     store = RunStore(tmp_path / "runs", "sel")
     clusters, embeds, layers = _cluster_tables({0: 30, 1: 25})
-    tiers, _ = tier_clusters(clusters, embeds, layers, TierParams())
+    tiers, _, _ = tier_clusters(clusters, embeds, layers, TierParams())
     (store.root / "segment").mkdir(parents=True)
     for rel in clusters.column("path").to_pylist():  # a finished stage's files must exist
         (store.root / rel).touch()
@@ -281,3 +284,89 @@ def test_select_stage_rereads_an_edited_overrides_file(tmp_path):
     assert second.recomputed and second.summary["names"] == {"Beta": "b3ta", "char_001": "char001"}
     characters = pq.read_table(store.stage_dir("select") / "characters.parquet")
     assert characters.column("character").to_pylist() == ["Beta", "char_001"]
+
+
+# ---- hygiene: outliers, two groups, kinds ------------------------------------------------------------
+
+def test_outliers_and_a_second_group_are_trimmed_and_kind_follows_character_scores():
+    from tasks.tier import MEMBER_SCHEMA
+
+    clusters, embeds, layers = _cluster_tables({0: 30, 1: 20, 2: 20})
+    vectors = np.array(embeds.column("embedding").to_pylist(), np.float32)
+    ids = clusters.column("item_id").to_pylist()
+    far = np.array([-1.0, 1.0, -1.0, 1.0]) / 2
+    vectors[ids.index("ep:+0:000")] = far  # one stray layer in cluster 0
+    for j in range(6):  # a second group of 6 in cluster 1, far from its 14 others
+        vectors[ids.index(f"ep:+1:{j:03d}")] = -vectors[ids.index("ep:+1:010")] + np.random.default_rng(j).normal(scale=0.03, size=4)
+    embeds = embeds.set_column(1, "embedding", pa.array(vectors.tolist(), embeds.schema.field("embedding").type))
+    score = {i: (0.1 if i.startswith("ep:+2:") else 0.9) for i in ids}  # cluster 2 is scenery
+    score["ep:+0:001"] = 0.2  # one scenery part inside a character cluster
+    layers = layers.append_column("character_score", pa.array([score[i] for i in layers.column("item_id").to_pylist()],
+                                                               pa.float32()))
+    table, summary, members = tier_clusters(clusters, embeds, layers, TierParams(min_size_b=10, min_size_c=5))
+    assert members.schema == MEMBER_SCHEMA
+    rows = {r["cluster_id"]: r for r in table.to_pylist()}
+    verdict = {r["item_id"]: r for r in members.to_pylist()}
+    assert verdict["ep:+0:000"]["outlier"] and not verdict["ep:+0:000"]["used"]
+    assert not verdict["ep:+0:001"]["used"]  # not character material
+    assert rows[0]["used"] == 30 - rows[0]["trimmed"] - (not verdict["ep:+0:001"]["outlier"])
+    assert 1 <= rows[0]["trimmed"] <= 3  # the stray, and at most a couple of the noise's tails
+    assert all(verdict[f"ep:+1:{j:03d}"]["outlier"] for j in range(6)) and rows[1]["used"] <= 14
+    assert [rows[c]["kind"] for c in (0, 1, 2)] == ["character", "character", "scenery"]
+    assert rows[2]["used"] == 0 and not rows[2]["recommended"] and rows[0]["recommended"]
+    assert rows[0]["purity"] == pytest.approx(0.9)
+    assert rows[0]["atypical_ids"][0] != "ep:+0:000"  # trimmed layers are not offered for review
+    assert summary["by_kind"] == {"character": 2, "scenery": 1, "mixed": 0}
+
+
+def test_scenery_is_never_selected_and_unused_layers_stay_out(tables, tmp_path):
+    clusters, _ = tables
+    from tasks.select import NothingSelected, nothing_selected_message
+
+    _, embeds, layers = _cluster_tables({0: 120, 1: 60, 2: 25, 3: 16, 4: 4})
+    scores = [0.0 if i.startswith("ep:+1:") else 1.0 for i in layers.column("item_id").to_pylist()]
+    layers = layers.append_column("character_score", pa.array(scores, pa.float32()))
+    tiers, _, members = tier_clusters(clusters, embeds, layers, TierParams())
+    kinds = dict(zip(tiers.column("cluster_id").to_pylist(), tiers.column("kind").to_pylist()))
+    assert kinds[1] == "scenery"
+    rows, characters, _ = select_characters(clusters, tiers, SelectParams(tiers=list("SABCD"), min_images=1),
+                                            None, members)
+    assert 1 not in characters.column("cluster_ids").combine_chunks().flatten().to_pylist()
+    used = {r["item_id"] for r in members.to_pylist() if r["used"]}
+    assert set(rows.column("item_id").to_pylist()) <= used
+    with pytest.raises(ValidationError, match="scenery is never a character"):
+        SelectParams(kinds=["scenery"])
+    # nothing selected: the message names the largest clusters and the --set that takes them
+    _, none, _ = select_characters(clusters, tiers, SelectParams(min_images=500), None, members)
+    assert none.num_rows == 0
+    message = nothing_selected_message(tiers, SelectParams(min_images=500))
+    assert "cluster 0:" in message and "tier S, kind character" in message
+    assert "cluster 1:" in message and "kind scenery" in message
+    assert "--set select.tiers=[S,B,C,D] --set select.min_images=" in message
+    assert issubclass(NothingSelected, RuntimeError)
+
+
+def test_select_stage_stops_with_the_largest_clusters_when_nothing_is_selected(tmp_path):
+    from tasks.select import NothingSelected
+    from tasks.store import fingerprint
+
+    store = RunStore(tmp_path / "runs", "none")
+    clusters, embeds, layers = _cluster_tables({0: 12, 1: 9})
+    tiers, _, _ = tier_clusters(clusters, embeds, layers, TierParams())
+    (store.root / "segment").mkdir(parents=True)
+    for rel in clusters.column("path").to_pylist():
+        (store.root / rel).touch()
+    for stage, table in (("cluster", clusters), ("tier", tiers)):
+        store.begin_stage(stage, {})
+        store.commit_stage(stage, table, fingerprint(stage, 0, {}, {}))
+    with pytest.raises(NothingSelected) as caught:
+        run_select(store, SelectParams())  # default: recommended tiers (S, A, B), 20 images: none qualifies
+    message = str(caught.value)
+    assert message.startswith("select: no character selected")
+    used = dict(zip(tiers.column("cluster_id").to_pylist(), tiers.column("used").to_pylist()))
+    assert f"cluster 0: {used[0]} usable layers of 12, tier D, kind character" in message
+    assert f"cluster 1: {used[1]} usable layers of 9, tier D, kind character" in message
+    assert message.endswith(f"--set select.tiers=[D] --set select.min_images={min(used.values())}")
+    assert not store.is_done("select")
+    taken = run_select(store, SelectParams(tiers=["D"], min_images=min(used.values())))  # what the message says
+    assert taken.summary["characters"] == 2

@@ -1,0 +1,159 @@
+"""What goes into a LoRA: precision and purity of the selected layers against the footage truth.
+
+    .venv/bin/python -m benchmarks.dataset_quality [--episodes 4] [--config data/demo.yaml] [--set k=v ...]
+
+Runs the pipeline to `select` (plain stage calls, no Prefect) on `data/sample` and on generated
+episodes (tests/footage.py as it is: clouds, sun, trees, rocks, buildings in the backgrounds,
+pan and zoom shots, up to two characters per shot), then matches each selected layer to the true instances of its frame by box IoU >= 0.5
+(tests/truth_layers.identities_of_layers). Per run it prints:
+
+- precision: selected layers that match a true character / selected layers;
+- per selected character: its size, majority identity and purity (majority share);
+- coverage: identities with >= 8 true appearances in the kept frames that are the majority of
+  some selected character.
+
+The goals (issue 13) are checked at the end: precision >= 0.95, every selected character's
+purity >= 0.9, no selected character whose majority is not a true character, coverage not
+below the baseline (given with --baseline-coverage, measured before the change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+os.environ.setdefault("EPISODE2LORA_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+MIN_APPEARANCES = 8
+
+
+def run_to_select(store, videos: list[Path], params) -> None:
+    """frames -> segment -> embed -> cluster -> tier -> select, as plain calls."""
+    from tasks.cluster import run_cluster
+    from tasks.embed import run_embed
+    from tasks.frames import run_frames
+    from tasks.segment import run_segment
+    from tasks.select import run_select
+    from tasks.tier import run_tier
+
+    with store.lock():
+        run_frames(store, [str(v) for v in videos], params.frames)
+        run_segment(store, params.segment)
+        run_embed(store, params.embed)
+        run_cluster(store, params.cluster)
+        run_tier(store, params.tier, params.embed)
+        run_select(store, params.select)
+
+
+def true_appearances(store, videos: list[Path]) -> Counter:
+    """Per identity: kept frames in which it appears (the frames the pipeline saw)."""
+    from tasks.store import safe_name
+
+    truth = {safe_name(v.stem): json.loads(v.with_suffix(".truth.json").read_text())["frames"] for v in videos}
+    frames = store.read_manifest("frames").to_pylist()
+    seen: Counter = Counter()
+    for row in frames:
+        if row["kept"]:
+            for inst in truth[row["episode"]][row["frame_index"]]["instances"]:
+                seen[inst["identity"]] += 1
+    return seen
+
+
+def measure(store, videos: list[Path]) -> dict:
+    """Precision, per-character purity and coverage of the run's selection."""
+    from tests.truth_layers import identities_of_layers
+
+    matched = identities_of_layers(store.read_manifest("segment"), videos)
+    selected = store.read_manifest("select").to_pylist()
+    tiers = {r["cluster_id"]: r for r in store.read_manifest("tier").to_pylist()}
+    by_char: dict[str, list[str | None]] = {}
+    for row in selected:
+        by_char.setdefault(row["character"], []).append(matched.get(row["item_id"]))
+    characters = []
+    for name, ids in sorted(by_char.items()):
+        (top, count), = Counter(ids).most_common(1)
+        cids = {r["cluster_id"] for r in selected if r["character"] == name}
+        est = [tiers[c].get("purity") for c in cids if c in tiers and tiers[c].get("purity") is not None]
+        characters.append({"character": name, "layers": len(ids), "majority": top, "purity": count / len(ids),
+                           "estimated_purity": min(est) if est else None,
+                           "kind": ",".join(sorted({tiers[c]["kind"] for c in cids if c in tiers}))})
+    appearances = true_appearances(store, videos)
+    frequent = {i for i, n in appearances.items() if n >= MIN_APPEARANCES}
+    covered = {c["majority"] for c in characters if c["majority"] in frequent}
+    hits = sum(i is not None for ids in by_char.values() for i in ids)
+    return {"selected": len(selected), "precision": hits / len(selected) if selected else 0.0,
+            "characters": characters, "covered": len(covered), "frequent": len(frequent),
+            "scenery_clusters": sum(r["kind"] == "scenery" for r in tiers.values())}
+
+
+def report(name: str, m: dict) -> None:
+    print(f"\n== {name}: {m['selected']} selected layers, precision {m['precision']:.3f}, "
+          f"coverage {m['covered']}/{m['frequent']} identities (>= {MIN_APPEARANCES} appearances), "
+          f"scenery clusters {m['scenery_clusters']}")
+    print(f"   {'character':<12} {'layers':>6} {'majority':<18} {'purity':>6} {'est.':>6}  kind")
+    for c in m["characters"]:
+        est = "-" if c["estimated_purity"] is None else f"{c['estimated_purity']:.2f}"
+        print(f"   {c['character']:<12} {c['layers']:>6} {str(c['majority']):<18} {c['purity']:>6.2f} {est:>6}  {c['kind']}")
+
+
+def goals(runs: dict[str, dict], baseline_coverage: dict[str, int]) -> bool:
+    ok = True
+    for name, m in runs.items():
+        checks = {
+            "precision >= 0.95": m["precision"] >= 0.95,
+            "purity >= 0.9 for every character": all(c["purity"] >= 0.9 for c in m["characters"]),
+            "every character's majority is a true character": all(c["majority"] for c in m["characters"]),
+            f"coverage >= baseline {baseline_coverage.get(name, 0)}": m["covered"] >= baseline_coverage.get(name, 0),
+        }
+        for what, good in checks.items():
+            print(f"{name:<12} {'PASS' if good else 'FAIL'}  {what}")
+            ok &= good
+    return ok
+
+
+def main() -> None:
+    from flows.params import load_params
+    from models.weights import ensure_u2netp
+    from tasks.store import RunStore
+    from tests.footage import render_episode
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--episodes", type=int, default=4, help="generated episodes (one run)")
+    ap.add_argument("--config", type=Path, default=REPO / "data" / "demo.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
+    ap.add_argument("--baseline-coverage", default="{}", help='JSON {"run": covered identities} measured before')
+    ap.add_argument("--keep", type=Path, help="keep the runs in this folder")
+    args = ap.parse_args()
+    overrides = dict(s.split("=", 1) for s in args.set)
+    params = load_params(args.config, {k: yaml.safe_load(v) for k, v in overrides.items()})
+    ensure_u2netp()
+    runs: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.keep or Path(tmp)
+        sample = sorted((REPO / "data" / "sample").glob("*.mp4"))
+        generated = []
+        for seed in range(21, 21 + args.episodes):
+            video = root / "footage" / f"gen{seed:02d}.mp4"
+            if not video.is_file():
+                render_episode(video, seed=seed)
+            generated.append(video)
+        for name, videos in (("sample", sample), ("generated", generated)):
+            store = RunStore(root / "runs", name)
+            run_to_select(store, videos, params)
+            runs[name] = measure(store, videos)
+            report(name, runs[name])
+    print()
+    ok = goals(runs, json.loads(args.baseline_coverage))
+    print("all goals met" if ok else "goals NOT met")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Character-ness of a layer without model weights: what an episode gives for free.
+
+A shot's frames, aligned on the camera's global motion (an affine ECC fit started from a
+phase-correlation shift, so pans and zooms line up), agree wherever the picture is scenery and
+disagree where something moves against it. `ShotMotion.differs` marks the pixels of a frame
+that differ from the aligned other frames of its shot (the "plate" test: a pixel that matches
+the rest of the shot is background). A layer's character-ness starts from the share of its
+pixels that move, and shape cues lower it: touching the top edge of the frame (skies,
+buildings, trees cut by the frame), spanning most of the frame's width, many fragments, a faint mask. A layer in a shot of one
+sampled frame has no motion cue and starts from an even 0.5.
+
+`split_glued` cuts a layer whose moving part is a clear minority (a character glued by the
+segmenter to a tree and the sun) down to the moving part, one instance per moving blob.
+Pure functions over numpy arrays; `tasks/segment.py` calls them from its shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+UNKNOWN_MOTION = 0.5
+"""Score of a layer that has no motion cue (its shot has one sampled frame)."""
+GHOST_SHARE = 0.8
+"""A moving part this much inside the other frames' foreground is a ghost of their character."""
+WIDE = 0.6
+"""A layer at least this share of the frame wide is a landscape strip (hills, a street, glued scenery)."""
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+
+
+def align(moving: np.ndarray, fixed: np.ndarray) -> np.ndarray:
+    """2x3 affine that warps `moving` onto `fixed` (RGB frames of one shot).
+
+    Phase correlation gives the shift; an ECC affine fit at half size refines it (zoom,
+    sub-pixel). A failed fit keeps the shift.
+    """
+    a, b = _gray(moving), _gray(fixed)
+    (dx, dy), _ = cv2.phaseCorrelate(b, a)
+    warp = np.float32([[1, 0, dx], [0, 1, dy]])
+    small_a, small_b = cv2.pyrDown(a), cv2.pyrDown(b)
+    guess = warp.copy()
+    guess[:, 2] /= 2
+    try:
+        _, fitted = cv2.findTransformECC(small_b, small_a, guess, cv2.MOTION_AFFINE,
+                                         (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 60, 1e-4), None, 3)
+        fitted[:, 2] *= 2
+        warp = fitted
+    except cv2.error:
+        pass
+    return warp  # maps fixed coordinates to moving coordinates (use with WARP_INVERSE_MAP)
+
+
+@dataclass
+class ShotMotion:
+    """Per-pixel motion of one frame against the other sampled frames of its shot."""
+
+    differs: np.ndarray  # bool (H, W): differs from the aligned other frames
+    known: np.ndarray    # bool (H, W): at least one other frame covers the pixel
+    others: int = 0
+    occupied: np.ndarray | None = None  # bool (H, W): foreground in every other frame that sees it
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, image: np.ndarray, others: list[np.ndarray], tolerance: int,
+           other_masks: list[np.ndarray] | None = None) -> "ShotMotion":
+        """Compare `image` with `others` (frames of its shot); `tolerance` is the 0-255 colour step.
+
+        `other_masks` (their soft masks) mark where every other frame has foreground: a moving
+        part lying there is mostly where another frame's character stood (a ghost).
+        """
+        h, w = image.shape[:2]
+        votes = np.zeros((h, w), np.int32)
+        counts = np.zeros((h, w), np.int32)
+        base = cv2.GaussianBlur(image, (5, 5), 0).astype(np.int16)
+        foreground = np.zeros((h, w), np.int32)
+        for n, other in enumerate(others):
+            if other.shape != image.shape:
+                continue
+            warp = align(other, image)
+            flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+            moved = cv2.warpAffine(cv2.GaussianBlur(other, (5, 5), 0), warp, (w, h), flags=flags,
+                                   borderMode=cv2.BORDER_CONSTANT)
+            valid = cv2.warpAffine(np.ones((h, w), np.uint8), warp, (w, h), flags=flags,
+                                   borderMode=cv2.BORDER_CONSTANT) > 0
+            valid = cv2.erode(valid.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+            diff = np.abs(base - moved.astype(np.int16)).max(2) > tolerance
+            diff = cv2.morphologyEx(diff.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
+            votes += diff & valid
+            counts += valid
+            if other_masks is not None:
+                theirs = cv2.warpAffine(other_masks[n].astype(np.float32), warp, (w, h), flags=flags,
+                                        borderMode=cv2.BORDER_CONSTANT) >= 0.5
+                foreground += theirs & valid
+        # the median-plate rule: differs from most frames that see the pixel (from the only one when
+        # one does), so where another frame had a character this one is not marked
+        differs = np.where(counts >= 2, 2 * votes > counts, votes >= 1)
+        occupied = (counts > 0) & (foreground >= counts) if other_masks is not None else None
+        return cls(differs=differs, known=counts > 0, others=len(others), occupied=occupied)
+
+
+def motion_share(motion: ShotMotion | None, pixels: np.ndarray) -> float | None:
+    """Share of a layer's pixels that move against its shot (None: no motion cue)."""
+    if motion is None or not motion.others:
+        return None
+    known = pixels & motion.known
+    if known.sum() < 0.3 * pixels.sum():
+        return None
+    return float(motion.differs[known].mean())
+
+
+def moving_parts(motion: ShotMotion, pixels: np.ndarray, min_pixels: float, reach: int) -> list[np.ndarray]:
+    """The moving blobs of a layer's pixels: each blob's differing pixels, closed, filled to their
+    convex hull, grown by `reach` and cut back to the layer."""
+    moving = (motion.differs & pixels).astype(np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
+    moving = cv2.morphologyEx(moving, cv2.MORPH_CLOSE, kernel)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(moving, connectivity=8)
+    parts = []
+    for k in range(1, count):
+        if stats[k, cv2.CC_STAT_AREA] < min_pixels / 4:
+            continue
+        points = cv2.findNonZero((labels == k).astype(np.uint8))
+        hull = np.zeros_like(moving)
+        cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
+        part = (cv2.dilate(hull, kernel) > 0) & pixels
+        if part.sum() < min_pixels:
+            continue
+        if motion.occupied is not None and motion.occupied[part].mean() > GHOST_SHARE:
+            continue  # where the other frames' foreground stood: a ghost, not a character
+        parts.append(part)
+    return parts
+
+
+def split_glued(motion: ShotMotion | None, pixels: np.ndarray, min_pixels: float, *, max_share: float,
+                reach: int) -> list[np.ndarray] | None:
+    """The moving parts of a layer that glues moving parts to a static remainder, else None.
+
+    Glued: the moving parts cover at most `max_share` of the layer and what is left is itself
+    at least `min_pixels` (a tree, the sun, a building).
+    """
+    share = motion_share(motion, pixels)
+    if share is None or share <= 0.02:
+        return None
+    parts = moving_parts(motion, pixels, min_pixels, reach)
+    if not parts:
+        return None
+    covered = np.logical_or.reduce(parts)
+    if covered.sum() > max_share * pixels.sum() or (pixels & ~covered).sum() < min_pixels:
+        return None
+    return parts
+
+
+def character_score(motion: float | None, bbox: list[int], pixels: np.ndarray, confidence: float,
+                    *, moving_share: float) -> tuple[float, list[str]]:
+    """(score 0-1, reasons) of one layer: motion against its shot, then shape cues.
+
+    `moving_share`: the share of moving pixels that counts as fully moving (score 1).
+    """
+    reasons = []
+    if motion is None:
+        score = UNKNOWN_MOTION
+        reasons.append("no motion cue (one frame of its shot)")
+    else:
+        score = float(np.clip(motion / moving_share, 0.0, 1.0))
+        reasons.append(f"{motion:.0%} of its pixels move against the shot")
+    if bbox[1] <= 1:
+        score -= 0.25
+        reasons.append("touches the top edge")
+    if bbox[2] - bbox[0] >= WIDE * pixels.shape[1]:
+        score -= 0.6
+        reasons.append(f"spans {(bbox[2] - bbox[0]) / pixels.shape[1]:.0%} of the frame width")
+    fragments = cv2.connectedComponents(pixels.astype(np.uint8), connectivity=8)[0] - 1
+    if fragments > 3:
+        score -= 0.1
+        reasons.append(f"{fragments} fragments")
+    if confidence < 0.9:
+        score -= 0.1
+        reasons.append(f"soft mask (confidence {confidence:.2f})")
+    return float(np.clip(score, 0.0, 1.0)), reasons
