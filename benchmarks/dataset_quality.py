@@ -55,7 +55,7 @@ def run_to_select(store, videos: list[Path], params) -> None:
 
 def true_appearances(store, videos: list[Path]) -> Counter:
     """Per identity: kept frames in which it appears (the frames the pipeline saw)."""
-    from tasks.store import safe_name
+    from tasks.run.store import safe_name
 
     truth = {safe_name(v.stem): json.loads(v.with_suffix(".truth.json").read_text())["frames"] for v in videos}
     frames = store.read_manifest("frames").to_pylist()
@@ -122,7 +122,7 @@ def goals(runs: dict[str, dict], baseline_coverage: dict[str, int]) -> bool:
 def main() -> None:
     from flows.params import load_params
     from models.weights import ensure_u2netp
-    from tasks.store import RunStore
+    from tasks.run.store import RunStore
     from tests.footage import render_episode
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

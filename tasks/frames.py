@@ -109,7 +109,7 @@ def discover_videos(inputs: list[str]) -> list[Path]:
 
 def _images_hint(path: Path) -> str:
     """When a folder holds images but no videos: which command takes images."""
-    from tasks.ingest import IMAGE_SUFFIXES
+    from tasks.sources.ingest import IMAGE_SUFFIXES
 
     if path.is_dir() and any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
         return (f"; it holds images: for a folder of images use `episode2lora renders {path}` (product renders, "

@@ -224,7 +224,7 @@ def tiered(tmp_path_factory, two_episodes):
     from tasks.embed import EmbedParams, run_embed
     from tasks.frames import FramesParams, run_frames
     from tasks.segment import run_segment
-    from tasks.store import RunStore
+    from tasks.run.store import RunStore
     from tasks.tier import TierParams, run_tier
 
     ensure_u2netp()

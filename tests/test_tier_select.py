@@ -348,7 +348,7 @@ def test_scenery_is_never_selected_and_unused_layers_stay_out(tables, tmp_path):
 
 def test_select_stage_stops_with_the_largest_clusters_when_nothing_is_selected(tmp_path):
     from tasks.select import NothingSelected
-    from tasks.store import fingerprint
+    from tasks.run.store import fingerprint
 
     store = RunStore(tmp_path / "runs", "none")
     clusters, embeds, layers = _cluster_tables({0: 12, 1: 9})
