@@ -409,8 +409,8 @@ def merge_episodes(tables: list[pa.Table], params: FramesParams) -> pa.Table:
     seen_ids: list[str] = []
     for episode in sorted({r["episode"] for r in rows}):
         mine = [r for r in rows if r["episode"] == episode and r["kept"]]
-        if seen_hashes and mine:
-            earlier = np.concatenate(seen_hashes)
+        earlier = np.concatenate(seen_hashes) if seen_hashes else np.empty(0, dtype=np.uint64)
+        if earlier.size and mine:  # an episode that kept nothing adds no hashes to compare with
             for r in mine:
                 dist = hamming_to_all(int(r["phash"], 16), earlier)
                 nearest = int(dist.argmin())

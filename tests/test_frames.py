@@ -151,6 +151,21 @@ def test_bad_inputs_are_quarantined_and_the_rest_goes_on(tmp_path, bad_inputs):
     assert len(store.quarantine_report()) == 4
 
 
+def test_an_episode_that_keeps_nothing_does_not_break_the_cross_run_dedupe(tmp_path, episode):
+    """An empty or quarantined episode whose name sorts first must not sink the run (issue 14)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a_empty.mp4").write_bytes(b"")
+    shutil.copy(episode, folder / "b_good.mp4")
+    shutil.copy(episode, folder / "c_again.mp4")
+    store = RunStore(tmp_path / "runs", "keeps-nothing")
+    run_frames(store, [str(folder)], FramesParams())
+    rows = store.read_manifest("frames").to_pylist()
+    assert any(r["kept"] for r in rows if r["episode"] == "b_good")
+    repeated = [r for r in rows if r["episode"] == "c_again" and r["drop_reason"] == "duplicate_across_run"]
+    assert repeated and all(r["duplicate_of"].startswith("b_good") for r in repeated)
+
+
 def test_inputs_that_match_nothing_fail_naming_the_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         discover_videos([str(tmp_path / "nothing-here" / "*.mp4")])
