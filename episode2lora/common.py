@@ -55,11 +55,30 @@ def check_until(stage: str, source: Optional[str] = None) -> None:
         fail(f"unknown stage '{stage}'; stages are: {', '.join(known)}")
 
 
+def open_store(name: str, runs_dir: Path) -> Any:
+    """The run store of `name`; fails saying the alphabet when the name is not a valid run name."""
+    from tasks.run.store import RunNameError, RunStore
+
+    try:
+        return RunStore(runs_dir, name)
+    except RunNameError as exc:
+        fail(str(exc))
+
+
+def check_writable(runs_dir: Path) -> None:
+    """Fail naming the folder when runs cannot be written under `runs_dir` (read-only, not a folder)."""
+    folder = Path(runs_dir).resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        fail(f"--runs-dir {runs_dir}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"--runs-dir {runs_dir}: {folder} is read-only; make it writable or choose another --runs-dir")
+
+
 def existing_store(name: str, runs_dir: Path) -> Any:
     """The run store of an existing run; fails naming the runs folder when there is none."""
-    from tasks.run.store import RunStore
-
-    store = RunStore(runs_dir, name)
+    store = open_store(name, runs_dir)
     if not store.root.exists():
         fail(f"no run named '{name}' in {Path(runs_dir).resolve()}")
     return store
@@ -91,16 +110,23 @@ def run_and_report(store: Any, runs_dir: Path, call: Callable[[], dict], *, expe
     Errors of the kinds in `expected` (and a locked run) fail with their message; any other
     failure names the run and how to resume it (exit code 1).
     """
-    from tasks.run.store import RunLockedError
+    from tasks.run.store import RunChangedError, RunLockedError, storage_cause
 
     started = time.time()
     try:
         results = call()
-    except (RunLockedError, FileNotFoundError, *expected) as exc:
+    except (RunLockedError, RunChangedError, FileNotFoundError, *expected) as exc:
         before_report()
         fail(str(exc))
     except Exception as exc:  # the flow failed: say where, and how to continue
         before_report()
+        cause = storage_cause(exc)
+        if cause == "disk full":
+            fail(f"run '{store.name}' stopped: the disk holding {store.root} is full ({exc})\n  free some space "
+                 f"(or move the run), then continue with: episode2lora resume {store.name} --runs-dir {runs_dir}", 1)
+        if cause == "read-only":
+            fail(f"run '{store.name}' stopped: {store.root} is not writable ({exc})\n  make it writable "
+                 f"(resume cannot help before that), then: episode2lora resume {store.name} --runs-dir {runs_dir}", 1)
         fail(f"run '{store.name}' failed: {exc}\n  continue with: episode2lora resume {store.name} --runs-dir {runs_dir}", 1)
     before_report()
     print_status(store)
