@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a message stays one line however long
 
 RUNS_DIR = typer.Option(Path("data/runs"), "--runs-dir", help="folder holding all runs")
 CONFIG = typer.Option(None, "--config", "-c", help="YAML file of stage parameters")

@@ -38,13 +38,15 @@ def check_run(inputs: list[str], name: str, runs_dir: Path, params: Any, until: 
 
 def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str, new_attempt: bool = False) -> None:
     """Run the episode flow in this process, then report: status, outputs, steps, LoRAs, stand-ins."""
-    inputs = check_run(inputs, name, runs_dir, params, until, new_attempt)
-    from flows.episode_to_lora import episode_to_lora
+    from deployments.api_server import run_api
 
+    inputs = check_run(inputs, name, runs_dir, params, until, new_attempt)
     store = open_store(name, runs_dir)
-    results = run_and_report(store, runs_dir, lambda: episode_to_lora(inputs=inputs, name=name, runs_dir=str(runs_dir),
-                                                                      params=params, until=until,
-                                                                      new_attempt=new_attempt))
+    with run_api():  # a Prefect server that dies with this process; Prefect is imported after it is up
+        from flows.episode_to_lora import episode_to_lora
+
+        results = run_and_report(store, runs_dir, lambda: episode_to_lora(
+            inputs=inputs, name=name, runs_dir=str(runs_dir), params=params, until=until, new_attempt=new_attempt))
     if "package" in results:  # the guide's total steps per character (images x repeats x epochs / batch)
         console.print("\ntraining steps:")
         for line in results["package"].summary.get("steps", []):

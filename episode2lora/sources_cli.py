@@ -115,10 +115,13 @@ def _execute(flow_name: str, input_dir: Path, name: str, trigger: Optional[str],
                                 "params": params.for_run(name, trigger).model_dump(mode="json")})
     except (RunChangedError, ValueError) as exc:
         fail(str(exc))
-    flow, _ = _flow_and_model(flow_name)
-    run_and_report(store, runs_dir, lambda: flow(input_dir=str(input_dir), name=name, trigger=trigger,
-                                                 runs_dir=str(runs_dir), params=params, until=until),
-                   expected=(ValueError,), before_report=lambda: _print_ingest_report(store))
+    from deployments.api_server import run_api
+
+    with run_api():  # a Prefect server that dies with this process; Prefect is imported after it is up
+        flow, _ = _flow_and_model(flow_name)
+        run_and_report(store, runs_dir, lambda: flow(input_dir=str(input_dir), name=name, trigger=trigger,
+                                                     runs_dir=str(runs_dir), params=params, until=until),
+                       expected=(ValueError,), before_report=lambda: _print_ingest_report(store))
     for lora in lora_paths(store):
         console.print(f"  LoRA      {lora}")
 
