@@ -97,6 +97,8 @@ def run_api() -> Iterator[Optional[str]]:
     if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
         yield None
         return
+    if os.environ.get("PREFECT_HOME"):  # the server's database lives there; Prefect makes only the last folder
+        os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)
     port = free_port()
     env = {**os.environ, **server_settings(port), "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT__SERVER_FINAL": "1"}
@@ -111,5 +113,17 @@ def run_api() -> Iterator[Optional[str]]:
         os.environ["PREFECT_API_URL"] = url
         yield url
     finally:
+        _flush_prefect_logs()
         os.environ.pop("PREFECT_API_URL", None)
         stop(process)
+
+
+def _flush_prefect_logs() -> None:
+    """Send the logs Prefect still queues for the API before its server stops."""
+    if "prefect" in sys.modules:
+        from prefect.logging.handlers import APILogHandler
+
+        try:
+            APILogHandler.flush()
+        except Exception:  # pragma: no cover - logs are a convenience; never fail the run over them
+            pass

@@ -30,9 +30,9 @@ never in flow parameters sent to the API (a web page must not pick what runs on 
 def refuse_programs_from_api(params: Any) -> None:
     """ValueError naming the field when a run started through the API (a deployment) sets a PROGRAM_PARAMS one
     (`params`: a run's parameter model, or {"train": TrainParams} for train-only runs)."""
-    from prefect.runtime import flow_run
+    from prefect.runtime import deployment
 
-    if not flow_run.deployment_id:
+    if not deployment.id:
         return
     for dotted in PROGRAM_PARAMS:
         value: Any = params
