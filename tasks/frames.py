@@ -310,6 +310,8 @@ def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, p
     state = _Episode(episode=episode, out=out, prefix=prefix, params=params)
     report = {"episode": episode, "video": str(video), "status": "ok", "reason": None,
               "frames_decoded": 0, "decode_errors": 0, "shots": 0, "shot_starts": [], "sampled": 0, "kept": 0, "bytes_written": 0}
+    if video.is_dir():
+        return _quarantined(video, episode, report, "no such file: a folder (holding no video) named like one")
     if not video.exists():
         what = "a dangling or looping link" if video.is_symlink() else "no such file (or a folder or glob without videos)"
         return _quarantined(video, episode, report, f"missing: {what}")
