@@ -8,6 +8,7 @@ on, CORS limited to the UI's own origin, and an API auth string when the server 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import signal
@@ -92,7 +93,7 @@ def stop(process: subprocess.Popen, grace: float = 15.0) -> None:
 @contextmanager
 def run_api() -> Iterator[Optional[str]]:
     """The API server of one CLI run: Prefect's temporary server (uvicorn, no UI) as a child that dies
-    with this process, PREFECT_API_URL pointing at it. Yields its URL, or None (and starts nothing)
+    with this process (stopped at exit), PREFECT_API_URL pointing at it. Yields its URL, or None (and starts nothing)
     when PREFECT_API_URL is set already or Prefect is imported (its settings are fixed then)."""
     if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
         yield None
@@ -110,20 +111,9 @@ def run_api() -> Iterator[Optional[str]]:
     url = f"http://127.0.0.1:{port}/api"
     try:
         wait_healthy(url, process, timeout)
-        os.environ["PREFECT_API_URL"] = url
-        yield url
-    finally:
-        _flush_prefect_logs()
-        os.environ.pop("PREFECT_API_URL", None)
+    except BaseException:
         stop(process)
-
-
-def _flush_prefect_logs() -> None:
-    """Send the logs Prefect still queues for the API before its server stops."""
-    if "prefect" in sys.modules:
-        from prefect.logging.handlers import APILogHandler
-
-        try:
-            APILogHandler.flush()
-        except Exception:  # pragma: no cover - logs are a convenience; never fail the run over them
-            pass
+        raise
+    os.environ["PREFECT_API_URL"] = url
+    atexit.register(stop, process)  # after Prefect's own exit handlers (they send the last logs) have run
+    yield url

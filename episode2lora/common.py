@@ -3,6 +3,7 @@ Prefect's offline defaults, and running a flow then reporting on its run (status
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -103,6 +104,18 @@ def print_status(store: Any) -> None:
         console.print(f"  [yellow]quarantined[/] {line}")
 
 
+class _StorageTracebacks(logging.Filter):
+    """Drops the traceback from Prefect's log of a run that failed for lack of disk space or write access:
+    the one-line error the CLI prints says the cause and what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.run.store import storage_cause
+
+        if record.exc_info and record.exc_info[1] is not None and storage_cause(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def run_and_report(store: Any, runs_dir: Path, call: Callable[[], dict], *, expected: tuple = (),
                    before_report: Callable[[], None] = lambda: None) -> dict:
     """Run a flow (`call`), then print the run's status and where each stage's manifest is.
@@ -113,6 +126,8 @@ def run_and_report(store: Any, runs_dir: Path, call: Callable[[], dict], *, expe
     from tasks.run.store import RunChangedError, RunLockedError, storage_cause
 
     started = time.time()
+    for logger in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(logger).addFilter(_StorageTracebacks())
     try:
         results = call()
     except (RunLockedError, RunChangedError, FileNotFoundError, *expected) as exc:
