@@ -47,6 +47,8 @@ def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: s
 
         results = run_and_report(store, runs_dir, lambda: episode_to_lora(
             inputs=inputs, name=name, runs_dir=str(runs_dir), params=params, until=until, new_attempt=new_attempt))
+    for warning in results["select"].summary.get("warnings", []) if "select" in results else []:
+        err.print(f"[yellow]warning:[/] select: {warning}", highlight=False)  # override entries that match nothing
     if "package" in results:  # the guide's total steps per character (images x repeats x epochs / batch)
         console.print("\ntraining steps:")
         for line in results["package"].summary.get("steps", []):

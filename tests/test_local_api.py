@@ -115,3 +115,15 @@ def test_a_killed_run_leaves_no_prefect_server(tmp_path):
     while any(_alive(s) for s in servers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(s) for s in servers), f"server processes {servers} outlived the killed run"
+
+
+def test_a_config_restricts_the_webhook_hosts(monkeypatch):
+    from flows.notify import HOSTS_ENV, post_json
+    from tests.live_prefect import WebhookReceiver
+
+    monkeypatch.setenv(HOSTS_ENV, "127.0.0.1, hooks.example.org")
+    with pytest.raises(ValueError, match="'evil.example' is not in EPISODE2LORA_WEBHOOK_HOSTS"):
+        post_json("http://evil.example/hook", {"run": "x"})
+    with WebhookReceiver() as receiver:
+        assert post_json(receiver.url, {"run": "x"}) == 204
+        assert receiver.payloads == [{"run": "x"}]
