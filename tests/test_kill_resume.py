@@ -1,8 +1,9 @@
 """SIGKILL a run of the demo config at seeded random moments in at least five stages, `resume` after
 each kill, and compare every manifest and output file with an uninterrupted run of the same command.
 
-Only what legitimately carries time differs: the columns in TIME_COLUMNS, and the files IGNORED names
-(Prefect's result cache, the run lock, TensorBoard event files named by wall-clock time).
+Only what legitimately carries time or the attempt may differ: the columns in TIME_COLUMNS, the files
+IGNORED names (Prefect's result cache, the run lock, markers and params rewritten by each attempt), and
+timestamps, durations and the run folder's own path inside text reports (TIME_TEXT).
 The figures (where each kill landed, what was compared) go to test-artifacts/kill_resume.md.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -24,14 +26,18 @@ from tasks.run.store import RunStore
 from tests.conftest import ARTIFACTS, ROOT, run_cli
 
 ARGS = ["run", str(ROOT / "data" / "sample" / "episode01.mp4"), "--name", "demo", "--config", str(ROOT / "data" / "demo.yaml"),
-        "--set", "select.min_images=4"]
-"""The demo config on one sample episode (characters with at least 4 layers are trained)."""
-TARGETS = ("frames", "segment", "embed", "caption", "train", "evaluate")
-"""Stages to kill in: once each stage's folder appears, SIGKILL after a seeded random delay."""
-TIME_COLUMNS = {"seconds", "version_id", "created_at", "trained_at"}
-IGNORED = (".lock", ".prefect-results/*", "*/logs/*", "*.tmp", "*/_DONE.json", "*/plan.json")
-"""Files that carry time or the attempt, not the result (markers hold manifest digests, compared through
-the manifests)."""
+        "--set", "select.min_images=4", "--until", "package"]
+"""The demo config on one sample episode, up to the packaged dataset (training is killed and resumed in
+tests/test_moved_run.py and tests/test_train.py)."""
+TARGETS = ("frames", "segment", "cluster", "augment", "caption", "package")
+"""Stages to kill in: once a stage has started, SIGKILL after a seeded random delay."""
+TIME_COLUMNS = {"seconds", "version_id"}
+IGNORED = (".lock", ".prefect-results/*", "*.tmp", "*/_DONE.json", "*/plan.json", "*/params.json")
+"""Files that carry the attempt, not the result (markers hold manifest digests, compared through the
+manifests; params.json is rewritten by each attempt with the same content)."""
+TIME_TEXT = [re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d|Z)?"),
+             re.compile(r'"seconds": [0-9.]+')]
+"""Timestamps and durations inside reports (JSON, HTML), replaced before files are compared."""
 
 
 def _files(root: Path) -> dict[str, str]:
@@ -39,8 +45,19 @@ def _files(root: Path) -> dict[str, str]:
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
         if path.is_file() and not any(fnmatch(rel, pattern) for pattern in IGNORED):
-            out[rel] = "parquet" if rel.endswith(".parquet") else hashlib.sha256(path.read_bytes()).hexdigest()
+            out[rel] = "parquet" if rel.endswith(".parquet") else hashlib.sha256(_normalized(path, root)).hexdigest()
     return out
+
+
+def _normalized(path: Path, root: Path) -> bytes:
+    """A file's bytes; text reports with the run folder, timestamps and durations blanked."""
+    data = path.read_bytes()
+    if path.suffix not in (".json", ".html", ".txt", ".yaml", ".toml", ".md"):
+        return data
+    text = data.decode("utf-8", "replace").replace(str(root), "<run>")
+    for pattern in TIME_TEXT:
+        text = pattern.sub("<time>", text)
+    return text.encode()
 
 
 def _table(path: Path):
@@ -65,10 +82,10 @@ def _running_stage(store: RunStore) -> str:
     return next((s for s in stages_of("episode") if not store.is_done(s)), stages_of("episode")[-1])
 
 
-def _reached(store: RunStore, target: str) -> bool:
-    """The run is in `target` (its folder is there and every stage before it is done) or beyond."""
-    order = stages_of("episode")
-    return (store.root / target).is_dir() and order.index(_running_stage(store)) >= order.index(target)
+def _started(store: RunStore, target: str, since: float) -> bool:
+    """`target` began in this attempt (its params.json is newer than `since`), or is done already."""
+    params = store.root / target / "params.json"
+    return (params.is_file() and params.stat().st_mtime >= since) or store.is_done(target)
 
 
 def test_runs_killed_in_five_stages_resume_to_the_uninterrupted_outputs(tmp_path, cli_env):
@@ -77,12 +94,15 @@ def test_runs_killed_in_five_stages_resume_to_the_uninterrupted_outputs(tmp_path
     store = RunStore(killed_dir, "demo")
     landed: list[tuple[str, str, float]] = []  # (target, stage running at the kill, delay)
     command = [*ARGS, "--runs-dir", str(killed_dir)]
-    for target in TARGETS:
+    targets = list(TARGETS)
+    while targets := [t for t in targets if not store.is_done(t)]:
+        target = targets.pop(0)
+        since = time.time() - 1
         proc = subprocess.Popen([sys.executable, "-m", "episode2lora", *command], env=cli_env, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        while proc.poll() is None and not _reached(store, target):
+        while proc.poll() is None and not _started(store, target, since):
             time.sleep(0.05)
-        delay = rng.uniform(0.0, 1.5)
+        delay = rng.uniform(0.0, 1.0)
         time.sleep(delay)
         if proc.poll() is not None:  # it finished first: nothing left to kill
             assert proc.returncode == 0, proc.stderr.read()[-3000:]
@@ -109,5 +129,5 @@ def test_runs_killed_in_five_stages_resume_to_the_uninterrupted_outputs(tmp_path
     (ARTIFACTS / "kill_resume.md").write_text("\n".join(lines) + "\n")
 
     assert len({stage for _, stage, _ in landed}) >= 5, landed
-    assert store.is_done("evaluate")
+    assert store.is_done("package")
     assert not diffs, diffs[:20]
