@@ -17,12 +17,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from deployments.api_server import dies_with_parent, server_settings, stop, wait_healthy
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIG = PROJECT / "deployments" / "prefect.yaml"
@@ -114,60 +114,39 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def start_server(port: int, home: Path = PREFECT_HOME, log: Path | None = None) -> subprocess.Popen:
-    """`prefect server start` on 127.0.0.1:`port` as a child process, state kept in `home`."""
-    if not port_free(port):
-        raise OSError(f"port {port} on 127.0.0.1 is in use; pick another with --port")
+def start_server(port: int, home: Path = PREFECT_HOME, log: Path | None = None, host: str = "127.0.0.1",
+                 auth_string: str | None = None) -> subprocess.Popen:
+    """`prefect server start` on `host`:`port` as a child process that dies with this one, state kept in
+    `home`, locked to its own UI (deployments/api_server.py: CSRF, CORS; an auth string off 127.0.0.1)."""
+    settings = server_settings(port, host, auth_string)  # ValueError: beyond 127.0.0.1 without an auth string
+    if not port_free(port, "127.0.0.1" if host == "0.0.0.0" else host):
+        raise OSError(f"port {port} on {host} is in use; pick another with --port")
     home.mkdir(parents=True, exist_ok=True)
+    browser_host = "127.0.0.1" if host == "0.0.0.0" else host
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
-               PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
-               PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",  # the browser talks to this port
-               PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false")
+               PREFECT_SERVER_API_HOST=host, PREFECT_SERVER_API_PORT=str(port),
+               PREFECT_UI_API_URL=f"http://{browser_host}:{port}/api",  # the browser talks to this port
+               PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false", **settings)
     env.pop("PREFECT_API_URL", None)
     out = open(log or home / "server.log", "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=out, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+        env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=dies_with_parent,
     )
 
 
-def wait_healthy(api_url: str, process: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
-    """Block until `<api_url>/health` answers; raises if the server process exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"prefect server exited with code {process.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"prefect server at {api_url} not healthy after {timeout:.0f} s")
-
-
-def stop(process: subprocess.Popen, grace: float = 15.0) -> None:
-    """Terminate a child process, killing it if it does not exit within `grace` seconds."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def ui(port: int = 4200, path: Path | str = CONFIG, limit: int | None = None, home: Path = PREFECT_HOME) -> None:
+def ui(port: int = 4200, path: Path | str = CONFIG, limit: int | None = None, home: Path = PREFECT_HOME,
+       host: str = "127.0.0.1", auth_string: str | None = None) -> None:
     """Start a local server, serve the deployments against it; Ctrl-C stops both."""
     if "prefect" in sys.modules:
         raise RuntimeError("ui() must run before prefect is imported (it sets PREFECT_API_URL)")
     api_url = f"http://127.0.0.1:{port}/api"
-    server = start_server(port, home)
+    server = start_server(port, home, host=host, auth_string=auth_string)
     try:
         wait_healthy(api_url, server)
-        os.environ.update(PREFECT_API_URL=api_url, PREFECT_HOME=str(home))
-        print(f"Prefect UI: http://127.0.0.1:{port}  (server log: {home / 'server.log'})", flush=True)
+        os.environ.update(PREFECT_API_URL=api_url, PREFECT_HOME=str(home), **server_settings(port, host, auth_string))
+        print(f"Prefect UI: http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}  (server log: {home / 'server.log'})",
+              flush=True)
         serve_all(path, limit)
     except KeyboardInterrupt:
         pass

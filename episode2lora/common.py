@@ -3,6 +3,7 @@ Prefect's offline defaults, and running a flow then reporting on its run (status
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a message stays one line however long
 
 RUNS_DIR = typer.Option(Path("data/runs"), "--runs-dir", help="folder holding all runs")
 CONFIG = typer.Option(None, "--config", "-c", help="YAML file of stage parameters")
@@ -57,11 +58,30 @@ def check_until(stage: str, source: Optional[str] = None) -> None:
         fail(f"unknown stage '{stage}'; stages are: {', '.join(known)}")
 
 
+def open_store(name: str, runs_dir: Path) -> Any:
+    """The run store of `name`; fails saying the alphabet when the name is not a valid run name."""
+    from tasks.run.store import RunNameError, RunStore
+
+    try:
+        return RunStore(runs_dir, name)
+    except RunNameError as exc:
+        fail(str(exc))
+
+
+def check_writable(runs_dir: Path) -> None:
+    """Fail naming the folder when runs cannot be written under `runs_dir` (read-only, not a folder)."""
+    folder = Path(runs_dir).resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        fail(f"--runs-dir {runs_dir}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"--runs-dir {runs_dir}: {folder} is read-only; make it writable or choose another --runs-dir")
+
+
 def existing_store(name: str, runs_dir: Path) -> Any:
     """The run store of an existing run; fails naming the runs folder when there is none."""
-    from tasks.run.store import RunStore
-
-    store = RunStore(runs_dir, name)
+    store = open_store(name, runs_dir)
     if not store.root.exists():
         fail(f"no run named '{name}' in {Path(runs_dir).resolve()}")
     return store
@@ -86,6 +106,18 @@ def print_status(store: Any) -> None:
         console.print(f"  [yellow]quarantined[/] {line}")
 
 
+class _StorageTracebacks(logging.Filter):
+    """Drops the traceback from Prefect's log of a run that failed for lack of disk space or write access:
+    the one-line error the CLI prints says the cause and what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.run.store import storage_cause
+
+        if record.exc_info and record.exc_info[1] is not None and storage_cause(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def run_and_report(store: Any, runs_dir: Path, call: Callable[[], dict], *, expected: tuple = (),
                    before_report: Callable[[], None] = lambda: None) -> dict:
     """Run a flow (`call`), then print the run's status and where each stage's manifest is.
@@ -93,16 +125,25 @@ def run_and_report(store: Any, runs_dir: Path, call: Callable[[], dict], *, expe
     Errors of the kinds in `expected` (and a locked run) fail with their message; any other
     failure names the run and how to resume it (exit code 1).
     """
-    from tasks.run.store import RunLockedError
+    from tasks.run.store import RunChangedError, RunLockedError, storage_cause
 
     started = time.time()
+    for logger in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(logger).addFilter(_StorageTracebacks())
     try:
         results = call()
-    except (RunLockedError, FileNotFoundError, *expected) as exc:
+    except (RunLockedError, RunChangedError, FileNotFoundError, *expected) as exc:
         before_report()
         fail(str(exc))
     except Exception as exc:  # the flow failed: say where, and how to continue
         before_report()
+        cause = storage_cause(exc)
+        if cause == "disk full":
+            fail(f"run '{store.name}' stopped: the disk holding {store.root} is full ({exc})\n  free some space "
+                 f"(or move the run), then continue with: episode2lora resume {store.name} --runs-dir {runs_dir}", 1)
+        if cause == "read-only":
+            fail(f"run '{store.name}' stopped: {store.root} is not writable ({exc})\n  make it writable "
+                 f"(resume cannot help before that), then: episode2lora resume {store.name} --runs-dir {runs_dir}", 1)
         fail(f"run '{store.name}' failed: {exc}\n  continue with: episode2lora resume {store.name} --runs-dir {runs_dir}", 1)
     before_report()
     print_status(store)

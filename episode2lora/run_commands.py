@@ -7,17 +7,43 @@ from typing import Any, Optional
 
 import typer
 
-from episode2lora.common import CONFIG, RUNS_DIR, check_until, console, existing_store, fail, parse_sets, print_status, \
-    run_and_report
+from episode2lora.common import CONFIG, RUNS_DIR, check_until, check_writable, console, err, existing_store, fail, \
+    open_store, parse_sets, print_status, run_and_report
 
 
-def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str) -> None:
+def check_run(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str, new_attempt: bool) -> list[str]:
+    """Everything a run command can get wrong, checked before any orchestration starts and before
+    the run's record changes: the name, the runs folder, the inputs, a changed existing run.
+    Returns the inputs as stored (absolute, each once); prints the ones that will be quarantined."""
+    from tasks.frames import discover_videos, missing_inputs, normalize_inputs
+    from tasks.run.store import RunChangedError
+
+    store = open_store(name, runs_dir)
+    check_writable(runs_dir)
+    inputs = normalize_inputs(inputs)
+    try:
+        discover_videos(inputs)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    for text in missing_inputs(inputs):
+        err.print(f"[yellow]warning:[/] input {text!r} matches no video file: it is quarantined, the rest goes on",
+                  highlight=False)
+    try:
+        store.check_run_record({"inputs": inputs, "params": params.model_dump(mode="json"), "until": until},
+                               new_attempt=new_attempt)
+    except RunChangedError as exc:
+        fail(str(exc))
+    return inputs
+
+
+def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str, new_attempt: bool = False) -> None:
     """Run the episode flow in this process, then report: status, outputs, steps, LoRAs, stand-ins."""
-    from tasks.run.store import RunStore
-
-    store = RunStore(runs_dir, name)
-    results = run_and_report(store, runs_dir, lambda: _finished(inputs, name, runs_dir, params, until) or
-                             _flow(inputs, name, runs_dir, params, until))
+    inputs = check_run(inputs, name, runs_dir, params, until, new_attempt)
+    store = open_store(name, runs_dir)
+    results = run_and_report(store, runs_dir, lambda: (not new_attempt and _finished(inputs, name, runs_dir, params, until))
+                             or _flow(inputs, name, runs_dir, params, until, new_attempt))
+    for warning in results["select"].summary.get("warnings", []) if "select" in results else []:
+        err.print(f"[yellow]warning:[/] select: {warning}", highlight=False)  # override entries that match nothing
     if "package" in results:  # the guide's total steps per character (images x repeats x epochs / batch)
         console.print("\ntraining steps:")
         for line in results["package"].summary.get("steps", []):
@@ -42,11 +68,15 @@ def _finished(inputs: list[str], name: str, runs_dir: Path, params: Any, until: 
                         sources=inputs, record=record)
 
 
-def _flow(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str) -> dict:
-    """Run the episode flow in this process (starts Prefect)."""
-    from flows.episode_to_lora import episode_to_lora
+def _flow(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str, new_attempt: bool) -> dict:
+    """Run the episode flow in this process, against a Prefect server that dies with this process."""
+    from deployments.api_server import run_api
 
-    return episode_to_lora(inputs=inputs, name=name, runs_dir=str(runs_dir), params=params, until=until)
+    with run_api():  # Prefect is imported after the server is up
+        from flows.episode_to_lora import episode_to_lora
+
+        return episode_to_lora(inputs=inputs, name=name, runs_dir=str(runs_dir), params=params, until=until,
+                               new_attempt=new_attempt)
 
 
 def _print_stand_ins(params: Any) -> None:
@@ -74,8 +104,10 @@ def run(
     until: Optional[str] = typer.Option(None, "--until", help="last stage to run (default: the whole pipeline)"),
     sets: list[str] = typer.Option([], "--set", help="override one parameter, e.g. --set frames.mode=interval"),
     runs_dir: Path = RUNS_DIR,
+    new_attempt: bool = typer.Option(False, "--new-attempt", help="on an existing run with other inputs or "
+                                     "parameters: keep its record under attempts/ and run with these"),
 ) -> None:
-    """Run the pipeline on episodes (a new run, or more episodes for an existing one)."""
+    """Run the pipeline on episodes: a new run, or (with --new-attempt) other episodes or parameters for an existing one."""
     from flows.params import LAST_STAGE, ParamsError, load_params
 
     until = until or LAST_STAGE
@@ -84,16 +116,15 @@ def run(
     except ParamsError as exc:
         fail(str(exc))
     check_until(until, "episode")
-    _execute(inputs, name, runs_dir, params, until)
+    _execute(inputs, name, runs_dir, params, until, new_attempt)
 
 
 def resume(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RUNS_DIR) -> None:
     """Continue a failed or interrupted run with the parameters it was started with."""
     from flows.params import RunParams
-    from tasks.run.store import RunStore
 
     try:
-        record = RunStore(runs_dir, name).read_run_record()
+        record = open_store(name, runs_dir).read_run_record()
     except FileNotFoundError as exc:
         fail(str(exc))
     if record.get("flow") in ("renders-to-lora", "photos-to-lora"):  # image-source runs (sources_cli.py)

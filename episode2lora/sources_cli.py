@@ -12,6 +12,7 @@ episode2lora/cli.py adds them to the app.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import textwrap
@@ -21,7 +22,8 @@ from typing import Any, Optional
 import typer
 import yaml
 
-from episode2lora.common import RUNS_DIR, check_until, console, fail, parse_sets, run_and_report
+from episode2lora.common import RUNS_DIR, check_until, check_writable, console, fail, open_store, parse_sets, \
+    run_and_report
 
 FLOWS = {"renders-to-lora": ("flows.renders_to_lora", "renders_to_lora", "RendersRunParams"),
          "photos-to-lora": ("flows.photos_to_lora", "photos_to_lora", "PhotosRunParams")}
@@ -102,13 +104,24 @@ def _execute(flow_name: str, input_dir: Path, name: str, trigger: Optional[str],
              until: str) -> None:
     """Run a source flow in this process, then print its ingest report, the run's status and its LoRAs."""
     from flows.notify import lora_paths
-    from tasks.run.store import RunStore
+    from tasks.run.store import RunChangedError
 
-    flow, _ = _flow_and_model(flow_name)
-    store = RunStore(runs_dir, name)
-    run_and_report(store, runs_dir, lambda: flow(input_dir=str(input_dir), name=name, trigger=trigger,
-                                                 runs_dir=str(runs_dir), params=params, until=until),
-                   expected=(ValueError,), before_report=lambda: _print_ingest_report(store))
+    store = open_store(name, runs_dir)  # checked before any orchestration: the name, the folders, a changed run
+    check_writable(runs_dir)
+    if not Path(input_dir).is_dir():
+        fail(f"input folder not found: {input_dir}")
+    try:
+        store.check_run_record({"flow": flow_name, "inputs": [os.path.abspath(input_dir)], "until": until,
+                                "params": params.for_run(name, trigger).model_dump(mode="json")})
+    except (RunChangedError, ValueError) as exc:
+        fail(str(exc))
+    from deployments.api_server import run_api
+
+    with run_api():  # a Prefect server that dies with this process; Prefect is imported after it is up
+        flow, _ = _flow_and_model(flow_name)
+        run_and_report(store, runs_dir, lambda: flow(input_dir=str(input_dir), name=name, trigger=trigger,
+                                                     runs_dir=str(runs_dir), params=params, until=until),
+                       expected=(ValueError,), before_report=lambda: _print_ingest_report(store))
     for lora in lora_paths(store):
         console.print(f"  LoRA      {lora}")
 
@@ -141,8 +154,6 @@ def renders(
 ) -> None:
     """Check a render folder (the Kyana guide's quality list) and train its staged LoRAs."""
     from flows.source_params import RendersRunParams
-    from tasks.run.store import RunStore
-
     check_until(until, "renders")
     size = None
     if resolution is not None:
@@ -161,7 +172,7 @@ def renders(
     except ValueError as exc:
         fail(str(exc))
     if dry_run:
-        _print_dry_run("renders-to-lora", resolved, input_dir, RunStore(runs_dir, name).root)
+        _print_dry_run("renders-to-lora", resolved, input_dir, open_store(name, runs_dir).root)
         return
     _execute("renders-to-lora", input_dir, name, trigger, runs_dir, params, until)
 
@@ -183,8 +194,6 @@ def photos(
     """Analyze a photo set (the FLUX identity guide) and train its LoRA with the fast or final profile."""
     from flows.source_params import PhotosRunParams
     from tasks.sources.ingest_photos import analyze_photos, format_analysis
-    from tasks.run.store import RunStore
-
     check_until(until, "photos")
     if not trigger:
         fail("--trigger is required: a unique token such as ohwx, sks or a made-up word")
@@ -210,7 +219,7 @@ def photos(
             console.print(f"analysis: {json_out}", highlight=False)
         return
     if dry_run:
-        _print_dry_run("photos-to-lora", resolved, input_dir, RunStore(runs_dir, name).root)
+        _print_dry_run("photos-to-lora", resolved, input_dir, open_store(name, runs_dir).root)
         return
     _execute("photos-to-lora", input_dir, name, trigger, runs_dir, params, until)
 

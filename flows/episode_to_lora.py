@@ -6,7 +6,8 @@ from __future__ import annotations
 from flows.params import LAST_STAGE, RunParams, Stage
 from flows.review import pause_for_review
 from flows.scale import TaskRunnerKind, check_runner, on_dask, run_on_dask
-from flows.sources import pipeline_flow
+from flows.sources import pipeline_flow, refuse_programs_from_api
+from tasks.frames import discover_videos, normalize_inputs
 from tasks.pipelines import PIPELINES
 from tasks.run.runner import run_pipeline, stages_between
 from tasks.run.stage import RunRef, StageResult
@@ -23,6 +24,7 @@ def episode_to_lora(
     task_runner: TaskRunnerKind = "threads",
     dask_address: str | None = None,
     review_clusters: bool = False,
+    new_attempt: bool = False,
 ) -> dict[str, StageResult]:
     """Turn episode videos into a LoRA; stops after the stage `until`.
 
@@ -34,14 +36,20 @@ def episode_to_lora(
         task_runner: "threads" in this process, or "dask" to send per-episode work to Dask workers.
         dask_address: Dask scheduler to use with task_runner="dask" (empty: a local cluster).
         review_clusters: pause after `tier` with a form to pick, name and trigger the characters.
+        new_attempt: on an existing run with other inputs or parameters, keep its record under
+            attempts/ and run with these (else such a run is refused, unchanged).
     """
     check_runner(task_runner)
+    refuse_programs_from_api(params)
+    inputs = normalize_inputs(inputs)
+    discover_videos(inputs)  # nothing to read at all: fail before the run record changes
     if task_runner == "dask" and not on_dask():
         return run_on_dask(episode_to_lora, dask_address)
     run = RunRef(runs_dir=runs_dir, name=name)
     store = run.store()
     with store.lock():
-        store.write_run_record({"inputs": inputs, "params": params.model_dump(mode="json"), "until": until})
+        store.record_run({"inputs": inputs, "params": params.model_dump(mode="json"), "until": until},
+                         new_attempt=new_attempt)
         steps = PIPELINES["episode"]
         if not (review_clusters and "select" in stages_between(steps, until)):
             return run_pipeline(run, params, steps, until, sources=inputs)

@@ -8,6 +8,8 @@ The payload (like the ActorMaker training callback)::
      "loras": ["/abs/path/to/name.safetensors", ...],
      "error": null | "what went wrong"}
 
+Webhooks go to any http(s) host unless EPISODE2LORA_WEBHOOK_HOSTS lists the allowed ones.
+
 Attach `webhook_hooks()` to a flow whose parameters include `name`, `runs_dir` and
 `webhook_url` (or pass `describe` to build the payload from other parameters); nothing is
 sent when `webhook_url` is empty.
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Callable
 
@@ -57,6 +61,17 @@ def run_store_payload(parameters: dict[str, Any], status: str, error: str | None
     return run_payload(store, status, error=error, flow_run_id=flow_run_id)
 
 
+HOSTS_ENV = "EPISODE2LORA_WEBHOOK_HOSTS"
+"""Comma-separated host names webhooks may be sent to (unset: any http(s) host). An environment
+setting of the process that runs the flows, so flow parameters from the API cannot widen it."""
+
+
+def allowed_hosts() -> set[str] | None:
+    """The hosts of HOSTS_ENV, or None when every host is allowed."""
+    value = os.environ.get(HOSTS_ENV, "").strip()
+    return {h.strip().lower() for h in value.split(",") if h.strip()} if value else None
+
+
 def post_json(url: str, payload: dict[str, Any], *, attempts: int = 3, timeout: float = 10.0) -> int:
     """POST `payload` as JSON; retries on network errors and 5xx. Returns the HTTP status.
 
@@ -64,6 +79,10 @@ def post_json(url: str, payload: dict[str, Any], *, attempts: int = 3, timeout: 
     """
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"webhook_url must start with http:// or https://, got {url!r}")
+    allowed = allowed_hosts()
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if allowed is not None and host not in allowed:
+        raise ValueError(f"webhook host {host!r} is not in {HOSTS_ENV} ({', '.join(sorted(allowed))})")
     body = json.dumps(payload, default=str).encode()
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Content-Type": "application/json", "User-Agent": "episode2lora"})

@@ -63,5 +63,7 @@ def reprocess(
     options: dict[str, Any] = {"params": RunParams.model_validate(record["params"])}
     if record.get("until"):
         options["until"] = record["until"]
-    results = episode_to_lora(inputs=inputs, name=name, runs_dir=runs_dir, webhook_url=webhook_url, **options)
+    # more inputs for the run, on purpose: the record before them is kept under attempts/
+    results = episode_to_lora(inputs=inputs, name=name, runs_dir=runs_dir, webhook_url=webhook_url, new_attempt=True,
+                              **options)
     return {"new_episodes": [str(v) for v in fresh], "stages": {k: v.recomputed for k, v in results.items()}}

@@ -22,12 +22,38 @@ def pipeline_flow(name: str) -> Callable:
                 **webhook_hooks())
 
 
+PROGRAM_PARAMS = ("train.kohya_scripts",)
+"""Parameters that name a program the run executes: set on the command line or in a config file,
+never in flow parameters sent to the API (a web page must not pick what runs on this machine)."""
+
+
+def refuse_programs_from_api(params: Any) -> None:
+    """ValueError naming the field when a run started through the API (a deployment) sets a PROGRAM_PARAMS one
+    (`params`: a run's parameter model, or {"train": TrainParams} for train-only runs)."""
+    from prefect.runtime import deployment
+
+    if not deployment.id:
+        return
+    for dotted in PROGRAM_PARAMS:
+        value: Any = params
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+        if value:
+            raise ValueError(f"{dotted} names a program to run ({value!r}); it is refused in runs started through "
+                             f"the API or the UI form: start this run from the command line "
+                             f"(episode2lora run ... --set {dotted}=PATH, or in a --config file)")
+
+
 def run_source(source: str, flow_name: str, input_dir: str, name: str, runs_dir: str, params: Any,
-               until: str) -> dict[str, StageResult]:
+               until: str, new_attempt: bool = False) -> dict[str, StageResult]:
     """Record the run and run the `source` pipeline (tasks/pipelines.py) on `input_dir` up to `until`."""
+    import os
+
+    refuse_programs_from_api(params)
+    input_dir = os.path.abspath(input_dir)  # so `resume` works from any folder
     run = RunRef(runs_dir=runs_dir, name=name)
     store = run.store()
     with store.lock():
-        store.write_run_record({"flow": flow_name, "inputs": [input_dir], "params": params.model_dump(mode="json"),
-                                "until": until})
+        store.record_run({"flow": flow_name, "inputs": [input_dir],
+                          "params": params.model_dump(mode="json"), "until": until}, new_attempt=new_attempt)
         return run_pipeline(run, params, PIPELINES[source], until, sources=[input_dir])

@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, task
 
 from flows.notify import webhook_hooks
+from flows.sources import refuse_programs_from_api
 from tasks.train import TrainParams, train_folder
 
 
@@ -59,6 +60,7 @@ def train_package(
         runs_dir: folder whose `versions.parquet` records every training.
         webhook_url: POST a JSON summary here when training completes or fails (optional).
     """
+    refuse_programs_from_api({"train": params})
     folder = Path(package_dir).expanduser()
     if not folder.is_dir():
         raise NotADirectoryError(f"package_dir '{package_dir}' is not a folder")

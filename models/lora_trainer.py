@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -685,6 +686,9 @@ def _train(job: TrainJob, out: Path, resume: bool, on_step: Callable[[int, int, 
     if not (resume and run.resume()):
         for stale in ("loss.jsonl", "validation.jsonl", "outcome.json"):
             (out / stale).unlink(missing_ok=True)
+    # TensorBoard files of an earlier (killed) attempt would repeat the steps after the checkpoint: this
+    # attempt writes its own (loss.jsonl, truncated at the checkpoint, keeps the whole history)
+    shutil.rmtree(out / "logs", ignore_errors=True)
     (out / "settings.json").write_text(json.dumps(
         {"character": job.character, "trigger": job.trigger, "repeats": job.repeats,
          "settings": job.settings.model_dump(mode="json"), "total_steps": run.total, "family": run.family,

@@ -84,14 +84,14 @@ def file_identity(path: Path, *, sample: int = 1 << 20) -> str:
     """
     try:
         st = path.stat()
+        h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        with open(path, "rb") as fh:  # a folder named like a video cannot be opened either
+            h.update(fh.read(sample))
+            if st.st_size > sample:
+                fh.seek(max(st.st_size - sample, sample))
+                h.update(fh.read(sample))
     except OSError as exc:
         return hashlib.sha256(f"unreadable:{path}:{exc.errno}".encode()).hexdigest()
-    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(sample))
-        if st.st_size > sample:
-            fh.seek(max(st.st_size - sample, sample))
-            h.update(fh.read(sample))
     return h.hexdigest()
 
 

@@ -27,7 +27,7 @@ from tasks.run.progress import StageProgress
 from tasks.run.runner import SOURCES
 from tasks.run.spec import ShardedStage
 from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
-from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name, write_table
+from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name, write_error, write_table
 
 STAGE = "frames"
 VERSION = 1
@@ -86,12 +86,38 @@ class FramesParams(BaseModel):
 
 # ---- inputs ---------------------------------------------------------------------------------
 
-def discover_videos(inputs: list[str]) -> list[Path]:
-    """Expand video files, folders of videos and globs into a sorted list of files.
+def normalize_inputs(inputs: list[str]) -> list[str]:
+    """Each input (file, folder or glob) as an absolute path, so `resume` works from any folder;
+    the same path spelled twice (`a.mp4`, `./x/../a.mp4`, a link to it) is kept once."""
+    kept: dict[str, str] = {}
+    for text in inputs:
+        absolute = os.path.abspath(os.path.expanduser(str(text)))
+        kept.setdefault(os.path.realpath(absolute), absolute)
+    return list(kept.values())
 
-    Raises FileNotFoundError naming the input when one matches nothing.
+
+def _matches(text: str) -> list[Path]:
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in VIDEO_SUFFIXES)
+    if path.is_file():
+        return [path]
+    return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+
+
+def missing_inputs(inputs: list[str]) -> list[str]:
+    """The inputs that match no video file (the frames stage quarantines them)."""
+    return [text for text in inputs if not _matches(text)]
+
+
+def discover_videos(inputs: list[str]) -> list[Path]:
+    """Expand video files, folders of videos and globs into a sorted list of files, each file once.
+
+    An input that matches nothing stays in the list as itself (the stage quarantines it: it cannot be
+    read); FileNotFoundError naming the inputs when none matches anything.
     """
     found: list[Path] = []
+    missing = 0
     for text in inputs:
         path = Path(text).expanduser()
         if path.is_dir():
@@ -187,7 +213,7 @@ def _write_image(target: Path, rgb: np.ndarray, image_format: str) -> int:
     flags = ([cv2.IMWRITE_WEBP_QUALITY, 101] if image_format == "webp"  # 101 = lossless WebP
              else [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
     if not cv2.imwrite(str(target), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), flags):
-        raise OSError(f"could not write frame image {target}")
+        raise write_error(target)
     return target.stat().st_size
 
 
@@ -351,6 +377,11 @@ def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, p
     state = _Episode(episode=episode, out=out, prefix=prefix, params=params)
     report = {"episode": episode, "video": str(video), "status": "ok", "reason": None,
               "frames_decoded": 0, "decode_errors": 0, "shots": 0, "shot_starts": [], "sampled": 0, "kept": 0, "bytes_written": 0}
+    if video.is_dir():
+        return _quarantined(video, episode, report, "no such file: a folder (holding no video) named like one")
+    if not video.exists():
+        what = "a dangling or looping link" if video.is_symlink() else "no such file (or a folder or glob without videos)"
+        return _quarantined(video, episode, report, f"missing: {what}")
     try:
         container = av.open(str(video))
     except Exception as exc:  # PyAV raises many kinds: all mean "cannot read this file"

@@ -35,7 +35,7 @@ from tasks.characterness import ShotMotion
 from tasks.run.progress import StageProgress
 from tasks.run.spec import ShardedStage
 from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
-from tasks.run.store import QUARANTINE, RunStore, fingerprint
+from tasks.run.store import QUARANTINE, RunStore, fingerprint, write_error
 
 STAGE = "segment"
 VERSION = 3
@@ -181,7 +181,7 @@ def _write_png(path: Path, image: np.ndarray) -> None:
         code = cv2.COLOR_RGBA2BGRA if image.shape[2] == 4 else cv2.COLOR_RGB2BGR
         image = cv2.cvtColor(image, code)
     if not cv2.imwrite(str(path), image, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
-        raise OSError(f"could not write {path}")
+        raise write_error(path)
 
 
 def read_frame(path: Path) -> tuple[np.ndarray | None, str | None]:

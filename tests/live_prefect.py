@@ -54,10 +54,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CSRF_CLIENT = f"e2e-tests-{os.getpid()}"
+"""This process's client id for the CSRF tokens `ui`'s server asks of every POST (as the UI's own code does)."""
+
+
+def csrf_headers(api_url: str) -> dict[str, str]:
+    """The headers that carry a CSRF token of `api_url`'s server (GET <api>/csrf-token?client=...)."""
+    request = urllib.request.Request(f"{api_url}/csrf-token?client={CSRF_CLIENT}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        token = json.loads(response.read())["token"]
+    return {"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": CSRF_CLIENT}
+
+
 def get_json(url: str, body: Any = None, timeout: float = 10) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                     method="GET" if body is None else "POST")
+    headers = {"Content-Type": "application/json"}
+    if body is not None:  # a POST: with a CSRF token
+        headers.update(csrf_headers(url[:url.index("/api/") + 4]))
+    request = urllib.request.Request(url, data=data, headers=headers, method="GET" if body is None else "POST")
     for attempt in range(5):  # a busy server answers 503 now and then: ask again
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:

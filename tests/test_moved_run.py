@@ -4,6 +4,8 @@ interrupted training: manifests and written configs hold paths relative to the r
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -62,3 +64,6 @@ def test_a_moved_run_folder_trains_from_its_packaged_configs_and_resumes(tmp_pat
     [row] = moved.read_manifest("train").to_pylist()
     assert result.recomputed and row["steps"] == 12 and row["resumed_from"] >= 4
     assert (moved.root / row["lora_path"]).is_file()
+    boards = list((moved.root / "train").rglob("events.out.tfevents.*"))
+    writers = {re.search(r"\.(\d+)\.\d+$", p.name).group(1) for p in boards}
+    assert boards and writers == {str(os.getpid())}  # the killed attempt's TensorBoard files are gone

@@ -144,7 +144,7 @@ def test_ui_refuses_a_busy_port_and_reports_a_server_that_died():
 # ---- webhook -------------------------------------------------------------------------------
 
 def _store_with_frames(tmp_path: Path) -> RunStore:
-    store = RunStore(tmp_path / "runs", "hook run")
+    store = RunStore(tmp_path / "runs", "hook_run")
     store.begin_stage("frames", {})
     table = pa.table({"item_id": ["a", "b", "c"], "kept": [True, True, False],
                       "drop_reason": [None, None, "quarantine: ep.mp4: unreadable"]})

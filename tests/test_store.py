@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from tasks.pipelines import STAGES
-from tasks.run.store import RunLockedError, RunStore, StageNotDoneError, fingerprint, safe_name
+from tasks.run.store import RunLockedError, RunNameError, RunStore, StageNotDoneError, fingerprint, safe_name
 
 
 def test_fingerprint_changes_only_with_params_inputs_or_version():
@@ -95,9 +95,12 @@ def test_second_process_is_refused_with_a_clear_message(tmp_path):
 
 
 @pytest.mark.parametrize("hostile", ["../x", "../../etc/passwd", "a b/c", "ünïcödé 名前", "...", "", "CON"])
-def test_hostile_names_become_safe_single_components(tmp_path, hostile):
+def test_hostile_text_becomes_a_safe_component_and_is_refused_as_a_run_name(tmp_path, hostile):
     name = safe_name(hostile)
     assert name and "/" not in name and "\\" not in name and name not in (".", "..")
     assert (tmp_path / name).resolve().parent == tmp_path.resolve()
-    store = RunStore(tmp_path, hostile)
-    assert store.root.parent == tmp_path.resolve()
+    if hostile == "CON":  # inside the run-name alphabet: used as typed
+        assert RunStore(tmp_path, hostile).root == tmp_path.resolve() / "CON"
+    else:  # a run name is never rewritten: refused, saying the alphabet
+        with pytest.raises(RunNameError, match="A-Z a-z 0-9"):
+            RunStore(tmp_path, hostile)

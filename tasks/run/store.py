@@ -16,6 +16,7 @@ leaves a half output that looks done.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -45,6 +46,45 @@ class RunLockedError(RuntimeError):
 
 class StageNotDoneError(RuntimeError):
     """A stage's output was asked for before the stage finished."""
+
+
+class RunNameError(ValueError):
+    """A run name outside RUN_NAME_ALPHABET."""
+
+
+class RunChangedError(ValueError):
+    """A command would change an existing run's inputs or parameters."""
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
+RUN_NAME_ALPHABET = "1-80 characters of A-Z a-z 0-9 . _ -, starting with a letter or a digit"
+"""What a run name may be: a single folder name, used as typed (never rewritten)."""
+
+
+def check_run_name(name: str) -> str:
+    """`name` unchanged when it is a valid run name; else RunNameError saying the alphabet."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+        raise RunNameError(f"run name {name!r} is not allowed: use {RUN_NAME_ALPHABET}")
+    return name
+
+
+def record_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two run records, as dotted names ('inputs', 'params.frames.mode');
+    `until` (how far to go) is not a change."""
+    changes = []
+
+    def walk(a: Any, b: Any, path: str, depth: int) -> None:
+        if a == b:
+            return
+        if isinstance(a, dict) and isinstance(b, dict) and depth < 3:
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else str(key), depth + 1)
+        else:
+            changes.append(path)
+
+    for key in ("flow", "inputs", "params"):
+        walk(old.get(key), new.get(key), key, 1)
+    return changes
 
 
 def safe_name(name: str, *, max_len: int = 80) -> str:
@@ -103,11 +143,40 @@ def write_table(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def write_error(path: Path) -> OSError:
+    """The error for a file a library could not write (it said only "failed"), naming the likely cause."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < (1 << 20):
+        return OSError(errno.ENOSPC, f"could not write {path}: the disk is full ({free} bytes free)")
+    if path.parent.is_dir() and not os.access(path.parent, os.W_OK):
+        return OSError(errno.EACCES, f"could not write {path}: its folder is not writable")
+    return OSError(errno.EIO, f"could not write {path}")
+
+
+def storage_cause(exc: BaseException) -> str | None:
+    """'disk full' or 'read-only' when `exc` (or what caused it) is a write failing for that reason."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in FULL_DISK or "No space left" in str(exc):
+            return "disk full"
+        if isinstance(exc, OSError) and exc.errno in READ_ONLY:
+            return "read-only"
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 class RunStore:
     """One run's folder: stage outputs, shard and stage markers, and the run lock."""
 
     def __init__(self, runs_dir: Path | str, name: str):
-        self.name = safe_name(name)
+        self.name = check_run_name(name)
         self.root = Path(runs_dir).resolve() / self.name
         self._lock_fh = None
 
@@ -144,6 +213,29 @@ class RunStore:
     def write_run_record(self, record: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         _write_json(self.root / "run.json", record)
+
+    def check_run_record(self, record: dict[str, Any], *, new_attempt: bool = False) -> None:
+        """Raise RunChangedError when the run exists with other inputs or parameters than `record`
+        (unless `new_attempt`: then `record_run` keeps the old record under attempts/)."""
+        old = _read_json(self.root / "run.json")
+        changes = record_changes(old, record) if old is not None else []
+        if changes and not new_attempt:
+            shown = ", ".join(changes[:6]) + (", ..." if len(changes) > 6 else "")
+            raise RunChangedError(
+                f"run '{self.name}' already exists with other {shown}; nothing was changed. Continue it as it was "
+                f"with `episode2lora resume {self.name}`, pick a new --name, or pass --new-attempt to run it with "
+                f"these (the old record is kept in {self.root / 'attempts'})")
+
+    def record_run(self, record: dict[str, Any], *, new_attempt: bool = False) -> None:
+        """Write run.json once `record` is checked (check_run_record); a replaced record is kept as
+        attempts/<n>.json. Call under the lock."""
+        self.check_run_record(record, new_attempt=new_attempt)
+        old = _read_json(self.root / "run.json")
+        if old is not None and record_changes(old, record):
+            attempts = self.root / "attempts"
+            attempts.mkdir(exist_ok=True)
+            _write_json(attempts / f"{len(list(attempts.glob('*.json'))) + 1:03d}.json", old)
+        self.write_run_record(record)
 
     def read_run_record(self) -> dict[str, Any]:
         record = _read_json(self.root / "run.json")
