@@ -114,23 +114,23 @@ def discover_videos(inputs: list[str]) -> list[Path]:
     """Expand video files, folders of videos and globs into a sorted list of files, each file once.
 
     An input that matches nothing stays in the list as itself (the stage quarantines it: it cannot be
-    read); FileNotFoundError naming the inputs when none matches anything.
+    read); FileNotFoundError naming the inputs when none matches anything (and, for a folder of
+    images, the command that takes images).
     """
     found: list[Path] = []
-    missing = 0
+    missing: list[str] = []
     for text in inputs:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            matches = sorted(p for p in path.rglob("*")
-                             if (p.is_file() or p.is_symlink()) and p.suffix.lower() in VIDEO_SUFFIXES)
-        elif path.is_file():
-            matches = [path]
-        else:
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        matches = _matches(text)
         if not matches:
-            raise FileNotFoundError(f"input '{text}' matched no video files{_images_hint(path)}")
-        found.extend(m.absolute() for m in matches)
-    return sorted(dict.fromkeys(found))
+            missing.append(text)
+        found.extend(m.absolute() for m in matches or [Path(text).expanduser()])
+    if len(missing) == len(inputs):
+        raise FileNotFoundError("; ".join(f"input '{t}' matched no video files{_images_hint(Path(t).expanduser())}"
+                                          for t in missing) or "no inputs given")
+    unique: dict[str, Path] = {}
+    for video in found:
+        unique.setdefault(os.path.realpath(video), video)
+    return sorted(unique.values())
 
 
 def _images_hint(path: Path) -> str:
