@@ -394,7 +394,7 @@ def _render_shot(spec: ShotSpec, size, fps: int):
 
 def _encoder(container, codec: str, size, fps: int):
     """A yuv420p video stream at constant fps, with quality high enough for accurate masks."""
-    options = {"libx264": {"crf": "18", "preset": "fast"},
+    options = {"libx264": {"crf": "18", "preset": "fast", "threads": "1"},
                "libvpx-vp9": {"crf": "20", "b": "0", "deadline": "realtime", "cpu-used": "8"}}.get(codec, {})
     stream = container.add_stream(codec, rate=fps, options=options)
     stream.width, stream.height = size

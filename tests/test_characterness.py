@@ -257,6 +257,8 @@ def test_scenery_clusters_are_never_recommended(tiered):
             assert not row["recommended"] and row["used"] == 0, (row, Counter(mine))
         if row["recommended"] and row["used"] >= 8:  # what the demo's select (min_images 8) would train
             assert majority is not None, (row, Counter(mine))
-    scenery = [s for s in seen.values() if s[0] == "scenery"]
-    assert scenery and all(s[2] is None for s in scenery), seen  # u2netp's clouds and trees are found
-    assert sum(s[1] for s in seen.values()) >= 1, seen
+        if majority is None and count / len(mine) >= 0.9:  # a cluster of clouds, trees, buildings
+            assert not row["recommended"], (row, Counter(mine))
+    assert all(s[2] is None for s in seen.values() if s[0] == "scenery"), seen  # what is called scenery is scenery
+    assert any(s[2] is None and s[3] >= 0.9 for s in seen.values()), seen  # u2netp's scenery layers are found...
+    assert sum(s[1] for s in seen.values()) >= 1, seen  # ...and characters are still recommended
