@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tests.live_prefect import CONFIG, ROOT, free_port, get_json
+from tests.live_prefect import CONFIG, ROOT, csrf_headers, free_port, get_json
 
 pytestmark = pytest.mark.e2e
 
@@ -166,7 +166,8 @@ def _delete(url: str) -> None:
     import urllib.request
 
     try:
-        urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=10)
+        headers = csrf_headers(url[:url.index("/api/") + 4])  # the server asks a CSRF token of every change
+        urllib.request.urlopen(urllib.request.Request(url, method="DELETE", headers=headers), timeout=10)
     except urllib.error.HTTPError as exc:
         if exc.code != 404:
             raise
