@@ -82,6 +82,20 @@ def get_json(url: str, body: Any = None, timeout: float = 10) -> Any:
             time.sleep(2)
 
 
+def flow_run_logs(api_url: str, flow_run_id: str, ready: Callable[[list[str]], bool], timeout: float = 60) -> list[str]:
+    """The log messages of a flow run, read again until `ready(messages)` or `timeout` s: Prefect ships
+    logs in batches, so a run's last lines may reach the API after the run has ended."""
+    deadline = time.monotonic() + timeout
+    messages: list[str] = []
+    while True:
+        while page := get_json(f"{api_url}/logs/filter", {
+                "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "offset": len(messages)}):
+            messages += [entry["message"] for entry in page]
+        if ready(messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(2)
+
+
 @dataclass
 class LivePrefect:
     """The running `episode2lora ui` process and where its runs go."""

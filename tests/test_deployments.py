@@ -17,7 +17,7 @@ import yaml
 
 from tasks.pipelines import STAGES
 from tasks.run.store import MARKER, RunStore
-from tests.live_prefect import CONFIG, E2E_INPUT, SAMPLE, WebhookReceiver, get_json
+from tests.live_prefect import CONFIG, E2E_INPUT, SAMPLE, WebhookReceiver, flow_run_logs, get_json
 
 pytestmark = pytest.mark.e2e
 
@@ -124,18 +124,13 @@ def test_served_run_logs_hold_the_stage_lines(prefect_ui, api_run):
     """INFO logs of a run served by `episode2lora ui` reach the UI's Logs tab: one line per stage."""
     store = RunStore(prefect_ui.runs_dir, "api")
     stages = stages_through(default_until())
-    messages: list[str] = []
-    deadline = time.monotonic() + 60  # the worker ships logs in batches: the last stage's may trail the run's end
-    while True:
-        while page := get_json(f"{prefect_ui.api_url}/logs/filter", {
-                "logs": {"flow_run_id": {"any_": [str(api_run.id)]}}, "limit": 200, "offset": len(messages)}):
-            messages += [entry["message"] for entry in page]
-        missing = [s for s in stages if not any(f"{store.stage_dir(s)}" in m for m in messages)]
-        if not missing or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+
+    def missing(messages: list[str]) -> list[str]:
+        return [s for s in stages if not any(f"{store.stage_dir(s)}" in m for m in messages)]
+
+    messages = flow_run_logs(prefect_ui.api_url, str(api_run.id), lambda m: not missing(m))
     print(f"served run: {len(messages)} log lines in the UI")
-    assert not missing, f"no log line of stages {missing}"
+    assert not missing(messages), f"no log line of stages {missing(messages)}"
     assert any("cluster report:" in m for m in messages)
 
 
