@@ -68,10 +68,9 @@ def _print_dry_run(flow_name: str, params: Any, input_dir: Path, run_dir: Path) 
     out.print(f"[bold]dry run[/] — nothing is trained. Run folder: {run_dir}", highlight=False)
     out.print("\n[bold]resolved configuration[/]")
     out.print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, width=1000), markup=False, highlight=False, soft_wrap=True)
-    starts: dict[str, str] = {}
+    starts = {lora: str(run_dir / "train" / "shards" / base / f"{base}.safetensors") for lora, base in train.init_from.items()}
     if flow_name == "renders-to-lora":
         first, second = ingest.character_of(1), ingest.character_of(2)
-        starts[second] = str(run_dir / "train" / "shards" / first / f"{first}.safetensors")
         loras = [(first, f"stage 1 (phases {ingest.stage1_phases})"),
                  (second, f"stage 2 (phases {ingest.stage2_phases}), fine-tuned from stage 1's LoRA")]
     else:
@@ -86,12 +85,8 @@ def _print_dry_run(flow_name: str, params: Any, input_dir: Path, run_dir: Path) 
     out.print("[bold]commands[/] (the configs' paths are relative to the run folder: run them from there)")
     out.print(f"  {_rerun_command()}", markup=False, highlight=False, soft_wrap=True)
     out.print(f"  cd {run_dir}", markup=False, highlight=False, soft_wrap=True)
-    if flow_name == "renders-to-lora":
-        for character, _ in loras:
-            out.print(f"  python run.py ingest/ai_toolkit/{character}.yaml   "
-                      "# AI-Toolkit (FLUX), written by the ingest stage", markup=False, highlight=False, soft_wrap=True)
-    else:
-        out.print(f"  python run.py package/configs/{ingest.name}_ai_toolkit.yaml   "
+    for character, _ in loras:
+        out.print(f"  python run.py package/configs/{character}_ai_toolkit.yaml   "
                   "# AI-Toolkit (FLUX), written by the package stage", markup=False, highlight=False, soft_wrap=True)
     if train.trainer == "kohya":
         for character, _ in loras:
@@ -154,6 +149,7 @@ def renders(
 ) -> None:
     """Check a render folder (the Kyana guide's quality list) and train its staged LoRAs."""
     from flows.source_params import RendersRunParams
+    from tasks.sources.render_training import DETAIL_SUFFIX, NAME
     check_until(until, "renders")
     size = None
     if resolution is not None:
@@ -162,11 +158,12 @@ def renders(
             assert len(size) == 2
         except (ValueError, AssertionError):
             fail(f"--resolution must look like 1024x1024, got {resolution!r}")
+    stage1, stage2 = f"train.per_character.{NAME}", f"train.per_character.{NAME}{DETAIL_SUFFIX}"
     params = _load(RendersRunParams, config, sets, {
         "ingest.resolution": size, "ingest.frames_per_sequence": frames,
         "ingest.caption_template": str(caption_template.expanduser().resolve()) if caption_template else None,
-        "ingest.stage1_steps": stage1_steps, "ingest.stage1_lr": stage1_lr, "ingest.stage2_steps": stage2_steps,
-        "ingest.stage2_lr": stage2_lr, "train.profile": profile, "train.base": base})
+        f"{stage1}.max_steps": stage1_steps, f"{stage1}.unet_lr": stage1_lr, f"{stage2}.max_steps": stage2_steps,
+        f"{stage2}.unet_lr": stage2_lr, "train.profile": profile, "train.base": base})
     try:
         resolved = params.for_run(name, trigger)
     except ValueError as exc:

@@ -16,7 +16,7 @@ from flows.params import pipeline_params
 from tasks.pipelines import stages_of
 from tasks.sources.ingest_photos import IngestPhotosParams
 from tasks.sources.ingest_renders import IngestRendersParams
-from tasks.sources.render_training import staged_train_params
+from tasks.sources.render_training import DETAIL_SUFFIX, GUIDE_PLAN, NAME, resolve_plan
 
 SourceStage = Literal[tuple(stages_of("renders"))]  # type: ignore[valid-type]
 """Stages a render or photo run can stop after (their pipelines', tasks/pipelines.py)."""
@@ -25,7 +25,19 @@ SHARED_DEFAULTS: dict[str, Any] = {
     "augment": {"flip": False, "hue_deg": 0.0, "background_swap_probability": 0.0},
     "caption": {"captions_from": "ingest"},
 }
-RENDER_DEFAULTS: dict[str, Any] = {**SHARED_DEFAULTS, "package": {"render": {"resolution": 1024}}}
+RENDER_DEFAULTS: dict[str, Any] = {**SHARED_DEFAULTS, "package": {"render": {"resolution": 1024}}, "train": GUIDE_PLAN}
+LEGACY_RENDER_KEYS: dict[str, tuple[str, ...]] = {
+    "stage1_steps": ("train", "per_character", NAME, "max_steps"),
+    "stage1_lr": ("train", "per_character", NAME, "unet_lr"),
+    "stage1_prompts": ("train", "per_character", NAME, "sample_prompts"),
+    "stage2_steps": ("train", "per_character", NAME + DETAIL_SUFFIX, "max_steps"),
+    "stage2_lr": ("train", "per_character", NAME + DETAIL_SUFFIX, "unet_lr"),
+    "stage2_prompts": ("train", "per_character", NAME + DETAIL_SUFFIX, "sample_prompts"),
+    "rank": ("package", "ai_toolkit", "rank"),
+    "base_model": ("package", "ai_toolkit", "base_model"),
+}
+"""Training settings that render runs once kept under `ingest` -> where they live now (old configs and run
+records are read through this; the training plan belongs to the train parameters)."""
 PHOTO_DEFAULTS: dict[str, Any] = {
     **SHARED_DEFAULTS,
     "augment": {**SHARED_DEFAULTS["augment"], "intensity": "light"},
@@ -33,6 +45,22 @@ PHOTO_DEFAULTS: dict[str, Any] = {
                 "prompts": {"human": "photo of a person, {framing}, {setting}, {lighting}, {colours}"}},
     "package": {"render": {"resolution": 1024}},
 }
+
+
+def moved_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with the LEGACY_RENDER_KEYS of its `ingest` mapping moved to their place now."""
+    ingest = data.get("ingest")
+    if not isinstance(ingest, dict) or not set(ingest) & set(LEGACY_RENDER_KEYS):
+        return data
+    moved: dict[str, Any] = {}
+    for key, value in ingest.items():
+        if key in LEGACY_RENDER_KEYS:
+            *parents, leaf = LEGACY_RENDER_KEYS[key]
+            node = moved
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return merged({**data, "ingest": {k: v for k, v in ingest.items() if k not in LEGACY_RENDER_KEYS}}, moved)
 
 
 def merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -49,14 +77,14 @@ class RendersRunParams(pipeline_params("renders", "RendersParamsBase", "The rend
     @model_validator(mode="before")
     @classmethod
     def _defaults(cls, data: Any) -> Any:
-        return merged(RENDER_DEFAULTS, data) if isinstance(data, dict) else data
+        return merged(RENDER_DEFAULTS, moved_legacy_keys(data)) if isinstance(data, dict) else data
 
     def for_run(self, name: str, trigger: Optional[str] = None) -> "RendersRunParams":
-        """These parameters with the product's name and trigger set and the two training stages resolved."""
+        """These parameters with the product's name and trigger set, and `{name}` in the training plan resolved."""
         ingest = IngestRendersParams.model_validate(
             {**self.ingest.model_dump(), "name": self.ingest.name or name,
              "trigger": trigger or self.ingest.trigger or self.ingest.name or name})
-        return self.model_copy(update={"ingest": ingest, "train": staged_train_params(self.train, ingest)})
+        return self.model_copy(update={"ingest": ingest, "train": resolve_plan(self.train, ingest.name)})
 
 
 class PhotosRunParams(pipeline_params("photos", "PhotosParamsBase", "The photos pipeline's stages.")):

@@ -7,7 +7,9 @@ Layout under `<run>/package/`::
     configs/{character}_dataset.toml                  kohya dataset config (--dataset_config)
     configs/{character}_config.toml                   kohya train_network.py config (--config_file)
     configs/{character}_prompts.txt                   kohya sample prompts
-    configs/{character}_ai_toolkit.yaml               AI-Toolkit FLUX LoRA job (the Kyana seed's profile)
+    configs/{character}_ai_toolkit.yaml               AI-Toolkit FLUX LoRA job (the Kyana seed's profile; steps,
+                                                      LR, sample prompts and init LoRA as the train parameters
+                                                      set them per character: a render run's two stages)
     manifest.parquet, characters.parquet
 
 Images are rendered from the caption stage's rows (tasks/composite.py: RGBA layer onto the plain
@@ -27,7 +29,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import cv2
 import numpy as np
@@ -39,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tasks.run.progress import StageProgress
 from tasks.composite import RenderSpec, background_layers, blank_reason, cover, read_background, read_row_images, render
 from tasks.run.spec import GlobalStage
-from tasks.run.stage import StageResult, finished, run_global_stage
+from tasks.run.stage import StageResult, finished, run_global_stage, stage_fingerprint
 from tasks.run.store import QUARANTINE, RunStore, safe_name, write_table
 
 STAGE = "package"
@@ -113,6 +115,19 @@ class AIToolkitParams(BaseModel):
     sample_every: int = Field(250, ge=1, description="steps between samples and saves")
 
 
+class LoraPlan(BaseModel):
+    """What the train parameters set for one LoRA (`train.per_character`, `train.init_from`); its
+    AI-Toolkit job follows it (None: the package's `ai_toolkit` default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: Optional[int] = None
+    lr: Optional[float] = None
+    prompts: Optional[list[str]] = None
+    init_from: Optional[str] = None
+    """The LoRA of this run it is fine-tuned from (trained first)."""
+
+
 class PackageParams(BaseModel):
     """The kohya tree, its split, its images and its training parameters."""
 
@@ -151,6 +166,25 @@ class PackageParams(BaseModel):
         if value < low:
             raise ValueError(f"max_bucket_reso ({value}) must be >= min_bucket_reso ({low})")
         return value
+
+
+class PlannedPackage(PackageParams):
+    """The package parameters with the train parameters' plan of single LoRAs (what the AI-Toolkit jobs follow)."""
+
+    loras: dict[str, LoraPlan] = {}
+
+
+def package_settings(params: Any) -> PackageParams:
+    """The package stage's settings out of a run's parameters: `params.package`, with the per-LoRA plan
+    of `params.train` (per_character steps, LR, sample prompts; init_from) when it sets one."""
+    train = params.train
+    loras = {name: LoraPlan(init_from=train.init_from.get(name)) for name in sorted(set(train.per_character) | set(train.init_from))}
+    for name, given in train.per_character.items():
+        loras[name] = loras[name].model_copy(update={"steps": given.max_steps, "lr": given.unet_lr,
+                                                     "prompts": given.sample_prompts})
+    if not loras:
+        return params.package
+    return PlannedPackage.model_validate({**params.package.model_dump(), "loras": loras})
 
 
 # ---- training parameters -------------------------------------------------------------------------
@@ -269,15 +303,25 @@ def sample_prompts(trigger: str, kind: str, params: PackageParams) -> list[str]:
 
 def ai_toolkit_job(name: str, triggers: list[str], kind: str, folders: list[Path], output: Path,
                    params: PackageParams) -> str:
-    """An AI-Toolkit `sd_trainer` job for a FLUX LoRA (the Kyana seed's profile)."""
+    """An AI-Toolkit `sd_trainer` job for a FLUX LoRA (the Kyana seed's profile), with the steps, LR,
+    sample prompts and init LoRA the train parameters give this LoRA (`PlannedPackage.loras`)."""
     from models.ai_toolkit_format import ai_toolkit_job as build
 
     at = params.ai_toolkit
-    prompts = [p.split(" --n ")[0] for t in triggers for p in sample_prompts(t, kind, params)]
-    job = build(f"{name}_flux_lora", triggers[0], folders, output, rank=at.rank, steps=at.steps, lr=at.lr,
-                base_model=at.base_model, resolution=[params.render.resolution], prompts=prompts,
-                save_every=at.sample_every, sample_every=at.sample_every, meta={"name": name})
+    plan = getattr(params, "loras", {}).get(name) or LoraPlan()
+    prompts = ([p.replace("{trigger}", triggers[0]) for p in plan.prompts] if plan.prompts is not None else
+               [p.split(" --n ")[0] for t in triggers for p in sample_prompts(t, kind, params)])
+    job = build(f"{name}_flux_lora", triggers[0], folders, output, rank=at.rank, steps=plan.steps or at.steps,
+                lr=plan.lr or at.lr, base_model=at.base_model, resolution=[params.render.resolution], prompts=prompts,
+                save_every=at.sample_every, sample_every=at.sample_every, meta={"name": name},
+                init_lora=ai_toolkit_lora(plan.init_from) if plan.init_from else None)
     return yaml.safe_dump(job, sort_keys=False)
+
+
+def ai_toolkit_lora(name: str) -> str:
+    """Where AI-Toolkit saves the LoRA of the job `ai_toolkit_job` writes for `name` (run-relative)."""
+    job = f"{name}_flux_lora"
+    return (Path("train") / name / "ai_toolkit" / job / f"{job}.safetensors").as_posix()
 
 
 # ---- background dataset -----------------------------------------------------------------------
@@ -530,6 +574,7 @@ def _steps(store: RunStore, result: StageResult) -> list[dict]:
 
 PACKAGE = GlobalStage(
     name=STAGE, version=VERSION, params=PackageParams, inputs=("caption",), title="package",
-    build=lambda store, params, inputs: run_package(store, params.package, inputs), rows=_steps,
+    build=lambda store, params, inputs: run_package(store, package_settings(params), inputs), rows=_steps,
+    probe=lambda params, inputs: stage_fingerprint(STAGE, VERSION, package_settings(params), inputs),
 )
 """The package stage: the kohya tree, its configs and the AI-Toolkit job."""

@@ -13,7 +13,7 @@ from PIL import Image
 
 from tasks.sources.ingest_renders import IngestRendersParams, parse_render_name, run_ingest_renders
 from tasks.sources.render_captions import RenderTemplate, caption_from_name, read_template
-from tasks.sources.render_training import GUIDE_PROMPTS_STAGE1
+from tasks.sources.render_training import GUIDE_PROMPTS_STAGE1, GUIDE_PROMPTS_STAGE2
 from tasks.run.store import QUARANTINE, RunStore
 from tests.source_fixtures import turntable, write_sequence
 
@@ -143,26 +143,53 @@ def test_parameters_are_checked_up_front(tmp_path):
         run_ingest_renders(RunStore(tmp_path, "x"), str(tmp_path), params())
 
 
-def test_phases_map_to_training_stages_and_ai_toolkit_configs(tmp_path):
+def test_phases_map_to_training_stages(tmp_path):
     root = tmp_path / "renders"
     write_sequence(root / "phase_1_essential", SEQ1, 4)
     write_sequence(root / "phase_3_details", SEQ3, 4)
     write_sequence(root / "phase_4_animation", "ASSEMBLY_ANIMATION_FLAT_64x64", 3)
     store = RunStore(tmp_path / "runs", "stages")
-    result = run_ingest_renders(store, str(root), params(stage2_steps=700, stage2_lr=2e-5))
+    result = run_ingest_renders(store, str(root), params())
     assert result.summary["characters"] == {"kyana": 4, "kyana_detail": 4}
     animation = [r for r in store.read_manifest("ingest").to_pylist() if r["phase_number"] == 4]
     assert len(animation) == 3 and all(r["drop_reason"].startswith("not_trained") for r in animation)
+    assert not (store.stage_dir("ingest") / "ai_toolkit").exists()  # training jobs are the package stage's
 
-    core = yaml.safe_load((store.stage_dir("ingest") / "ai_toolkit" / "kyana.yaml").read_text())
-    detail = yaml.safe_load((store.stage_dir("ingest") / "ai_toolkit" / "kyana_detail.yaml").read_text())
+
+def test_the_staged_plan_is_train_parameters_and_the_packaged_ai_toolkit_jobs_follow_it():
+    """The guide's two stages are the renders run's default train parameters; the package stage's
+    AI-Toolkit job of each LoRA takes its steps, LR, prompts and (stage 2) stage 1's LoRA from them."""
+    from flows.source_params import RendersRunParams
+    from tasks.package import ai_toolkit_job, ai_toolkit_lora, package_settings
+
+    run = RendersRunParams.model_validate(
+        {"train": {"per_character": {"{name}_detail": {"max_steps": 700, "unet_lr": 2e-5}}}}).for_run("kyana", "Kyana")
+    assert run.train.init_from == {"kyana_detail": "kyana"}
+    assert run.train.per_character["kyana"].max_steps == 3000
+    assert run.train.per_character["kyana_detail"].sample_prompts == GUIDE_PROMPTS_STAGE2  # kept under the override
+    settings = package_settings(run)
+    core = yaml.safe_load(ai_toolkit_job("kyana", ["Kyana"], "unknown", [Path("package/15_kyana")],
+                                         Path("train/kyana/ai_toolkit"), settings))
+    detail = yaml.safe_load(ai_toolkit_job("kyana_detail", ["Kyana"], "unknown", [Path("package/15_kyana_detail")],
+                                           Path("train/kyana_detail/ai_toolkit"), settings))
     job1, job2 = core["config"]["process"][0], detail["config"]["process"][0]
     assert job1["sample"]["prompts"] == [p.replace("{trigger}", "Kyana") for p in GUIDE_PROMPTS_STAGE1]
     assert job1["train"]["steps"] == 3000 and job2["train"]["steps"] == 700 and job2["train"]["lr"] == 2e-5
-    assert [Path(d["folder_path"]).parent.name for d in job1["datasets"]] == ["phase_1_essential"]
-    assert [Path(d["folder_path"]).parent.name for d in job2["datasets"]] == ["phase_3_details"]
-    assert job2["network"]["pretrained_lora_path"] == str(Path(job1["training_folder"]) / "kyana" / "kyana.safetensors")
+    assert [d["folder_path"] for d in job2["datasets"]] == ["package/15_kyana_detail"]
+    assert job2["network"]["pretrained_lora_path"] == ai_toolkit_lora("kyana")
+    assert ai_toolkit_lora("kyana") == (f"{job1['training_folder']}/{core['config']['name']}/"
+                                        f"{core['config']['name']}.safetensors")
     assert job1["network"] == {"type": "lora", "linear": 16, "linear_alpha": 16}
+    assert package_settings(RendersRunParams().for_run("kyana")).loras["kyana_detail"].init_from == "kyana"
+
+
+def test_old_configs_with_training_settings_under_ingest_still_load():
+    """Render configs (and run records) from before the plan moved to `train` keep their meaning."""
+    from flows.source_params import RendersRunParams
+
+    old = RendersRunParams.model_validate({"ingest": {"stage2_steps": 900, "stage1_lr": 3e-4, "rank": 8}}).for_run("k")
+    assert old.train.per_character["k_detail"].max_steps == 900 and old.train.per_character["k"].unet_lr == 3e-4
+    assert old.package.ai_toolkit.rank == 8 and "stage2_steps" not in old.ingest.model_dump()
 
 
 def test_a_changed_phase_is_ingested_again_alone(tmp_path):
@@ -193,9 +220,10 @@ def test_flow_from_a_clean_folder_to_staged_loras(prefect_api, tmp_path):
     write_sequence(root / "phase_1_essential", SEQ1, 6)
     write_sequence(root / "phase_3_details", SEQ3, 6)
     run_params = RendersRunParams.model_validate({
-        "ingest": {"resolution": [64, 64], "stage1_steps": 2, "stage2_steps": 1, "stage2_lr": 1e-12},
+        "ingest": {"resolution": [64, 64]},
         "package": {"render": {"resolution": 64}}, "validate": {"min_resolution": 64},
-        "train": {"profile": "demo", "base": "tiny", "save_every_steps": 2, "sample_prompts": []},
+        "train": {"profile": "demo", "base": "tiny", "save_every_steps": 2, "sample_prompts": [],
+                  "per_character": {"{name}": {"max_steps": 2}, "{name}_detail": {"max_steps": 1, "unet_lr": 1e-12}}},
     })
     runs = tmp_path / "runs"
     results = renders_to_lora(str(root), "watch", trigger="Kyana", runs_dir=str(runs), params=run_params)
@@ -219,6 +247,9 @@ def test_flow_from_a_clean_folder_to_staged_loras(prefect_api, tmp_path):
     ups = [k for k in a if k.endswith("lora_up.weight")]
     assert max(float(a[k].abs().max()) for k in ups) > 1e-6  # stage 1 learned something ...
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-7) for k in a)  # ... stage 2 started from it
+    job = yaml.safe_load((store.root / "package" / "configs" / "watch_detail_ai_toolkit.yaml").read_text())
+    assert job["config"]["process"][0]["network"]["pretrained_lora_path"] == "train/watch/ai_toolkit/watch_flux_lora/watch_flux_lora.safetensors"
+    assert job["config"]["process"][0]["train"]["steps"] == 1 and not (store.root / "ingest" / "ai_toolkit").exists()
 
     again = renders_to_lora(str(root), "watch", trigger="Kyana", runs_dir=str(runs), params=run_params)
     assert not any(r.recomputed for r in again.values())
@@ -260,7 +291,7 @@ def test_cli_dry_run_prints_the_resolved_stages_and_commands(tmp_path):
     detail = text[text.index("kyana_detail: stage 2"):]
     assert "max_steps: 900" in detail and "unet_lr: 3.0e-05" in detail
     assert f"init_lora: {tmp_path / 'runs' / 'kyana' / 'train' / 'shards' / 'kyana' / 'kyana.safetensors'}" in detail
-    assert "ingest/ai_toolkit/kyana_detail.yaml" in text and "--dry-run" not in text.split("commands")[1]
+    assert "package/configs/kyana_detail_ai_toolkit.yaml" in text and "--dry-run" not in text.split("commands")[1]
     assert not (tmp_path / "runs").exists()  # nothing ran
     bad = runner.invoke(app, ["renders", str(root), "--name", "k", "--resolution", "big", "--dry-run"])
     assert bad.exit_code == 2 and "--resolution must look like 1024x1024, got 'big'" in bad.output

@@ -17,8 +17,9 @@ columns the dataset stages read from `select` (item_id, source_id, character, tr
 cluster_id, path) plus the render's phase, sequence, frame and caption. Training is staged like
 the guide: stage 1 (the core LoRA, `<name>`) on phases 1 and 2, stage 2 (`<name>_detail`, fine-
 tuned from stage 1) on phase 3; folders without a phase number go to stage 1. The merge writes
-`sequences.parquet`, the per-phase report (`report.json`, `report.txt`: the guide's "Count Your
-Images") and one AI-Toolkit YAML per training stage (`ai_toolkit/<character>.yaml`).
+`sequences.parquet` and the per-phase report (`report.json`, `report.txt`: the guide's "Count Your
+Images"). How each LoRA trains is the train stage's business (tasks/sources/render_training.py), and
+its AI-Toolkit job the package stage's.
 """
 
 from __future__ import annotations
@@ -29,14 +30,12 @@ from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.sources.ingest import (IMAGE_SUFFIXES, STAGE, IdentityName, TriggerWord, image_stats, listing_digest, place_image, read_caption,
                           require_identity, with_trigger)
 from tasks.run.progress import StageProgress
 from tasks.sources.render_captions import SIZE_TOKEN, RenderTemplate, caption_from_name, read_template
-from tasks.sources.render_training import GUIDE_PROMPTS_STAGE1, GUIDE_PROMPTS_STAGE2, ai_toolkit_config
 from tasks.run.runner import SOURCES
 from tasks.run.spec import ShardedStage
 from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
@@ -102,14 +101,6 @@ class IngestRendersParams(BaseModel):
     kind: str = Field("unknown", description="kind of subject for the captioner prompts (human / creature / unknown)")
     stage1_phases: list[int] = Field([1, 2], description="phase numbers of training stage 1 (the core LoRA)")
     stage2_phases: list[int] = Field([3], description="phase numbers of training stage 2 (detail, fine-tuned from stage 1)")
-    stage1_steps: int = Field(3000, ge=1, description="training steps of stage 1")
-    stage1_lr: float = Field(1e-4, gt=0, description="learning rate of stage 1")
-    stage2_steps: int = Field(1500, ge=1, description="additional training steps of stage 2")
-    stage2_lr: float = Field(5e-5, gt=0, description="learning rate of stage 2 (gentler: it refines stage 1)")
-    stage1_prompts: list[str] = Field(GUIDE_PROMPTS_STAGE1, description="sample prompts of stage 1 ({trigger} = the trigger)")
-    stage2_prompts: list[str] = Field(GUIDE_PROMPTS_STAGE2, description="sample prompts of stage 2")
-    rank: int = Field(16, ge=1, description="LoRA rank of the AI-Toolkit configs (the guide: 16)")
-    base_model: str = Field("black-forest-labs/FLUX.1-dev", description="base model of the AI-Toolkit configs")
 
     @field_validator("resolution")
     @classmethod
@@ -283,7 +274,7 @@ def _ranges(numbers: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-# ---- the whole input: report and AI-Toolkit configs -------------------------------------------------
+# ---- the whole input: the report ----------------------------------------------------------------------
 
 def count_report(phases: list[dict], params: IngestRendersParams) -> str:
     """The per-phase counts, like the guide's "Count Your Images", plus what was found wrong."""
@@ -301,8 +292,7 @@ def count_report(phases: list[dict], params: IngestRendersParams) -> str:
         mine = [p for p in phases if p["stage"] == stage]
         if mine:
             title = "Total Core" if stage == 1 else "Total Detail"
-            lines.append(f"  {title}: {sum(p['kept'] for p in mine)} images -> LoRA '{params.character_of(stage)}'"
-                         f" ({params.stage1_steps if stage == 1 else params.stage2_steps} steps)")
+            lines.append(f"  {title}: {sum(p['kept'] for p in mine)} images -> LoRA '{params.character_of(stage)}'")
     lines.append("Quality check:")
     totals: dict[str, int] = {}
     for p in phases:
@@ -367,7 +357,7 @@ def phase_number(folder_name: str) -> int | None:
 
 
 def _check_settings(params: IngestRendersParams) -> dict:
-    """What decides a phase's rows (training steps, prompts and the YAMLs' settings do not)."""
+    """What decides a phase's rows (the caption template is fingerprinted apart)."""
     return params.model_dump(mode="json", include={"name", "trigger", "resolution", "frames_per_sequence",
                                                    "black_level", "uniform_std", "kind", "stage1_phases",
                                                    "stage2_phases"})
@@ -404,7 +394,7 @@ def ingest_phase_shard(store: RunStore, shard: PhaseShard, params: IngestRenders
 
 
 def merge_ingest_renders(store: RunStore, plan: IngestRendersPlan, params: IngestRendersParams) -> StageResult:
-    """Merge the phases into `ingest/manifest.parquet`; write sequences, the report and the AI-Toolkit YAMLs."""
+    """Merge the phases into `ingest/manifest.parquet`; write the sequences and the report."""
     def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
         folder = store.stage_dir(STAGE)
         table = pa.concat_tables(tables).sort_by("item_id") if tables else SCHEMA.empty_table()
@@ -414,15 +404,6 @@ def merge_ingest_renders(store: RunStore, plan: IngestRendersPlan, params: Inges
         (folder / "report.txt").write_text(text + "\n", encoding="utf-8")
         (folder / "report.json").write_text(json.dumps({"phases": reports}, indent=2, default=str), encoding="utf-8")
         outputs = [f"{STAGE}/sequences.parquet", f"{STAGE}/report.txt", f"{STAGE}/report.json"]
-        (folder / "ai_toolkit").mkdir(exist_ok=True)
-        for stage in (1, 2):
-            keys = [s.key for s, r in zip(plan.shards, reports) if r["stage"] == stage and r["kept"]]
-            if keys:
-                config = ai_toolkit_config(params, stage, [Path(store.shard_prefix(STAGE, k)) / "images" for k in keys],
-                                           Path("train") / "ai_toolkit")  # relative to the run folder
-                name = f"{STAGE}/ai_toolkit/{safe_name(params.character_of(stage))}.yaml"
-                (store.root / name).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-                outputs.append(name)
         kept = [c for c, k in zip(table.column("character").to_pylist(), table.column("kept").to_pylist()) if k]
         summary = {
             "phases": len(reports), "images": table.num_rows, "kept": len(kept),

@@ -1,18 +1,20 @@
-"""The render guide's training plan: two stages, their AI-Toolkit jobs and the train stage's settings.
+"""The render guide's training plan, as train parameters: two LoRAs, the second fine-tuned from the first.
 
 Stage 1 (the core LoRA, `<name>`) learns the product from the essential and sensor phases; stage 2
-(`<name>_detail`) fine-tunes stage 1's LoRA on the detail phase. `ai_toolkit_config` writes the
-guide's FLUX job for a stage (stage 2 starts from stage 1's file); `staged_train_params` gives
-our train stage the same plan (steps, LR and sample prompts per LoRA, stage 2 initialised from
-stage 1's finished LoRA).
+(`<name>_detail`) fine-tunes stage 1's LoRA on the detail phase. The plan is the train stage's own
+`per_character` and `init_from` settings (`GUIDE_PLAN`, the renders run's default), keyed by `{name}`
+until the run's name is known (`resolve_plan`). The package stage writes each LoRA's AI-Toolkit job
+from the same settings (stage 2's job starts from stage 1's LoRA).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from tasks.sources.ingest_renders import DETAIL_SUFFIX
 
+NAME = "{name}"
+"""Stands for the product's name in the keys of `GUIDE_PLAN` (resolved by `resolve_plan`)."""
 GUIDE_PROMPTS_STAGE1 = [
     "{trigger} health smartwatch rotating 360 degrees, black device with glossy screen, 33mm square design, white background",
     "{trigger} smartwatch closeup, copper magnetic connectors visible, 6 golden pins, ring frame detail",
@@ -27,32 +29,27 @@ GUIDE_PROMPTS_STAGE2 = [
     "{trigger} smartwatch display screen closeup, glossy surface, reflections",
 ]
 """The guide's test prompts of stage 2 (detail enhancement)."""
-def ai_toolkit_config(params: Any, stage: int, folders: list[Path], training_folder: Path) -> dict:
-    """The guide's AI-Toolkit FLUX LoRA job for one training stage (stage 2 starts from stage 1's LoRA)."""
-    from models.ai_toolkit_format import ai_toolkit_job
-
-    name, first = params.character_of(stage), params.character_of(1)
-    prompts = [p.replace("{trigger}", params.trigger) for p in (params.stage1_prompts if stage == 1 else params.stage2_prompts)]
-    return ai_toolkit_job(
-        name, params.trigger, folders, training_folder, rank=params.rank,
-        steps=params.stage1_steps if stage == 1 else params.stage2_steps,
-        lr=params.stage1_lr if stage == 1 else params.stage2_lr, base_model=params.base_model,
-        resolution=list(params.resolution), prompts=prompts, save_every=100, sample_every=100,
-        init_lora=str(training_folder / first / f"{first}.safetensors") if stage == 2 else None, meta={"stage": stage})
+GUIDE_PLAN: dict[str, Any] = {
+    "per_character": {
+        NAME: {"max_steps": 3000, "unet_lr": 1e-4, "sample_prompts": GUIDE_PROMPTS_STAGE1},
+        NAME + DETAIL_SUFFIX: {"max_steps": 1500, "unet_lr": 5e-5, "sample_prompts": GUIDE_PROMPTS_STAGE2},
+    },
+    "init_from": {NAME + DETAIL_SUFFIX: NAME},
+}
+"""The train parameters of the guide's two stages: steps, LR and sample prompts of each, stage 2 from stage 1."""
 
 
-def staged_train_params(train: Any, params: Any) -> Any:
-    """The train stage's parameters for the guide's two stages: steps, LR and sample prompts of each
-    LoRA, and stage 2 starting from stage 1's finished LoRA (`TrainParams.per_character`, `init_from`).
-    Settings the user gave per character are kept."""
-    from models.lora_settings import SettingsOverrides
+def resolve_plan(train: Any, name: str) -> Any:
+    """`train` with `{name}` in its per-character keys and init_from replaced by the product's name;
+    settings given under the resolved name win over the `{name}` ones, field by field."""
+    def named(key: str) -> str:
+        return key.replace(NAME, name)
 
-    first, second = params.character_of(1), params.character_of(2)
-    staged = {first: SettingsOverrides(max_steps=params.stage1_steps, unet_lr=params.stage1_lr,
-                                       sample_prompts=list(params.stage1_prompts)),
-              second: SettingsOverrides(max_steps=params.stage2_steps, unet_lr=params.stage2_lr,
-                                        sample_prompts=list(params.stage2_prompts))}
-    for character, given in train.per_character.items():
-        base = staged.get(character, SettingsOverrides())
-        staged[character] = base.model_copy(update=given.model_dump(exclude_none=True))
-    return train.model_copy(update={"per_character": staged, "init_from": {second: first, **train.init_from}})
+    per_character: dict[str, Any] = {}
+    for key in sorted(train.per_character, key=lambda k: NAME not in k):  # placeholders first, resolved names over them
+        given = train.per_character[key]
+        base = per_character.get(named(key))
+        per_character[named(key)] = base.model_copy(update=given.model_dump(exclude_none=True)) if base else given
+    init_from = {named(k): named(v) for k, v in train.init_from.items() if NAME in k}
+    init_from.update({k: v for k, v in train.init_from.items() if NAME not in k})
+    return train.model_copy(update={"per_character": per_character, "init_from": init_from})
