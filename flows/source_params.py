@@ -1,7 +1,7 @@
 """Parameters of the image-source runs: render folders and photo sets (one model each).
 
 Both are their pipeline's parameter model (`pipeline_params`: one field per stage of the table, the
-same stage models as an episode run's) with defaults of their own: captions come from the ingest stage, augmentation
+same stage models as an episode run's) with defaults of their own: augmentation
 keeps colours and sides (product colours, faces), renders package at the guide's 1024 px.
 User values (YAML, --set, the UI form) are merged over these defaults field by field.
 """
@@ -23,7 +23,6 @@ SourceStage = Literal[tuple(stages_of("renders"))]  # type: ignore[valid-type]
 
 SHARED_DEFAULTS: dict[str, Any] = {
     "augment": {"flip": False, "hue_deg": 0.0, "background_swap_probability": 0.0},
-    "caption": {"captions_from": "ingest"},
 }
 RENDER_DEFAULTS: dict[str, Any] = {**SHARED_DEFAULTS, "package": {"render": {"resolution": 1024}}, "train": GUIDE_PLAN}
 LEGACY_RENDER_KEYS: dict[str, tuple[str, ...]] = {
@@ -41,8 +40,7 @@ records are read through this; the training plan belongs to the train parameters
 PHOTO_DEFAULTS: dict[str, Any] = {
     **SHARED_DEFAULTS,
     "augment": {**SHARED_DEFAULTS["augment"], "intensity": "light"},
-    "caption": {**SHARED_DEFAULTS["caption"],
-                "prompts": {"human": "photo of a person, {framing}, {setting}, {lighting}, {colours}"}},
+    "caption": {"prompts": {"human": "photo of a person, {framing}, {setting}, {lighting}, {colours}"}},
     "package": {"render": {"resolution": 1024}},
 }
 

@@ -260,16 +260,18 @@ class AugmentPlan(BaseModel):
         return {s.key: s.fingerprint for s in self.shards}
 
 
-def plan_augment(store: RunStore, params: AugmentParams, source: str = "select") -> AugmentPlan:
+def plan_augment(store: RunStore, params: AugmentParams, source: str = "select",
+                 backgrounds_from: str | None = "segment") -> AugmentPlan:
     """One shard per selected character, fingerprinted by its rows, the params and the backgrounds.
 
     `source` is the stage whose rows are augmented: `select` (episodes) or `ingest` (render
-    folders, photo sets); both have the columns `augment_character` reads.
+    folders, photo sets); both have the columns `augment_character` reads. `backgrounds_from`: the
+    stage whose background layers a swap may use (the `backgrounds` input; None: no swaps).
     """
     rows = store.read_manifest(source).to_pylist()
     if rows and "kept" in rows[0]:
         rows = [r for r in rows if r["kept"]]
-    backgrounds = background_layers(store) if params.background_swap_probability > 0 else []
+    backgrounds = background_layers(store, backgrounds_from) if params.background_swap_probability > 0 else []
     settings = params.model_dump(mode="json")
     by_character: dict[str, list[dict]] = {}
     for row in rows:
@@ -317,8 +319,9 @@ def run_augment(store: RunStore, params: AugmentParams, source: str = "select") 
 
 
 AUGMENT = ShardedStage(
-    name=STAGE, version=VERSION, params=AugmentParams, inputs=("images",), title="augment",
-    plan=lambda store, params, inputs: plan_augment(store, params.augment, source=inputs["images"].stage),
+    name=STAGE, version=VERSION, params=AugmentParams, inputs=("images",), optional=("backgrounds",), title="augment",
+    plan=lambda store, params, inputs: plan_augment(store, params.augment, inputs["images"].stage,
+                                                    inputs["backgrounds"].stage if "backgrounds" in inputs else None),
     shard=lambda store, shard, params, plan: augment_shard(store, shard, plan.backgrounds, params.augment),
     merge=lambda store, plan, params: merge_augment(store, plan),
 )

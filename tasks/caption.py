@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from typing import Any
 
 import pyarrow as pa
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 from tasks.run.progress import StageProgress
@@ -70,8 +71,6 @@ class CaptionParams(BaseModel):
     shard_size: int = Field(64, ge=1, description="images per shard (the unit of resume)")
     max_words: int = Field(40, ge=3, le=300, description="captions are trimmed to this many words")
     drop_words: list[str] = Field(default_factory=list, description="words removed from every caption (e.g. fixed features)")
-    captions_from: str | None = Field(None, description="stage whose manifest gives a `caption` per original image "
-                                      "(by item id), kept instead of a generated one: `ingest` for renders and photos")
 
     @field_validator("captioner")
     @classmethod
@@ -83,12 +82,17 @@ class CaptionParams(BaseModel):
             raise ValueError(f"unknown captioner '{name}'; known captioners: {', '.join(CAPTIONERS)}")
         return value
 
-    @field_validator("captions_from")
+    @model_validator(mode="before")
     @classmethod
-    def _stage(cls, value: str | None) -> str | None:
-        if value is not None and (not value or safe_name(value) != value):  # the stage must be done: its plan checks
-            raise ValueError(f"captions_from: '{value}' is not a stage name (e.g. ingest)")
-        return value
+    def _legacy(cls, data: Any) -> Any:
+        """`captions_from` (a stage name) is now the pipeline's `given_captions` input (tasks/pipelines.py):
+        dropped from old configs and run records when it named `ingest` or nothing, refused otherwise."""
+        if isinstance(data, dict) and "captions_from" in data:
+            data = dict(data)
+            if data.pop("captions_from") not in (None, "ingest"):
+                raise ValueError("captions_from is no longer a parameter: the pipeline table binds the caption stage's "
+                                 "given_captions input (tasks/pipelines.py); remove it")
+        return data
 
     @field_validator("prompts")
     @classmethod
@@ -166,7 +170,7 @@ def caption_images(root, rows: list[dict], params: CaptionParams, render: Render
     Args:
         root: the run folder (paths in rows are relative to it).
         rows: augment rows (item_id, character, trigger, kind, path, background_path, ...); a row's
-            `given_caption` (see `captions_from`) is kept as its caption instead of captioning it.
+            `given_caption` (from the `given_captions` input) is kept as its caption instead of captioning it.
         params: caption parameters; render: the packaged image canvas.
         captioner: an object with `caption(images, prompts)` and `default_prompts`.
     Returns:
@@ -230,16 +234,19 @@ def _settings(params: CaptionParams, render: RenderSpec) -> dict:
             "render": render.model_dump(mode="json")}
 
 
-def plan_caption(store: RunStore, params: CaptionParams, render: RenderSpec, augment: str = "augment") -> CaptionPlan:
-    """Chunk each character's kept images (of the stage `augment`) into shards of `shard_size`."""
+def plan_caption(store: RunStore, params: CaptionParams, render: RenderSpec, augment: str = "augment",
+                 given_captions: str | None = None) -> CaptionPlan:
+    """Chunk each character's kept images (of the stage `augment`) into shards of `shard_size`; an
+    image whose original has a `caption` in the stage `given_captions` keeps it."""
     table = store.read_manifest(augment)
     rows = [r for r in table.to_pylist() if r["kept"]]
-    if params.captions_from:
-        source = store.read_manifest(params.captions_from)
+    if given_captions:
+        source = store.read_manifest(given_captions)
         given = dict(zip(source.column("item_id").to_pylist(), source.column("caption").to_pylist()))
         for row in rows:
             row["given_caption"] = given.get(row["group_id"] or row["item_id"])
     settings = _settings(params, render)
+    settings["params"]["captions_from"] = given_captions  # under its old name: existing runs' fingerprints hold
     by_character: dict[str, list[dict]] = {}
     for row in rows:
         by_character.setdefault(row["character"], []).append(row)
@@ -282,9 +289,10 @@ def run_caption(store: RunStore, params: CaptionParams, render: RenderSpec | Non
 
 
 CAPTION = ShardedStage(
-    name=STAGE, version=VERSION, params=CaptionParams, inputs=("augment",), tags=("gpu",), title="caption",
-    plan=lambda store, params, inputs: plan_caption(store, params.caption, params.package.render,
-                                                    inputs["augment"].stage),
+    name=STAGE, version=VERSION, params=CaptionParams, inputs=("augment",), optional=("given_captions",), tags=("gpu",),
+    title="caption",
+    plan=lambda store, params, inputs: plan_caption(store, params.caption, params.package.render, inputs["augment"].stage,
+                                                    inputs["given_captions"].stage if "given_captions" in inputs else None),
     shard=lambda store, shard, params, plan: caption_shard(store, shard, params.caption, params.package.render),
     merge=lambda store, plan, params: merge_caption(store, plan),
 )

@@ -148,11 +148,12 @@ def blank_reason(gray: np.ndarray, black_level: float = 10.0, uniform_std: float
     return None
 
 
-def background_layers(store: "RunStore") -> list[str]:
-    """Run-relative background layers from the segment stage (none when it is not done)."""
-    if not store.is_done("segment"):
+def background_layers(store: "RunStore", stage: str | None) -> list[str]:
+    """Run-relative background layers (`background_path`) of the stage handed as a stage's `backgrounds`
+    input: the segment stage of an episode run (none when there is no such input or it is not done)."""
+    if not stage or not store.is_done(stage):
         return []
-    table = store.read_manifest("segment")
+    table = store.read_manifest(stage)
     if "background_path" not in table.column_names:
         return []
     paths = sorted({p for p in table.column("background_path").to_pylist() if p})

@@ -547,20 +547,28 @@ def _package_backgrounds(root: Path, backgrounds: list[str], params: PackagePara
 # ---- run-store wiring ----------------------------------------------------------------------------
 
 def run_package(store: RunStore, params: PackageParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
-    """The whole stage as one plain call: package the kept captioned images (after `caption`)."""
-    upstream = upstream or {"caption": finished(store, "caption")}
+    """The whole stage as one plain call: package the kept captioned images (after `caption`; the
+    background layers of the `backgrounds` input, when the background dataset is enabled)."""
+    upstream = used_inputs(params, upstream or {"caption": finished(store, "caption"), **(
+        {"backgrounds": finished(store, "segment")} if store.is_done("segment") else {})})
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
         for child in folder.iterdir():  # a previous package is replaced wholesale
             if child.name != "params.json":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         rows = [r for r in store.read_manifest(upstream["caption"].stage).to_pylist() if r["kept"]]
-        backgrounds = background_layers(store) if params.background.enabled else []
+        backgrounds = background_layers(store, upstream["backgrounds"].stage) if "backgrounds" in upstream else []
         table, characters, summary = package_dataset(store.root, rows, backgrounds, params, folder)
         write_table(characters, folder / "characters.parquet")
         return table, summary, [f"{STAGE}/characters.parquet"]
 
     return run_global_stage(store, STAGE, VERSION, params, upstream, build)
+
+
+def used_inputs(params: PackageParams, inputs: dict[str, StageResult]) -> dict[str, StageResult]:
+    """The inputs the package reads with these parameters (what its fingerprint covers): `backgrounds`
+    only for the background dataset."""
+    return {role: result for role, result in inputs.items() if role != "backgrounds" or params.background.enabled}
 
 
 def _steps(store: RunStore, result: StageResult) -> list[dict]:
@@ -573,8 +581,9 @@ def _steps(store: RunStore, result: StageResult) -> list[dict]:
 
 
 PACKAGE = GlobalStage(
-    name=STAGE, version=VERSION, params=PackageParams, inputs=("caption",), title="package",
+    name=STAGE, version=VERSION, params=PackageParams, inputs=("caption",), optional=("backgrounds",), title="package",
     build=lambda store, params, inputs: run_package(store, package_settings(params), inputs), rows=_steps,
-    probe=lambda params, inputs: stage_fingerprint(STAGE, VERSION, package_settings(params), inputs),
+    probe=lambda params, inputs: stage_fingerprint(STAGE, VERSION, package_settings(params),
+                                                   used_inputs(params.package, inputs)),
 )
 """The package stage: the kohya tree, its configs and the AI-Toolkit job."""

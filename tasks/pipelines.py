@@ -14,8 +14,8 @@ from tasks.embed import EMBED
 from tasks.evaluate import EVALUATE
 from tasks.frames import FRAMES
 from tasks.package import PACKAGE
-from tasks.report import write_cluster_report
-from tasks.run.runner import Hook, stage_names
+from tasks.report import RUN_STAGES, write_cluster_report
+from tasks.run.runner import hook, stage_names
 from tasks.run.spec import step
 from tasks.segment import SEGMENT
 from tasks.select import SELECT
@@ -25,22 +25,31 @@ from tasks.tier import TIER
 from tasks.train import TRAIN
 from tasks.validate import VALIDATE, check_passed
 
-CLUSTER_REPORT = Hook("cluster-report", ("tier", "select"), write_cluster_report)
+CLUSTER_REPORT = hook("cluster-report", write_cluster_report, after=("tier", "select"), inputs=("clusters", "tiers"),
+                      optional=("selection",), **RUN_STAGES)
 """The cluster report (<run>/report/), rewritten after the last of tier and select that ran."""
-CHECK_DATASET = Hook("check-dataset", ("validate",), lambda run, results: check_passed(results["validate"], run.store()))
+CHECK_DATASET = hook("check-dataset", lambda run, inputs: check_passed(inputs["validate"], run.store()),
+                     after=("validate",), inputs=("validate",))
 """Stop the run when validation failed, so training never starts on a broken dataset."""
 
 
-def _dataset(images: str) -> list:
-    """augment -> caption -> package -> validate -> train, from the stage whose images are trained."""
-    return [step(AUGMENT, images=images), step(CAPTION), step(PACKAGE), step(VALIDATE), CHECK_DATASET, step(TRAIN)]
+def _dataset(images: str, **optional: str) -> list:
+    """augment -> caption -> package -> validate -> train, from the stage whose images are trained;
+    `backgrounds=STAGE`: background layers for swaps and the background dataset, `given_captions=STAGE`:
+    the captions that stage's rows carry are kept."""
+    def bound(*roles: str) -> dict[str, str]:
+        return {role: optional[role] for role in roles if role in optional}
+
+    return [step(AUGMENT, images=images, **bound("backgrounds")),
+            step(CAPTION, **bound("given_captions")), step(PACKAGE, **bound("backgrounds")),
+            step(VALIDATE), CHECK_DATASET, step(TRAIN)]
 
 
 PIPELINES: dict[str, list] = {
     "episode": [step(FRAMES), step(SEGMENT), step(EMBED), step(CLUSTER), step(TIER), step(SELECT), CLUSTER_REPORT,
-                *_dataset("select"), step(EVALUATE)],
-    "renders": [step(INGEST_RENDERS), *_dataset("ingest")],
-    "photos": [step(INGEST_PHOTOS), *_dataset("ingest")],
+                *_dataset("select", backgrounds="segment"), step(EVALUATE)],
+    "renders": [step(INGEST_RENDERS), *_dataset("ingest", given_captions="ingest")],
+    "photos": [step(INGEST_PHOTOS), *_dataset("ingest", given_captions="ingest")],
 }
 """Source -> its pipeline. Renders and photos are sources: an ingest step, then the shared dataset steps."""
 

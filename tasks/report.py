@@ -1,6 +1,7 @@
 """The cluster report: a self-contained HTML page and its JSON twin (the guide's cluster_analysis).
 
-`write_report(store)` reads the finished cluster and tier stages (and select, when done) and
+`write_report(store, stages)` reads the finished stages handed to it by role (`clusters`, `tiers`,
+and `selection` when done: a run's cluster, tier and select stages, `RUN_STAGES`) and
 writes `<run>/report/cluster_report.html` and `.json`: a tier table (clusters per tier and
 kind), the 2-D map as a PNG scatter coloured by cluster, and per cluster a contact sheet of
 sample layers with tier, kind, counts, quality measures and, once selected, its character
@@ -47,20 +48,25 @@ def cluster_colour(cluster_id: int) -> tuple[int, int, int]:
 
 # ---- content ---------------------------------------------------------------------------------
 
-def build_report(store: RunStore) -> dict[str, Any]:
-    """The report's data (what the JSON file holds). Raises StageNotDoneError without cluster + tier."""
-    clusters = store.read_manifest("cluster")
-    tiers = store.read_manifest("tier")
-    tier_params = TierParams.model_validate(_stage_params(store, "tier") or {})
+RUN_STAGES: dict[str, str] = {"clusters": "cluster", "tiers": "tier", "selection": "select"}
+"""The report's input roles -> an episode run's stages (what the pipeline table binds them to)."""
+
+
+def build_report(store: RunStore, stages: dict[str, str] = RUN_STAGES) -> dict[str, Any]:
+    """The report's data (what the JSON file holds), from the stages bound to its roles."""
+    clusters = store.read_manifest(stages["clusters"])
+    tiers = store.read_manifest(stages["tiers"])
+    tier_params = TierParams.model_validate(_stage_params(store, stages["tiers"]) or {})
+    selection = stages.get("selection")
     selected: dict[int, dict] = {}
     characters: list[dict] = []
     select_warnings: list[str] = []
-    if store.is_done("select"):
-        characters = _read_characters(store)
+    if selection and store.is_done(selection):
+        characters = _read_characters(store, selection)
         for c in characters:
             for cid in c["cluster_ids"]:
                 selected[cid] = c
-        select_warnings = (store.marker("select") or {}).get("summary", {}).get("warnings", [])
+        select_warnings = (store.marker(selection) or {}).get("summary", {}).get("warnings", [])
     labels = clusters.column("cluster_id").to_pylist()
     n_layers = len(labels)
     noise = sum(1 for v in labels if v == -1)
@@ -78,7 +84,7 @@ def build_report(store: RunStore) -> dict[str, Any]:
         })
     kinds = list(dict.fromkeys([*KINDS, *sorted({r["kind"] for r in rows})]))
     by_tier_kind = {t: {k: sum(1 for r in rows if r["tier"] == t and r["kind"] == k) for k in kinds} for t in TIERS}
-    cluster_marker = (store.marker("cluster") or {}).get("summary", {})
+    cluster_marker = (store.marker(stages["clusters"]) or {}).get("summary", {})
     return {
         "run": store.name,
         "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -98,7 +104,7 @@ def build_report(store: RunStore) -> dict[str, Any]:
         "clusters": rows,
         "characters": characters,
         "warnings": select_warnings,
-        "params": {s: _stage_params(store, s) for s in ("cluster", "tier", "select") if _stage_params(store, s)},
+        "params": {s: _stage_params(store, s) for s in stages.values() if _stage_params(store, s)},
     }
 
 
@@ -110,10 +116,10 @@ def _stage_params(store: RunStore, stage: str) -> dict[str, Any] | None:
         return None
 
 
-def _read_characters(store: RunStore) -> list[dict]:
+def _read_characters(store: RunStore, selection: str) -> list[dict]:
     import pyarrow.parquet as pq
 
-    path = store.stage_dir("select") / "characters.parquet"
+    path = store.stage_dir(selection) / "characters.parquet"
     return pq.read_table(path).to_pylist() if path.is_file() else []
 
 
@@ -306,15 +312,17 @@ def _card(c: dict[str, Any], sheets: dict[int, bytes], atypical: dict[str, bytes
     return "\n".join(out)
 
 
-def write_report(store: RunStore, out: Path | None = None) -> tuple[Path, Path, dict[str, Any]]:
-    """Write `cluster_report.html` and `.json` (default folder `<run>/report/`). Returns (html, json, data)."""
+def write_report(store: RunStore, out: Path | None = None, stages: dict[str, str] = RUN_STAGES
+                 ) -> tuple[Path, Path, dict[str, Any]]:
+    """Write `cluster_report.html` and `.json` (default folder `<run>/report/`) from the stages bound to
+    the report's roles. Returns (html, json, data). Raises StageNotDoneError without clusters and tiers."""
     import pyarrow.parquet as pq
 
-    if not (store.is_done("cluster") and store.is_done("tier")):
+    if not (store.is_done(stages["clusters"]) and store.is_done(stages["tiers"])):
         raise StageNotDoneError(f"run '{store.name}' has no finished cluster and tier stages; run it with "
                                 f"--until tier (or later) first")
-    report = build_report(store)
-    clusters = pq.read_table(store.manifest_path("cluster"), columns=["cluster_id", "umap_x", "umap_y"])
+    report = build_report(store, stages)
+    clusters = pq.read_table(store.manifest_path(stages["clusters"]), columns=["cluster_id", "umap_x", "umap_y"])
     xy = np.stack([clusters.column("umap_x").to_numpy(zero_copy_only=False),
                    clusters.column("umap_y").to_numpy(zero_copy_only=False)], axis=1) if clusters.num_rows else np.zeros((0, 2))
     labels = clusters.column("cluster_id").to_numpy(zero_copy_only=False) if clusters.num_rows else np.zeros(0, int)
@@ -332,9 +340,9 @@ def write_report(store: RunStore, out: Path | None = None) -> tuple[Path, Path, 
     return html_path, json_path, report
 
 
-def write_cluster_report(run: RunRef, results: dict[str, StageResult]) -> str:
-    """Write the cluster report of a run whose tier stage is done (a pipeline hook after tier/select)."""
-    html_path, _, report = write_report(run.store())
+def write_cluster_report(run: RunRef, inputs: dict[str, StageResult]) -> str:
+    """Write the cluster report from the stages the runner hands it (a pipeline hook after tier/select)."""
+    html_path, _, report = write_report(run.store(), stages={role: result.stage for role, result in inputs.items()})
     print(f"cluster report: {html_path} ({report['summary']['clusters']} clusters)")
     return str(html_path)
 

@@ -149,6 +149,10 @@ def test_unknown_captioner_and_bad_parameters_are_named():
         CaptionParams(prompts={"robot": "Question: ?"})
     with pytest.raises(ValidationError, match="batch_size"):
         CaptionParams(batch_size=0)
+    # captions_from is the pipeline's given_captions input now: ignored as old configs wrote it, refused otherwise
+    assert CaptionParams.model_validate({"captions_from": "ingest"}) == CaptionParams()
+    with pytest.raises(ValidationError, match="given_captions input"):
+        CaptionParams.model_validate({"captions_from": "frames"})
 
 
 # ---- resume -------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 from pydantic import BaseModel
 
-from tasks.run.runner import Hook, run_pipeline, sources_result, stages_between
+from tasks.run.runner import hook, run_pipeline, sources_result, stages_between
 from tasks.run.spec import GlobalStage, ShardedStage, step
 from tasks.run.stage import RunRef, merge_shards, plan_sharded_stage, run_global_stage, run_shard
 from tasks.run.store import RunStore, fingerprint
@@ -63,8 +63,9 @@ NUMBERS = ShardedStage(name="numbers", version=1, params=CountParams, inputs=("s
                        plan=_plan, shard=_shard, merge=_merge)
 TOTAL = GlobalStage(name="total", version=1, params=CountParams, inputs=("values",), build=_total)
 HOOKED: list[str] = []
-STEPS = [step(NUMBERS), step(TOTAL, values="numbers"), Hook("note", ("numbers", "total"), lambda run, r: HOOKED.append(
-    ",".join(r)))]
+STEPS = [step(NUMBERS), step(TOTAL, values="numbers"),
+         hook("note", lambda run, given: HOOKED.append(",".join(f"{role}={r.stage}" for role, r in given.items())),
+              after=("numbers", "total"), inputs=("counted",), optional=("summed",), counted="numbers", summed="total")]
 
 
 def test_a_spec_runs_as_a_plain_call(tmp_path):
@@ -87,10 +88,10 @@ def test_the_runner_slices_the_table_and_runs_hooks_after_their_last_stage(tmp_p
         return run_pipeline(run, Params(), STEPS, until, sources=["1", "2", "3"])
 
     HOOKED.clear()
-    assert list(numbers_flow("numbers")) == ["numbers"] and HOOKED == ["numbers"]  # the hook after `numbers`
+    assert list(numbers_flow("numbers")) == ["numbers"] and HOOKED == ["counted=numbers"]  # the hook after `numbers`
     results = numbers_flow("total")
     assert list(results) == ["numbers", "total"] and not results["numbers"].recomputed
-    assert HOOKED == ["numbers", "numbers,total"]  # once, after `total` (the last of its stages that ran)
+    assert HOOKED == ["counted=numbers", "counted=numbers,summed=total"]  # once, after `total`, handed both by role
     assert run.store().read_manifest("total").column("value").to_pylist() == [24]
     assert stages_between(STEPS, "total", after="numbers") == ["total"]
 
@@ -98,5 +99,11 @@ def test_the_runner_slices_the_table_and_runs_hooks_after_their_last_stage(tmp_p
 def test_a_step_names_its_input_roles_and_until_names_the_stages():
     with pytest.raises(KeyError, match="total has no input role frames; its roles: values"):
         step(TOTAL, frames="numbers")
+    with pytest.raises(KeyError, match="note has no input role frames; its roles: counted, summed"):
+        hook("note", print, after=("numbers",), inputs=("counted",), optional=("summed",), frames="numbers")
+    optional = GlobalStage(name="total", version=1, params=CountParams, inputs=("values",), optional=("extra",), build=_total)
+    results = {"numbers": sources_result(["1"]), "other": sources_result(["2"])}
+    assert list(step(optional, values="numbers").inputs(results)) == ["values"]  # an unbound optional role: no input
+    assert step(optional, values="numbers", extra="other").inputs(results)["extra"] is results["other"]
     with pytest.raises(ValueError, match="unknown stage 'nonsense'; this pipeline's stages are: numbers, total"):
         stages_between(STEPS, "nonsense")

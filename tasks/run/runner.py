@@ -3,7 +3,7 @@
 A pipeline is a list of `Step`s (tasks/run/spec.py) and `Hook`s in run order. `run_pipeline`
 runs the stages after `after` up to and including `until` (kedro's `--from-nodes`/`--to-nodes`),
 handing each stage the results bound to its input roles; a hook (the cluster report, the dataset
-check) runs once, right after the last of its `after` stages that ran.
+check) runs once, right after the last of its `after` stages that ran, handed its inputs the same way.
 
 `finished_run` answers a rerun with nothing to do from the stage markers alone, in plain Python,
 before any orchestration starts (no Prefect import, no server, no flow run).
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Optional, Sequence
 
-from tasks.run.spec import Step
+from tasks.run.spec import Step, bound_inputs, check_roles
 from tasks.run.links import publish_outputs
 from tasks.run.stage import RunRef, StageResult
 from tasks.run.store import RunLockedError
@@ -28,17 +28,34 @@ SOURCES = "sources"
 
 @dataclass(frozen=True)
 class Hook:
-    """Work that is not a stage (writes no manifest): runs after the last of its `after` stages."""
+    """Work that is not a stage (writes no manifest): runs after the last of its `after` stages, handed
+    the results bound to its input roles (an optional role only when its stage has run)."""
 
     name: str
     after: tuple[str, ...]
     call: Callable[[RunRef, dict[str, StageResult]], Any]
+    inputs: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    bind: dict[str, str] = field(default_factory=dict)
+
+    def given(self, results: dict[str, StageResult]) -> dict[str, StageResult]:
+        """The results this hook reads, by role."""
+        present = {role: stage for role, stage in self.bind.items() if role in self.inputs or stage in results}
+        return bound_inputs(self, present, results)
 
     @cached_property
     def task(self) -> Any:
         from prefect import task
 
         return task(self.call, name=self.name)
+
+
+def hook(name: str, call: Callable[[RunRef, dict[str, StageResult]], Any], *, after: tuple[str, ...],
+         inputs: tuple[str, ...] = (), optional: tuple[str, ...] = (), **bind: str) -> Hook:
+    """A pipeline row that is not a stage: `hook("cluster-report", write_cluster_report, after=("tier",
+    "select"), inputs=("clusters", "tiers"), clusters="cluster", tiers="tier")`."""
+    made = Hook(name, after, call, inputs, optional)
+    return Hook(name, after, call, inputs, optional, check_roles(made, bind))
 
 
 def sources_result(paths: Sequence[str]) -> StageResult:
@@ -79,7 +96,7 @@ def run_pipeline(run: RunRef, params: Any, steps: Sequence[Any], until: str, *, 
             for hook in steps:
                 if isinstance(hook, Hook) and item.name in hook.after and \
                         not any(later in hook.after for later in chosen[chosen.index(item.name) + 1:]):
-                    hook.task(run, results)
+                    hook.task(run, hook.given(results))
     publish_outputs(run.store())  # links on the run page: cluster report, evaluation report, LoRA files
     return results
 
@@ -130,7 +147,7 @@ def finished_run(run: RunRef, params: Any, steps: Sequence[Any], until: str, *, 
             chosen = set(stages_between(steps, until))
             for hook in steps:
                 if isinstance(hook, Hook) and chosen.intersection(hook.after):
-                    hook.call(run, results)
+                    hook.call(run, hook.given(results))
     except RunLockedError:
         return None
     return results

@@ -38,6 +38,8 @@ class StageSpec:
     version: int
     params: type[BaseModel]
     inputs: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    """Input roles a pipeline may leave unbound (the stage then gets no such input)."""
     tags: tuple[str, ...] = ()
     title: str = ""
     rows: Optional[Callable[[RunStore, StageResult], Optional[list[dict]]]] = None
@@ -180,13 +182,25 @@ class Step:
         return self.spec.name
 
     def inputs(self, results: dict[str, StageResult]) -> Inputs:
-        """The results this step reads, by role; the sources have none."""
-        return {role: results[self.bind.get(role, role)] for role in self.spec.inputs}
+        """The results this step reads, by role (an optional role only when bound); the sources have none."""
+        return bound_inputs(self.spec, self.bind, results)
+
+
+def bound_inputs(spec: Any, bind: dict[str, str], results: dict[str, StageResult]) -> Inputs:
+    """The results of the stages `bind` names for the roles of `spec` (a role unbound: the stage of its name)."""
+    roles = (*spec.inputs, *(role for role in spec.optional if role in bind))
+    return {role: results[bind.get(role, role)] for role in roles}
+
+
+def check_roles(spec: Any, bind: dict[str, str]) -> dict[str, str]:
+    """`bind`, when every role it names is one of `spec`'s; else KeyError listing them."""
+    roles = (*spec.inputs, *spec.optional)
+    unknown = set(bind) - set(roles)
+    if unknown:
+        raise KeyError(f"{spec.name} has no input role {', '.join(sorted(unknown))}; its roles: {', '.join(roles)}")
+    return dict(bind)
 
 
 def step(spec: Any, **bind: str) -> Step:
     """A pipeline row: `step(AUGMENT, images="ingest")` binds the role `images` to the `ingest` stage."""
-    unknown = set(bind) - set(spec.inputs)
-    if unknown:
-        raise KeyError(f"{spec.name} has no input role {', '.join(sorted(unknown))}; its roles: {', '.join(spec.inputs)}")
-    return Step(spec, dict(bind))
+    return Step(spec, check_roles(spec, bind))

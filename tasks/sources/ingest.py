@@ -3,7 +3,7 @@
 The two ingest modules (tasks/sources/ingest_renders.py, tasks/sources/ingest_photos.py) write the same stage,
 `ingest`, whose rows carry the columns the dataset stages read from `select` (item_id,
 source_id, character, trigger, kind, cluster_id, path) plus each image's `caption`: the caption
-stage keeps those (`CaptionParams.captions_from="ingest"`) instead of generating new ones.
+stage keeps those (the pipelines bind its `given_captions` input to `ingest`) instead of generating new ones.
 """
 
 from __future__ import annotations
