@@ -127,9 +127,9 @@ def resume(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RU
         record = open_store(name, runs_dir).read_run_record()
     except FileNotFoundError as exc:
         fail(str(exc))
-    if record.get("flow") in ("renders-to-lora", "photos-to-lora"):  # image-source runs (sources_cli.py)
-        from episode2lora.sources_cli import resume_source
+    from episode2lora.sources_cli import RUN_KINDS, resume_source
 
+    if record.get("flow") in RUN_KINDS:  # image-source runs (sources_cli.py)
         return resume_source(record, name, runs_dir)
     _execute(record["inputs"], name, runs_dir, RunParams.model_validate(record["params"]), record["until"])
 

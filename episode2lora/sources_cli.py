@@ -6,6 +6,8 @@
     episode2lora photos DIR --name NAME --trigger WORD [--profile fast|final] [--dry-run]
     episode2lora photos DIR --trigger WORD --analyze [--json FILE]
 
+Both are conveniences over the one flow `source-to-lora` (flows/source_to_lora.py): options and
+config files (`ingest:` for the source's ingest section) in, that flow run in this process.
 episode2lora/cli.py adds them to the app.
 """
 
@@ -25,17 +27,9 @@ import yaml
 from episode2lora.common import RUNS_DIR, check_until, check_writable, console, fail, open_store, parse_sets, \
     run_and_report
 
-FLOWS = {"renders-to-lora": ("flows.renders_to_lora", "renders_to_lora", "RendersRunParams"),
-         "photos-to-lora": ("flows.photos_to_lora", "photos_to_lora", "PhotosRunParams")}
+RUN_KINDS = {"renders-to-lora": "renders", "photos-to-lora": "photos"}
+"""What a source run records as its `flow` (run.json) -> its source (flows/source_to_lora.py: run_kind)."""
 PROFILES_HELP = "training profile: fast / final (the FLUX guide's tables), package, demo (tiny CPU stand-in)"
-
-
-def _flow_and_model(flow_name: str) -> tuple[Any, Any]:
-    import importlib
-
-    module, flow, model = FLOWS[flow_name]
-    mod = importlib.import_module(module)
-    return getattr(mod, flow), getattr(importlib.import_module("flows.source_params"), model)
 
 
 def _load(model: Any, config: Optional[Path], sets: list[str], named: dict[str, Any]) -> Any:
@@ -61,7 +55,7 @@ def _rerun_command() -> str:
     return " ".join(shlex.quote(a) for a in ["episode2lora", *sys.argv[1:]] if a != "--dry-run")
 
 
-def _print_dry_run(flow_name: str, params: Any, input_dir: Path, run_dir: Path) -> None:
+def _print_dry_run(source: str, params: Any, input_dir: Path, run_dir: Path) -> None:
     """The resolved configuration, each training's settings, and the commands a run executes."""
     out = console
     ingest, train = params.ingest, params.train
@@ -69,7 +63,7 @@ def _print_dry_run(flow_name: str, params: Any, input_dir: Path, run_dir: Path) 
     out.print("\n[bold]resolved configuration[/]")
     out.print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, width=1000), markup=False, highlight=False, soft_wrap=True)
     starts = {lora: str(run_dir / "train" / "shards" / base / f"{base}.safetensors") for lora, base in train.init_from.items()}
-    if flow_name == "renders-to-lora":
+    if source == "renders":
         first, second = ingest.character_of(1), ingest.character_of(2)
         loras = [(first, f"stage 1 (phases {ingest.stage1_phases})"),
                  (second, f"stage 2 (phases {ingest.stage2_phases}), fine-tuned from stage 1's LoRA")]
@@ -95,10 +89,11 @@ def _print_dry_run(flow_name: str, params: Any, input_dir: Path, run_dir: Path) 
                       markup=False, highlight=False, soft_wrap=True)
 
 
-def _execute(flow_name: str, input_dir: Path, name: str, trigger: Optional[str], runs_dir: Path, params: Any,
-             until: str) -> None:
-    """Run a source flow in this process, then print its ingest report, the run's status and its LoRAs."""
+def _execute(source: str, input_dir: Path, name: str, trigger: Optional[str], runs_dir: Path, params: Any,
+             until: str, new_attempt: bool = False) -> None:
+    """Run the source flow in this process, then print its ingest report, the run's status and its LoRAs."""
     from flows.notify import lora_paths
+    from flows.source_to_lora import run_kind
     from tasks.run.store import RunChangedError
 
     store = open_store(name, runs_dir)  # checked before any orchestration: the name, the folders, a changed run
@@ -106,16 +101,19 @@ def _execute(flow_name: str, input_dir: Path, name: str, trigger: Optional[str],
     if not Path(input_dir).is_dir():
         fail(f"input folder not found: {input_dir}")
     try:
-        store.check_run_record({"flow": flow_name, "inputs": [os.path.abspath(input_dir)], "until": until,
-                                "params": params.for_run(name, trigger).model_dump(mode="json")})
+        store.check_run_record({"flow": run_kind(source), "inputs": [os.path.abspath(input_dir)], "until": until,
+                                "params": params.for_run(name, trigger).model_dump(mode="json")}, new_attempt=new_attempt)
     except (RunChangedError, ValueError) as exc:
         fail(str(exc))
     from deployments.api_server import run_api
 
     with run_api():  # a Prefect server that dies with this process; Prefect is imported after it is up
-        flow, _ = _flow_and_model(flow_name)
-        run_and_report(store, runs_dir, lambda: flow(input_dir=str(input_dir), name=name, trigger=trigger,
-                                                     runs_dir=str(runs_dir), params=params, until=until),
+        from flows.source_params import SourceParams
+        from flows.source_to_lora import source_to_lora
+
+        run_and_report(store, runs_dir, lambda: source_to_lora(
+            source=source, input_dir=str(input_dir), name=name, trigger=trigger, runs_dir=str(runs_dir),
+            params=SourceParams.of(source, params), until=until, new_attempt=new_attempt),
                        expected=(ValueError,), before_report=lambda: _print_ingest_report(store))
     for lora in lora_paths(store):
         console.print(f"  LoRA      {lora}")
@@ -169,9 +167,9 @@ def renders(
     except ValueError as exc:
         fail(str(exc))
     if dry_run:
-        _print_dry_run("renders-to-lora", resolved, input_dir, open_store(name, runs_dir).root)
+        _print_dry_run("renders", resolved, input_dir, open_store(name, runs_dir).root)
         return
-    _execute("renders-to-lora", input_dir, name, trigger, runs_dir, params, until)
+    _execute("renders", input_dir, name, trigger, runs_dir, params, until)
 
 
 def photos(
@@ -216,13 +214,24 @@ def photos(
             console.print(f"analysis: {json_out}", highlight=False)
         return
     if dry_run:
-        _print_dry_run("photos-to-lora", resolved, input_dir, open_store(name, runs_dir).root)
+        _print_dry_run("photos", resolved, input_dir, open_store(name, runs_dir).root)
         return
-    _execute("photos-to-lora", input_dir, name, trigger, runs_dir, params, until)
+    _execute("photos", input_dir, name, trigger, runs_dir, params, until)
 
 
 def resume_source(record: dict, name: str, runs_dir: Path) -> None:
-    """`episode2lora resume` of a render or photo run: the same flow, inputs and parameters again."""
-    _, model = _flow_and_model(record["flow"])
-    params = model.model_validate(record["params"])
-    _execute(record["flow"], Path(record["inputs"][0]), name, params.ingest.trigger, runs_dir, params, record["until"])
+    """`episode2lora resume` of a render or photo run: the same source, inputs and parameters again.
+
+    A record written before a parameter moved (render training settings under `ingest`,
+    `caption.captions_from`) reads into today's parameters; the run then goes on as a new attempt
+    (its old record kept under attempts/), since what it records is written differently now.
+    """
+    from flows.source_params import SOURCE_MODELS
+    from tasks.run.store import record_changes
+
+    source = RUN_KINDS[record["flow"]]
+    params = SOURCE_MODELS[source].model_validate(record["params"])
+    resolved = params.for_run(name, params.ingest.trigger).model_dump(mode="json")
+    moved = bool(record_changes(record, {**record, "params": resolved}))
+    _execute(source, Path(record["inputs"][0]), name, params.ingest.trigger, runs_dir, params, record["until"],
+             new_attempt=moved)

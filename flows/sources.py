@@ -1,5 +1,5 @@
-"""What every pipeline flow shares: the flow decorator (threads, webhook hooks) and, for render
-folders and photo sets, their source's pipeline run under the run lock."""
+"""What every pipeline flow shares: the flow decorator (threads, webhook hooks) and the refusal of
+program paths in runs started through the API."""
 
 from __future__ import annotations
 
@@ -10,10 +10,6 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.notify import webhook_hooks
-
-from tasks.pipelines import PIPELINES
-from tasks.run.runner import run_pipeline
-from tasks.run.stage import RunRef, StageResult
 
 
 def pipeline_flow(name: str) -> Callable:
@@ -42,18 +38,3 @@ def refuse_programs_from_api(params: Any) -> None:
             raise ValueError(f"{dotted} names a program to run ({value!r}); it is refused in runs started through "
                              f"the API or the UI form: start this run from the command line "
                              f"(episode2lora run ... --set {dotted}=PATH, or in a --config file)")
-
-
-def run_source(source: str, flow_name: str, input_dir: str, name: str, runs_dir: str, params: Any,
-               until: str, new_attempt: bool = False) -> dict[str, StageResult]:
-    """Record the run and run the `source` pipeline (tasks/pipelines.py) on `input_dir` up to `until`."""
-    import os
-
-    refuse_programs_from_api(params)
-    input_dir = os.path.abspath(input_dir)  # so `resume` works from any folder
-    run = RunRef(runs_dir=runs_dir, name=name)
-    store = run.store()
-    with store.lock():
-        store.record_run({"flow": flow_name, "inputs": [input_dir],
-                          "params": params.model_dump(mode="json"), "until": until}, new_attempt=new_attempt)
-        return run_pipeline(run, params, PIPELINES[source], until, sources=[input_dir])

@@ -168,18 +168,18 @@ def test_cli_analyze_and_dry_run(tmp_path, defective):
 
 def test_flow_from_a_photo_set_to_a_lora(prefect_api, tmp_path):
     """ingest -> augment -> caption -> package -> validate -> train, given captions kept."""
-    from flows.photos_to_lora import photos_to_lora
-    from flows.source_params import PhotosRunParams
+    from flows.source_params import SourceParams
+    from flows.source_to_lora import source_to_lora
 
     folder = tmp_path / "set"
     write_photos(folder, 6, layout="images+captions")
     (folder / "captions" / "photo05.txt").unlink()
-    run_params = PhotosRunParams.model_validate({
+    run_params = SourceParams.model_validate({
         "package": {"render": {"resolution": 64}}, "validate": {"min_resolution": 64},
         "train": {"profile": "demo", "base": "tiny", "max_steps": 2, "save_every_steps": 2, "sample_prompts": []},
     })
     runs = tmp_path / "runs"
-    results = photos_to_lora(str(folder), "anna", trigger="ohwx", runs_dir=str(runs), params=run_params)
+    results = source_to_lora("photos", str(folder), "anna", trigger="ohwx", runs_dir=str(runs), params=run_params)
     assert list(results) == ["ingest", "augment", "caption", "package", "validate", "train"]
     store = RunStore(runs, "anna")
     assert results["ingest"].summary["verdict"] == "too_few" and results["validate"].summary["passed"]
@@ -192,5 +192,35 @@ def test_flow_from_a_photo_set_to_a_lora(prefect_api, tmp_path):
     assert packaged and all(p.read_text().startswith("ohwx") for p in packaged)
     (lora,) = store.read_manifest("train").to_pylist()
     assert lora["steps"] == 2 and (store.root / lora["lora_path"]).is_file()
-    again = photos_to_lora(str(folder), "anna", trigger="ohwx", runs_dir=str(runs), params=run_params)
+    again = source_to_lora("photos", str(folder), "anna", trigger="ohwx", runs_dir=str(runs), params=run_params)
     assert not any(r.recomputed for r in again.values())
+
+
+def test_a_run_recorded_by_the_old_photos_flow_resumes(tmp_path, cli_env):
+    """`resume` of a run whose run.json the old `photos-to-lora` flow wrote (with `caption.captions_from`, now
+    the pipeline's given_captions input): the run goes on through the one flow, as a new attempt, and its
+    finished stages are reused (their fingerprints did not change)."""
+    import yaml
+
+    from tests.conftest import run_cli
+
+    folder, runs = tmp_path / "set", tmp_path / "runs"
+    write_photos(folder, 6)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"package": {"render": {"resolution": 64}}, "validate": {"min_resolution": 64}}))
+    first = run_cli(["photos", str(folder), "--name", "anna", "--trigger", "ohwx", "--config", str(config),
+                     "--until", "caption", "--runs-dir", str(runs)], cli_env, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    store = RunStore(runs, "anna")
+    record = store.read_run_record()
+    assert record["flow"] == "photos-to-lora" and "captions_from" not in record["params"]["caption"]
+    old = {**record, "params": {**record["params"], "caption": {**record["params"]["caption"], "captions_from": "ingest"}}}
+    store.write_run_record(old)
+    caption_marker = (store.stage_dir("caption") / "_DONE.json").stat().st_mtime_ns
+
+    resumed = run_cli(["resume", "anna", "--runs-dir", str(runs)], cli_env, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert json.loads((store.root / "attempts" / "001.json").read_text())["params"]["caption"]["captions_from"] == "ingest"
+    assert store.read_run_record() == record  # written again as the one flow writes it
+    assert (store.stage_dir("caption") / "_DONE.json").stat().st_mtime_ns == caption_marker
+    assert {r["captioner"] for r in store.read_manifest("caption").to_pylist()} == {"given"}

@@ -212,21 +212,21 @@ def test_flow_from_a_clean_folder_to_staged_loras(prefect_api, tmp_path):
     """ingest -> augment -> caption -> package -> validate -> train (stage 1, then stage 2 from its LoRA)."""
     import torch
 
-    from flows.renders_to_lora import renders_to_lora
-    from flows.source_params import RendersRunParams
+    from flows.source_params import SourceParams
+    from flows.source_to_lora import source_to_lora
     from models.kohya_format import read_kohya
 
     root = tmp_path / "renders"
     write_sequence(root / "phase_1_essential", SEQ1, 6)
     write_sequence(root / "phase_3_details", SEQ3, 6)
-    run_params = RendersRunParams.model_validate({
-        "ingest": {"resolution": [64, 64]},
+    run_params = SourceParams.model_validate({
+        "renders": {"resolution": [64, 64]}, "photos": {"min_images": 29},  # the photos section is not this run's
         "package": {"render": {"resolution": 64}}, "validate": {"min_resolution": 64},
         "train": {"profile": "demo", "base": "tiny", "save_every_steps": 2, "sample_prompts": [],
                   "per_character": {"{name}": {"max_steps": 2}, "{name}_detail": {"max_steps": 1, "unet_lr": 1e-12}}},
     })
     runs = tmp_path / "runs"
-    results = renders_to_lora(str(root), "watch", trigger="Kyana", runs_dir=str(runs), params=run_params)
+    results = source_to_lora("renders", str(root), "watch", trigger="Kyana", runs_dir=str(runs), params=run_params)
     assert list(results) == ["ingest", "augment", "caption", "package", "validate", "train"]
     store = RunStore(runs, "watch")
     assert all(store.is_done(stage) for stage in results)
@@ -251,9 +251,10 @@ def test_flow_from_a_clean_folder_to_staged_loras(prefect_api, tmp_path):
     assert job["config"]["process"][0]["network"]["pretrained_lora_path"] == "train/watch/ai_toolkit/watch_flux_lora/watch_flux_lora.safetensors"
     assert job["config"]["process"][0]["train"]["steps"] == 1 and not (store.root / "ingest" / "ai_toolkit").exists()
 
-    again = renders_to_lora(str(root), "watch", trigger="Kyana", runs_dir=str(runs), params=run_params)
+    again = source_to_lora("renders", str(root), "watch", trigger="Kyana", runs_dir=str(runs), params=run_params)
     assert not any(r.recomputed for r in again.values())
-    assert store.read_run_record()["flow"] == "renders-to-lora"
+    record = store.read_run_record()
+    assert record["flow"] == "renders-to-lora" and record["params"]["ingest"]["resolution"] == [64, 64]
 
 
 def test_init_lora_must_fit_the_training(tmp_path):

@@ -1,0 +1,61 @@
+"""Image sources to LoRAs: a render folder (the Kyana render guide: checked, per-phase report, the core
+LoRA then the detail LoRA fine-tuned from it) or a photo set (the FLUX identity guide: analysed, one
+identity LoRA with the fast or final profile).
+
+One flow for both: `source` picks the pipeline of tasks/pipelines.py (an ingest step of its own, then
+the episode run's dataset and training steps); `params` is one form for both (flows/source_params.py).
+Wiring only: the runner runs the table.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from flows.source_params import Source, SourceParams, SourceStage
+from flows.sources import pipeline_flow, refuse_programs_from_api
+from tasks.pipelines import PIPELINES
+from tasks.run.runner import run_pipeline
+from tasks.run.stage import RunRef, StageResult
+
+FLOW_NAME = "source-to-lora"
+
+
+def run_kind(source: str) -> str:
+    """What a source run records as its `flow` in run.json (`resume` reads it): renders-to-lora, photos-to-lora."""
+    return f"{source}-to-lora"
+
+
+@pipeline_flow(FLOW_NAME)
+def source_to_lora(
+    source: Source,
+    input_dir: str,
+    name: str,
+    trigger: Optional[str] = None,
+    runs_dir: str = "data/runs",
+    params: SourceParams = SourceParams(),
+    until: SourceStage = "train",
+    webhook_url: Optional[str] = None,
+    new_attempt: bool = False,
+) -> dict[str, StageResult]:
+    """Turn a render folder or a photo set into LoRAs; stops after `until`.
+
+    Args:
+        source: renders (phase folders of NAME_..._0000.png + .txt) or photos (images/ + captions/, or side by side).
+        input_dir: the folder (relative: to the project folder).
+        name: the run and its LoRA (a render run's stage 2 LoRA is <name>_detail).
+        trigger: the trigger word every caption carries (renders: default the name; photos: required, e.g. ohwx).
+        params: the `renders` or `photos` ingest section (the other is ignored) and the shared stages.
+        webhook_url: POST a JSON summary here when the run completes or fails (optional).
+        new_attempt: on an existing run with other inputs or parameters, keep its record under
+            attempts/ and run with these (else such a run is refused, unchanged).
+    """
+    run_params = params.for_source(source).for_run(name, trigger)
+    refuse_programs_from_api(run_params)
+    input_dir = os.path.abspath(input_dir)  # so `resume` works from any folder
+    run = RunRef(runs_dir=runs_dir, name=name)
+    store = run.store()
+    with store.lock():
+        store.record_run({"flow": run_kind(source), "inputs": [input_dir], "params": run_params.model_dump(mode="json"),
+                          "until": until}, new_attempt=new_attempt)
+        return run_pipeline(run, run_params, PIPELINES[source], until, sources=[input_dir])
