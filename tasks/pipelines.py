@@ -1,8 +1,10 @@
 """The pipelines as data: one table per source, each a list of stage steps and hooks in run order.
 
-`run_pipeline` (tasks/run/runner.py) runs any slice of a table; the flows, the `Stage` literals
-and the CLI's `--until` choices all derive from these tables. Adding a stage is a spec in its
-module and a row here.
+A row binds a stage's (or hook's) input roles to the stages that feed it: `step(CAPTION,
+given_captions="ingest")` keeps the captions the ingest rows carry; optional roles left unbound are
+not handed. `run_pipeline` (tasks/run/runner.py) runs any slice of a table; the flows (episode_to_lora,
+source_to_lora for renders and photos), the `Stage` literals and the CLI's `--until` choices all
+derive from these tables. Adding a stage is a spec in its module and a row here.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -41,48 +43,57 @@ def _wait_final(live, flow_run_id, timeout: float):
             time.sleep(1)
 
 
-def test_quick_run_from_the_deployment_page_completes(prefect_ui):
-    from playwright.sync_api import expect, sync_playwright
+@contextmanager
+def deployment_page(live, deployment: str, screenshot: Path) -> Iterator:
+    """Headless Chromium on the page of `deployment` (from the deployments list, as a person gets there);
+    a screenshot of where the page is goes to `screenshot` on the way out, whatever happened."""
+    from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), f"Debian chromium is missing at {CHROMIUM} (make test installs it)"
-    before = {r.id for r in _flow_runs_of(prefect_ui, "episode-to-lora")}
-    SCREENSHOT.parent.mkdir(exist_ok=True)
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.set_default_timeout(30_000)
         try:
-            # 1. open the deployments page and find the full-run deployment
-            page.goto(f"{prefect_ui.url}/deployments")
-            page.get_by_role("link", name="episode-to-lora", exact=True).first.click()
-            expect(page.get_by_role("button", name="Run", exact=True)).to_be_visible()
-            # 2. Run -> Quick run (the deployment's default parameters: the shipped sample)
-            page.get_by_role("button", name="Run", exact=True).click()
-            page.get_by_text("Quick run", exact=True).click()
-            dialog = page.get_by_role("dialog")  # the run form, filled with the deployment's defaults
-            expect(dialog.get_by_text("Run Deployment")).to_be_visible()
-            for attempt in range(3):  # a click while the form is still loading its schema can be lost
-                dialog.get_by_role("button", name="Run", exact=True).click()
-                try:
-                    expect(dialog).to_be_hidden(timeout=20_000)  # the form was submitted
-                    break
-                except AssertionError:
-                    if attempt == 2:
-                        raise
-            # 3. the new run appears; follow it on its page until it completes
-            deadline = time.monotonic() + 90
-            while not (new := [r for r in _flow_runs_of(prefect_ui, "episode-to-lora") if r.id not in before]):
-                assert time.monotonic() < deadline, "Quick run created no flow run"
-                time.sleep(0.5)
-            page.goto(f"{prefect_ui.url}/runs/flow-run/{new[0].id}")
-            run = _wait_final(prefect_ui, new[0].id, timeout=240)
-            page.reload()  # the page as a user opening the finished run sees it: state badge, run graph
-            expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
-            page.wait_for_load_state("networkidle")
-            page.wait_for_timeout(2000)  # the run graph is drawn on a canvas: give it time before the screenshot
+            page.goto(f"{live.url}/deployments")
+            page.get_by_role("link", name=deployment, exact=True).first.click()
+            yield page
         finally:
-            page.screenshot(path=str(SCREENSHOT))
+            page.screenshot(path=str(screenshot))
             browser.close()
+
+
+def test_quick_run_from_the_deployment_page_completes(prefect_ui):
+    from playwright.sync_api import expect
+
+    before = {r.id for r in _flow_runs_of(prefect_ui, "episode-to-lora")}
+    with deployment_page(prefect_ui, "episode-to-lora", SCREENSHOT) as page:  # 1. the full-run deployment's page
+        expect(page.get_by_role("button", name="Run", exact=True)).to_be_visible()
+        # 2. Run -> Quick run (the deployment's default parameters: the shipped sample)
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Quick run", exact=True).click()
+        dialog = page.get_by_role("dialog")  # the run form, filled with the deployment's defaults
+        expect(dialog.get_by_text("Run Deployment")).to_be_visible()
+        for attempt in range(3):  # a click while the form is still loading its schema can be lost
+            dialog.get_by_role("button", name="Run", exact=True).click()
+            try:
+                expect(dialog).to_be_hidden(timeout=20_000)  # the form was submitted
+                break
+            except AssertionError:
+                if attempt == 2:
+                    raise
+        # 3. the new run appears; follow it on its page until it completes
+        deadline = time.monotonic() + 90
+        while not (new := [r for r in _flow_runs_of(prefect_ui, "episode-to-lora") if r.id not in before]):
+            assert time.monotonic() < deadline, "Quick run created no flow run"
+            time.sleep(0.5)
+        page.goto(f"{prefect_ui.url}/runs/flow-run/{new[0].id}")
+        run = _wait_final(prefect_ui, new[0].id, timeout=240)
+        page.reload()  # the page as a user opening the finished run sees it: state badge, run graph
+        expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(2000)  # the run graph is drawn on a canvas: give it time before the screenshot
     assert SCREENSHOT.stat().st_size > 10_000
 
     assert run.state.is_completed(), run.state
@@ -124,46 +135,54 @@ def _choose(page, field, option: str) -> None:
 def test_custom_run_form_is_filled_with_a_model_dropdown_and_the_run_completes(prefect_ui):
     """A person fills the Custom run form: a run name and the segmenter from the dropdown of known
     models; the flow run is named after the run folder and completes with the chosen model."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     before = {r.id for r in _flow_runs_of(prefect_ui, "episode-to-lora")}
-    FORM_SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.set_default_timeout(30_000)
-        try:
-            page.goto(f"{prefect_ui.url}/deployments")
-            page.get_by_role("link", name="episode-to-lora", exact=True).first.click()
-            page.get_by_role("button", name="Run", exact=True).click()
-            page.get_by_text("Custom run", exact=True).click()
-            expect(_field(page, "name")).to_be_visible()
-            page.wait_for_load_state("networkidle")
-            form = page.evaluate(MEASURE_FORM)
-            print(f"custom run form: {form}")
-            page.screenshot(path=str(FORM_SHOTS / "1-form.png"))
+    with deployment_page(prefect_ui, "episode-to-lora", FORM_SHOTS / "3-run.png") as page:
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run", exact=True).click()
+        expect(_field(page, "name")).to_be_visible()
+        page.wait_for_load_state("networkidle")
+        form = page.evaluate(MEASURE_FORM)
+        print(f"custom run form: {form}")
+        page.screenshot(path=str(FORM_SHOTS / "1-form.png"))
 
-            _field(page, "name").locator("textarea, input").first.fill("form-run")
-            model = _field(page, "Model")  # segment.model, the first field of that name
-            expect(model.get_by_role("button", name="known model")).to_be_visible()
-            _choose(page, model, "isnet-anime")
-            expect(model.locator(".p-select-button__value")).to_have_text("isnet-anime")
-            page.screenshot(path=str(FORM_SHOTS / "2-model-chosen.png"))
-            page.get_by_role("button", name="Submit", exact=True).click()
+        _field(page, "name").locator("textarea, input").first.fill("form-run")
+        model = _field(page, "Model")  # segment.model, the first field of that name
+        expect(model.get_by_role("button", name="known model")).to_be_visible()
+        _choose(page, model, "isnet-anime")
+        expect(model.locator(".p-select-button__value")).to_have_text("isnet-anime")
+        page.screenshot(path=str(FORM_SHOTS / "2-model-chosen.png"))
+        page.get_by_role("button", name="Submit", exact=True).click()
 
-            deadline = time.monotonic() + 90
-            while not (new := [r for r in _flow_runs_of(prefect_ui, "episode-to-lora") if r.id not in before]):
-                assert time.monotonic() < deadline, "the custom run form created no flow run"
-                time.sleep(0.5)
-            run = _wait_final(prefect_ui, new[0].id, timeout=300)
-            page.goto(f"{prefect_ui.url}/runs/flow-run/{run.id}")
-            expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
-        finally:
-            page.screenshot(path=str(FORM_SHOTS / "3-run.png"))
-            browser.close()
+        deadline = time.monotonic() + 90
+        while not (new := [r for r in _flow_runs_of(prefect_ui, "episode-to-lora") if r.id not in before]):
+            assert time.monotonic() < deadline, "the custom run form created no flow run"
+            time.sleep(0.5)
+        run = _wait_final(prefect_ui, new[0].id, timeout=300)
+        page.goto(f"{prefect_ui.url}/runs/flow-run/{run.id}")
+        expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
 
     assert form["none_toggles"] <= 2 and form["dropdowns"] >= 10, form  # webhook_url, dask_address: None = off
     assert run.state.is_completed(), run.state
     assert run.name == "form-run" and run.parameters["params"]["segment"]["model"] == "isnet-anime"
     record = RunStore(prefect_ui.runs_dir, "form-run").read_run_record()
     assert record["params"]["segment"]["model"] == "isnet-anime" and record["until"] == "frames"
+
+
+def test_the_source_run_form_shows_the_source_and_each_ingest_section_as_fields(prefect_ui):
+    """The one flow of render folders and photo sets (deployment renders-to-lora): its Custom run form
+    has the source as a dropdown set by the deployment, and both ingest sections as plain fields."""
+    from playwright.sync_api import expect
+
+    with deployment_page(prefect_ui, "renders-to-lora", FORM_SHOTS / "source-form.png") as page:
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run", exact=True).click()
+        expect(_field(page, "input_dir")).to_be_visible()
+        page.wait_for_load_state("networkidle")
+        form = page.evaluate(MEASURE_FORM)
+        print(f"source run form: {form}")
+        expect(_field(page, "source").locator(".p-select-button__value")).to_have_text("renders")
+        for label in ("Frames Per Sequence", "Stage1 Phases", "Min Images", "Intensity"):  # renders, photos, augment
+            expect(_field(page, label).locator("input, textarea, .p-select-button__control").first).to_be_attached()
+    assert form["none_toggles"] <= 2 and form["dropdowns"] >= 5, form  # trigger, webhook_url: None = not given
