@@ -34,6 +34,13 @@ def test_deployments_file_builds_every_deployment_with_typed_form_and_cron():
     assert form.properties["until"]["enum"][0] == "frames"           # a dropdown of stages
     assert form.properties["task_runner"]["enum"] == ["threads", "dask"]
 
+    for source in ("renders", "photos"):  # one flow for both image sources; each deployment sets its source
+        deployment = deployments[f"{source}-to-lora"]
+        assert deployment.entrypoint == "flows.source_to_lora.source_to_lora" and deployment.parameters["source"] == source
+        source_form = deployment._parameter_openapi_schema
+        assert source_form.properties["source"]["enum"] == ["renders", "photos"]
+        assert {"renders", "photos", "augment", "train"} <= set(source_form.definitions["SourceParams"]["properties"])
+
     [schedule] = deployments["reprocess"].schedules
     assert schedule.schedule.cron == configured["reprocess"]["schedules"][0]["cron"]
     assert deployments["episode-to-lora"].schedules == []

@@ -40,8 +40,7 @@ class Hook:
 
     def given(self, results: dict[str, StageResult]) -> dict[str, StageResult]:
         """The results this hook reads, by role."""
-        present = {role: stage for role, stage in self.bind.items() if role in self.inputs or stage in results}
-        return bound_inputs(self, present, results)
+        return bound_inputs(self, self.bind, results)
 
     @cached_property
     def task(self) -> Any:

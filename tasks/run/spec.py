@@ -182,13 +182,15 @@ class Step:
         return self.spec.name
 
     def inputs(self, results: dict[str, StageResult]) -> Inputs:
-        """The results this step reads, by role (an optional role only when bound); the sources have none."""
+        """The results this step reads, by role; the sources have none."""
         return bound_inputs(self.spec, self.bind, results)
 
 
 def bound_inputs(spec: Any, bind: dict[str, str], results: dict[str, StageResult]) -> Inputs:
-    """The results of the stages `bind` names for the roles of `spec` (a role unbound: the stage of its name)."""
-    roles = (*spec.inputs, *(role for role in spec.optional if role in bind))
+    """The results of the stages `bind` names for the roles of `spec` (a role unbound: the stage of its
+    name); an optional role only when it is bound and its stage's result is at hand (a slice of a table
+    run after that stage without it: no such input)."""
+    roles = (*spec.inputs, *(role for role in spec.optional if bind.get(role) in results))
     return {role: results[bind.get(role, role)] for role in roles}
 
 
