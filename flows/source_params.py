@@ -53,20 +53,20 @@ PHOTO_DEFAULTS: dict[str, Any] = {
 }
 
 
-def moved_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """`data` with the LEGACY_RENDER_KEYS of its `ingest` mapping moved to their place now."""
+def moved_legacy_keys(data: dict[str, Any], legacy: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    """`data` with the `legacy` keys of its `ingest` mapping moved to their place now."""
     ingest = data.get("ingest")
-    if not isinstance(ingest, dict) or not set(ingest) & set(LEGACY_RENDER_KEYS):
+    if not isinstance(ingest, dict) or not set(ingest) & set(legacy):
         return data
     moved: dict[str, Any] = {}
     for key, value in ingest.items():
-        if key in LEGACY_RENDER_KEYS:
-            *parents, leaf = LEGACY_RENDER_KEYS[key]
+        if key in legacy:
+            *parents, leaf = legacy[key]
             node = moved
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = value
-    return merged({**data, "ingest": {k: v for k, v in ingest.items() if k not in LEGACY_RENDER_KEYS}}, moved)
+    return merged({**data, "ingest": {k: v for k, v in ingest.items() if k not in legacy}}, moved)
 
 
 def merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -81,11 +81,12 @@ class _SourceRun(BaseModel):
     """What both sources' pipeline models share: their defaults under the given values, the name and trigger."""
 
     DEFAULTS: ClassVar[dict[str, Any]] = {}
+    LEGACY: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @model_validator(mode="before")
     @classmethod
     def _defaults(cls, data: Any) -> Any:
-        return merged(cls.DEFAULTS, moved_legacy_keys(data)) if isinstance(data, dict) else data
+        return merged(cls.DEFAULTS, moved_legacy_keys(data, cls.LEGACY)) if isinstance(data, dict) else data
 
     def with_identity(self, name: str, trigger: Optional[str]) -> Any:
         """These parameters with the ingest's name and trigger set (given ones first, then the run's name)."""
@@ -98,6 +99,7 @@ class RendersRunParams(_SourceRun, pipeline_params("renders", "RendersParamsBase
     """A render folder's run: the render checks, then the shared stages, training the guide's two LoRAs."""
 
     DEFAULTS: ClassVar[dict[str, Any]] = RENDER_DEFAULTS
+    LEGACY: ClassVar[dict[str, tuple[str, ...]]] = LEGACY_RENDER_KEYS
 
     def for_run(self, name: str, trigger: Optional[str] = None) -> "RendersRunParams":
         """These parameters with the product's name and trigger (default: the name) set, and `{name}` in

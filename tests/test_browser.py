@@ -132,6 +132,19 @@ def _choose(page, field, option: str) -> None:
     choice.click()
 
 
+def _open_custom_run(page, first_field: str) -> dict:
+    """Run -> Custom run on a deployment's page; once its form shows `first_field`, the form's measures."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run", exact=True).click()
+    expect(_field(page, first_field)).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    form = page.evaluate(MEASURE_FORM)
+    print(f"custom run form: {form}")
+    return form
+
+
 def test_custom_run_form_is_filled_with_a_model_dropdown_and_the_run_completes(prefect_ui):
     """A person fills the Custom run form: a run name and the segmenter from the dropdown of known
     models; the flow run is named after the run folder and completes with the chosen model."""
@@ -139,12 +152,7 @@ def test_custom_run_form_is_filled_with_a_model_dropdown_and_the_run_completes(p
 
     before = {r.id for r in _flow_runs_of(prefect_ui, "episode-to-lora")}
     with deployment_page(prefect_ui, "episode-to-lora", FORM_SHOTS / "3-run.png") as page:
-        page.get_by_role("button", name="Run", exact=True).click()
-        page.get_by_text("Custom run", exact=True).click()
-        expect(_field(page, "name")).to_be_visible()
-        page.wait_for_load_state("networkidle")
-        form = page.evaluate(MEASURE_FORM)
-        print(f"custom run form: {form}")
+        form = _open_custom_run(page, "name")
         page.screenshot(path=str(FORM_SHOTS / "1-form.png"))
 
         _field(page, "name").locator("textarea, input").first.fill("form-run")
@@ -176,12 +184,7 @@ def test_the_source_run_form_shows_the_source_and_each_ingest_section_as_fields(
     from playwright.sync_api import expect
 
     with deployment_page(prefect_ui, "renders-to-lora", FORM_SHOTS / "source-form.png") as page:
-        page.get_by_role("button", name="Run", exact=True).click()
-        page.get_by_text("Custom run", exact=True).click()
-        expect(_field(page, "input_dir")).to_be_visible()
-        page.wait_for_load_state("networkidle")
-        form = page.evaluate(MEASURE_FORM)
-        print(f"source run form: {form}")
+        form = _open_custom_run(page, "input_dir")
         expect(_field(page, "source").locator(".p-select-button__value")).to_have_text("renders")
         for label in ("Frames Per Sequence", "Stage1 Phases", "Min Images", "Intensity"):  # renders, photos, augment
             expect(_field(page, label).locator("input, textarea, .p-select-button__control").first).to_be_attached()
