@@ -24,12 +24,16 @@ from typing import Any, Optional
 import typer
 import yaml
 
-from episode2lora.common import RUNS_DIR, check_until, check_writable, console, fail, open_store, parse_sets, \
+from episode2lora.common import CONFIG, RUNS_DIR, check_until, check_writable, console, fail, open_store, parse_sets, \
     run_and_report
 
 RUN_KINDS = {"renders-to-lora": "renders", "photos-to-lora": "photos"}
 """What a source run records as its `flow` (run.json) -> its source (flows/source_to_lora.py: run_kind)."""
 PROFILES_HELP = "training profile: fast / final (the FLUX guide's tables), package, demo (tiny CPU stand-in)"
+BASE = typer.Option(None, "--base", help="base model: Hugging Face id, local folder, or tiny")
+UNTIL = typer.Option("train", "--until", help="last stage to run (default: train; a wrong one lists them)")
+DRY_RUN = typer.Option(False, "--dry-run", help="print the resolved configuration and commands; train nothing")
+"""Options both source commands take (with CONFIG and RUNS_DIR of episode2lora/common.py)."""
 
 
 def _load(model: Any, config: Optional[Path], sets: list[str], named: dict[str, Any]) -> Any:
@@ -138,11 +142,11 @@ def renders(
     stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="steps of stage 2, the detail fine-tune (default 1500)"),
     stage2_lr: Optional[float] = typer.Option(None, "--stage2-lr", help="learning rate of stage 2 (default 5e-5)"),
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILES_HELP),
-    base: Optional[str] = typer.Option(None, "--base", help="base model: Hugging Face id, local folder, or tiny"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of stage parameters"),
+    base: Optional[str] = BASE,
+    config: Optional[Path] = CONFIG,
     sets: list[str] = typer.Option([], "--set", help="override one parameter, e.g. --set ingest.black_level=5"),
-    until: str = typer.Option("train", "--until", help="last stage to run (default: train; a wrong one lists them)"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved configuration and commands; train nothing"),
+    until: str = UNTIL,
+    dry_run: bool = DRY_RUN,
     runs_dir: Path = RUNS_DIR,
 ) -> None:
     """Check a render folder (the Kyana guide's quality list) and train its staged LoRAs."""
@@ -179,11 +183,11 @@ def photos(
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILES_HELP + " (default fast)"),
     analyze: bool = typer.Option(False, "--analyze", help="only print the dataset analysis and recommendations"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="with --analyze: write the analysis as JSON here ('-': stdout)"),
-    base: Optional[str] = typer.Option(None, "--base", help="base model: Hugging Face id, local folder, or tiny"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of stage parameters"),
+    base: Optional[str] = BASE,
+    config: Optional[Path] = CONFIG,
     sets: list[str] = typer.Option([], "--set", help="override one parameter, e.g. --set ingest.min_images=20"),
-    until: str = typer.Option("train", "--until", help="last stage to run (default: train; a wrong one lists them)"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved configuration and commands; train nothing"),
+    until: str = UNTIL,
+    dry_run: bool = DRY_RUN,
     runs_dir: Path = RUNS_DIR,
 ) -> None:
     """Analyze a photo set (the FLUX identity guide) and train its LoRA with the fast or final profile."""
