@@ -178,7 +178,8 @@ def package_settings(params: Any) -> PackageParams:
     """The package stage's settings out of a run's parameters: `params.package`, with the per-LoRA plan
     of `params.train` (per_character steps, LR, sample prompts; init_from) when it sets one."""
     train = params.train
-    loras = {name: LoraPlan(init_from=train.init_from.get(name)) for name in sorted(set(train.per_character) | set(train.init_from))}
+    named = sorted(set(train.per_character) | set(train.init_from))
+    loras = {name: LoraPlan(init_from=train.init_from.get(name)) for name in named}
     for name, given in train.per_character.items():
         loras[name] = loras[name].model_copy(update={"steps": given.max_steps, "lr": given.unet_lr,
                                                      "prompts": given.sample_prompts})
