@@ -1,5 +1,5 @@
-"""The AI-Toolkit (ostris/ai-toolkit) job for a FLUX LoRA: one builder for every writer of such a job
-(the package stage per character, a render folder's two training stages)."""
+"""The AI-Toolkit (ostris/ai-toolkit) job for a FLUX LoRA; its one writer is the package stage (a job
+per character, a render run's detail LoRA starting from its core LoRA)."""
 
 from __future__ import annotations
 
