@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CACHE = REPO / ".cache"
-TINY_VERSION = 3
+TINY_VERSION = 4
 """Bumped whenever a builder changes, so cached tiny models are rebuilt."""
 
-_WORDS = (
+_WORDS = (  # caption words the tiny tokenizer learns as one token each
     "a an the of with and in on at by from to wearing holding standing sitting running walking jumping "
     "smiling angry sad happy looking viewer side front back three quarter view close up portrait full body "
     "upper cowboy shot simple white black grey background outdoors indoors park street forest beach city room "
@@ -34,42 +33,41 @@ _WORDS = (
 ).split()
 
 
-def _corpus(lines: int = 4000, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(lines):
-        words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 12))]
-        if rng.random() < 0.5:  # made-up trigger words and character names, like the pipeline's
-            words.insert(0, "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))))
-        if rng.random() < 0.3:
-            words.insert(1, f"char_{rng.randint(0, 99):03d},")
-        out.append(" ".join(words))
-    return out
+def tiny_clip_tokenizer():
+    """A CLIPTokenizer (byte-level, CLIP's `</w>` word ends) whose BPE merges are learnt from `_WORDS`
+    until each is one token; other words fall back to shorter pieces and bytes.
 
+    Learnt here in a few lines, with ties broken by the pair itself, so every build gives the same
+    tokenizer (the `tokenizers` trainer breaks ties in hash order, which changes per process).
+    """
+    from collections import Counter
 
-def train_tiny_clip_tokenizer(vocab_size: int = 1000):
-    """A CLIPTokenizer whose byte-level BPE (with CLIP's `</w>` word ends) is trained locally."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=alphabet, end_of_word_suffix="</w>")
-    bpe.train_from_iterator([line.lower() for line in _corpus()], trainer)
-    vocab = dict(bpe.get_vocab())
-    for char in alphabet:  # every byte also as a word end, so no word is ever unknown
-        vocab.setdefault(char + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=_merges_of(bpe), model_max_length=77)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate([*alphabet, *(char + "</w>" for char in alphabet)])}
+    words = [[*word[:-1], word[-1] + "</w>"] for word in sorted(set(_WORDS))]
+    merges: list[tuple[str, str]] = []
+    while pairs := Counter(pair for symbols in words for pair in zip(symbols, symbols[1:])):
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        words = [_merge(symbols, best) for symbols in words]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def _merges_of(bpe) -> list[tuple[str, str]]:
-    import json
-
-    model = json.loads(bpe.to_str())["model"]
-    return [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+def _merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """`symbols` with each occurrence of `pair`, left to right, joined into one symbol."""
+    out: list[str] = []
+    for symbol in symbols:
+        if out and (out[-1], symbol) == pair:
+            out[-1] += symbol
+        else:
+            out.append(symbol)
+    return out
 
 
 def _text_config(tokenizer, hidden_size: int = 32, **extra):
@@ -131,7 +129,7 @@ def build_tiny_sd15(path: Path | str, seed: int = 0) -> Path:
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    tokenizer = train_tiny_clip_tokenizer()
+    tokenizer = tiny_clip_tokenizer()
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -156,7 +154,7 @@ def build_tiny_sdxl(path: Path | str, seed: int = 0) -> Path:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    tokenizer = train_tiny_clip_tokenizer()
+    tokenizer = tiny_clip_tokenizer()
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
