@@ -349,10 +349,17 @@ def map_positions(labels: np.ndarray, ref_labels: np.ndarray, ref_xy: np.ndarray
     out = np.zeros((len(labels), 2), np.float32)
     if not len(ref_xy):
         return out
-    refs = members_of(ref_labels)
+    ids, which = np.unique(ref_labels, return_inverse=True)  # per-cluster mean and spread in one pass
+    count = np.bincount(which)[:, None]
+    mean = np.stack([np.bincount(which, ref_xy[:, d]) for d in (0, 1)], 1) / count
+    spread = np.sqrt(np.maximum(np.stack([np.bincount(which, ref_xy[:, d] ** 2) for d in (0, 1)], 1) / count - mean ** 2, 0))
+    where = {int(k): i for i, k in enumerate(ids)}
     for k, mine in members_of(labels).items():
-        ref = ref_xy[refs[k]] if k != NOISE and k in refs else ref_xy
-        out[mine] = ref.mean(0) + rng.normal(size=(len(mine), 2)) * (ref.std(0) + 1e-3)
+        if k != NOISE and k in where:
+            centre, scale = mean[where[k]], spread[where[k]]
+        else:
+            centre, scale = ref_xy.mean(0), ref_xy.std(0)
+        out[mine] = centre + rng.normal(size=(len(mine), 2)) * (scale + 1e-3)
     return out
 
 
@@ -664,7 +671,7 @@ def run_cluster(store: RunStore, params: ClusterParams, upstream: dict[str, Stag
 
         def vectors(items: pa.Array) -> np.ndarray:
             nonlocal decoded
-            x, rows = embeddings_of(store.manifest_path(upstream["embed"].stage), items)
+            x, rows = embeddings_of(store.manifest_path(upstream["embed"].stage), items, embeds.column("item_id"))
             decoded += rows
             return x
 

@@ -288,9 +288,10 @@ def read_embeddings(table: pa.Table) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
 
 
-def embeddings_of(path: Path, items: pa.Array | list[str]) -> tuple[np.ndarray, int]:
+def embeddings_of(path: Path, items: pa.Array | list[str], all_items: pa.ChunkedArray | None = None) -> tuple[np.ndarray, int]:
     """The embeddings of `items` (in their order) from an embed manifest, decoding only the row groups
     that hold them (the manifest is sorted by item_id, so one episode's layers sit together).
+    `all_items`: the manifest's item_id column when the caller has read it already.
 
     Returns (an (n, dim) float32 array, rows decoded). Raises KeyError naming an item not in `path`.
     """
@@ -301,7 +302,8 @@ def embeddings_of(path: Path, items: pa.Array | list[str]) -> tuple[np.ndarray, 
     dim = manifest.schema_arrow.field("embedding").type.list_size
     if not len(items):
         return np.zeros((0, dim), np.float32), 0
-    rows = pc.index_in(items, value_set=manifest.read(columns=["item_id"]).column("item_id").combine_chunks())
+    all_items = manifest.read(columns=["item_id"]).column("item_id") if all_items is None else all_items
+    rows = pc.index_in(items, value_set=all_items.combine_chunks())
     if rows.null_count:
         missing = items.filter(pc.is_null(rows))[0].as_py()
         raise KeyError(f"layer {missing!r} is not in the embed manifest {path}")
