@@ -236,6 +236,22 @@ QUEUED = 64
 """At most this many sampled frames wait for the analysis thread (bounds memory on slow disks)."""
 
 
+_TV_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+"""Limited-range (16-235) luma to the 0-255 scale the thresholds are set in."""
+
+
+def luma(frame, width: int = MEASURE_WIDTH) -> np.ndarray:
+    """A decoded frame's grey values at `width` columns, read from its luma plane when it has one
+    (no colour conversion: dropped candidates are never converted to RGB), else via BGR."""
+    if frame.format.name in _PLANAR_YUV:
+        plane = frame.planes[0]
+        y = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
+        small = at_width(y, width)
+        full = frame.format.name.startswith("yuvj") or getattr(frame, "color_range", 0) == 2  # 2: JPEG (full) range
+        return small if full else cv2.LUT(np.ascontiguousarray(small), _TV_TO_FULL)
+    return at_width(cv2.cvtColor(frame.to_ndarray(format="bgr24"), cv2.COLOR_BGR2GRAY), width)
+
+
 @dataclass
 class _Candidate:
     frame_index: int
@@ -244,6 +260,12 @@ class _Candidate:
     frame: Any = None              # the decoded av.VideoFrame, until converted
     bgr: np.ndarray | None = None
     measured: _Measure | None = None
+    width: int = 0
+    height: int = 0
+
+    def __post_init__(self) -> None:
+        if self.frame is not None:
+            self.width, self.height = self.frame.width, self.frame.height
 
     def image(self) -> np.ndarray:
         """The frame as BGR, the order cv2 encodes (converted once, on the analysis thread)."""
@@ -266,9 +288,9 @@ class _Episode:
     """Mutable state of one episode's extraction.
 
     The decode thread only decodes, detects cuts and picks the sampled frames; it hands them in
-    order to one analysis thread (RGB conversion, measures, keep/drop decisions), which queues
-    kept frames to the writer threads. One analysis thread in decode order keeps the result
-    identical to doing everything inline.
+    order to one analysis thread (measures from the luma plane, keep/drop decisions, BGR
+    conversion of the kept frames only), which queues kept frames to the writer threads. One
+    analysis thread in decode order keeps the result identical to doing everything inline.
     """
 
     episode: str
@@ -301,10 +323,9 @@ class _Episode:
 
     def measure(self, cand: _Candidate) -> _Measure:
         if cand.measured is None:
-            gray = cv2.cvtColor(cand.image(), cv2.COLOR_BGR2GRAY)
-            mean, std = cv2.meanStdDev(gray)
+            small = luma(cand.frame)  # every measure at a fixed width: cheaper, and alike at any resolution
+            mean, std = cv2.meanStdDev(small)
             brightness, contrast = float(mean[0, 0]), float(std[0, 0])
-            small = at_width(gray)  # sharpness and hash at a fixed width: cheaper, and alike at any resolution
             sharp = float(cv2.Laplacian(small, cv2.CV_32F).var())
             cand.measured = _Measure(brightness, sharp, perceptual_hash(small),
                                      drop_reason_for(brightness, contrast, sharp, self.params))
@@ -325,7 +346,7 @@ class _Episode:
             path = self._save(cand)
             self.kept_hashes.append(m.phash)
             self.kept_ids.append(item_id)
-        h, w = cand.image().shape[:2]
+        h, w = cand.height, cand.width
         self.rows.append({
             "item_id": item_id, "source_id": self.episode, "episode": self.episode,
             "frame_index": cand.frame_index, "timestamp": round(cand.timestamp, 4), "shot_id": cand.shot_id,
@@ -333,7 +354,7 @@ class _Episode:
             "kept": reason is None, "drop_reason": reason, "duplicate_of": duplicate_of,
             "width": w, "height": h, "path": path,
         })
-        cand.bgr = None  # decided: only a queued write still holds the image
+        cand.bgr = cand.frame = None  # decided: only a queued write still holds the image
         return reason is None
 
     def _save(self, cand: _Candidate) -> str:
