@@ -13,7 +13,9 @@ Adding an episode (--add-episode): a run store with n synthetic layers in episod
 (committed segment and embed manifests) is clustered once (fit on a 2,000-layer sample), then
 one episode at a time is added and the cluster stage timed as the runner calls it; the time is
 given against the smallest run's, and beside it the time to rewrite the stage's whole-run files
-(manifest + placement) and how many embeddings the stage decoded.
+(manifest + placement), how many embeddings the stage decoded, and the time to build and write
+the grown segment + embed manifests (not part of the cluster stage: the O(n) that the
+per-episode stages' merges still pay when an episode is added).
 
 Quality: generated episodes with known identities. (1) True layers (cut with the true masks)
 -> colour-shape embedder -> clustering: ARI, purity, noise fraction. (2) The real pipeline:
@@ -112,7 +114,7 @@ def add_episode_timing(sizes: list[int], per_episode: int = 1000, adds: int = 2)
     print(f"\nadding one episode ({per_episode} layers) to a clustered run, through the stage (run store, "
           f"manifests on disk); load {os.getloadavg()[0]:.1f}")
     print(f"{'layers':>7} {'first (s)':>9} {'+1 ep (s)':>20} {'vs first size':>13} {'writes (s)':>10} "
-          f"{'embeddings decoded':>18}  mode")
+          f"{'embeddings decoded':>18} {'inputs (s)':>10}  mode")
     base = None
     for n in sorted(sizes):
         rng = np.random.default_rng(0)
@@ -128,7 +130,9 @@ def add_episode_timing(sizes: list[int], per_episode: int = 1000, adds: int = 2)
             first = time.perf_counter() - start
             took, summary = [], {}
             for k in range(1, adds + 1):
+                start = time.perf_counter()
                 upstream = _commit_inputs(store, episodes + k, per_episode, centres)
+                inputs = time.perf_counter() - start
                 start = time.perf_counter()
                 summary = run_cluster(store, params, upstream).summary
                 took.append(time.perf_counter() - start)
@@ -139,7 +143,7 @@ def add_episode_timing(sizes: list[int], per_episode: int = 1000, adds: int = 2)
             writes = time.perf_counter() - start
         base = base or min(took)
         print(f"{n:>7} {first:>9.1f} {' / '.join(f'{t:.2f}' for t in took):>20} {min(took) / base:>13.2f} "
-              f"{writes:>10.2f} {summary.get('embeddings_read', 'all'):>18}  {summary['mode']}", flush=True)
+              f"{writes:>10.2f} {summary.get('embeddings_read', 'all'):>18} {inputs:>10.1f}  {summary['mode']}", flush=True)
 
 
 def quality(episodes: int, real: bool) -> None:
