@@ -180,9 +180,10 @@ def at_width(gray: np.ndarray, width: int = MEASURE_WIDTH) -> np.ndarray:
     return gray
 
 
-def sharpness(gray: np.ndarray, width: int = MEASURE_WIDTH) -> float:
-    """Laplacian variance at a fixed width, so the threshold does not depend on resolution."""
-    return float(cv2.Laplacian(at_width(gray, width), cv2.CV_32F).var())
+def sharpness(gray: np.ndarray) -> float:
+    """Laplacian variance of a grey image measured at MEASURE_WIDTH (so the threshold does not
+    depend on resolution); pass `at_width(gray)` to skip the resize."""
+    return float(cv2.Laplacian(at_width(gray), cv2.CV_32F).var())
 
 
 _PLANAR_YUV = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p"}
@@ -326,7 +327,7 @@ class _Episode:
             small = luma(cand.frame)  # every measure at a fixed width: cheaper, and alike at any resolution
             mean, std = cv2.meanStdDev(small)
             brightness, contrast = float(mean[0, 0]), float(std[0, 0])
-            sharp = float(cv2.Laplacian(small, cv2.CV_32F).var())
+            sharp = sharpness(small)
             cand.measured = _Measure(brightness, sharp, perceptual_hash(small),
                                      drop_reason_for(brightness, contrast, sharp, self.params))
         return cand.measured
