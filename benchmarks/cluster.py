@@ -1,12 +1,21 @@
 """Cluster-stage benchmark: time at 5k / 20k / 50k embeddings, and quality on generated footage.
 
     .venv/bin/python -m benchmarks.cluster [--sizes 5000 20000 50000] [--episodes 4] [--skip-real]
+    .venv/bin/python -m benchmarks.cluster --add-episode 10000 50000 100000 200000
 
 Timing: random 512-d embeddings drawn around n/250 centres (L2-normalised, like real
 embedders' output) go through the stage's own `cluster_embeddings` (PCA, UMAP, HDBSCAN, merge,
 2-D map) with default parameters. A first run at the smallest size compiles UMAP's numba code
 and is reported apart; every size's time is then given as a ratio to the smallest size's time,
 and per layer, so growth is visible independently of how busy the machine is.
+
+Adding an episode (--add-episode): a run store with n synthetic layers in episodes of 1,000
+(committed segment and embed manifests) is clustered once (fit on a 2,000-layer sample), then
+one episode at a time is added and the cluster stage timed as the runner calls it; the time is
+given against the smallest run's, and beside it the time to rewrite the stage's whole-run files
+(manifest + placement), how many embeddings the stage decoded, and the time to build and write
+the grown segment + embed manifests (not part of the cluster stage: the O(n) that the
+per-episode stages' merges still pay when an episode is added).
 
 Quality: generated episodes with known identities. (1) True layers (cut with the true masks)
 -> colour-shape embedder -> clustering: ARI, purity, noise fraction. (2) The real pipeline:
@@ -62,6 +71,81 @@ def timing(sizes: list[int]) -> None:
               f"{k} (true {max(20, n // 250)}), noise {np.mean(result.labels < 0):.3f}", flush=True)
 
 
+def _episode_tables(episodes: range, per_episode: int, centres: np.ndarray, dim: int = 512):
+    """Embed and segment manifests of synthetic episodes (`per_episode` layers around `centres`)."""
+    import pyarrow as pa
+
+    ids, vectors = [], []
+    for e in episodes:
+        rng = np.random.default_rng(e)
+        x = centres[rng.integers(0, len(centres), per_episode)] + rng.normal(scale=0.03, size=(per_episode, dim))
+        vectors.append((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+        ids += [f"ep{e:04d}:{i:07d}:00" for i in range(per_episode)]
+    x, n = np.concatenate(vectors), len(ids)
+    embeds = pa.table({"item_id": ids, "source_id": [i[:-3] for i in ids], "embedder": ["colour-shape"] * n,
+                       "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel(), pa.float32()), dim),
+                       "sharpness": pa.array(np.full(n, 100.0), pa.float32()), "phash": ["0" * 16] * n,
+                       "kept": [True] * n, "drop_reason": pa.array([None] * n, pa.string())})
+    segment = pa.table({"item_id": ids, "source_id": [i[:-3] for i in ids], "episode": [i[:6] for i in ids],
+                        "path": ["layer.png"] * n, "kept": [True] * n})
+    return embeds, segment
+
+
+def _commit_inputs(store: RunStore, episodes: int, per_episode: int, centres: np.ndarray) -> dict:
+    """Commit segment + embed manifests of `episodes` synthetic episodes; the StageResults the runner would pass."""
+    from tasks.run.stage import StageResult
+
+    embeds, segment = _episode_tables(range(episodes), per_episode, centres)
+    results = {}
+    for stage, table in (("segment", segment), ("embed", embeds)):
+        store.begin_stage(stage, {})
+        digest = store.commit_stage(stage, table, f"{stage}-{episodes}")
+        results[stage] = StageResult(stage=stage, fingerprint=f"{stage}-{episodes}", manifest_digest=digest)
+    return results
+
+
+def add_episode_timing(sizes: list[int], per_episode: int = 1000, adds: int = 2) -> None:
+    """The cluster stage adding one episode of `per_episode` layers to a clustered run of n layers."""
+    import pyarrow.parquet as pq
+
+    from tasks.run.store import write_table
+
+    params = ClusterParams(fit_layers=2000)  # the first clustering is not what is measured here
+    print(f"\nadding one episode ({per_episode} layers) to a clustered run, through the stage (run store, "
+          f"manifests on disk); load {os.getloadavg()[0]:.1f}")
+    print(f"{'layers':>7} {'first (s)':>9} {'+1 ep (s)':>20} {'vs first size':>13} {'writes (s)':>10} "
+          f"{'embeddings decoded':>18} {'inputs (s)':>10}  mode")
+    base = None
+    for n in sorted(sizes):
+        rng = np.random.default_rng(0)
+        centres = rng.normal(size=(max(20, n // 250), 512))
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            store = RunStore(tmp, f"n{n}")
+            store.root.mkdir(parents=True)
+            (store.root / "layer.png").write_bytes(b"")
+            episodes = n // per_episode
+            start = time.perf_counter()
+            run_cluster(store, params, _commit_inputs(store, episodes, per_episode, centres))
+            first = time.perf_counter() - start
+            took, summary = [], {}
+            for k in range(1, adds + 1):
+                start = time.perf_counter()
+                upstream = _commit_inputs(store, episodes + k, per_episode, centres)
+                inputs = time.perf_counter() - start
+                start = time.perf_counter()
+                summary = run_cluster(store, params, upstream).summary
+                took.append(time.perf_counter() - start)
+            folder = store.stage_dir("cluster")
+            start = time.perf_counter()  # the whole-run files the stage rewrites: manifest + placement
+            for name in ("manifest.parquet", "placement.parquet"):
+                write_table(pq.read_table(folder / name), folder / f"again-{name}")
+            writes = time.perf_counter() - start
+        base = base or min(took)
+        print(f"{n:>7} {first:>9.1f} {' / '.join(f'{t:.2f}' for t in took):>20} {min(took) / base:>13.2f} "
+              f"{writes:>10.2f} {summary.get('embeddings_read', 'all'):>18} {inputs:>10.1f}  {summary['mode']}", flush=True)
+
+
 def quality(episodes: int, real: bool) -> None:
     from tests.footage import render_episode
 
@@ -109,7 +193,12 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=4, help="generated episodes for the quality figures")
     ap.add_argument("--skip-real", action="store_true", help="skip the frames + segment pipeline")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--add-episode", type=int, nargs="+", metavar="N",
+                    help="only time adding one episode to clustered runs of N layers (e.g. 10000 50000 100000 200000)")
     args = ap.parse_args()
+    if args.add_episode:
+        add_episode_timing(args.add_episode)
+        return
     if not args.skip_timing:
         timing(sorted(args.sizes))
     quality(args.episodes, not args.skip_real)

@@ -2,21 +2,27 @@
 
     .venv/bin/python -m benchmarks.frames [--seconds 60] [--width 640 --height 360]
 
-Everything is measured in this one process, so the ratios hold on a noisy machine.
+Everything is measured in this one process, so the ratios hold on a noisy machine; beside the
+wall-time ratio, the ratio of CPU time (all threads of the process) and the load average are
+printed: on a machine whose cores are all busy the stage's threads cannot overlap, and the CPU
+ratio is what the wall-time ratio tends to.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
 
-import av
+os.environ.setdefault("EPISODE2LORA_NO_PROGRESS", "1")  # progress lines would be part of what is timed
 
-from tasks.frames import FramesParams, extract_frames, run_frames
-from tasks.run.store import RunStore
-from tests.footage import ShotSpec, default_shots, render_episode
+import av  # noqa: E402
+
+from tasks.frames import FramesParams, extract_frames, run_frames  # noqa: E402
+from tasks.run.store import RunStore  # noqa: E402
+from tests.footage import ShotSpec, default_shots, render_episode  # noqa: E402
 
 
 def bare_decode(video: Path) -> int:
@@ -36,13 +42,16 @@ def best_of(n: int, fn) -> float:
     return min(times)
 
 
-def interleaved(repeats: int, baseline, candidate) -> tuple[float, float]:
-    """Best time of each, measured alternately so machine noise hits both alike."""
-    base, cand = [], []
+def interleaved(repeats: int, baseline, candidate) -> tuple[float, float, float, float]:
+    """Best wall and CPU time of each, measured alternately so machine noise hits both alike."""
+    times: dict[str, list[tuple[float, float]]] = {"base": [], "cand": []}
     for _ in range(repeats):
-        base.append(best_of(1, baseline))
-        cand.append(best_of(1, candidate))
-    return min(base), min(cand)
+        for key, fn in (("base", baseline), ("cand", candidate)):
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            times[key].append((time.perf_counter() - wall, time.process_time() - cpu))
+    best = {k: (min(w for w, _ in v), min(c for _, c in v)) for k, v in times.items()}
+    return best["base"][0], best["cand"][0], best["base"][1], best["cand"][1]
 
 
 def cut_scores(report: dict, truth: dict) -> tuple[int, int, int]:
@@ -56,6 +65,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--height", type=int, default=360)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ratios-only", action="store_true", help="skip cut detection and the no-op rerun")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,11 +81,14 @@ def main() -> None:
                              ("scene", FramesParams(mode="scene")),
                              ("keyframes", FramesParams(mode="keyframes"))):
             counter = iter(range(1000))
-            bare, stage = interleaved(args.repeats, lambda: bare_decode(video),
-                                      lambda: extract_frames(video, "e", params, tmp / f"o{next(counter)}", "x"))
+            bare, stage, bare_cpu, stage_cpu = interleaved(
+                args.repeats, lambda: bare_decode(video),
+                lambda: extract_frames(video, "e", params, tmp / f"o{next(counter)}", "x"))
             print(f"frames stage, {mode:<12} {n / stage:7.1f} frames/s, bare decode {n / bare:7.1f} frames/s, "
-                  f"ratio {bare / stage:.2f}")
+                  f"ratio {bare / stage:.2f} (CPU {bare_cpu / stage_cpu:.2f}), load {os.getloadavg()[0]:.1f}", flush=True)
 
+        if args.ratios_only:
+            return
         hits = found = true = 0
         for seed in range(10, 16):
             ep = tmp / f"cuts{seed}.mp4"

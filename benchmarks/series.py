@@ -200,10 +200,10 @@ def growth_point(n: int, root: str) -> dict:
            "full_new": scores(truth[new], full_table.column("cluster_id").to_pylist()[new])["ari"]}
 
     start = time.perf_counter()
-    tiers, tier_summary = tier_clusters(table, embeds, layers, TierParams())
+    tiers, _, members = tier_clusters(table, embeds, layers, TierParams())
     times["tier"] = time.perf_counter() - start
     start = time.perf_counter()
-    selected, characters, _ = select_characters(table, tiers, SelectParams())
+    selected, characters, _ = select_characters(table, tiers, SelectParams(), members=members)
     times["select"] = time.perf_counter() - start
     selected = selected.slice(0, max(1, n // 100))  # package: its cost is per image, so 1% of the layers
 

@@ -16,10 +16,13 @@ deterministic for a `seed`. (`episode2lora clean NAME --stage cluster` forgets t
 Series scale: above `fit_layers` layers UMAP and HDBSCAN see an even sample and the rest join
 the nearest cluster centroid (within `place_slack` x the cluster's radius). When episodes are
 added to a clustered run, the earlier layers keep their clusters and only the new layers are
-placed (`cluster/placement.parquet` holds the assignments, the centroid table the radii and the
-record of the last full clustering); the run is clustered in full again when the share of new
-layers that fit no cluster drifts above the share at the last fit by `refit_unplaced`, or when
-the run has grown by `refit_growth` since then (doubling: total work stays linear).
+placed (`cluster/placement.parquet` holds the assignments, the centroid table the radii, the
+members' embedding sums and the record of the last full clustering); placing reads only the new
+layers' embeddings (the embed manifest's row groups that hold them), so its time follows the new
+episode, not the run. The run is clustered in full again when earlier layers are gone, when the
+share of new layers that fit no cluster drifts above the share at the last fit by
+`refit_unplaced`, or when the run has grown by `refit_growth` since then (doubling: total work
+stays linear).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +45,7 @@ from tasks.run.stage import StageResult, finished, run_global_stage
 from tasks.run.store import RunStore, write_table
 
 STAGE = "cluster"
-VERSION = 1
+VERSION = 2
 NOISE = -1
 CENTROIDS = "centroids.parquet"
 PLACEMENT = "placement.parquet"
@@ -67,6 +70,7 @@ def centroid_schema(dim: int) -> pa.Schema:
         ("active", pa.bool_()),      # false: a cluster of an earlier run not seen now (its id stays reserved)
         ("centroid", pa.list_(pa.float32(), dim)),
         ("radius", pa.float32()),    # 95th percentile of the members' cosine distance to the centroid
+        ("weight", pa.float32()),    # length of the members' embedding sum (centroid x weight = the sum)
     ])
 
 
@@ -345,10 +349,17 @@ def map_positions(labels: np.ndarray, ref_labels: np.ndarray, ref_xy: np.ndarray
     out = np.zeros((len(labels), 2), np.float32)
     if not len(ref_xy):
         return out
-    refs = members_of(ref_labels)
+    ids, which = np.unique(ref_labels, return_inverse=True)  # per-cluster mean and spread in one pass
+    count = np.bincount(which)[:, None]
+    mean = np.stack([np.bincount(which, ref_xy[:, d]) for d in (0, 1)], 1) / count
+    spread = np.sqrt(np.maximum(np.stack([np.bincount(which, ref_xy[:, d] ** 2) for d in (0, 1)], 1) / count - mean ** 2, 0))
+    where = {int(k): i for i, k in enumerate(ids)}
     for k, mine in members_of(labels).items():
-        ref = ref_xy[refs[k]] if k != NOISE and k in refs else ref_xy
-        out[mine] = ref.mean(0) + rng.normal(size=(len(mine), 2)) * (ref.std(0) + 1e-3)
+        if k != NOISE and k in where:
+            centre, scale = mean[where[k]], spread[where[k]]
+        else:
+            centre, scale = ref_xy.mean(0), ref_xy.std(0)
+        out[mine] = centre + rng.normal(size=(len(mine), 2)) * (scale + 1e-3)
     return out
 
 
@@ -358,8 +369,8 @@ def _l2(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def centroids_of(x: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
-    """Normalised mean embedding per cluster id (noise excluded)."""
+def cluster_sums(x: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Sum of the members' embeddings per cluster id (noise excluded)."""
     from scipy.sparse import csr_matrix
 
     clustered = np.flatnonzero(labels != NOISE)
@@ -367,8 +378,12 @@ def centroids_of(x: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
     if not len(ids):
         return {}
     members = csr_matrix((np.ones(len(clustered), np.float32), (rows, clustered)), shape=(len(ids), len(x)))
-    sums = np.asarray(members @ x, np.float32)  # the mean's direction: normalising drops the count
-    return dict(zip(ids.tolist(), _l2(sums)))
+    return dict(zip(ids.tolist(), np.asarray(members @ x, np.float32)))
+
+
+def centroids_of(x: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Normalised mean embedding per cluster id (noise excluded): the sum's direction."""
+    return {k: _l2(v[None])[0] for k, v in cluster_sums(x, labels).items()}
 
 
 def match_ids(new: dict[int, np.ndarray], previous: pa.Table | None, embedder: str,
@@ -428,19 +443,19 @@ def read_previous_placement(folder: Path) -> pa.Table | None:
 
 def centroid_table(centroids: dict[int, np.ndarray], sizes: dict[int, int], embedder: str,
                    previous: pa.Table | None, dim: int, radii: dict[int, float] | None = None,
-                   fit: dict | None = None) -> pa.Table:
+                   fit: dict | None = None, weights: dict[int, float] | None = None) -> pa.Table:
     """This run's centroids (active) plus earlier ones not seen now (inactive, ids kept reserved).
 
     `fit` (when given) is kept in the table's metadata: what incremental placement needs to know
     about the last full clustering.
     """
-    radii = radii or {}
+    radii, weights = radii or {}, weights or {}
     rows = [{"cluster_id": k, "embedder": embedder, "size": sizes[k], "active": True, "centroid": v.tolist(),
-             "radius": radii.get(k)} for k, v in sorted(centroids.items())]
+             "radius": radii.get(k), "weight": weights.get(k)} for k, v in sorted(centroids.items())]
     if previous is not None and previous.num_rows and previous.schema.field("centroid").type.list_size == dim:
         for row in previous.to_pylist():
             if row["cluster_id"] not in centroids:
-                rows.append({**row, "active": False})
+                rows.append({"weight": None, **row, "active": False})
     schema = centroid_schema(dim)
     if fit is not None:
         schema = schema.with_metadata({FIT_KEY: json.dumps(fit, sort_keys=True)})
@@ -453,136 +468,159 @@ def _fit_settings(params: ClusterParams) -> dict:
 
 
 def _previous_fit(previous: pa.Table | None, placement: pa.Table | None, params: ClusterParams, embedder: str,
-                  dim: int) -> tuple[dict | None, str]:
-    """The last full clustering's record when new layers may be placed into it, else (None, why not)."""
+                  dim: int | None) -> tuple[dict | None, str]:
+    """The last full clustering's record when new layers may be placed into it, else (None, why not).
+    (`dim` None: not known before the vectors are read; placement checks it then.)"""
     if not params.incremental:
         return None, "incremental placement is off"
     if previous is None or placement is None:
         return None, "no earlier clustering"
     meta = previous.schema.metadata or {}
-    if FIT_KEY.encode() not in meta or "radius" not in previous.schema.names:
+    if FIT_KEY.encode() not in meta or "weight" not in previous.schema.names:
         return None, "the earlier clustering has no placement record"
     fit = json.loads(meta[FIT_KEY.encode()])
+    list_size = previous.schema.field("centroid").type.list_size
     if fit.get("settings") != _fit_settings(params):
         return None, "clustering parameters changed"
-    if fit.get("embedder") != embedder or previous.schema.field("centroid").type.list_size != dim:
+    if fit.get("embedder") != embedder or list_size != (dim or list_size):
         return None, "the embedder changed"
     return fit, ""
 
 
 @dataclass
 class _Placed:
-    """An incremental result: the layers' clusters, the updated fit record, centroids and radii."""
+    """An incremental result: the layers' clusters, the updated fit record, centroids, radii, weights."""
 
     clustering: Clustering
     fit: dict
     centroids: dict[int, np.ndarray]
     radii: dict[int, float]
+    weights: dict[int, float]
 
 
-def _place_new(x: np.ndarray, items: list[str], previous: pa.Table, placement: pa.Table, fit: dict,
-               params: ClusterParams) -> tuple[_Placed | None, str]:
-    """Keep earlier layers' clusters, place the new layers; (None, reason) when a full clustering is due."""
-    known = {i: k for k, i in enumerate(placement.column("item_id").to_pylist())}
-    old = np.array([i in known for i in items], bool)
+def _place_new(items: pa.Array, vectors: Callable[[pa.Array], np.ndarray], previous: pa.Table, placement: pa.Table,
+               fit: dict, params: ClusterParams) -> tuple[_Placed | None, str]:
+    """Keep earlier layers' clusters, place the new layers; (None, reason) when a full clustering is due.
+
+    Reads the embeddings of the new layers only: a grown cluster's centroid moves by the new members'
+    sum (the stored weight x centroid is the old members' sum); its radius becomes the size-weighted
+    mean of the old radius and the new members' 95th-percentile distance.
+    """
+    rows = pc.index_in(items, value_set=placement.column("item_id").combine_chunks())
+    old = rows.is_valid().to_numpy(zero_copy_only=False)
     if not old.any():
         return None, "no layer of the earlier clustering is left"
-    rows = np.array([known[i] for i in np.asarray(items, object)[old]], np.int64)
+    if old.sum() < placement.num_rows:
+        return None, f"{placement.num_rows - int(old.sum())} layers of the earlier clustering are gone"
+    new = ~old
+    x = vectors(items.filter(pa.array(new)))
     active = previous.filter(pc.equal(previous.column("active"), True))
     ids = active.column("cluster_id").to_pylist()
-    vectors = np.asarray(active.column("centroid").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                         np.float32).reshape(len(ids), -1)
-    centroids = dict(zip(ids, vectors))
-    radii = dict(zip(ids, active.column("radius").to_pylist()))
-    new = ~old
-    placed, probabilities = place_layers(x[new], centroids, radii, params.place_slack)
-    unplaced = float((placed == NOISE).mean()) if new.any() else 0.0
+    matrix = np.asarray(active.column("centroid").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                        np.float32).reshape(len(ids), -1)
+    if len(x) and x.shape[1] != previous.schema.field("centroid").type.list_size:
+        return None, "the embedder changed"
+    centroids, radii = dict(zip(ids, matrix)), dict(zip(ids, active.column("radius").to_pylist()))
+    weights, sizes = dict(zip(ids, active.column("weight").to_pylist())), dict(zip(ids, active.column("size").to_pylist()))
+    placed, probabilities = place_layers(x, centroids, radii, params.place_slack)
+    unplaced = float((placed == NOISE).mean()) if len(x) else 0.0
     drift = unplaced - fit["baseline_unplaced"]
     if drift > params.refit_unplaced:
         return None, f"drift: {unplaced:.0%} of the new layers fit no cluster ({fit['baseline_unplaced']:.0%} at the fit)"
     since = fit["placed_since_fit"] + int(new.sum())
     if since > params.refit_growth * fit["fitted_layers"]:
         return None, f"growth: {since} layers placed since the last full clustering of {fit['fitted_layers']}"
-    labels = np.full(len(items), NOISE, np.int64)
-    probs = np.zeros(len(items), np.float32)
-    map_xy = np.zeros((len(items), 2), np.float32)
-    labels[old] = placement.column("cluster_id").to_numpy()[rows]
-    probs[old] = placement.column("probability").to_numpy()[rows]
-    map_xy[old] = np.stack([placement.column("umap_x").to_numpy()[rows], placement.column("umap_y").to_numpy()[rows]], 1)
+    rows = pc.fill_null(rows, 0)  # the new layers' rows are filled in below
+    labels = placement.column("cluster_id").take(rows).to_numpy().astype(np.int64)
+    probs = placement.column("probability").take(rows).to_numpy().astype(np.float32)
+    map_xy = np.stack([placement.column(c).take(rows).to_numpy() for c in ("umap_x", "umap_y")], 1).astype(np.float32)
     labels[new], probs[new] = placed, probabilities
     map_xy[new] = map_positions(placed, labels[old], map_xy[old], params.seed)
-    present = set(np.unique(labels).tolist()) - {NOISE}
-    centroids = {k: v for k, v in centroids.items() if k in present}  # a cluster whose layers all left retires
-    radii = {k: v for k, v in radii.items() if k in present}
-    groups = members_of(labels)
-    for k in set(placed.tolist()) - {NOISE}:  # only the clusters that grew move: time follows the new layers
-        members = x[groups[k]]
-        centroids[k] = _l2(members.sum(0, keepdims=True))[0]
-        radii[k] = float(np.quantile(1.0 - members @ centroids[k], 0.95))
+    for k, mine in members_of(placed).items():  # only the clusters that grew move: time follows the new layers
+        if k == NOISE:
+            continue
+        total = centroids[k] * weights[k] + x[mine].sum(0)
+        centroids[k], weights[k] = _l2(total[None])[0], float(np.linalg.norm(total))
+        spread = float(np.quantile(1.0 - x[mine] @ centroids[k], 0.95))
+        radii[k] = (radii[k] * sizes[k] + spread * len(mine)) / (sizes[k] + len(mine))
     fit = {**fit, "placed_since_fit": since, "unplaced": round(unplaced, 4)}
-    return _Placed(Clustering(labels, probs, map_xy), fit, centroids, radii), ""
+    return _Placed(Clustering(labels, probs, map_xy), fit, centroids, radii, weights), ""
 
 
 # ---- the stage ----------------------------------------------------------------------------------
 
 def cluster_layers(embeds: pa.Table, layers: pa.Table, params: ClusterParams,
-                   previous: pa.Table | None = None, placement: pa.Table | None = None) -> tuple[pa.Table, pa.Table, dict]:
+                   previous: pa.Table | None = None, placement: pa.Table | None = None,
+                   vectors: Callable[[pa.Array], np.ndarray] | None = None) -> tuple[pa.Table, pa.Table, dict]:
     """Cluster the kept layers of an embed manifest, or place new layers into the earlier clusters.
 
     With the earlier result (`previous` centroids and `placement`) and `params.incremental`, the
     earlier layers keep their clusters and only the new layers are placed (time proportional to
-    them); the whole run is clustered again when the parameters or embedder changed, when too
-    many new layers fit no cluster (drift) or when the run has grown by `refit_growth`.
+    them); the whole run is clustered again when the parameters or embedder changed, when
+    earlier layers are gone, when too many new layers fit no cluster (drift) or when the run has
+    grown by `refit_growth`.
 
     Args:
-        embeds: embed manifest (item_id, source_id, embedder, embedding, kept).
+        embeds: embed manifest (item_id, source_id, embedder, kept; `embedding` unless `vectors` is given).
         layers: segment manifest (item_id, path) for the layer files.
         params: clustering parameters.
         previous: the earlier run's centroid table, for id matching (None: ids from 0).
         placement: the earlier run's layer assignments (PLACEMENT), for incremental placement.
+        vectors: item ids -> their embeddings, in order (default: from `embeds`' embedding column);
+            placement asks only for the new layers'.
     Returns:
         (cluster manifest with SCHEMA, centroid table, summary).
     """
     from tasks.embed import read_embeddings
 
     kept = embeds.filter(pc.equal(embeds.column("kept"), True)).sort_by("item_id")
-    x = read_embeddings(kept)
-    dim = x.shape[1] if x.size else embeds.schema.field("embedding").type.list_size
-    embedders = sorted(set(kept.column("embedder").to_pylist()))
+    items = kept.column("item_id").combine_chunks()
+    if vectors is None:
+        def vectors(ids: pa.Array) -> np.ndarray:
+            return read_embeddings(kept.take(pc.index_in(ids, value_set=items)))
+    dim = embeds.schema.field("embedding").type.list_size if "embedding" in embeds.schema.names else None
+    embedders = pc.unique(kept.column("embedder")).to_pylist()
     if len(embedders) > 1:
-        raise ValueError(f"the embed manifest mixes embedders {embedders}; re-run the embed stage")
+        raise ValueError(f"the embed manifest mixes embedders {sorted(embedders)}; re-run the embed stage")
     embedder = embedders[0] if embedders else ""
-    items = kept.column("item_id").to_pylist()
     fit, why_full = _previous_fit(previous, placement, params, embedder, dim)
     incremental = None
     if fit is not None:
-        incremental, why_full = _place_new(x, items, previous, placement, fit, params)
+        incremental, why_full = _place_new(items, vectors, previous, placement, fit, params)
     if incremental is not None:
-        result, fit, stable_centroids, radii = incremental.clustering, incremental.fit, incremental.centroids, incremental.radii
+        result, fit = incremental.clustering, incremental.fit
+        stable_centroids, radii, weights = incremental.centroids, incremental.radii, incremental.weights
         stable = result.labels
-        matched = len(stable_centroids)  # every cluster kept its id
+        dim = previous.schema.field("centroid").type.list_size
     else:
+        x = vectors(items)
+        dim = x.shape[1] if x.size else (dim or 1)
         result = cluster_embeddings(x, params)
-        centroids = centroids_of(x, result.labels)
+        sums = cluster_sums(x, result.labels)
+        centroids = {k: _l2(v[None])[0] for k, v in sums.items()}
         mapping, matched = match_ids(centroids, previous, embedder, params.match_threshold)
         stable = np.array([mapping.get(v, NOISE) for v in result.labels.tolist()], dtype=np.int64)
         stable_centroids = {mapping[k]: v for k, v in centroids.items()}
-    ids, counts = np.unique(stable[stable != NOISE], return_counts=True)
-    sizes = dict(zip(ids.tolist(), counts.tolist()))
-    if incremental is None:
+        weights = {mapping[k]: float(np.linalg.norm(v)) for k, v in sums.items()}
         radii = cluster_radii(x, stable, stable_centroids)
         placed, _ = place_layers(x, stable_centroids, radii, params.place_slack)
         fit = {"settings": _fit_settings(params), "embedder": embedder, "fitted_layers": len(items),
                "placed_since_fit": 0, "baseline_unplaced": round(float((placed == NOISE).mean()) if len(items) else 0.0, 4)}
-    paths = dict(zip(layers.column("item_id").to_pylist(), layers.column("path").to_pylist()))
+    ids, counts = np.unique(stable[stable != NOISE], return_counts=True)
+    sizes = dict(zip(ids.tolist(), counts.tolist()))
+    present = set(sizes)  # a cluster whose layers all left retires (its id stays reserved)
+    stable_centroids = {k: v for k, v in stable_centroids.items() if k in present}
+    if incremental is not None:
+        matched = len(stable_centroids)  # every cluster kept its id
+    path_rows = pc.index_in(items, value_set=layers.column("item_id").combine_chunks())
     table = pa.table({
         "item_id": items,
-        "source_id": kept.column("source_id").to_pylist(),
+        "source_id": kept.column("source_id"),
         "cluster_id": pa.array(stable, pa.int32()),
         "probability": pa.array(result.probabilities, pa.float32()),
         "umap_x": pa.array(result.map_xy[:, 0] if len(items) else [], pa.float32()),
         "umap_y": pa.array(result.map_xy[:, 1] if len(items) else [], pa.float32()),
-        "path": [paths.get(i) for i in items],
+        "path": layers.column("path").take(path_rows),
     }, schema=SCHEMA)
     n = len(items)
     summary = {
@@ -594,7 +632,7 @@ def cluster_layers(embeds: pa.Table, layers: pa.Table, params: ClusterParams,
         "placed": fit["placed_since_fit"] if incremental is not None else 0,
         "full_because": why_full if incremental is None else None,
     }
-    return table, centroid_table(stable_centroids, sizes, embedder, previous, dim, radii, fit), summary
+    return table, centroid_table(stable_centroids, sizes, embedder, previous, dim, radii, fit, weights), summary
 
 
 def placement_table(table: pa.Table) -> pa.Table:
@@ -602,15 +640,43 @@ def placement_table(table: pa.Table) -> pa.Table:
     return table.select(["item_id", "cluster_id", "probability", "umap_x", "umap_y"])
 
 
+def _read_input(store: RunStore, result: StageResult, columns: list[str]) -> pa.Table:
+    """Some columns of an input manifest, which must still be the one `result` was made from
+    (its marker's digest; the runner verified the file itself when it produced `result`)."""
+    from tasks.run.store import StageNotDoneError
+
+    marker = store.marker(result.stage) or {}
+    if marker.get("manifest_digest") != result.manifest_digest:
+        raise StageNotDoneError(f"stage '{result.stage}' of run '{store.name}' changed or is not done; run it again")
+    return pq.read_table(store.manifest_path(result.stage), columns=columns)
+
+
 def run_cluster(store: RunStore, params: ClusterParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
-    """The stage as one plain call: read embed + segment, cluster, match ids, commit."""
+    """The stage as one plain call: read embed + segment, cluster (or place the new layers), match ids, commit.
+
+    The embeddings are read from the embed manifest only for the layers that need them (all of
+    them for a full clustering, the new ones for a placement); `summary["embeddings_read"]` counts
+    the rows decoded.
+    """
+    from tasks.embed import embeddings_of
+
     upstream = upstream or {s: finished(store, s) for s in ("embed", "segment")}
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
         previous = read_previous_centroids(folder)  # the last result, read before it is replaced
         placement = read_previous_placement(folder)
-        embeds, segments = (store.read_manifest(upstream[role].stage) for role in ("embed", "segment"))
-        table, centroids, summary = cluster_layers(embeds, segments, params, previous, placement)
+        embeds = _read_input(store, upstream["embed"], ["item_id", "source_id", "embedder", "kept"])
+        segments = _read_input(store, upstream["segment"], ["item_id", "path"])
+        decoded = 0
+
+        def vectors(items: pa.Array) -> np.ndarray:
+            nonlocal decoded
+            x, rows = embeddings_of(store.manifest_path(upstream["embed"].stage), items, embeds.column("item_id"))
+            decoded += rows
+            return x
+
+        table, centroids, summary = cluster_layers(embeds, segments, params, previous, placement, vectors)
+        summary["embeddings_read"] = decoded
         write_table(centroids, folder / CENTROIDS)
         write_table(placement_table(table), folder / PLACEMENT)
         return table, summary, [f"{STAGE}/{CENTROIDS}", f"{STAGE}/{PLACEMENT}"]

@@ -288,6 +288,36 @@ def read_embeddings(table: pa.Table) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
 
 
+def embeddings_of(path: Path, items: pa.Array | list[str], all_items: pa.ChunkedArray | None = None) -> tuple[np.ndarray, int]:
+    """The embeddings of `items` (in their order) from an embed manifest, decoding only the row groups
+    that hold them (the manifest is sorted by item_id, so one episode's layers sit together).
+    `all_items`: the manifest's item_id column when the caller has read it already.
+
+    Returns (an (n, dim) float32 array, rows decoded). Raises KeyError naming an item not in `path`.
+    """
+    import pyarrow.parquet as pq
+
+    items = pa.array(items, pa.string()) if isinstance(items, list) else items
+    manifest = pq.ParquetFile(path)
+    dim = manifest.schema_arrow.field("embedding").type.list_size
+    if not len(items):
+        return np.zeros((0, dim), np.float32), 0
+    all_items = manifest.read(columns=["item_id"]).column("item_id") if all_items is None else all_items
+    rows = pc.index_in(items, value_set=all_items.combine_chunks())
+    if rows.null_count:
+        missing = items.filter(pc.is_null(rows))[0].as_py()
+        raise KeyError(f"layer {missing!r} is not in the embed manifest {path}")
+    rows = rows.to_numpy()
+    sizes = np.array([manifest.metadata.row_group(g).num_rows for g in range(manifest.num_row_groups)], np.int64)
+    starts = np.cumsum(sizes) - sizes
+    group_of = np.searchsorted(starts, rows, side="right") - 1  # each wanted row's row group
+    groups = np.unique(group_of)
+    part = manifest.read_row_groups(groups.tolist(), columns=["embedding"])
+    begins = np.cumsum(sizes[groups]) - sizes[groups]  # where each decoded group starts in `part`
+    local = rows - starts[group_of] + begins[np.searchsorted(groups, group_of)]
+    return read_embeddings(part.take(pa.array(local))), part.num_rows
+
+
 EMBED = ShardedStage(
     name=STAGE, version=VERSION, params=EmbedParams, inputs=("segment",), title="embed",
     plan=lambda store, params, inputs: plan_embed(store, params.embed, inputs["segment"].stage),

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.frames import FramesParams, discover_videos, extract_frames, run_frames
+from tasks.frames import FramesParams, at_width, discover_videos, extract_frames, luma, run_frames
 from tasks.run.store import RunStore
 from tests.conftest import ROOT, run_cli
 from tests.footage import ShotSpec, render_episode
@@ -94,6 +94,21 @@ def test_webp_frames_are_lossless(tmp_path, episode):
     assert row["path"].endswith(".webp")
     saved = cv2.cvtColor(cv2.imread(str(tmp_path / Path(row["path"]).relative_to("p"))), cv2.COLOR_BGR2RGB)
     assert np.array_equal(saved, decoded_frames(episode)[row["frame_index"]])
+
+
+def test_png_frames_are_lossless_and_measured_on_their_luma(tmp_path, episode):
+    """PNG with one row filter is still lossless; the luma-plane measures match grey from the RGB frame."""
+    table, _ = extract_frames(episode, "ep", FramesParams(mode="interval"), tmp_path, "p")
+    row = next(r for r in table.to_pylist() if r["kept"])
+    saved = cv2.cvtColor(cv2.imread(str(tmp_path / Path(row["path"]).relative_to("p"))), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(saved, decoded_frames(episode)[row["frame_index"]])
+    with av.open(str(episode)) as c:
+        frame = next(f for i, f in enumerate(c.decode(video=0)) if i == row["frame_index"])
+        grey = at_width(cv2.cvtColor(frame.to_ndarray(format="rgb24"), cv2.COLOR_RGB2GRAY))
+        from_plane = luma(frame)
+    assert frame.format.name == "yuv420p" and from_plane.shape == grey.shape
+    assert np.abs(from_plane.astype(int) - grey.astype(int)).mean() < 2.0  # limited range scaled to 0-255
+    assert row["brightness"] == pytest.approx(float(from_plane.mean()), abs=1e-3)
 
 
 def test_repeated_opening_is_dropped_across_episodes(tmp_path):

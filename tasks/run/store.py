@@ -136,10 +136,16 @@ def _count_files(folder: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(folder))
 
 
+ROW_GROUP_BYTES = 4 << 20
+"""Row groups of about this many (uncompressed) bytes, so a reader can decode a part of a big
+manifest (one episode's embeddings) without decoding all of it."""
+
+
 def write_table(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file atomically (temporary name, then rename)."""
+    """Write a Parquet file atomically (temporary name, then rename), in row groups of ~ROW_GROUP_BYTES."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
+    row_bytes = table.nbytes / max(table.num_rows, 1)
+    pq.write_table(table, tmp, compression="zstd", row_group_size=max(64, int(ROW_GROUP_BYTES / max(row_bytes, 1))))
     os.replace(tmp, path)
 
 
