@@ -2,7 +2,8 @@
 
 Hygiene first: each cluster's members are scored by their cosine distance to the cluster's
 medoid; a member further than `outlier_mads` robust deviations (median + MAD) is trimmed to
-noise, and a member whose segment `character_score` is below `min_character_score` is not
+noise (a layer cut from a glued one beyond `cut_outlier_mads`; an uncut layer that moves like a
+character, score >= `moving_score`, only beyond `moving_outlier_mads`), and a member whose segment `character_score` is below `min_character_score` is not
 character material. `kind` is `character` when at least `character_share` of the members are
 character material, `scenery` when at most `scenery_share` are, else `mixed`; only character
 clusters are recommended. `purity` estimates the share of true character layers among those
@@ -34,7 +35,7 @@ from tasks.run.stage import StageResult, finished, run_global_stage
 from tasks.run.store import RunStore, write_table
 
 STAGE = "tier"
-VERSION = 2
+VERSION = 3
 TIERS: tuple[str, ...] = ("S", "A", "B", "C", "D")
 Tier = Literal["S", "A", "B", "C", "D"]
 UNKNOWN = "unknown"
@@ -102,6 +103,11 @@ class TierParams(BaseModel):
                                 "this many robust deviations (1.4826 MAD) are trimmed to noise")
     cut_outlier_mads: float = Field(2.5, gt=0, description="the same, stricter, for layers cut from a glued layer "
                                     "(segment split_from): a cut that does not look like its cluster is usually scenery")
+    moving_score: float = Field(0.8, ge=0, le=1, description="uncut layers whose character_score is at least this (they "
+                                "move against their shot as a character does) are trimmed only beyond moving_outlier_mads")
+    moving_outlier_mads: float = Field(12.0, gt=0, description="the outlier distance, in robust deviations, for layers that "
+                                       "move like a character: in a small, tight cluster the MAD is tiny, and the same "
+                                       "character in another pose or with a bit of scenery lies 5-10 deviations out")
     split_silhouette: float = Field(0.6, ge=-1, le=1, description="a cluster whose members form two groups with a mean "
                                     "silhouette of at least this is split: the group away from the medoid is trimmed "
                                     "to noise (it is usually another character or scenery)")
@@ -282,12 +288,14 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
             "duplicate_ratio": duplicate_ratio([phash[i] for i in idx if phash[i]], params.duplicate_distance),
             "mean_layer_area": float(np.mean([seg.get(r["item_id"], {}).get("area_frac") or 0.0 for r in rows_c])),
         }
-        dist, z, outlier = typicality(x, params.outlier_mads)
-        cut = np.array([seg.get(r["item_id"], {}).get("split_from") is not None for r in rows_c])
-        outlier |= cut & (z > params.cut_outlier_mads)
-        outlier |= second_group(x, params.min_group, params.split_silhouette)
         scores = [seg.get(r["item_id"], {}).get("character_score") for r in rows_c]
         scores = [1.0 if s is None else float(s) for s in scores]
+        cut = np.array([seg.get(r["item_id"], {}).get("split_from") is not None for r in rows_c])
+        dist, z, outlier = typicality(x, params.outlier_mads)
+        moving = ~cut & (np.array(scores) >= params.moving_score)
+        outlier &= ~moving | (z > params.moving_outlier_mads)
+        outlier |= cut & (z > params.cut_outlier_mads)
+        outlier |= second_group(x, params.min_group, params.split_silhouette)
         kind = cluster_kind([s for s, o in zip(scores, outlier) if not o], params)
         used = [not o and s >= params.min_character_score and kind != "scenery" for s, o in zip(scores, outlier)]
         for r, d, t, s, o, u in zip(rows_c, dist, z, scores, outlier, used):
