@@ -2,13 +2,15 @@
 
 Hygiene first: each cluster's members are scored by their cosine distance to the cluster's
 medoid; a member further than `outlier_mads` robust deviations (median + MAD) is trimmed to
-noise (a layer cut from a glued one beyond `cut_outlier_mads`; an uncut layer that moves like a
-character, score >= `moving_score`, only beyond `moving_outlier_mads`), and a member whose segment `character_score` is below `min_character_score` is not
-character material. `kind` is `character` when at least `character_share` of the members are
-character material, `scenery` when at most `scenery_share` are, else `mixed`; only character
-clusters are recommended. `purity` estimates the share of true character layers among those
-`select` will take (their mean character score). `tier/members.parquet` holds the per-layer
-verdicts (typicality, outlier, used) that `select` and the report read.
+noise (a layer cut from a glued one already beyond `cut_outlier_mads`; an uncut layer that
+moves like a character, score >= `moving_score`, only beyond `moving_outlier_mads`), and a
+member whose segment `character_score` is below `min_character_score` is not character
+material. `kind` is `character` when at least `character_share` of the members are character
+material (one without a motion cue, from a shot of one sampled frame, counts half), `scenery`
+when at most `scenery_share` are, else `mixed`; only character clusters are recommended.
+`purity` estimates the share of true character layers among those `select` will take (their
+mean character score). `tier/members.parquet` holds the per-layer verdicts (typicality,
+outlier, used) that `select` and the report read.
 
 Tiers follow the Yokai guide by cluster size (S 100+, A 50-99, B 20-49, C 15-19, D < 15; the
 thresholds are parameters). A cluster of poor quality moves down one tier: low mean
@@ -236,12 +238,21 @@ def second_group(x: np.ndarray, min_group: int, min_silhouette: float) -> np.nda
     return side != side[medoid]
 
 
-def cluster_kind(character_scores: list[float], params: TierParams) -> str:
-    """character / scenery / mixed from the share of members that are character material."""
-    share = float(np.mean([s >= params.min_character_score for s in character_scores])) if character_scores else 0.0
-    if share >= params.character_share:
+def cluster_kind(character_scores: list[float], params: TierParams, cues: list[bool] | None = None) -> str:
+    """character / scenery / mixed from the share of members that are character material.
+
+    `cues`: per member, whether its score rests on a motion cue. Character material without one
+    (a shot of one sampled frame: nothing showed it moving) counts half towards `character`, so
+    a small cluster whose character evidence is mostly unseen layers is `mixed`, not `character`.
+    """
+    if not character_scores:
+        return "scenery"
+    cues = [True] * len(character_scores) if cues is None else cues
+    material = [s >= params.min_character_score for s in character_scores]
+    evidence = float(np.mean([(1.0 if c else 0.5) if m else 0.0 for m, c in zip(material, cues)]))
+    if evidence >= params.character_share:
         return "character"
-    return "scenery" if share <= params.scenery_share else "mixed"
+    return "scenery" if float(np.mean(material)) <= params.scenery_share else "mixed"
 
 
 # ---- the stage ------------------------------------------------------------------------------------
@@ -266,7 +277,7 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
     vectors = read_embeddings(emb_rows)
     sharp = emb_rows.column("sharpness").to_pylist()
     phash = emb_rows.column("phash").to_pylist()
-    fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score", "split_from")
+    fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score", "split_from", "motion")
               if f in layers.column_names]
     seg = {r["item_id"]: r for r in layers.select(fields).to_pylist()}
     by_cluster: dict[int, list[dict]] = {}
@@ -296,7 +307,10 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
         outlier &= ~moving | (z > params.moving_outlier_mads)
         outlier |= cut & (z > params.cut_outlier_mads)
         outlier |= second_group(x, params.min_group, params.split_silhouette)
-        kind = cluster_kind([s for s, o in zip(scores, outlier) if not o], params)
+        cues = [seg.get(r["item_id"], {}).get("motion", 0.0) is not None  # unscored layers: no cue needed
+                or seg.get(r["item_id"], {}).get("character_score") is None for r in rows_c]
+        kind = cluster_kind([s for s, o in zip(scores, outlier) if not o], params,
+                            [c for c, o in zip(cues, outlier) if not o])
         used = [not o and s >= params.min_character_score and kind != "scenery" for s, o in zip(scores, outlier)]
         for r, d, t, s, o, u in zip(rows_c, dist, z, scores, outlier, used):
             verdicts.append({"item_id": r["item_id"], "cluster_id": cid, "distance": float(d), "typicality": float(t),

@@ -262,3 +262,37 @@ def test_scenery_clusters_are_never_recommended(tiered):
     assert all(s[2] is None for s in seen.values() if s[0] == "scenery"), seen  # what is called scenery is scenery
     assert any(s[2] is None and s[3] >= 0.9 for s in seen.values()), seen  # u2netp's scenery layers are found...
     assert sum(s[1] for s in seen.values()) >= 1, seen  # ...and characters are still recommended
+
+
+def test_a_small_cluster_of_unseen_and_scenery_layers_is_mixed(tiered):
+    """The two-episode run's 5-layer cluster that is 60% scenery (two of its layers come from
+    shots of one sampled frame: no motion cue) is not called a character."""
+    import pyarrow.parquet as pq
+    from collections import Counter
+
+    from tests.truth_layers import identities_of_layers
+
+    store, videos = tiered
+    truth = identities_of_layers(store.read_manifest("segment"), videos)
+    motion = {r["item_id"]: r["motion"] for r in store.read_manifest("segment").to_pylist()}
+    members = pq.read_table(store.stage_dir("tier") / "members.parquet").to_pylist()
+    checked = 0
+    for row in store.read_manifest("tier").to_pylist():
+        mine = [m for m in members if m["cluster_id"] == row["cluster_id"] and not m["outlier"]]
+        scenery = sum(truth.get(m["item_id"]) is None for m in mine) / len(mine)
+        unseen = sum(motion[m["item_id"]] is None for m in mine)
+        if len(mine) >= 5 and scenery >= 0.6 and unseen >= 2:
+            checked += 1
+            assert row["kind"] != "character", (row, Counter(truth.get(m["item_id"]) for m in mine))
+    assert checked >= 1  # the footage still holds such a cluster (else this test proves nothing)
+
+
+def test_cluster_kind_counts_layers_without_a_motion_cue_half():
+    from tasks.tier import TierParams, cluster_kind
+
+    params = TierParams()
+    five = [1.0, 0.9, 0.5, 0.5, 0.1]
+    assert cluster_kind(five, params) == "character"  # without cues: 4 of 5 are character material
+    assert cluster_kind(five, params, [True, True, False, False, True]) == "mixed"
+    assert cluster_kind([0.9] * 9 + [0.5], params, [True] * 9 + [False]) == "character"
+    assert cluster_kind([0.1] * 4 + [0.5], params, [True] * 4 + [False]) == "scenery"
