@@ -27,6 +27,8 @@ GHOST_SHARE = 0.8
 """A moving part this much inside the other frames' foreground is a ghost of their character."""
 WIDE = 0.6
 """A layer at least this share of the frame wide is a landscape strip (hills, a street, glued scenery)."""
+HEAD_BAND = 0.2
+"""The top share of a layer's height where two figures side by side show two heads."""
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -182,3 +184,42 @@ def character_score(motion: float | None, bbox: list[int], pixels: np.ndarray, c
         score -= 0.1
         reasons.append(f"soft mask (confidence {confidence:.2f})")
     return float(np.clip(score, 0.0, 1.0)), reasons
+
+
+def split_pair(pixels: np.ndarray, min_pixels: float, *, valley: float, min_height: float = 0.6
+               ) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(left, right, cut column) of a layer that holds two figures side by side, else None.
+
+    Two heads, one mask: the column profile of the layer's top `HEAD_BAND` (opaque pixels per
+    column; arms and hands that touch lie lower) has two peaks with a clear valley between them,
+    at most `valley` times the lower peak beside it; the cut leaves at least a fifth of the
+    layer's width on each side, and each side holds at least `min_pixels` and stands at least
+    `min_height` of the layer's height. One figure's head band falls off towards its sides
+    without rising again, so it is not cut.
+    """
+    cols = np.flatnonzero(pixels.any(0))
+    rows = np.flatnonzero(pixels.any(1))
+    if len(cols) < 10 or len(rows) < 10:
+        return None
+    x0, x1 = int(cols[0]), int(cols[-1]) + 1
+    width, height = x1 - x0, int(rows[-1] - rows[0] + 1)
+    k = max(3, width // 20)
+    top = int(rows[0])
+    band = pixels[top:top + max(1, round(HEAD_BAND * height)), x0:x1]
+    profile = np.convolve(band.sum(0).astype(np.float32), np.ones(k, np.float32) / k, mode="same")
+    left_peak = np.maximum.accumulate(profile)
+    right_peak = np.maximum.accumulate(profile[::-1])[::-1]
+    lo, hi = width // 5, width - width // 5
+    if hi <= lo:
+        return None
+    ratio = profile[lo:hi] / np.maximum(np.minimum(left_peak[lo:hi], right_peak[lo:hi]), 1e-6)
+    cut = lo + int(np.argmin(ratio))
+    if ratio[cut - lo] > valley:
+        return None
+    column = np.arange(pixels.shape[1])[None, :]
+    left, right = pixels & (column < x0 + cut), pixels & (column >= x0 + cut)
+    for side in (left, right):
+        side_rows = np.flatnonzero(side.any(1))
+        if side.sum() < min_pixels or side_rows[-1] - side_rows[0] + 1 < min_height * height:
+            return None
+    return left, right, x0 + cut

@@ -296,3 +296,91 @@ def test_cluster_kind_counts_layers_without_a_motion_cue_half():
     assert cluster_kind(five, params, [True, True, False, False, True]) == "mixed"
     assert cluster_kind([0.9] * 9 + [0.5], params, [True] * 9 + [False]) == "character"
     assert cluster_kind([0.1] * 4 + [0.5], params, [True] * 4 + [False]) == "scenery"
+
+
+# ---- two figures in one mask ---------------------------------------------------------------------
+
+def _pair_frames(tmp_path: Path, left: str, right: str) -> tuple[list[dict], list[list[list[int]]], list[np.ndarray]]:
+    """Three frames of one shot: two generator sprites walking side by side, touching.
+
+    Returns (frame rows, true boxes per frame [left, right], the union masks).
+    """
+    W, H = SIZE
+    world = make_background(7, SIZE)
+    frames, boxes, masks = [], [], []
+    for k, pose in enumerate(("walk1", "walk4", "idle")):
+        image = world[:, 40:40 + W].copy()
+        union = np.zeros((H, W), np.float32)
+        truth, x = [], 70 + 16 * k  # they walk: both move against the shot
+        for name, flip in ((left, False), (right, True)):
+            rgb, alpha = _sprite(name, pose, 100, flip)
+            cols = np.flatnonzero((alpha > 0.5).any(0))
+            x0 = x - cols[0] if not truth else truth[0][2] - cols[0] - 2  # the second touches the first
+            y0 = 60
+            region = image[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]].astype(np.float32)
+            image[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] = (rgb + region * (1 - alpha[..., None])).round().astype(np.uint8)
+            union[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] = np.maximum(
+                union[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]], (alpha > 0.5).astype(np.float32))
+            ys, xs = np.nonzero(alpha > 0.5)
+            truth.append([x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1])
+        Image.fromarray(image).save(tmp_path / f"{k}.png")
+        frames.append({"item_id": f"ep:{k:07d}", "episode": "ep", "frame_index": k, "shot_id": 1, "path": f"{k}.png",
+                       "width": W, "height": H})
+        boxes.append(truth)
+        masks.append(union)
+    return frames, boxes, masks
+
+
+class _MaskSegmenter:
+    """Gives the prepared masks in order (the two touching figures as one blob)."""
+
+    name = "given"
+
+    def __init__(self, masks: list[np.ndarray]):
+        self.masks = list(masks)
+
+    def segment(self, images):
+        out, self.masks = self.masks[:len(images)], self.masks[len(images):]
+        return out
+
+
+@pytest.mark.parametrize("left,right", [("robot", "zombie"), ("female_person", "male_adventurer")])
+def test_two_figures_in_one_mask_are_cut_into_one_layer_each(tmp_path, left, right):
+    frames, boxes, masks = _pair_frames(tmp_path, left, right)
+    params = SegmentParams(model="u2netp", split_glued=False, split_pairs=True)
+    table, report = segment_frames(frames, tmp_path, params, _MaskSegmenter(masks), tmp_path / "out", "p")
+    rows = [r for r in table.to_pylist() if r["kept"]]
+    for frame, truth in zip(frames, boxes):
+        mine = [r for r in rows if r["source_id"] == frame["item_id"]]
+        assert len(mine) == 2, [r["bbox"] for r in mine]
+        for box in truth:  # each figure is its own layer (the benchmark's match rule)
+            hit = max(mine, key=lambda r: box_iou(r["bbox"], box))
+            assert box_iou(hit["bbox"], box) >= 0.5, ([r["bbox"] for r in mine], truth)
+            assert hit["split_from"] == 1 and "two figures side by side" in hit["character_reasons"]
+    assert report["split"] == 6
+    whole, _ = segment_frames(frames, tmp_path, SegmentParams(model="u2netp", split_glued=False, split_pairs=False),
+                              _MaskSegmenter(masks), tmp_path / "whole", "p")
+    assert [r["source_id"] for r in whole.to_pylist()] == [f["item_id"] for f in frames]  # without the cut: one blob
+    assert all(r["split_from"] is None for r in whole.to_pylist())
+
+
+def test_one_figure_is_never_cut_in_two():
+    from tasks.characterness import split_pair
+    from tests.footage import IDENTITIES, WALK
+
+    for name in IDENTITIES:
+        for pose in (*WALK, "idle", "jump"):
+            for height in (60, 100, 140):
+                for flip in (False, True):
+                    _, alpha = _sprite(name, pose, height, flip)
+                    pixels = np.zeros((180, 320), bool)
+                    pixels[10:10 + height, 100:100 + alpha.shape[1]] = alpha > 0.5
+                    assert split_pair(pixels, 576, valley=SegmentParams().pair_valley) is None, (name, pose, height)
+
+
+def test_the_pair_split_parameters_change_only_the_fingerprints_they_should():
+    base = params_affecting_output(SegmentParams())
+    assert "split_pairs" not in base and "pair_valley" not in base  # off (the default): fingerprints as before
+    assert params_affecting_output(SegmentParams(pair_valley=0.2)) == base
+    on = params_affecting_output(SegmentParams(split_pairs=True))
+    assert on != base and params_affecting_output(SegmentParams(split_pairs=True, pair_valley=0.2)) != on
