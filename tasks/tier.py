@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.embed import EmbedParams, read_embeddings
+from tasks.groups import second_group
 from tasks.run.spec import GlobalStage
 from tasks.run.stage import StageResult, finished, run_global_stage
 from tasks.run.store import RunStore, write_table
@@ -110,9 +111,10 @@ class TierParams(BaseModel):
     moving_outlier_mads: float = Field(12.0, gt=0, description="the outlier distance, in robust deviations, for layers that "
                                        "move like a character: in a small, tight cluster the MAD is tiny, and the same "
                                        "character in another pose or with a bit of scenery lies 5-10 deviations out")
-    split_silhouette: float = Field(0.6, ge=-1, le=1, description="a cluster whose members form two groups with a mean "
-                                    "silhouette of at least this is split: the group away from the medoid is trimmed "
-                                    "to noise (it is usually another character or scenery)")
+    split_silhouette: float = Field(0.6, ge=-1, le=1, description="a cluster whose members still form two groups with a "
+                                    "mean silhouette of at least this (the cluster stage splits them at a full "
+                                    "clustering; layers placed since can form one) has the group away from the medoid "
+                                    "trimmed to noise")
     min_group: int = Field(3, ge=2, description="the smaller of two groups needs at least this many members to split")
 
     @model_validator(mode="after")
@@ -206,36 +208,6 @@ def typicality(x: np.ndarray, outlier_mads: float) -> tuple[np.ndarray, np.ndarr
     spread = max(1.4826 * float(np.median(np.abs(dist - centre))), 1e-3)
     z = ((dist - centre) / spread).astype(np.float32)
     return dist, z, z > outlier_mads
-
-
-def second_group(x: np.ndarray, min_group: int, min_silhouette: float) -> np.ndarray:
-    """Members of the group away from the medoid when a cluster's rows of L2-normalised `x` form
-    two groups (2-means by cosine, started from the medoid and the member furthest from it, with a
-    mean silhouette of at least `min_silhouette`); otherwise no member."""
-    none = np.zeros(len(x), bool)
-    if len(x) < 2 * min_group:
-        return none
-    sims = x @ x.T
-    medoid = int(np.argmax(sims.sum(1)))
-    centres = x[[medoid, int(np.argmin(sims[medoid]))]]
-    for _ in range(20):
-        side = np.argmax(x @ centres.T, axis=1)
-        if side.min() == side.max():
-            return none
-        new = np.stack([x[side == k].mean(0) for k in (0, 1)])
-        new /= np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-12)
-        if np.allclose(new, centres):
-            break
-        centres = new
-    if min((side == 0).sum(), (side == 1).sum()) < min_group:
-        return none
-    dist = 1.0 - sims
-    own = np.array([dist[i, side == side[i]].sum() / max((side == side[i]).sum() - 1, 1) for i in range(len(x))])
-    other = np.array([dist[i, side != side[i]].mean() for i in range(len(x))])
-    silhouette = float(np.mean((other - own) / np.maximum(np.maximum(own, other), 1e-12)))
-    if silhouette < min_silhouette:
-        return none
-    return side != side[medoid]
 
 
 def cluster_kind(character_scores: list[float], params: TierParams, cues: list[bool] | None = None) -> str:
