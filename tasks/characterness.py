@@ -223,3 +223,37 @@ def split_pair(pixels: np.ndarray, min_pixels: float, *, valley: float, min_heig
         if side.sum() < min_pixels or side_rows[-1] - side_rows[0] + 1 < min_height * height:
             return None
     return left, right, x0 + cut
+
+
+LOOK_SIDE = 12
+"""Side of the grey thumbnail that stands for a layer's appearance in the recurrence test."""
+
+
+def look_of(image: np.ndarray, pixels: np.ndarray, bbox: list[int]) -> np.ndarray:
+    """A layer's appearance: its box's grey pixels (the layer's own, zero elsewhere) at LOOK_SIDE^2."""
+    x0, y0, x1, y1 = bbox
+    grey = _gray(image[y0:y1, x0:x1]) * pixels[y0:y1, x0:x1]
+    return cv2.resize(grey, (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA)
+
+
+def recurring_shots(layers: list[tuple[object, list[int], np.ndarray]], *, min_iou: float = 0.8,
+                    max_difference: float = 0.06) -> list[int]:
+    """Per layer (shot, bbox, look): in how many shots (its own included) a layer lies at the same
+    place (box IoU >= `min_iou`) and looks the same (mean grey difference <= `max_difference`).
+
+    The same object at the same place in several shots is part of the set (a sun, a tree, a
+    window of a recurring room), not a character walking through it.
+    """
+    boxes = np.array([b for _, b, _ in layers], np.float64).reshape(-1, 4)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    counts = []
+    for i, (shot, box, look) in enumerate(layers):
+        ix = np.clip(np.minimum(boxes[:, 2], box[2]) - np.maximum(boxes[:, 0], box[0]), 0, None)
+        iy = np.clip(np.minimum(boxes[:, 3], box[3]) - np.maximum(boxes[:, 1], box[1]), 0, None)
+        iou = ix * iy / np.maximum(area + area[i] - ix * iy, 1e-9)
+        shots = {shot}
+        for j in np.flatnonzero(iou >= min_iou):
+            if layers[j][0] not in shots and float(np.abs(layers[j][2] - look).mean()) <= max_difference:
+                shots.add(layers[j][0])
+        counts.append(len(shots))
+    return counts

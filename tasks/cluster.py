@@ -5,7 +5,8 @@ The kept layers' embeddings are reduced with PCA (`pca_components`) and UMAP (um
 graph so that large runs stay near-linear); noise stays `cluster_id = -1`. Clusters whose
 centroids (in the embedding space) are closer than `merge_threshold` (cosine distance,
 average linkage) are merged, since HDBSCAN often splits one character by pose or shot; a
-cluster whose members form two groups (`split_silhouette`, tasks/groups.py) is split in two. A
+cluster whose members form two groups is split in two when `split_silhouette` is set
+(tasks/groups.py; off by default, the tier stage trims the second group instead). A
 second, 2-D UMAP over the same neighbour graph gives the map the report draws.
 
 Ids: clusters are numbered by size; when the stage folder holds the previous result
@@ -90,10 +91,12 @@ class ClusterParams(BaseModel):
     merge_threshold: float = Field(0.08, ge=0.0, le=2.0,
                                    description="merge clusters whose centroids are within this cosine distance "
                                                "(average linkage; 0 disables; depends on the embedder)")
-    split_silhouette: float | None = Field(0.6, ge=-1, le=1,
+    split_silhouette: float | None = Field(None, ge=-1, le=1,
                                            description="split a cluster whose members form two groups (2-means by "
                                                        "cosine, each of at least min_cluster_size) with a mean "
-                                                       "silhouette of at least this (None: never split)")
+                                                       "silhouette of at least this (e.g. 0.6; None: never split, the "
+                                                       "tier stage trims the second group instead: on the generated "
+                                                       "footage a split cut one character in two by facing)")
     match_threshold: float = Field(0.9, ge=-1.0, le=1.0,
                                    description="a new cluster takes an earlier run's id when their centroids' "
                                                "cosine similarity is at least this")

@@ -3,9 +3,9 @@
 `second_group` finds, among a cluster's L2-normalised embeddings, the group away from the
 medoid when the members form two groups (mean silhouette at least a threshold, each group at
 least `min_group` members). `split_two_groups` makes that group a cluster of its own; the
-cluster stage calls it after HDBSCAN and merging, before ids are matched to an earlier run, so
-the new group gets a stable id the usual way. The tier stage calls `second_group` again on
-clusters that grew by placement and trims what it finds to noise.
+cluster stage calls it (when `cluster.split_silhouette` is set) after HDBSCAN and merging,
+before ids are matched to an earlier run, so the new group gets a stable id the usual way. The
+tier stage calls `second_group` on every cluster and trims what it finds to noise.
 """
 
 from __future__ import annotations

@@ -42,6 +42,10 @@ from tasks.run.store import QUARANTINE, RunStore, fingerprint, write_error
 
 STAGE = "segment"
 VERSION = 3
+LOOK = "_look"
+"""Row key of a layer's appearance thumbnail while a shard is built (not a manifest column)."""
+RECURRENCE_PENALTY = 0.5
+"""Character score taken off a static layer that recurs at the same place across shots."""
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),          # <frame item_id>:<instance:02d>
@@ -95,6 +99,8 @@ class SegmentParams(BaseModel):
     split_glued: bool = Field(True, description="cut a layer that glues moving parts to static scenery down to the moving parts")
     glued_max_share: float = Field(0.7, gt=0, lt=1, description="a layer is glued when its moving parts cover at most "
                                    "this share of it and the static rest is not a speck")
+    recurrence_shots: int = Field(3, ge=0, description="a layer that does not move and lies at the same place, looking "
+                                  "the same, in at least this many shots of a shard is set scenery (0: off)")
     split_pairs: bool = Field(False, description="cut a layer that holds two figures side by side (two heads, one "
                               "mask), both moving against the shot, into one layer per figure (off by default: on "
                               "u2netp masks of the generated footage it cuts more single figures than it finds pairs)")
@@ -132,7 +138,9 @@ def params_affecting_output(params: SegmentParams) -> dict[str, Any]:
     if not params.split_glued:
         unused |= {"glued_max_share"}
     if not params.split_pairs:
-        unused |= {"split_pairs", "pair_valley"}  # off: the output (and fingerprint) of the stage before it existed
+        unused |= {"split_pairs", "pair_valley"}
+    if not params.recurrence_shots:
+        unused |= {"recurrence_shots"}  # off: the output (and fingerprint) of the stage before it existed  # off: the output (and fingerprint) of the stage before it existed
     settings = params.model_dump(mode="json", exclude=unused)
     settings["model"] = model_identity(params.model)
     if params.detector:
@@ -260,7 +268,7 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
     `motion`: the frame's tasks.characterness.ShotMotion (None: no other frame of its shot);
     `detections`: detector boxes (N, 4) when a detector gates the layers.
     """
-    from tasks.characterness import character_score, motion_share
+    from tasks.characterness import character_score, look_of, motion_share
 
     h, w = mask.shape
     stem = f"{frame['frame_index']:07d}"
@@ -314,7 +322,7 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
             "mask_path": mask_path, "background_path": base["background_path"],
             "confidence": confidence, "flag": None, "kept": drop is None, "drop_reason": drop,
             "motion": moving, "character_score": score, "character_reasons": "; ".join(reasons),
-            "split_from": split_from,
+            "split_from": split_from, LOOK: look_of(image, pixels, [x0, y0, x1, y1]),
         })
     return rows
 
@@ -388,8 +396,25 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
                 report["split"] += sum(r["split_from"] is not None for r in frame_rows)
                 report["no_detection"] += sum(r["drop_reason"] == "no_detection" for r in frame_rows)
             bar.advance(len(shot))
+    mark_recurring(rows, {f["item_id"]: f.get("shot_id") for f in frames}, params)
+    report["recurring"] = sum("shots at the same place" in (r.get("character_reasons") or "") for r in rows)
     report["seconds"] = round(time.perf_counter() - started, 3)
-    return pa.Table.from_pylist(rows, schema=SCHEMA), report
+    return pa.Table.from_pylist([{k: v for k, v in r.items() if k != LOOK} for r in rows], schema=SCHEMA), report
+
+
+def mark_recurring(rows: list[dict], shots: dict[str, Any], params: SegmentParams) -> None:
+    """Lower the score of static layers that recur at the same place, looking the same, in at least
+    `recurrence_shots` shots (tasks/characterness.recurring_shots); the reason is recorded."""
+    from tasks.characterness import recurring_shots
+
+    layers = [r for r in rows if LOOK in r and shots.get(r["source_id"]) is not None]
+    if not params.recurrence_shots or len(layers) < params.recurrence_shots:
+        return
+    counts = recurring_shots([(shots[r["source_id"]], r["bbox"], r[LOOK]) for r in layers])
+    for row, count in zip(layers, counts):
+        if count >= params.recurrence_shots and (row["motion"] is None or row["motion"] < params.moving_share / 2):
+            row["character_score"] = max(0.0, row["character_score"] - RECURRENCE_PENALTY)
+            row["character_reasons"] += f"; recurs in {count} shots at the same place, looking the same"
 
 
 # ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) --------------
@@ -465,6 +490,7 @@ def summarize(table: pa.Table, reports: list[dict]) -> dict:
         "mask_full": sum(r.get("mask_full", 0) for r in reports),
         "no_layers": sum(r.get("no_layers", 0) for r in reports),
         "quarantined": sum(r.get("quarantined", 0) for r in reports),
+        "recurring": sum(r.get("recurring", 0) for r in reports),
         "seconds": round(sum(r.get("seconds", 0.0) for r in reports), 2),
     }
 

@@ -111,10 +111,9 @@ class TierParams(BaseModel):
     moving_outlier_mads: float = Field(12.0, gt=0, description="the outlier distance, in robust deviations, for layers that "
                                        "move like a character: in a small, tight cluster the MAD is tiny, and the same "
                                        "character in another pose or with a bit of scenery lies 5-10 deviations out")
-    split_silhouette: float = Field(0.6, ge=-1, le=1, description="a cluster whose members still form two groups with a "
-                                    "mean silhouette of at least this (the cluster stage splits them at a full "
-                                    "clustering; layers placed since can form one) has the group away from the medoid "
-                                    "trimmed to noise")
+    split_silhouette: float = Field(0.6, ge=-1, le=1, description="a cluster whose members form two groups with a mean "
+                                    "silhouette of at least this has the group away from the medoid trimmed to noise "
+                                    "(cluster.split_silhouette makes it a cluster of its own instead)")
     min_group: int = Field(3, ge=2, description="the smaller of two groups needs at least this many members to split")
 
     @model_validator(mode="after")

@@ -384,3 +384,84 @@ def test_the_pair_split_parameters_change_only_the_fingerprints_they_should():
     assert params_affecting_output(SegmentParams(pair_valley=0.2)) == base
     on = params_affecting_output(SegmentParams(split_pairs=True))
     assert on != base and params_affecting_output(SegmentParams(split_pairs=True, pair_valley=0.2)) != on
+
+
+# ---- recurrence across shots -------------------------------------------------------------------------
+
+class _SunAndRobot:
+    """Masks of the sun (part of the set) and the robot, one frame per shot."""
+
+    name = "sun-and-robot"
+
+    def __init__(self, robots: list[tuple[int, int, np.ndarray]]):
+        self.robots, self.calls = robots, 0
+
+    def segment(self, images):
+        masks = []
+        for image in images:
+            mask = np.zeros(image.shape[:2], np.float32)
+            yy, xx = np.mgrid[:mask.shape[0], :mask.shape[1]]
+            mask[(xx - 60) ** 2 + (yy - 50) ** 2 <= 22 ** 2] = 1.0
+            x0, y0, alpha = self.robots[self.calls]
+            self.calls += 1
+            mask[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] = np.maximum(
+                mask[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]], (alpha > 0.5).astype(np.float32))
+            masks.append(mask)
+        return masks
+
+
+def _three_shots(tmp_path: Path, shots: int) -> tuple[list[dict], list[tuple[int, int, np.ndarray]]]:
+    """One frame per shot of the same room: the sun in the window at one place, the robot elsewhere each time."""
+    cv = __import__("cv2")
+    world = make_background(5, SIZE)[:, :SIZE[0]].copy()
+    cv.circle(world, (60, 50), 20, (250, 210, 60), -1)
+    frames, robots = [], []
+    for k in range(shots):
+        image = world.copy()
+        rgb, alpha = _sprite("robot", ("walk0", "idle", "jump")[k % 3], 100, k % 2 == 1)
+        x0, y0 = 120 + 55 * k, 70
+        region = image[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]].astype(np.float32)
+        image[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] = (rgb + region * (1 - alpha[..., None])).round().astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / f"{k}.png")
+        frames.append({"item_id": f"ep:{k:07d}", "episode": "ep", "frame_index": k, "shot_id": k + 1,
+                       "path": f"{k}.png", "width": SIZE[0], "height": SIZE[1]})
+        robots.append((x0, y0, alpha))
+    return frames, robots
+
+
+def test_a_static_layer_at_the_same_place_in_three_shots_is_scenery(tmp_path):
+    frames, robots = _three_shots(tmp_path, 3)
+    table, report = segment_frames(frames, tmp_path, SegmentParams(model="u2netp"), _SunAndRobot(robots),
+                                   tmp_path / "out", "p")
+    rows = [r for r in table.to_pylist() if r["kept"]]
+    sun = [r for r in rows if r["bbox"][0] < 100]
+    robot = [r for r in rows if r["bbox"][0] >= 100]
+    assert len(sun) == 3 and len(robot) == 3
+    assert all(r["character_score"] < 0.5 and "recurs in 3 shots at the same place" in r["character_reasons"] for r in sun)
+    assert all(r["character_score"] == 0.5 and "recurs" not in r["character_reasons"] for r in robot)  # no cue either way
+    assert report["recurring"] == 3
+    off, _ = segment_frames(frames, tmp_path, SegmentParams(model="u2netp", recurrence_shots=0), _SunAndRobot(robots),
+                            tmp_path / "off", "p")
+    assert all(r["character_score"] == 0.5 for r in off.to_pylist() if r["kept"])
+
+
+def test_a_shot_seen_twice_is_not_recurrence(tmp_path):
+    """A recap shows a shot again: two shots are not enough to call what stays in place scenery."""
+    frames, robots = _three_shots(tmp_path, 2)
+    table, _ = segment_frames(frames, tmp_path, SegmentParams(model="u2netp"), _SunAndRobot(robots), tmp_path / "o", "p")
+    assert all("recurs" not in r["character_reasons"] for r in table.to_pylist() if r["kept"])
+
+
+def test_the_recurrence_parameter_changes_only_the_fingerprints_it_should():
+    base = params_affecting_output(SegmentParams())
+    assert base["recurrence_shots"] == 3 and params_affecting_output(SegmentParams(recurrence_shots=4)) != base
+    assert "recurrence_shots" not in params_affecting_output(SegmentParams(recurrence_shots=0))
+
+
+def test_no_true_character_layer_is_called_recurring_scenery(tiered):
+    from tests.truth_layers import identities_of_layers
+
+    store, videos = tiered
+    truth = identities_of_layers(store.read_manifest("segment"), videos)
+    rows = [r for r in store.read_manifest("segment").to_pylist() if r["kept"]]
+    assert not [r for r in rows if truth.get(r["item_id"]) and "recurs in" in (r["character_reasons"] or "")]

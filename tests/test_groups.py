@@ -42,13 +42,14 @@ def _tables(x: np.ndarray, names: list[str]) -> tuple[pa.Table, pa.Table]:
 def test_the_cluster_stage_splits_two_groups_and_their_ids_stay_across_reruns():
     x, truth = _groups([30, 12, 20], seed=3)
     names = [f"l{i:03d}" for i in range(len(x))]
-    merge_all = dict(merge_threshold=2.0, min_cluster_size=5, incremental=False)  # merging joins every cluster...
+    merge_all = dict(merge_threshold=2.0, min_cluster_size=5, incremental=False,  # merging joins every cluster...
+                     split_silhouette=0.6)
     first = 42  # groups 0 and 1 first
     table, centroids, _ = cluster_layers(*_tables(x[:first], names[:first]), ClusterParams(**merge_all))
     got = np.array(table.column("cluster_id").to_pylist())
     assert len(set(got.tolist()) - {-1}) == 2  # ...and the split gives the two groups back
     assert scores(truth[:first].tolist(), got.tolist())["ari"] > 0.95
-    unsplit, _, _ = cluster_layers(*_tables(x[:first], names[:first]), ClusterParams(**merge_all, split_silhouette=None))
+    unsplit, _, _ = cluster_layers(*_tables(x[:first], names[:first]), ClusterParams(**{**merge_all, "split_silhouette": None}))
     assert len(set(unsplit.column("cluster_id").to_pylist()) - {-1}) == 1
     ids = {g: int(np.bincount(got[truth[:first] == g][got[truth[:first] == g] >= 0]).argmax()) for g in (0, 1)}
     again, _, summary = cluster_layers(*_tables(x[:first], names[:first]), ClusterParams(**merge_all), centroids)
