@@ -6,8 +6,9 @@ thresholded pixels are split into instances: nearby parts of one figure are join
 RGBA layer cropped to its box plus a margin, alpha from the mask. The characters are then
 removed from the frame and the holes inpainted (OpenCV) to give a background layer. A layer
 that glues moving parts to static scenery is cut down to its moving parts, and a layer that
-holds two figures side by side (two heads, one mask) is cut in two (tasks/characterness.py);
-the pieces keep the number of the layer they came from in `split_from`.
+holds two figures side by side (two heads, one mask) is cut in two with `split_pairs` (tasks/characterness.py);
+the pieces keep the number of the layer they came from in `split_from`. A static layer that
+recurs at the same place, looking the same, in `recurrence_shots` shots of a shard is scenery.
 Frames whose mask is nearly empty or nearly the whole frame are flagged, not passed on.
 
 Work is sharded per episode in chunks of `shard_size` frames (`<episode>-<chunk:04d>`), so a
@@ -140,7 +141,7 @@ def params_affecting_output(params: SegmentParams) -> dict[str, Any]:
     if not params.split_pairs:
         unused |= {"split_pairs", "pair_valley"}
     if not params.recurrence_shots:
-        unused |= {"recurrence_shots"}  # off: the output (and fingerprint) of the stage before it existed  # off: the output (and fingerprint) of the stage before it existed
+        unused |= {"recurrence_shots"}  # off: the output (and fingerprint) of the stage before it existed
     settings = params.model_dump(mode="json", exclude=unused)
     settings["model"] = model_identity(params.model)
     if params.detector:
