@@ -5,10 +5,11 @@ thresholded pixels are split into instances: nearby parts of one figure are join
 (`join_distance`), specks below `min_area_frac` are dropped, and each instance becomes an
 RGBA layer cropped to its box plus a margin, alpha from the mask. The characters are then
 removed from the frame and the holes inpainted (OpenCV) to give a background layer. A layer
-that glues moving parts to static scenery is cut down to its moving parts, and a layer that
-holds two figures side by side (two heads, one mask) is cut in two with `split_pairs` (tasks/characterness.py);
-the pieces keep the number of the layer they came from in `split_from`. A static layer that
-recurs at the same place, looking the same, in `recurrence_shots` shots of a shard is scenery.
+that glues moving parts to static scenery is cut down to its moving parts, and with
+`split_pairs` a layer that holds two figures side by side (two heads, one mask) is cut in two
+(tasks/characterness.py); the pieces keep the number of the layer they came from in
+`split_from`. A static layer that recurs at the same place, looking the same, in
+`recurrence_shots` shots of a shard is scenery.
 Frames whose mask is nearly empty or nearly the whole frame are flagged, not passed on.
 
 Work is sharded per episode in chunks of `shard_size` frames (`<episode>-<chunk:04d>`), so a
