@@ -27,6 +27,8 @@ GHOST_SHARE = 0.8
 """A moving part this much inside the other frames' foreground is a ghost of their character."""
 WIDE = 0.6
 """A layer at least this share of the frame wide is a landscape strip (hills, a street, glued scenery)."""
+HEAD_BAND = 0.2
+"""The top share of a layer's height where two figures side by side show two heads."""
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -182,3 +184,76 @@ def character_score(motion: float | None, bbox: list[int], pixels: np.ndarray, c
         score -= 0.1
         reasons.append(f"soft mask (confidence {confidence:.2f})")
     return float(np.clip(score, 0.0, 1.0)), reasons
+
+
+def split_pair(pixels: np.ndarray, min_pixels: float, *, valley: float, min_height: float = 0.6
+               ) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(left, right, cut column) of a layer that holds two figures side by side, else None.
+
+    Two heads, one mask: the column profile of the layer's top `HEAD_BAND` (opaque pixels per
+    column; arms and hands that touch lie lower) has two peaks with a clear valley between them,
+    at most `valley` times the lower peak beside it; the cut leaves at least a fifth of the
+    layer's width on each side, and each side holds at least `min_pixels` and stands at least
+    `min_height` of the layer's height. One figure's head band falls off towards its sides
+    without rising again, so it is not cut.
+    """
+    cols = np.flatnonzero(pixels.any(0))
+    rows = np.flatnonzero(pixels.any(1))
+    if len(cols) < 10 or len(rows) < 10:
+        return None
+    x0, x1 = int(cols[0]), int(cols[-1]) + 1
+    width, height = x1 - x0, int(rows[-1] - rows[0] + 1)
+    k = max(3, width // 20)
+    top = int(rows[0])
+    band = pixels[top:top + max(1, round(HEAD_BAND * height)), x0:x1]
+    profile = np.convolve(band.sum(0).astype(np.float32), np.ones(k, np.float32) / k, mode="same")
+    left_peak = np.maximum.accumulate(profile)
+    right_peak = np.maximum.accumulate(profile[::-1])[::-1]
+    lo, hi = width // 5, width - width // 5
+    if hi <= lo:
+        return None
+    ratio = profile[lo:hi] / np.maximum(np.minimum(left_peak[lo:hi], right_peak[lo:hi]), 1e-6)
+    cut = lo + int(np.argmin(ratio))
+    if ratio[cut - lo] > valley:
+        return None
+    column = np.arange(pixels.shape[1])[None, :]
+    left, right = pixels & (column < x0 + cut), pixels & (column >= x0 + cut)
+    for side in (left, right):
+        side_rows = np.flatnonzero(side.any(1))
+        if side.sum() < min_pixels or side_rows[-1] - side_rows[0] + 1 < min_height * height:
+            return None
+    return left, right, x0 + cut
+
+
+LOOK_SIDE = 12
+"""Side of the grey thumbnail that stands for a layer's appearance in the recurrence test."""
+
+
+def look_of(image: np.ndarray, pixels: np.ndarray, bbox: list[int]) -> np.ndarray:
+    """A layer's appearance: its box's grey pixels (the layer's own, zero elsewhere) at LOOK_SIDE^2."""
+    x0, y0, x1, y1 = bbox
+    grey = _gray(image[y0:y1, x0:x1]) * pixels[y0:y1, x0:x1]
+    return cv2.resize(grey, (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA)
+
+
+def recurring_shots(layers: list[tuple[object, list[int], np.ndarray]], *, min_iou: float = 0.8,
+                    max_difference: float = 0.06) -> list[int]:
+    """Per layer (shot, bbox, look): in how many shots (its own included) a layer lies at the same
+    place (box IoU >= `min_iou`) and looks the same (mean grey difference <= `max_difference`).
+
+    The same object at the same place in several shots is part of the set (a sun, a tree, a
+    window of a recurring room), not a character walking through it.
+    """
+    boxes = np.array([b for _, b, _ in layers], np.float64).reshape(-1, 4)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    counts = []
+    for i, (shot, box, look) in enumerate(layers):
+        ix = np.clip(np.minimum(boxes[:, 2], box[2]) - np.maximum(boxes[:, 0], box[0]), 0, None)
+        iy = np.clip(np.minimum(boxes[:, 3], box[3]) - np.maximum(boxes[:, 1], box[1]), 0, None)
+        iou = ix * iy / np.maximum(area + area[i] - ix * iy, 1e-9)
+        shots = {shot}
+        for j in np.flatnonzero(iou >= min_iou):
+            if layers[j][0] not in shots and float(np.abs(layers[j][2] - look).mean()) <= max_difference:
+                shots.add(layers[j][0])
+        counts.append(len(shots))
+    return counts

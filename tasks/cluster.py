@@ -4,7 +4,9 @@ The kept layers' embeddings are reduced with PCA (`pca_components`) and UMAP (um
 `n_components` dimensions and clustered with HDBSCAN (scikit-learn, over the k-nearest-neighbour
 graph so that large runs stay near-linear); noise stays `cluster_id = -1`. Clusters whose
 centroids (in the embedding space) are closer than `merge_threshold` (cosine distance,
-average linkage) are merged, since HDBSCAN often splits one character by pose or shot. A
+average linkage) are merged, since HDBSCAN often splits one character by pose or shot; a
+cluster whose members form two groups is split in two when `split_silhouette` is set
+(tasks/groups.py; off by default, the tier stage trims the second group instead). A
 second, 2-D UMAP over the same neighbour graph gives the map the report draws.
 
 Ids: clusters are numbered by size; when the stage folder holds the previous result
@@ -40,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.groups import split_two_groups
 from tasks.run.spec import GlobalStage
 from tasks.run.stage import StageResult, finished, run_global_stage
 from tasks.run.store import RunStore, write_table
@@ -92,6 +95,12 @@ class ClusterParams(BaseModel):
     merge_threshold: float = Field(0.08, ge=0.0, le=2.0,
                                    description="merge clusters whose centroids are within this cosine distance "
                                                "(average linkage; 0 disables; depends on the embedder)")
+    split_silhouette: float | None = Field(None, ge=-1, le=1,
+                                           description="split a cluster whose members form two groups (2-means by "
+                                                       "cosine, each of at least min_cluster_size) with a mean "
+                                                       "silhouette of at least this (e.g. 0.6; None: never split, the "
+                                                       "tier stage trims the second group instead: on the generated "
+                                                       "footage a split cut one character in two by facing)")
     match_threshold: float = Field(0.9, ge=-1.0, le=1.0,
                                    description="a new cluster takes an earlier run's id when their centroids' "
                                                "cosine similarity is at least this")
@@ -286,6 +295,8 @@ def _fit(x: np.ndarray, params: ClusterParams) -> Clustering:
     labels, probabilities = hdbscan_on_neighbours(reduced, params.min_cluster_size, min_samples)
     lap("hdbscan")
     labels, merged = merge_close_clusters(x, labels, params.merge_threshold)
+    if params.split_silhouette is not None:  # before ids are matched: a split-off group gets its own stable id
+        labels = split_two_groups(x, labels, params.min_cluster_size, params.split_silhouette)[0]
     labels = _by_size(labels)
     lap("merge")
     if manifold:

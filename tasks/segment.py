@@ -4,7 +4,12 @@ Per kept frame a segmenter (models/segmenters.py) gives a soft foreground mask. 
 thresholded pixels are split into instances: nearby parts of one figure are joined
 (`join_distance`), specks below `min_area_frac` are dropped, and each instance becomes an
 RGBA layer cropped to its box plus a margin, alpha from the mask. The characters are then
-removed from the frame and the holes inpainted (OpenCV) to give a background layer.
+removed from the frame and the holes inpainted (OpenCV) to give a background layer. A layer
+that glues moving parts to static scenery is cut down to its moving parts, and with
+`split_pairs` a layer that holds two figures side by side (two heads, one mask) is cut in two
+(tasks/characterness.py); the pieces keep the number of the layer they came from in
+`split_from`. A static layer that recurs at the same place, looking the same, in
+`recurrence_shots` shots of a shard is scenery.
 Frames whose mask is nearly empty or nearly the whole frame are flagged, not passed on.
 
 Work is sharded per episode in chunks of `shard_size` frames (`<episode>-<chunk:04d>`), so a
@@ -39,6 +44,10 @@ from tasks.run.store import QUARANTINE, RunStore, fingerprint, write_error
 
 STAGE = "segment"
 VERSION = 3
+LOOK = "_look"
+"""Row key of a layer's appearance thumbnail while a shard is built (not a manifest column)."""
+RECURRENCE_PENALTY = 0.5
+"""Character score taken off a static layer that recurs at the same place across shots."""
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),          # <frame item_id>:<instance:02d>
@@ -92,6 +101,13 @@ class SegmentParams(BaseModel):
     split_glued: bool = Field(True, description="cut a layer that glues moving parts to static scenery down to the moving parts")
     glued_max_share: float = Field(0.7, gt=0, lt=1, description="a layer is glued when its moving parts cover at most "
                                    "this share of it and the static rest is not a speck")
+    recurrence_shots: int = Field(3, ge=0, description="a layer that does not move and lies at the same place, looking "
+                                  "the same, in at least this many shots of a shard is set scenery (0: off)")
+    split_pairs: bool = Field(False, description="cut a layer that holds two figures side by side (two heads, one "
+                              "mask), both moving against the shot, into one layer per figure (off by default: on "
+                              "u2netp masks of the generated footage it cuts more single figures than it finds pairs)")
+    pair_valley: float = Field(0.35, gt=0, lt=1, description="two heads when the column profile of a layer's top "
+                               "fifth dips between two peaks to at most this share of the lower peak")
     detector: str | None = Field(None, description="path of an anime person / head detector .onnx (YOLO-style outputs); "
                                  "layers that overlap no detection are dropped as 'no_detection'")
     detector_threshold: float = Field(0.35, gt=0, lt=1, description="detector confidence that counts as a detection")
@@ -123,6 +139,10 @@ def params_affecting_output(params: SegmentParams) -> dict[str, Any]:
         unused |= {"detector", "detector_threshold", "detector_overlap"}
     if not params.split_glued:
         unused |= {"glued_max_share"}
+    if not params.split_pairs:
+        unused |= {"split_pairs", "pair_valley"}
+    if not params.recurrence_shots:
+        unused |= {"recurrence_shots"}  # off: the output (and fingerprint) of the stage before it existed
     settings = params.model_dump(mode="json", exclude=unused)
     settings["model"] = model_identity(params.model)
     if params.detector:
@@ -213,22 +233,33 @@ def _frame_row(frame: dict, model: str, **values: Any) -> dict:
 
 
 def split_glued_instances(instances: list[tuple[np.ndarray, np.ndarray]], motion: Any, params: SegmentParams
-                          ) -> list[tuple[np.ndarray, np.ndarray, int | None]]:
-    """Instances with each glued one (moving parts + static scenery) replaced by its moving parts.
+                          ) -> list[tuple[np.ndarray, np.ndarray, int | None, str | None]]:
+    """Instances with each glued one (moving parts + static scenery) replaced by its moving parts,
+    and each piece that holds two figures side by side, both moving against the shot, cut into two.
 
-    Returns (pixels, region, number of the glued instance it came from or None).
+    Returns (pixels, region, number of the instance it came from or None, why it was cut or None).
     """
-    from tasks.characterness import split_glued
+    from tasks.characterness import motion_share, split_glued, split_pair
 
-    out: list[tuple[np.ndarray, np.ndarray, int | None]] = []
+    out: list[tuple[np.ndarray, np.ndarray, int | None, str | None]] = []
     min_pixels = params.min_area_frac * (instances[0][0].size if instances else 0)
     for number, (pixels, region) in enumerate(instances, start=1):
         parts = split_glued(motion, pixels, min_pixels, max_share=params.glued_max_share,
                             reach=max(params.join_distance, round(0.03 * max(pixels.shape)))) if params.split_glued else None
-        if parts is None:
-            out.append((pixels, region, None))
-        else:
-            out += [(part, part, number) for part in parts]
+        pieces = [(pixels, region, None, None)] if parts is None else \
+            [(part, part, number, f"cut from glued layer {number:02d}") for part in parts]
+        for piece, area, split_from, why in pieces:
+            pair = split_pair(piece, min_pixels, valley=params.pair_valley) if params.split_pairs else None
+            if pair is not None and not all((motion_share(motion, side) or 0.0) >= params.moving_share / 2
+                                            for side in pair[:2]):
+                pair = None  # a figure beside a static tree, a cloud, a building: not two figures
+            if pair is None:
+                out.append((piece, area, split_from, why))
+                continue
+            left, right, cut = pair
+            column = np.arange(piece.shape[1])[None, :]
+            out += [(left, area & (column < cut), number, f"one of two figures side by side in layer {number:02d}"),
+                    (right, area & (column >= cut), number, f"one of two figures side by side in layer {number:02d}")]
     return out
 
 
@@ -239,7 +270,7 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
     `motion`: the frame's tasks.characterness.ShotMotion (None: no other frame of its shot);
     `detections`: detector boxes (N, 4) when a detector gates the layers.
     """
-    from tasks.characterness import character_score, motion_share
+    from tasks.characterness import character_score, look_of, motion_share
 
     h, w = mask.shape
     stem = f"{frame['frame_index']:07d}"
@@ -264,7 +295,7 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
         matte = alpha_matte(image, mask)
         rgb, alpha = matte[..., :3], matte[..., 3].astype(np.float32) / 255.0
     rows = []
-    for number, (pixels, region, split_from) in enumerate(split_glued_instances(instances, motion, params), start=1):
+    for number, (pixels, region, split_from, why) in enumerate(split_glued_instances(instances, motion, params), start=1):
         x0, y0, x1, y1 = bbox_of(pixels)
         m = params.margin
         cx0, cy0, cx1, cy1 = max(x0 - m, 0), max(y0 - m, 0), min(x1 + m, w), min(y1 + m, h)
@@ -276,8 +307,8 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
         moving = motion_share(motion, pixels)
         score, reasons = character_score(moving, [x0, y0, x1, y1], pixels, confidence,
                                          moving_share=params.moving_share)
-        if split_from is not None:
-            reasons.append(f"cut from glued layer {split_from:02d}")
+        if why is not None:
+            reasons.append(why)
         drop = "faint" if confidence < params.min_confidence else None
         if drop is None and detections is not None:
             from models.detectors import overlaps_detection
@@ -293,7 +324,7 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
             "mask_path": mask_path, "background_path": base["background_path"],
             "confidence": confidence, "flag": None, "kept": drop is None, "drop_reason": drop,
             "motion": moving, "character_score": score, "character_reasons": "; ".join(reasons),
-            "split_from": split_from,
+            "split_from": split_from, LOOK: look_of(image, pixels, [x0, y0, x1, y1]),
         })
     return rows
 
@@ -367,8 +398,25 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
                 report["split"] += sum(r["split_from"] is not None for r in frame_rows)
                 report["no_detection"] += sum(r["drop_reason"] == "no_detection" for r in frame_rows)
             bar.advance(len(shot))
+    mark_recurring(rows, {f["item_id"]: f.get("shot_id") for f in frames}, params)
+    report["recurring"] = sum("shots at the same place" in (r.get("character_reasons") or "") for r in rows)
     report["seconds"] = round(time.perf_counter() - started, 3)
-    return pa.Table.from_pylist(rows, schema=SCHEMA), report
+    return pa.Table.from_pylist([{k: v for k, v in r.items() if k != LOOK} for r in rows], schema=SCHEMA), report
+
+
+def mark_recurring(rows: list[dict], shots: dict[str, Any], params: SegmentParams) -> None:
+    """Lower the score of static layers that recur at the same place, looking the same, in at least
+    `recurrence_shots` shots (tasks/characterness.recurring_shots); the reason is recorded."""
+    from tasks.characterness import recurring_shots
+
+    layers = [r for r in rows if LOOK in r and shots.get(r["source_id"]) is not None]
+    if not params.recurrence_shots or len(layers) < params.recurrence_shots:
+        return
+    counts = recurring_shots([(shots[r["source_id"]], r["bbox"], r[LOOK]) for r in layers])
+    for row, count in zip(layers, counts):
+        if count >= params.recurrence_shots and (row["motion"] is None or row["motion"] < params.moving_share / 2):
+            row["character_score"] = max(0.0, row["character_score"] - RECURRENCE_PENALTY)
+            row["character_reasons"] += f"; recurs in {count} shots at the same place, looking the same"
 
 
 # ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) --------------
@@ -444,6 +492,7 @@ def summarize(table: pa.Table, reports: list[dict]) -> dict:
         "mask_full": sum(r.get("mask_full", 0) for r in reports),
         "no_layers": sum(r.get("no_layers", 0) for r in reports),
         "quarantined": sum(r.get("quarantined", 0) for r in reports),
+        "recurring": sum(r.get("recurring", 0) for r in reports),
         "seconds": round(sum(r.get("seconds", 0.0) for r in reports), 2),
     }
 

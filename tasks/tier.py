@@ -2,12 +2,15 @@
 
 Hygiene first: each cluster's members are scored by their cosine distance to the cluster's
 medoid; a member further than `outlier_mads` robust deviations (median + MAD) is trimmed to
-noise, and a member whose segment `character_score` is below `min_character_score` is not
-character material. `kind` is `character` when at least `character_share` of the members are
-character material, `scenery` when at most `scenery_share` are, else `mixed`; only character
-clusters are recommended. `purity` estimates the share of true character layers among those
-`select` will take (their mean character score). `tier/members.parquet` holds the per-layer
-verdicts (typicality, outlier, used) that `select` and the report read.
+noise (a layer cut from a glued one already beyond `cut_outlier_mads`; an uncut layer that
+moves like a character, score >= `moving_score`, only beyond `moving_outlier_mads`), and a
+member whose segment `character_score` is below `min_character_score` is not character
+material. `kind` is `character` when at least `character_share` of the members are character
+material (one without a motion cue, from a shot of one sampled frame, counts half), `scenery`
+when at most `scenery_share` are, else `mixed`; only character clusters are recommended.
+`purity` estimates the share of true character layers among those `select` will take (their
+mean character score). `tier/members.parquet` holds the per-layer verdicts (typicality,
+outlier, used) that `select` and the report read.
 
 Tiers follow the Yokai guide by cluster size (S 100+, A 50-99, B 20-49, C 15-19, D < 15; the
 thresholds are parameters). A cluster of poor quality moves down one tier: low mean
@@ -29,12 +32,13 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.embed import EmbedParams, read_embeddings
+from tasks.groups import second_group
 from tasks.run.spec import GlobalStage
 from tasks.run.stage import StageResult, finished, run_global_stage
 from tasks.run.store import RunStore, write_table
 
 STAGE = "tier"
-VERSION = 2
+VERSION = 3
 TIERS: tuple[str, ...] = ("S", "A", "B", "C", "D")
 Tier = Literal["S", "A", "B", "C", "D"]
 UNKNOWN = "unknown"
@@ -102,9 +106,14 @@ class TierParams(BaseModel):
                                 "this many robust deviations (1.4826 MAD) are trimmed to noise")
     cut_outlier_mads: float = Field(2.5, gt=0, description="the same, stricter, for layers cut from a glued layer "
                                     "(segment split_from): a cut that does not look like its cluster is usually scenery")
+    moving_score: float = Field(0.8, ge=0, le=1, description="uncut layers whose character_score is at least this (they "
+                                "move against their shot as a character does) are trimmed only beyond moving_outlier_mads")
+    moving_outlier_mads: float = Field(12.0, gt=0, description="the outlier distance, in robust deviations, for layers that "
+                                       "move like a character: in a small, tight cluster the MAD is tiny, and the same "
+                                       "character in another pose or with a bit of scenery lies 5-10 deviations out")
     split_silhouette: float = Field(0.6, ge=-1, le=1, description="a cluster whose members form two groups with a mean "
-                                    "silhouette of at least this is split: the group away from the medoid is trimmed "
-                                    "to noise (it is usually another character or scenery)")
+                                    "silhouette of at least this has the group away from the medoid trimmed to noise "
+                                    "(cluster.split_silhouette makes it a cluster of its own instead)")
     min_group: int = Field(3, ge=2, description="the smaller of two groups needs at least this many members to split")
 
     @model_validator(mode="after")
@@ -200,42 +209,21 @@ def typicality(x: np.ndarray, outlier_mads: float) -> tuple[np.ndarray, np.ndarr
     return dist, z, z > outlier_mads
 
 
-def second_group(x: np.ndarray, min_group: int, min_silhouette: float) -> np.ndarray:
-    """Members of the group away from the medoid when a cluster's rows of L2-normalised `x` form
-    two groups (2-means by cosine, started from the medoid and the member furthest from it, with a
-    mean silhouette of at least `min_silhouette`); otherwise no member."""
-    none = np.zeros(len(x), bool)
-    if len(x) < 2 * min_group:
-        return none
-    sims = x @ x.T
-    medoid = int(np.argmax(sims.sum(1)))
-    centres = x[[medoid, int(np.argmin(sims[medoid]))]]
-    for _ in range(20):
-        side = np.argmax(x @ centres.T, axis=1)
-        if side.min() == side.max():
-            return none
-        new = np.stack([x[side == k].mean(0) for k in (0, 1)])
-        new /= np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-12)
-        if np.allclose(new, centres):
-            break
-        centres = new
-    if min((side == 0).sum(), (side == 1).sum()) < min_group:
-        return none
-    dist = 1.0 - sims
-    own = np.array([dist[i, side == side[i]].sum() / max((side == side[i]).sum() - 1, 1) for i in range(len(x))])
-    other = np.array([dist[i, side != side[i]].mean() for i in range(len(x))])
-    silhouette = float(np.mean((other - own) / np.maximum(np.maximum(own, other), 1e-12)))
-    if silhouette < min_silhouette:
-        return none
-    return side != side[medoid]
+def cluster_kind(character_scores: list[float], params: TierParams, cues: list[bool] | None = None) -> str:
+    """character / scenery / mixed from the share of members that are character material.
 
-
-def cluster_kind(character_scores: list[float], params: TierParams) -> str:
-    """character / scenery / mixed from the share of members that are character material."""
-    share = float(np.mean([s >= params.min_character_score for s in character_scores])) if character_scores else 0.0
-    if share >= params.character_share:
+    `cues`: per member, whether its score rests on a motion cue. Character material without one
+    (a shot of one sampled frame: nothing showed it moving) counts half towards `character`, so
+    a small cluster whose character evidence is mostly unseen layers is `mixed`, not `character`.
+    """
+    if not character_scores:
+        return "scenery"
+    cues = [True] * len(character_scores) if cues is None else cues
+    material = [s >= params.min_character_score for s in character_scores]
+    evidence = float(np.mean([(1.0 if c else 0.5) if m else 0.0 for m, c in zip(material, cues)]))
+    if evidence >= params.character_share:
         return "character"
-    return "scenery" if share <= params.scenery_share else "mixed"
+    return "scenery" if float(np.mean(material)) <= params.scenery_share else "mixed"
 
 
 # ---- the stage ------------------------------------------------------------------------------------
@@ -260,7 +248,7 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
     vectors = read_embeddings(emb_rows)
     sharp = emb_rows.column("sharpness").to_pylist()
     phash = emb_rows.column("phash").to_pylist()
-    fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score", "split_from")
+    fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score", "split_from", "motion")
               if f in layers.column_names]
     seg = {r["item_id"]: r for r in layers.select(fields).to_pylist()}
     by_cluster: dict[int, list[dict]] = {}
@@ -282,13 +270,18 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
             "duplicate_ratio": duplicate_ratio([phash[i] for i in idx if phash[i]], params.duplicate_distance),
             "mean_layer_area": float(np.mean([seg.get(r["item_id"], {}).get("area_frac") or 0.0 for r in rows_c])),
         }
-        dist, z, outlier = typicality(x, params.outlier_mads)
-        cut = np.array([seg.get(r["item_id"], {}).get("split_from") is not None for r in rows_c])
-        outlier |= cut & (z > params.cut_outlier_mads)
-        outlier |= second_group(x, params.min_group, params.split_silhouette)
         scores = [seg.get(r["item_id"], {}).get("character_score") for r in rows_c]
         scores = [1.0 if s is None else float(s) for s in scores]
-        kind = cluster_kind([s for s, o in zip(scores, outlier) if not o], params)
+        cut = np.array([seg.get(r["item_id"], {}).get("split_from") is not None for r in rows_c])
+        dist, z, outlier = typicality(x, params.outlier_mads)
+        moving = ~cut & (np.array(scores) >= params.moving_score)
+        outlier &= ~moving | (z > params.moving_outlier_mads)
+        outlier |= cut & (z > params.cut_outlier_mads)
+        outlier |= second_group(x, params.min_group, params.split_silhouette)
+        cues = [seg.get(r["item_id"], {}).get("motion", 0.0) is not None  # unscored layers: no cue needed
+                or seg.get(r["item_id"], {}).get("character_score") is None for r in rows_c]
+        kind = cluster_kind([s for s, o in zip(scores, outlier) if not o], params,
+                            [c for c, o in zip(cues, outlier) if not o])
         used = [not o and s >= params.min_character_score and kind != "scenery" for s, o in zip(scores, outlier)]
         for r, d, t, s, o, u in zip(rows_c, dist, z, scores, outlier, used):
             verdicts.append({"item_id": r["item_id"], "cluster_id": cid, "distance": float(d), "typicality": float(t),

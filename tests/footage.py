@@ -399,6 +399,7 @@ def _encoder(container, codec: str, size, fps: int):
     stream = container.add_stream(codec, rate=fps, options=options)
     stream.width, stream.height = size
     stream.pix_fmt = "yuv420p"
+    stream.codec_context.thread_count = 1  # one encoder thread: the same bytes in every process
     if codec == "mpeg4":  # constant quantiser 2, like `ffmpeg -q:v 2`
         stream.codec_context.qscale = True
         stream.codec_context.global_quality = 2 * 118  # FF_QP2LAMBDA

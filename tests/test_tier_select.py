@@ -319,6 +319,40 @@ def test_outliers_and_a_second_group_are_trimmed_and_kind_follows_character_scor
     assert summary["by_kind"] == {"character": 2, "scenery": 1, "mixed": 0}
 
 
+def test_an_atypical_layer_that_moves_like_a_character_is_kept_unless_it_is_a_cut():
+    """The same character in another pose lies 5-10 robust deviations out in a tight cluster: its
+    motion keeps it; a static layer or a cut from a glued one at the same distance is trimmed."""
+    clusters, embeds, layers = _cluster_tables({0: 12}, noise=0)
+    vectors = np.array(embeds.column("embedding").to_pylist(), np.float32)
+    dist = 1.0 - vectors @ vectors.T
+    medoid = int(np.argmax((1.0 - dist).sum(1)))
+    spread = 1.4826 * float(np.median(np.abs(dist[medoid] - np.median(dist[medoid]))))
+    target = float(np.median(dist[medoid])) + 9 * spread  # beyond outlier_mads, within moving_outlier_mads
+    ids = clusters.column("item_id").to_pylist()
+    away = next(j for j in range(12) if j != medoid)
+    base, other = vectors[medoid], np.array([1.0, -1.0, 1.0, -1.0], np.float32)
+    other = other - (other @ base) * base
+    other /= np.linalg.norm(other)
+    angle = np.arccos(1.0 - target)
+    vectors[away] = np.cos(angle) * base + np.sin(angle) * other
+    embeds = embeds.set_column(1, "embedding", pa.array(vectors.tolist(), embeds.schema.field("embedding").type))
+
+    def verdict(score: float, cut: bool) -> dict:
+        scores = [score if i == ids[away] else 0.9 for i in ids]
+        split = [1 if (cut and i == ids[away]) else None for i in ids]
+        table = layers.append_column("character_score", pa.array(scores, pa.float32()))
+        table = table.append_column("split_from", pa.array(split, pa.int32()))
+        _, _, members = tier_clusters(clusters, embeds, table, TierParams())
+        return {r["item_id"]: r for r in members.to_pylist()}[ids[away]]
+
+    moving = verdict(0.9, cut=False)
+    params = TierParams()
+    assert params.outlier_mads < moving["typicality"] < params.moving_outlier_mads
+    assert not moving["outlier"] and moving["used"]
+    assert verdict(0.6, cut=False)["outlier"]   # no strong motion: trimmed as before
+    assert verdict(0.9, cut=True)["outlier"]    # a cut that does not look like its cluster: trimmed
+
+
 def test_scenery_is_never_selected_and_unused_layers_stay_out(tables, tmp_path):
     clusters, _ = tables
     from tasks.select import NothingSelected, nothing_selected_message

@@ -1,0 +1,63 @@
+"""Two groups in one cluster: found by 2-means on cosine similarity and kept when they are apart.
+
+`second_group` finds, among a cluster's L2-normalised embeddings, the group away from the
+medoid when the members form two groups (mean silhouette at least a threshold, each group at
+least `min_group` members). `split_two_groups` makes that group a cluster of its own; the
+cluster stage calls it (when `cluster.split_silhouette` is set) after HDBSCAN and merging,
+before ids are matched to an earlier run, so the new group gets a stable id the usual way. The
+tier stage calls `second_group` on every cluster and trims what it finds to noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NOISE = -1
+
+
+def second_group(x: np.ndarray, min_group: int, min_silhouette: float) -> np.ndarray:
+    """Members of the group away from the medoid when rows of L2-normalised `x` form two groups
+    (2-means by cosine, started from the medoid and the member furthest from it, with a mean
+    silhouette of at least `min_silhouette`); otherwise no member."""
+    none = np.zeros(len(x), bool)
+    if len(x) < 2 * min_group:
+        return none
+    sims = x @ x.T
+    medoid = int(np.argmax(sims.sum(1)))
+    centres = x[[medoid, int(np.argmin(sims[medoid]))]]
+    for _ in range(20):
+        side = np.argmax(x @ centres.T, axis=1)
+        if side.min() == side.max():
+            return none
+        new = np.stack([x[side == k].mean(0) for k in (0, 1)])
+        new /= np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-12)
+        if np.allclose(new, centres):
+            break
+        centres = new
+    if min((side == 0).sum(), (side == 1).sum()) < min_group:
+        return none
+    dist = 1.0 - sims
+    own = np.array([dist[i, side == side[i]].sum() / max((side == side[i]).sum() - 1, 1) for i in range(len(x))])
+    other = np.array([dist[i, side != side[i]].mean() for i in range(len(x))])
+    silhouette = float(np.mean((other - own) / np.maximum(np.maximum(own, other), 1e-12)))
+    if silhouette < min_silhouette:
+        return none
+    return side != side[medoid]
+
+
+def split_two_groups(x: np.ndarray, labels: np.ndarray, min_group: int, min_silhouette: float
+                     ) -> tuple[np.ndarray, int]:
+    """Labels with each cluster whose members form two groups split in two (the group away from
+    the medoid takes a new label); returns (labels, number of clusters split)."""
+    out = labels.copy()
+    split = 0
+    following = int(labels.max()) + 1 if len(labels) else 0
+    for label in sorted(set(labels.tolist()) - {NOISE}):
+        members = np.flatnonzero(labels == label)
+        rows = x[members] / np.maximum(np.linalg.norm(x[members], axis=1, keepdims=True), 1e-12)
+        away = second_group(rows, min_group, min_silhouette)
+        if away.any():
+            out[members[away]] = following
+            following += 1
+            split += 1
+    return out, split
