@@ -19,8 +19,6 @@ from pydantic import BaseModel, Field, create_model, model_validator
 from flows.params import PipelineParams, pipeline_params
 from tasks.pipelines import PIPELINES, stages_of
 from tasks.run.spec import Step
-from tasks.sources.ingest_photos import IngestPhotosParams
-from tasks.sources.ingest_renders import IngestRendersParams
 from tasks.sources.render_training import DETAIL_SUFFIX, GUIDE_PLAN, NAME, resolve_plan
 
 Source = Literal["renders", "photos"]

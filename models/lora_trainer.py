@@ -345,7 +345,7 @@ class _Run:
 
     def _micro_batches(self, start: int):
         """(epoch, indices) of each micro-batch from global micro-batch `start` on."""
-        s, job = self.s, self.job
+        s = self.s
         world, rank = self.acc.num_processes, self.acc.process_index
         m = start
         while True:
