@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -31,17 +30,25 @@ def _shot(tmp_path: Path, pan: int = 0) -> tuple[list[dict], list[np.ndarray], l
     for k, (pose, x) in enumerate((("walk0", 96), ("walk3", 112), ("walk6", 128))):
         image = world[:, k * pan + 40:k * pan + 40 + W].copy()
         rgb, alpha = _sprite("robot", pose, 100, False)
-        y0, x0 = 60, x - k * pan + k * pan  # the sprite moves on screen by its walk only
-        region = image[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]].astype(np.float32)
-        a = alpha[..., None]
-        image[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] = (rgb + region * (1 - a)).round().astype(np.uint8)
-        ys, xs = np.nonzero(alpha > 0.5)
-        boxes.append([x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1])
-        Image.fromarray(image).save(tmp_path / f"{k}.png")
-        frames.append({"item_id": f"ep:{k:07d}", "episode": "ep", "frame_index": k, "shot_id": 1, "path": f"{k}.png",
-                       "width": W, "height": H})
+        boxes.append(_paste(image, rgb, alpha, x, 60))  # the sprite moves on screen by its walk only
+        frames.append(_frame_row(tmp_path, k, image))
         images.append(image)
     return frames, images, boxes, world
+
+
+def _paste(image: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, x0: int, y0: int) -> list[int]:
+    """Composite a sprite onto `image` in place with its top-left at (x0, y0); its true box [x0, y0, x1, y1]."""
+    window = image[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]]
+    window[:] = (rgb + window.astype(np.float32) * (1 - alpha[..., None])).round().astype(np.uint8)
+    ys, xs = np.nonzero(alpha > 0.5)
+    return [x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1]
+
+
+def _frame_row(tmp_path: Path, k: int, image: np.ndarray) -> dict:
+    """Save frame `k` of a one-shot episode `ep` and give its frames-manifest row."""
+    Image.fromarray(image).save(tmp_path / f"{k}.png")
+    return {"item_id": f"ep:{k:07d}", "episode": "ep", "frame_index": k, "shot_id": 1, "path": f"{k}.png",
+            "width": image.shape[1], "height": image.shape[0]}
 
 
 class _GluedSegmenter:
@@ -264,9 +271,11 @@ def test_scenery_clusters_are_never_recommended(tiered):
     assert sum(s[1] for s in seen.values()) >= 1, seen  # ...and characters are still recommended
 
 
-def test_a_small_cluster_of_unseen_and_scenery_layers_is_mixed(tiered):
-    """The two-episode run's 5-layer cluster that is 60% scenery (two of its layers come from
-    shots of one sampled frame: no motion cue) is not called a character."""
+def test_a_cluster_of_scenery_layers_is_not_called_a_character(tiered):
+    """No cluster of the two-episode run whose members are >= 90% non-character layers (clouds drift,
+    so they move), or >= 60% with two from shots of one sampled frame (no motion cue), is called a
+    character. (Which such clusters a run holds depends on the footage's frames; the rule itself is
+    tested on scores below.)"""
     import pyarrow.parquet as pq
     from collections import Counter
 
@@ -281,10 +290,10 @@ def test_a_small_cluster_of_unseen_and_scenery_layers_is_mixed(tiered):
         mine = [m for m in members if m["cluster_id"] == row["cluster_id"] and not m["outlier"]]
         scenery = sum(truth.get(m["item_id"]) is None for m in mine) / len(mine)
         unseen = sum(motion[m["item_id"]] is None for m in mine)
-        if len(mine) >= 5 and scenery >= 0.6 and unseen >= 2:
+        if len(mine) >= 5 and (scenery >= 0.9 or (scenery >= 0.6 and unseen >= 2)):
             checked += 1
             assert row["kind"] != "character", (row, Counter(truth.get(m["item_id"]) for m in mine))
-    assert checked >= 1  # the footage still holds such a cluster (else this test proves nothing)
+    assert checked >= 1  # the footage holds such a cluster (else this test proves nothing)
 
 
 def test_cluster_kind_counts_layers_without_a_motion_cue_half():
@@ -316,16 +325,10 @@ def _pair_frames(tmp_path: Path, left: str, right: str) -> tuple[list[dict], lis
             rgb, alpha = _sprite(name, pose, 100, flip)
             cols = np.flatnonzero((alpha > 0.5).any(0))
             x0 = x - cols[0] if not truth else truth[0][2] - cols[0] - 2  # the second touches the first
-            y0 = 60
-            region = image[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]].astype(np.float32)
-            image[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] = (rgb + region * (1 - alpha[..., None])).round().astype(np.uint8)
-            union[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] = np.maximum(
-                union[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]], (alpha > 0.5).astype(np.float32))
-            ys, xs = np.nonzero(alpha > 0.5)
-            truth.append([x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1])
-        Image.fromarray(image).save(tmp_path / f"{k}.png")
-        frames.append({"item_id": f"ep:{k:07d}", "episode": "ep", "frame_index": k, "shot_id": 1, "path": f"{k}.png",
-                       "width": W, "height": H})
+            truth.append(_paste(image, rgb, alpha, x0, 60))
+            window = union[60:60 + alpha.shape[0], x0:x0 + alpha.shape[1]]
+            np.maximum(window, (alpha > 0.5).astype(np.float32), out=window)
+        frames.append(_frame_row(tmp_path, k, image))
         boxes.append(truth)
         masks.append(union)
     return frames, boxes, masks
