@@ -30,7 +30,7 @@ from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_s
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name, write_error, write_table
 
 STAGE = "frames"
-VERSION = 2
+VERSION = 3
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".ts", ".m2ts", ".flv", ".wmv", ".mpg", ".mpeg")
 
 SCHEMA = pa.schema([
@@ -452,12 +452,29 @@ def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, p
     return pa.Table.from_pylist(state.rows, schema=SCHEMA), report
 
 
+def _maybe_sampled(packet, start: float, next_sample: float, last_t: float, params: FramesParams) -> bool:
+    """Whether the frame in `packet` could still become a sample, judged from its time before decoding.
+
+    Interval mode: the next sample is the first frame at or after `next_sample`, which only grows,
+    so an earlier frame never is one. Scene mode: a cut can only come after the last decoded frame
+    (`last_t`), and the next candidate is then at least `scene_sample_s` after it. Frames that cannot
+    be samples are decoded only when other frames reference them (skip_frame NONREF); cuts are
+    detected on the decoded ones (an encoder puts a reference frame at a scene cut).
+    """
+    if packet.pts is None or params.mode == "keyframes":
+        return True
+    t = float(packet.pts * packet.time_base) - start
+    horizon = next_sample if params.mode == "interval" else min(next_sample, last_t + params.scene_sample_s)
+    return t + 1e-6 >= horizon
+
+
 def _decode(container, stream, rate: float, state: _Episode, report: dict, bar: StageProgress) -> None:
-    """Decode every frame (or key frame), detect cuts, sample."""
+    """Decode the frames that may be sampled and those they reference (or key frames only), detect
+    cuts, sample. Frame indexes come from frame times, so they do not depend on what was skipped."""
     import av
 
     params = state.params
-    index, shot, prev_thumb = -1, 0, None
+    index, shot, prev_thumb, last_t = -1, 0, None, float("-inf")
     next_sample = 0.0
     shot_candidates: list[_Candidate] = []
     cap = 4 * params.max_per_shot
@@ -473,6 +490,9 @@ def _decode(container, stream, rate: float, state: _Episode, report: dict, bar: 
             report["decode_errors"] += 1
             report["reason"] = f"stream ends early: {_reason(exc)}"
             break
+        if params.mode != "keyframes":
+            wanted = _maybe_sampled(packet, start, next_sample, last_t, params)
+            stream.codec_context.skip_frame = "DEFAULT" if wanted else "NONREF"
         try:
             frames = packet.decode()
         except av.error.FFmpegError:
@@ -480,9 +500,9 @@ def _decode(container, stream, rate: float, state: _Episode, report: dict, bar: 
             continue
         for frame in frames:
             report["frames_decoded"] += 1
-            bar.advance()
             t = float(frame.time) - start if frame.time is not None else (index + 1) / rate
-            index = index + 1 if params.mode != "keyframes" else round(t * rate)
+            bar.advance(max(1, round(t * rate) - index))
+            index, last_t = max(index + 1, round(t * rate)), t
             thumb = thumbnail(frame)
             is_cut = prev_thumb is not None and np.abs(thumb - prev_thumb).mean() / 255.0 > params.cut_threshold
             if is_cut or prev_thumb is None:
