@@ -81,6 +81,27 @@ def test_interval_mode_samples_every_n_seconds(tmp_path, episode):
     assert np.allclose(np.diff(times), 2.0, atol=1 / truth["fps"])
 
 
+def test_unsampled_frames_are_not_decoded_and_the_samples_are_those_of_a_full_decode(tmp_path, episode):
+    """Interval mode decodes fewer frames than the video holds, yet samples the first frame at or
+    after every grid time, with its true index and its exact pixels; cuts are found as on every frame."""
+    truth = truth_of(episode)
+    with av.open(str(episode)) as c:
+        full = [(float(f.time), f.to_ndarray(format="rgb24")) for f in c.decode(video=0)]
+    start = full[0][0]
+    grid = np.arange(0, full[-1][0] - start + 1e-6, 1.0)
+    expected = sorted({next(i for i, (t, _) in enumerate(full) if t - start + 1e-6 >= g) for g in grid})
+    table, report = extract_frames(episode, "ep", FramesParams(mode="interval", interval_s=1.0), tmp_path, "p")
+    assert report["frames_decoded"] < len(full) == truth["n_frames"]
+    assert table.column("frame_index").to_pylist() == expected
+    assert report["shot_starts"] == truth["shot_starts"]
+    for row in table.to_pylist():
+        assert row["timestamp"] == pytest.approx(full[row["frame_index"]][0] - start, abs=1e-3)
+        if row["kept"]:
+            saved = cv2.cvtColor(cv2.imread(str(tmp_path / Path(row["path"]).relative_to("p"))), cv2.COLOR_BGR2RGB)
+            assert np.array_equal(saved, full[row["frame_index"]][1]), row["item_id"]
+    assert sum(table.column("kept").to_pylist()) >= len(expected) // 2  # the comparison above ran on real frames
+
+
 def test_keyframes_mode_samples_only_key_frames(tmp_path, episode):
     with av.open(str(episode)) as c:
         keys = {i for i, f in enumerate(c.decode(video=0)) if f.key_frame}
