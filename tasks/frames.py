@@ -1,8 +1,9 @@
 """Stage `frames`: sample frames from episode videos, scene-aware and deduplicated.
 
 Per episode (one shard each) the video is decoded in-process with PyAV; shots are found by
-cut detection on tiny thumbnails of every frame; frames are sampled every N seconds, at key
-frames, or per shot (at most K per shot); black, uniform, blurry and near-duplicate frames are
+cut detection on tiny thumbnails of every decoded frame; frames are sampled every N seconds, at
+key frames, or per shot (at most K per shot), and frames that can be neither a sample nor a
+reference of one are not decoded at all; black, uniform, blurry and near-duplicate frames are
 dropped with their reason. A run-level merge then drops frames that repeat another episode's
 (openings, endings, recaps).
 """
@@ -56,7 +57,7 @@ EPISODE_SCHEMA = pa.schema([
     ("video", pa.string()),
     ("status", pa.string()),           # ok / damaged / quarantined
     ("reason", pa.string()),
-    ("frames_decoded", pa.int64()),
+    ("frames_decoded", pa.int64()),    # frames that were decoded (unsampled non-reference frames are skipped)
     ("decode_errors", pa.int64()),
     ("shots", pa.int64()),
     ("shot_starts", pa.list_(pa.int64())),   # frame index where each shot begins
