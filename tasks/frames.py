@@ -462,7 +462,7 @@ def _maybe_sampled(packet, start: float, next_sample: float, last_t: float, para
     be samples are decoded only when other frames reference them (skip_frame NONREF); cuts are
     detected on the decoded ones (an encoder puts a reference frame at a scene cut).
     """
-    if packet.pts is None or params.mode == "keyframes":
+    if packet.pts is None:
         return True
     t = float(packet.pts * packet.time_base) - start
     horizon = next_sample if params.mode == "interval" else min(next_sample, last_t + params.scene_sample_s)
