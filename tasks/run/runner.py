@@ -53,8 +53,7 @@ def hook(name: str, call: Callable[[RunRef, dict[str, StageResult]], Any], *, af
          inputs: tuple[str, ...] = (), optional: tuple[str, ...] = (), **bind: str) -> Hook:
     """A pipeline row that is not a stage: `hook("cluster-report", write_cluster_report, after=("tier",
     "select"), inputs=("clusters", "tiers"), clusters="cluster", tiers="tier")`."""
-    made = Hook(name, after, call, inputs, optional)
-    return Hook(name, after, call, inputs, optional, check_roles(made, bind))
+    return Hook(name, after, call, inputs, optional, check_roles(name, (*inputs, *optional), bind))
 
 
 def sources_result(paths: Sequence[str]) -> StageResult:

@@ -194,15 +194,14 @@ def bound_inputs(spec: Any, bind: dict[str, str], results: dict[str, StageResult
     return {role: results[bind.get(role, role)] for role in roles}
 
 
-def check_roles(spec: Any, bind: dict[str, str]) -> dict[str, str]:
-    """`bind`, when every role it names is one of `spec`'s; else KeyError listing them."""
-    roles = (*spec.inputs, *spec.optional)
+def check_roles(name: str, roles: tuple[str, ...], bind: dict[str, str]) -> dict[str, str]:
+    """`bind`, when every role it names is one of `roles` (of the stage or hook `name`); else KeyError listing them."""
     unknown = set(bind) - set(roles)
     if unknown:
-        raise KeyError(f"{spec.name} has no input role {', '.join(sorted(unknown))}; its roles: {', '.join(roles)}")
+        raise KeyError(f"{name} has no input role {', '.join(sorted(unknown))}; its roles: {', '.join(roles)}")
     return dict(bind)
 
 
 def step(spec: Any, **bind: str) -> Step:
     """A pipeline row: `step(AUGMENT, images="ingest")` binds the role `images` to the `ingest` stage."""
-    return Step(spec, check_roles(spec, bind))
+    return Step(spec, check_roles(spec.name, (*spec.inputs, *spec.optional), bind))
