@@ -12,10 +12,10 @@ and per layer, so growth is visible independently of how busy the machine is.
 Adding an episode (--add-episode): a run store with n synthetic layers in episodes of 1,000
 (committed segment and embed manifests) is clustered once (fit on a 2,000-layer sample), then
 one episode at a time is added and the cluster stage timed as the runner calls it; the time is
-given against the smallest run's, and beside it the time to rewrite the stage's whole-run files
-(manifest + placement), how many embeddings the stage decoded, and the time to build and write
-the grown segment + embed manifests (not part of the cluster stage: the O(n) that the
-per-episode stages' merges still pay when an episode is added).
+given against the smallest run's, and beside it how many manifest parts the stage wrote (one per
+episode: only the new one), how many embeddings it decoded, the time to commit the new episode's
+segment + embed parts (what those stages' merges pay), and, for comparison, the time to rewrite
+the cluster manifest as one file (what each added episode cost before manifests were stored in parts).
 
 Quality: generated episodes with known identities. (1) True layers (cut with the true masks)
 -> colour-shape embedder -> clustering: ARI, purity, noise fraction. (2) The real pipeline:
@@ -71,50 +71,49 @@ def timing(sizes: list[int]) -> None:
               f"{k} (true {max(20, n // 250)}), noise {np.mean(result.labels < 0):.3f}", flush=True)
 
 
-def _episode_tables(episodes: range, per_episode: int, centres: np.ndarray, dim: int = 512):
-    """Embed and segment manifests of synthetic episodes (`per_episode` layers around `centres`)."""
+def _episode_tables(episode: int, per_episode: int, centres: np.ndarray, dim: int = 512):
+    """Embed and segment rows of one synthetic episode (`per_episode` layers around `centres`)."""
     import pyarrow as pa
 
-    ids, vectors = [], []
-    for e in episodes:
-        rng = np.random.default_rng(e)
-        x = centres[rng.integers(0, len(centres), per_episode)] + rng.normal(scale=0.03, size=(per_episode, dim))
-        vectors.append((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
-        ids += [f"ep{e:04d}:{i:07d}:00" for i in range(per_episode)]
-    x, n = np.concatenate(vectors), len(ids)
+    rng = np.random.default_rng(episode)
+    x = centres[rng.integers(0, len(centres), per_episode)] + rng.normal(scale=0.03, size=(per_episode, dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = [f"ep{episode:04d}:{i:07d}:00" for i in range(per_episode)]
+    n = len(ids)
     embeds = pa.table({"item_id": ids, "source_id": [i[:-3] for i in ids], "embedder": ["colour-shape"] * n,
                        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel(), pa.float32()), dim),
                        "sharpness": pa.array(np.full(n, 100.0), pa.float32()), "phash": ["0" * 16] * n,
                        "kept": [True] * n, "drop_reason": pa.array([None] * n, pa.string())})
     segment = pa.table({"item_id": ids, "source_id": [i[:-3] for i in ids], "episode": [i[:6] for i in ids],
-                        "path": ["layer.png"] * n, "kept": [True] * n})
+                        "path": ["layers/layer.png"] * n, "kept": [True] * n})
     return embeds, segment
 
 
-def _commit_inputs(store: RunStore, episodes: int, per_episode: int, centres: np.ndarray) -> dict:
-    """Commit segment + embed manifests of `episodes` synthetic episodes; the StageResults the runner would pass."""
+def _commit_inputs(store: RunStore, episodes: int, per_episode: int, centres: np.ndarray, new: range) -> dict:
+    """Commit the segment + embed manifests of `episodes` synthetic episodes in parts, one per episode,
+    writing only the episodes in `new` (the others are kept as committed, as the stages' merges do);
+    the StageResults the runner would pass."""
     from tasks.run.stage import StageResult
 
-    embeds, segment = _episode_tables(range(episodes), per_episode, centres)
+    tables = {e: _episode_tables(e, per_episode, centres) for e in new}
     results = {}
-    for stage, table in (("segment", segment), ("embed", embeds)):
+    for i, stage in enumerate(("embed", "segment")):
         store.begin_stage(stage, {})
-        digest = store.commit_stage(stage, table, f"{stage}-{episodes}")
+        parts = {f"ep{e:04d}": tables[e][i] if e in tables else None for e in range(episodes)}
+        digest, _ = store.commit_parts(stage, parts, f"{stage}-{episodes}")
         results[stage] = StageResult(stage=stage, fingerprint=f"{stage}-{episodes}", manifest_digest=digest)
     return results
 
 
 def add_episode_timing(sizes: list[int], per_episode: int = 1000, adds: int = 2) -> None:
     """The cluster stage adding one episode of `per_episode` layers to a clustered run of n layers."""
-    import pyarrow.parquet as pq
-
     from tasks.run.store import write_table
 
     params = ClusterParams(fit_layers=2000)  # the first clustering is not what is measured here
     print(f"\nadding one episode ({per_episode} layers) to a clustered run, through the stage (run store, "
-          f"manifests on disk); load {os.getloadavg()[0]:.1f}")
-    print(f"{'layers':>7} {'first (s)':>9} {'+1 ep (s)':>20} {'vs first size':>13} {'writes (s)':>10} "
-          f"{'embeddings decoded':>18} {'inputs (s)':>10}  mode")
+          f"manifests on disk in parts); load {os.getloadavg()[0]:.1f}")
+    print(f"{'layers':>7} {'first (s)':>9} {'+1 ep (s)':>14} {'vs first size':>13} {'parts written':>13} "
+          f"{'embeddings decoded':>18} {'inputs (s)':>10} {'one-file rewrite (s)':>20}  mode")
     base = None
     for n in sorted(sizes):
         rng = np.random.default_rng(0)
@@ -123,27 +122,29 @@ def add_episode_timing(sizes: list[int], per_episode: int = 1000, adds: int = 2)
         with tempfile.TemporaryDirectory() as tmp:
             store = RunStore(tmp, f"n{n}")
             store.root.mkdir(parents=True)
-            (store.root / "layer.png").write_bytes(b"")
+            (store.root / "layers").mkdir()
+            (store.root / "layers" / "layer.png").write_bytes(b"")
             episodes = n // per_episode
             start = time.perf_counter()
-            run_cluster(store, params, _commit_inputs(store, episodes, per_episode, centres))
+            run_cluster(store, params, _commit_inputs(store, episodes, per_episode, centres, range(episodes)))
             first = time.perf_counter() - start
-            took, summary = [], {}
+            took, inputs, summary = [], [], {}
             for k in range(1, adds + 1):
+                before = {key: e["mtime_ns"] for key, e in store.committed_parts("cluster").items()}
                 start = time.perf_counter()
-                upstream = _commit_inputs(store, episodes + k, per_episode, centres)
-                inputs = time.perf_counter() - start
+                upstream = _commit_inputs(store, episodes + k, per_episode, centres, range(episodes + k - 1, episodes + k))
+                inputs.append(time.perf_counter() - start)
                 start = time.perf_counter()
                 summary = run_cluster(store, params, upstream).summary
                 took.append(time.perf_counter() - start)
-            folder = store.stage_dir("cluster")
-            start = time.perf_counter()  # the whole-run files the stage rewrites: manifest + placement
-            for name in ("manifest.parquet", "placement.parquet"):
-                write_table(pq.read_table(folder / name), folder / f"again-{name}")
-            writes = time.perf_counter() - start
+                written = sum(before.get(key) != e["mtime_ns"] for key, e in store.committed_parts("cluster").items())
+            start = time.perf_counter()  # what the stage paid before parts: rewriting its whole manifest as one file
+            write_table(store.read_manifest("cluster"), store.root / "one-file.parquet")
+            rewrite = time.perf_counter() - start
         base = base or min(took)
-        print(f"{n:>7} {first:>9.1f} {' / '.join(f'{t:.2f}' for t in took):>20} {min(took) / base:>13.2f} "
-              f"{writes:>10.2f} {summary.get('embeddings_read', 'all'):>18} {inputs:>10.1f}  {summary['mode']}", flush=True)
+        print(f"{n:>7} {first:>9.1f} {' / '.join(f'{t:.2f}' for t in took):>14} {min(took) / base:>13.2f} "
+              f"{written:>13} {summary.get('embeddings_read', 'all'):>18} {min(inputs):>10.2f} {rewrite:>20.2f}  "
+              f"{summary['mode']}", flush=True)
 
 
 def quality(episodes: int, real: bool) -> None:

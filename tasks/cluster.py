@@ -34,7 +34,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -48,10 +48,9 @@ from tasks.run.stage import StageResult, finished, run_global_stage
 from tasks.run.store import RunStore, write_table
 
 STAGE = "cluster"
-VERSION = 2
+VERSION = 3
 NOISE = -1
 CENTROIDS = "centroids.parquet"
-PLACEMENT = "placement.parquet"
 FIT_KEY = "episode2lora.fit"
 
 SCHEMA = pa.schema([
@@ -264,7 +263,7 @@ def cluster_embeddings(x: np.ndarray, params: ClusterParams) -> Clustering:
     labels[rest], probabilities[rest] = place_layers(x[rest], centroids, radii, params.place_slack)
     map_xy = np.zeros((n, 2), np.float32)
     map_xy[sample] = fitted.map_xy
-    map_xy[rest] = map_positions(labels[rest], fitted.labels, fitted.map_xy, params.seed)
+    map_xy[rest] = map_positions(labels[rest], map_frame(fitted.labels, fitted.map_xy), params.seed)
     seconds = {**(fitted.seconds or {}), "place": round(time.perf_counter() - clock, 3)}
     return Clustering(_by_size(labels), probabilities, map_xy, fitted.merged, seconds)
 
@@ -350,27 +349,30 @@ def place_layers(x: np.ndarray, centroids: dict[int, np.ndarray], radii: dict[in
     return labels, probabilities
 
 
-def map_positions(labels: np.ndarray, ref_labels: np.ndarray, ref_xy: np.ndarray, seed: int) -> np.ndarray:
+def map_frame(labels: np.ndarray, xy: np.ndarray) -> dict:
+    """Where each cluster sits on the 2-D map (mean and spread of its members' positions), and the whole
+    map's: what `map_positions` scatters placed layers by, small enough to keep with the centroids."""
+    if not len(xy):
+        return {"clusters": {}, "all": [0.0, 0.0, 1.0, 1.0]}
+    ids, which = np.unique(labels, return_inverse=True)  # per-cluster mean and spread in one pass
+    count = np.bincount(which)[:, None]
+    mean = np.stack([np.bincount(which, xy[:, d]) for d in (0, 1)], 1) / count
+    spread = np.sqrt(np.maximum(np.stack([np.bincount(which, xy[:, d] ** 2) for d in (0, 1)], 1) / count - mean ** 2, 0))
+    clusters = {str(int(k)): [*map(float, mean[i]), *map(float, spread[i])] for i, k in enumerate(ids) if k != NOISE}
+    return {"clusters": clusters, "all": [*map(float, xy.mean(0)), *map(float, xy.std(0))]}
+
+
+def map_positions(labels: np.ndarray, frame: dict, seed: int) -> np.ndarray:
     """2-D map positions for placed layers: scattered around their cluster's members on the map.
 
     A picture only (placed layers never enter UMAP): the cluster's mean position plus noise of
-    its spread; noise layers scatter around the whole map's centre.
+    its spread (`map_frame`); noise layers scatter around the whole map's centre.
     """
     rng = np.random.default_rng(seed + len(labels))
     out = np.zeros((len(labels), 2), np.float32)
-    if not len(ref_xy):
-        return out
-    ids, which = np.unique(ref_labels, return_inverse=True)  # per-cluster mean and spread in one pass
-    count = np.bincount(which)[:, None]
-    mean = np.stack([np.bincount(which, ref_xy[:, d]) for d in (0, 1)], 1) / count
-    spread = np.sqrt(np.maximum(np.stack([np.bincount(which, ref_xy[:, d] ** 2) for d in (0, 1)], 1) / count - mean ** 2, 0))
-    where = {int(k): i for i, k in enumerate(ids)}
     for k, mine in members_of(labels).items():
-        if k != NOISE and k in where:
-            centre, scale = mean[where[k]], spread[where[k]]
-        else:
-            centre, scale = ref_xy.mean(0), ref_xy.std(0)
-        out[mine] = centre + rng.normal(size=(len(mine), 2)) * (scale + 1e-3)
+        centre = frame["clusters"].get(str(int(k)), frame["all"]) if k != NOISE else frame["all"]
+        out[mine] = np.array(centre[:2]) + rng.normal(size=(len(mine), 2)) * (np.array(centre[2:]) + 1e-3)
     return out
 
 
@@ -444,14 +446,6 @@ def read_previous_centroids(folder: Path) -> pa.Table | None:
         return None
 
 
-def read_previous_placement(folder: Path) -> pa.Table | None:
-    """The last result's layer assignments (PLACEMENT), or None."""
-    try:
-        return pq.read_table(folder / PLACEMENT)
-    except (FileNotFoundError, OSError, pa.ArrowInvalid):
-        return None
-
-
 def centroid_table(centroids: dict[int, np.ndarray], sizes: dict[int, int], embedder: str,
                    previous: pa.Table | None, dim: int, radii: dict[int, float] | None = None,
                    fit: dict | None = None, weights: dict[int, float] | None = None) -> pa.Table:
@@ -478,219 +472,271 @@ def _fit_settings(params: ClusterParams) -> dict:
     return params.model_dump(mode="json", exclude={"incremental", "refit_unplaced", "refit_growth", "match_threshold"})
 
 
-def _previous_fit(previous: pa.Table | None, placement: pa.Table | None, params: ClusterParams, embedder: str,
-                  dim: int | None) -> tuple[dict | None, str]:
-    """The last full clustering's record when new layers may be placed into it, else (None, why not).
-    (`dim` None: not known before the vectors are read; placement checks it then.)"""
+def _previous_fit(previous: pa.Table | None, params: ClusterParams) -> tuple[dict | None, str]:
+    """The last full clustering's record when new layers may be placed into it, else (None, why not)."""
     if not params.incremental:
         return None, "incremental placement is off"
-    if previous is None or placement is None:
+    if previous is None:
         return None, "no earlier clustering"
     meta = previous.schema.metadata or {}
-    if FIT_KEY.encode() not in meta or "weight" not in previous.schema.names:
+    fit = json.loads(meta[FIT_KEY.encode()]) if FIT_KEY.encode() in meta else {}
+    if "map" not in fit or "weight" not in previous.schema.names:
         return None, "the earlier clustering has no placement record"
-    fit = json.loads(meta[FIT_KEY.encode()])
-    list_size = previous.schema.field("centroid").type.list_size
     if fit.get("settings") != _fit_settings(params):
         return None, "clustering parameters changed"
-    if fit.get("embedder") != embedder or list_size != (dim or list_size):
-        return None, "the embedder changed"
     return fit, ""
 
 
 @dataclass
-class _Placed:
-    """An incremental result: the layers' clusters, the updated fit record, centroids, radii, weights."""
+class _Outcome:
+    """A clustering of some layers (all of them, or the new ones placed) and the clusters after it."""
 
     clustering: Clustering
     fit: dict
     centroids: dict[int, np.ndarray]
     radii: dict[int, float]
     weights: dict[int, float]
+    sizes: dict[int, int]
+    matched: int
+    merged: int = 0
 
 
-def _place_new(items: pa.Array, vectors: Callable[[pa.Array], np.ndarray], previous: pa.Table, placement: pa.Table,
-               fit: dict, params: ClusterParams) -> tuple[_Placed | None, str]:
-    """Keep earlier layers' clusters, place the new layers; (None, reason) when a full clustering is due.
+def _full_fit(x: np.ndarray, embedder: str, params: ClusterParams, previous: pa.Table | None) -> _Outcome:
+    """Cluster all layers and give the clusters the earlier run's ids where their centroids match."""
+    result = cluster_embeddings(x, params)
+    sums = cluster_sums(x, result.labels)
+    centroids = {k: _l2(v[None])[0] for k, v in sums.items()}
+    mapping, matched = match_ids(centroids, previous, embedder, params.match_threshold)
+    stable = np.array([mapping.get(v, NOISE) for v in result.labels.tolist()], dtype=np.int64)
+    centroids = {mapping[k]: v for k, v in centroids.items()}
+    radii = cluster_radii(x, stable, centroids)
+    placed, _ = place_layers(x, centroids, radii, params.place_slack)
+    ids, counts = np.unique(stable[stable != NOISE], return_counts=True)
+    noise = int((stable == NOISE).sum())
+    fit = {"settings": _fit_settings(params), "embedder": embedder, "fitted_layers": len(x), "placed_since_fit": 0,
+           "baseline_unplaced": round(float((placed == NOISE).mean()) if len(x) else 0.0, 4),
+           "map": map_frame(stable, result.map_xy), "layers": len(x), "noise": noise}
+    return _Outcome(Clustering(stable, result.probabilities, result.map_xy, result.merged, result.seconds), fit,
+                    centroids, radii, {mapping[k]: float(np.linalg.norm(v)) for k, v in sums.items()},
+                    dict(zip(ids.tolist(), counts.tolist())), matched, result.merged)
 
-    Reads the embeddings of the new layers only: a grown cluster's centroid moves by the new members'
-    sum (the stored weight x centroid is the old members' sum); its radius becomes the size-weighted
-    mean of the old radius and the new members' 95th-percentile distance.
+
+def _place_new(x: np.ndarray, previous: pa.Table, fit: dict, params: ClusterParams) -> tuple[_Outcome | None, str]:
+    """Place new layers into the earlier clusters; (None, reason) when a full clustering is due.
+
+    Time follows the new layers only: a grown cluster's centroid moves by the new members' sum (the
+    stored weight x centroid is the old members' sum); its radius becomes the size-weighted mean of
+    the old radius and the new members' 95th-percentile distance; earlier layers are not read.
     """
-    rows = pc.index_in(items, value_set=placement.column("item_id").combine_chunks())
-    old = rows.is_valid().to_numpy(zero_copy_only=False)
-    if not old.any():
-        return None, "no layer of the earlier clustering is left"
-    if old.sum() < placement.num_rows:
-        return None, f"{placement.num_rows - int(old.sum())} layers of the earlier clustering are gone"
-    new = ~old
-    x = vectors(items.filter(pa.array(new)))
     active = previous.filter(pc.equal(previous.column("active"), True))
     ids = active.column("cluster_id").to_pylist()
-    matrix = np.asarray(active.column("centroid").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                        np.float32).reshape(len(ids), -1)
     if len(x) and x.shape[1] != previous.schema.field("centroid").type.list_size:
         return None, "the embedder changed"
+    matrix = np.asarray(active.column("centroid").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                        np.float32).reshape(len(ids), -1)
     centroids, radii = dict(zip(ids, matrix)), dict(zip(ids, active.column("radius").to_pylist()))
     weights, sizes = dict(zip(ids, active.column("weight").to_pylist())), dict(zip(ids, active.column("size").to_pylist()))
     placed, probabilities = place_layers(x, centroids, radii, params.place_slack)
     unplaced = float((placed == NOISE).mean()) if len(x) else 0.0
-    drift = unplaced - fit["baseline_unplaced"]
-    if drift > params.refit_unplaced:
+    if unplaced - fit["baseline_unplaced"] > params.refit_unplaced:
         return None, f"drift: {unplaced:.0%} of the new layers fit no cluster ({fit['baseline_unplaced']:.0%} at the fit)"
-    since = fit["placed_since_fit"] + int(new.sum())
+    since = fit["placed_since_fit"] + len(x)
     if since > params.refit_growth * fit["fitted_layers"]:
         return None, f"growth: {since} layers placed since the last full clustering of {fit['fitted_layers']}"
-    rows = pc.fill_null(rows, 0)  # the new layers' rows are filled in below
-    labels = placement.column("cluster_id").take(rows).to_numpy().astype(np.int64)
-    probs = placement.column("probability").take(rows).to_numpy().astype(np.float32)
-    map_xy = np.stack([placement.column(c).take(rows).to_numpy() for c in ("umap_x", "umap_y")], 1).astype(np.float32)
-    labels[new], probs[new] = placed, probabilities
-    map_xy[new] = map_positions(placed, labels[old], map_xy[old], params.seed)
-    for k, mine in members_of(placed).items():  # only the clusters that grew move: time follows the new layers
+    for k, mine in members_of(placed).items():  # only the clusters that grew move
         if k == NOISE:
             continue
         total = centroids[k] * weights[k] + x[mine].sum(0)
         centroids[k], weights[k] = _l2(total[None])[0], float(np.linalg.norm(total))
         spread = float(np.quantile(1.0 - x[mine] @ centroids[k], 0.95))
         radii[k] = (radii[k] * sizes[k] + spread * len(mine)) / (sizes[k] + len(mine))
-    fit = {**fit, "placed_since_fit": since, "unplaced": round(unplaced, 4)}
-    return _Placed(Clustering(labels, probs, map_xy), fit, centroids, radii, weights), ""
+        sizes[k] += len(mine)
+    noise = int((placed == NOISE).sum())
+    fit = {**fit, "placed_since_fit": since, "unplaced": round(unplaced, 4), "layers": fit["layers"] + len(x),
+           "noise": fit["noise"] + noise}
+    clustering = Clustering(placed, probabilities, map_positions(placed, fit["map"], params.seed))
+    return _Outcome(clustering, fit, centroids, radii, weights, sizes, matched=len(centroids)), ""
+
+
+def _layer_rows(kept: pa.Table, clustering: Clustering, layers: pa.Table) -> pa.Table:
+    """Manifest rows (SCHEMA) of the layers `kept` (item_id, source_id), with their layer files from `layers`."""
+    n = kept.num_rows
+    path_rows = pc.index_in(kept.column("item_id"), value_set=layers.column("item_id").combine_chunks())
+    return pa.table({
+        "item_id": kept.column("item_id"),
+        "source_id": kept.column("source_id"),
+        "cluster_id": pa.array(clustering.labels, pa.int32()),
+        "probability": pa.array(clustering.probabilities, pa.float32()),
+        "umap_x": pa.array(clustering.map_xy[:, 0] if n else [], pa.float32()),
+        "umap_y": pa.array(clustering.map_xy[:, 1] if n else [], pa.float32()),
+        "path": layers.column("path").take(path_rows),
+    }, schema=SCHEMA)
+
+
+def _results(outcome: _Outcome, embedder: str, previous: pa.Table | None, dim: int, why_full: str | None,
+             extra_fit: dict | None = None) -> tuple[pa.Table, dict]:
+    """The centroid table (with the fit record) and the stage summary of an outcome."""
+    fit = {**outcome.fit, **(extra_fit or {})}
+    n, noise = fit["layers"], fit["noise"]
+    summary = {
+        "layers": n, "kept": n, "clusters": len(outcome.centroids), "noise": noise,
+        "noise_fraction": round(noise / n if n else 0.0, 4),
+        "merged": outcome.merged, "matched_ids": outcome.matched, "new_ids": len(outcome.centroids) - outcome.matched,
+        "embedder": embedder, "seconds": outcome.clustering.seconds or {},
+        "mode": "full" if why_full is not None else "incremental",
+        "placed": fit["placed_since_fit"] if why_full is None else 0,
+        "full_because": why_full,
+    }
+    table = centroid_table(outcome.centroids, outcome.sizes, embedder, previous, dim, outcome.radii, fit, outcome.weights)
+    return table, summary
+
+
+def _kept_embeds(embeds: pa.Table) -> tuple[pa.Table, str]:
+    """The kept rows, by item id, and their one embedder (ValueError when the manifest mixes several)."""
+    kept = embeds.filter(pc.equal(embeds.column("kept"), True)).sort_by("item_id")
+    embedders = pc.unique(kept.column("embedder")).to_pylist()
+    if len(embedders) > 1:
+        raise ValueError(f"the embed manifest mixes embedders {sorted(embedders)}; re-run the embed stage")
+    return kept, embedders[0] if embedders else ""
 
 
 # ---- the stage ----------------------------------------------------------------------------------
 
 def cluster_layers(embeds: pa.Table, layers: pa.Table, params: ClusterParams,
-                   previous: pa.Table | None = None, placement: pa.Table | None = None,
-                   vectors: Callable[[pa.Array], np.ndarray] | None = None) -> tuple[pa.Table, pa.Table, dict]:
+                   previous: pa.Table | None = None, placement: pa.Table | None = None) -> tuple[pa.Table, pa.Table, dict]:
     """Cluster the kept layers of an embed manifest, or place new layers into the earlier clusters.
 
-    With the earlier result (`previous` centroids and `placement`) and `params.incremental`, the
-    earlier layers keep their clusters and only the new layers are placed (time proportional to
-    them); the whole run is clustered again when the parameters or embedder changed, when
-    earlier layers are gone, when too many new layers fit no cluster (drift) or when the run has
-    grown by `refit_growth`.
+    With the earlier result (`previous` centroids and its manifest as `placement`) and
+    `params.incremental`, the earlier layers keep their clusters and only the layers not in
+    `placement` are placed; the whole run is clustered again when the parameters or embedder
+    changed, when earlier layers are gone, when too many new layers fit no cluster (drift) or when
+    the run has grown by `refit_growth`. (The stage does the same by manifest parts: `run_cluster`.)
 
     Args:
-        embeds: embed manifest (item_id, source_id, embedder, kept; `embedding` unless `vectors` is given).
+        embeds: embed manifest (item_id, source_id, embedder, kept, embedding).
         layers: segment manifest (item_id, path) for the layer files.
         params: clustering parameters.
         previous: the earlier run's centroid table, for id matching (None: ids from 0).
-        placement: the earlier run's layer assignments (PLACEMENT), for incremental placement.
-        vectors: item ids -> their embeddings, in order (default: from `embeds`' embedding column);
-            placement asks only for the new layers'.
+        placement: the earlier run's cluster manifest, for incremental placement.
     Returns:
         (cluster manifest with SCHEMA, centroid table, summary).
     """
     from tasks.embed import read_embeddings
 
-    kept = embeds.filter(pc.equal(embeds.column("kept"), True)).sort_by("item_id")
+    kept, embedder = _kept_embeds(embeds)
     items = kept.column("item_id").combine_chunks()
-    if vectors is None:
-        def vectors(ids: pa.Array) -> np.ndarray:
-            return read_embeddings(kept.take(pc.index_in(ids, value_set=items)))
-    dim = embeds.schema.field("embedding").type.list_size if "embedding" in embeds.schema.names else None
-    embedders = pc.unique(kept.column("embedder")).to_pylist()
-    if len(embedders) > 1:
-        raise ValueError(f"the embed manifest mixes embedders {sorted(embedders)}; re-run the embed stage")
-    embedder = embedders[0] if embedders else ""
-    fit, why_full = _previous_fit(previous, placement, params, embedder, dim)
-    incremental = None
+    dim = embeds.schema.field("embedding").type.list_size
+    fit, why_full = _previous_fit(previous, params) if placement is not None else (None, "no earlier clustering")
+    if fit is not None and fit["embedder"] != embedder:
+        fit, why_full = None, "the embedder changed"
+    outcome = None
     if fit is not None:
-        incremental, why_full = _place_new(items, vectors, previous, placement, fit, params)
-    if incremental is not None:
-        result, fit = incremental.clustering, incremental.fit
-        stable_centroids, radii, weights = incremental.centroids, incremental.radii, incremental.weights
-        stable = result.labels
-        dim = previous.schema.field("centroid").type.list_size
+        rows = pc.index_in(items, value_set=placement.column("item_id").combine_chunks())
+        old = rows.is_valid().to_numpy(zero_copy_only=False)
+        if old.sum() < placement.num_rows:
+            why_full = f"{placement.num_rows - int(old.sum())} layers of the earlier clustering are gone"
+        else:
+            new = ~old
+            outcome, why_full = _place_new(read_embeddings(kept.filter(pa.array(new))), previous, fit, params)
+    if outcome is not None:
+        rows = pc.fill_null(rows, 0)  # the new layers' rows are filled in below
+        placed = outcome.clustering
+        labels = placement.column("cluster_id").take(rows).to_numpy().astype(np.int64)
+        probs = placement.column("probability").take(rows).to_numpy().astype(np.float32)
+        map_xy = np.stack([placement.column(c).take(rows).to_numpy() for c in ("umap_x", "umap_y")], 1).astype(np.float32)
+        labels[new], probs[new], map_xy[new] = placed.labels, placed.probabilities, placed.map_xy
+        outcome.clustering = Clustering(labels, probs, map_xy)
+        why_full = None
     else:
-        x = vectors(items)
-        dim = x.shape[1] if x.size else (dim or 1)
-        result = cluster_embeddings(x, params)
-        sums = cluster_sums(x, result.labels)
-        centroids = {k: _l2(v[None])[0] for k, v in sums.items()}
-        mapping, matched = match_ids(centroids, previous, embedder, params.match_threshold)
-        stable = np.array([mapping.get(v, NOISE) for v in result.labels.tolist()], dtype=np.int64)
-        stable_centroids = {mapping[k]: v for k, v in centroids.items()}
-        weights = {mapping[k]: float(np.linalg.norm(v)) for k, v in sums.items()}
-        radii = cluster_radii(x, stable, stable_centroids)
-        placed, _ = place_layers(x, stable_centroids, radii, params.place_slack)
-        fit = {"settings": _fit_settings(params), "embedder": embedder, "fitted_layers": len(items),
-               "placed_since_fit": 0, "baseline_unplaced": round(float((placed == NOISE).mean()) if len(items) else 0.0, 4)}
-    ids, counts = np.unique(stable[stable != NOISE], return_counts=True)
-    sizes = dict(zip(ids.tolist(), counts.tolist()))
-    present = set(sizes)  # a cluster whose layers all left retires (its id stays reserved)
-    stable_centroids = {k: v for k, v in stable_centroids.items() if k in present}
-    if incremental is not None:
-        matched = len(stable_centroids)  # every cluster kept its id
-    path_rows = pc.index_in(items, value_set=layers.column("item_id").combine_chunks())
-    table = pa.table({
-        "item_id": items,
-        "source_id": kept.column("source_id"),
-        "cluster_id": pa.array(stable, pa.int32()),
-        "probability": pa.array(result.probabilities, pa.float32()),
-        "umap_x": pa.array(result.map_xy[:, 0] if len(items) else [], pa.float32()),
-        "umap_y": pa.array(result.map_xy[:, 1] if len(items) else [], pa.float32()),
-        "path": layers.column("path").take(path_rows),
-    }, schema=SCHEMA)
-    n = len(items)
-    summary = {
-        "layers": n, "kept": n, "clusters": len(stable_centroids), "noise": int((stable == NOISE).sum()),
-        "noise_fraction": round(float((stable == NOISE).mean()) if n else 0.0, 4),
-        "merged": result.merged, "matched_ids": matched, "new_ids": len(stable_centroids) - matched,
-        "embedder": embedder, "seconds": result.seconds or {},
-        "mode": "incremental" if incremental is not None else "full",
-        "placed": fit["placed_since_fit"] if incremental is not None else 0,
-        "full_because": why_full if incremental is None else None,
-    }
-    return table, centroid_table(stable_centroids, sizes, embedder, previous, dim, radii, fit, weights), summary
+        outcome = _full_fit(read_embeddings(kept), embedder, params, previous)
+    centroids, summary = _results(outcome, embedder, previous, dim, why_full)
+    return _layer_rows(kept, outcome.clustering, layers), centroids, summary
 
 
-def placement_table(table: pa.Table) -> pa.Table:
-    """The layer assignments kept for the next run's incremental placement."""
-    return table.select(["item_id", "cluster_id", "probability", "umap_x", "umap_y"])
+EMBED_COLUMNS = ["item_id", "source_id", "embedder", "kept", "embedding"]
 
 
-def _read_input(store: RunStore, result: StageResult, columns: list[str]) -> pa.Table:
-    """Some columns of an input manifest, which must still be the one `result` was made from
-    (its marker's digest; the runner verified the file itself when it produced `result`)."""
+def _embed_parts(store: RunStore, embed: StageResult) -> dict[str, str]:
+    """The embed manifest's parts (key -> digest); a one-file manifest is one part, "all"."""
     from tasks.run.store import StageNotDoneError
 
-    marker = store.marker(result.stage) or {}
-    if marker.get("manifest_digest") != result.manifest_digest:
-        raise StageNotDoneError(f"stage '{result.stage}' of run '{store.name}' changed or is not done; run it again")
-    return pq.read_table(store.manifest_path(result.stage), columns=columns)
+    if (store.marker(embed.stage) or {}).get("manifest_digest") != embed.manifest_digest:
+        raise StageNotDoneError(f"stage '{embed.stage}' of run '{store.name}' changed or is not done; run it again")
+    parts = store.manifest_parts(embed.stage)
+    return {k: e["digest"] for k, e in parts.items()} if parts else {"all": embed.manifest_digest}
+
+
+def _read_kept(store: RunStore, stage: str, keys: list[str]) -> tuple[pa.Table, str, np.ndarray]:
+    """The kept embed rows of the parts `keys` (by item id), their embedder, and each row's part key."""
+    if keys == ["all"] and not store.manifest_parts(stage):
+        tables = {"all": store.read_manifest(stage, columns=EMBED_COLUMNS)}
+    else:
+        tables = {k: store.read_parts(stage, [k], columns=EMBED_COLUMNS) for k in keys}
+    tables = {k: t.filter(pc.equal(t.column("kept"), True)) for k, t in tables.items()}
+    if not tables:  # no new parts
+        empty = store.read_parts(stage, [min(store.manifest_parts(stage))], columns=EMBED_COLUMNS).slice(0, 0)
+        return empty, "", np.array([], dtype=object)
+    kept, embedder = _kept_embeds(pa.concat_tables(tables.values()))
+    part_of = np.repeat(np.array(list(tables), dtype=object), [t.num_rows for t in tables.values()])
+    order = pc.index_in(kept.column("item_id"), value_set=pa.concat_arrays(
+        [t.column("item_id").combine_chunks() for t in tables.values()])).to_numpy()
+    return kept, embedder, part_of[order] if len(order) else np.array([], dtype=object)
+
+
+def _split_parts(table: pa.Table, part_of: np.ndarray, keys: list[str]) -> dict[str, pa.Table]:
+    """`table`'s rows by the part each came from (every key gets a part, maybe empty)."""
+    return {k: table.filter(pa.array(part_of == k)) for k in keys}
 
 
 def run_cluster(store: RunStore, params: ClusterParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
-    """The stage as one plain call: read embed + segment, cluster (or place the new layers), match ids, commit.
+    """The stage as one plain call: cluster the kept layers (or place a new episode's), match ids, commit.
 
-    The embeddings are read from the embed manifest only for the layers that need them (all of
-    them for a full clustering, the new ones for a placement); `summary["embeddings_read"]` counts
-    the rows decoded.
+    The manifest is stored in parts, one per embed part (episode). When the earlier clustering may
+    take new layers (`_previous_fit`), the embed parts it has not seen are the new layers: only they
+    are read (embeddings, and their layer files from the segment manifest's parts that hold them),
+    placed and written as new parts; the other parts are kept as they are, so adding an episode
+    costs that episode. An embed part that changed or went away means a full clustering.
+    `summary["embeddings_read"]` counts the embeddings decoded.
     """
-    from tasks.embed import embeddings_of
+    from tasks.embed import read_embeddings
 
     upstream = upstream or {s: finished(store, s) for s in ("embed", "segment")}
+    embed, segment = upstream["embed"].stage, upstream["segment"].stage
 
-    def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
+    def build(folder: Path) -> tuple[dict[str, pa.Table | None], dict, list[str]]:
         previous = read_previous_centroids(folder)  # the last result, read before it is replaced
-        placement = read_previous_placement(folder)
-        embeds = _read_input(store, upstream["embed"], ["item_id", "source_id", "embedder", "kept"])
-        segments = _read_input(store, upstream["segment"], ["item_id", "path"])
-        decoded = 0
-
-        def vectors(items: pa.Array) -> np.ndarray:
-            nonlocal decoded
-            x, rows = embeddings_of(store.manifest_path(upstream["embed"].stage), items, embeds.column("item_id"))
-            decoded += rows
-            return x
-
-        table, centroids, summary = cluster_layers(embeds, segments, params, previous, placement, vectors)
-        summary["embeddings_read"] = decoded
+        (folder / "placement.parquet").unlink(missing_ok=True)  # cluster VERSION 2 kept this; the manifest holds it now
+        digests = _embed_parts(store, upstream["embed"])
+        fit, why_full = _previous_fit(previous, params)
+        outcome = None
+        if fit is not None:
+            seen = fit.get("parts", {})
+            changed = [k for k, d in seen.items() if digests.get(k) != d]
+            if not set(seen) <= set(store.committed_parts(STAGE)):
+                why_full = "the earlier clustering was not committed"
+            elif changed:
+                why_full = f"{len(changed)} embed part(s) of the earlier clustering changed or are gone ({changed[0]}, ...)"
+            else:
+                new_keys = [k for k in digests if k not in seen]
+                kept, embedder, part_of = _read_kept(store, embed, new_keys)
+                if kept.num_rows and embedder != fit["embedder"]:
+                    why_full = "the embedder changed"
+                else:
+                    outcome, why_full = _place_new(read_embeddings(kept), previous, fit, params)
+        if outcome is not None:
+            layers = store.read_items(segment, kept.column("item_id"), ["path"])
+            parts = {k: None for k in seen} | _split_parts(_layer_rows(kept, outcome.clustering, layers), part_of, new_keys)
+            embedder, why_full = fit["embedder"], None
+        else:
+            kept, embedder, part_of = _read_kept(store, embed, list(digests))
+            outcome = _full_fit(read_embeddings(kept), embedder, params, previous)
+            layers = store.read_manifest(segment, columns=["item_id", "path"])
+            parts = _split_parts(_layer_rows(kept, outcome.clustering, layers), part_of, list(digests))
+        dim = kept.schema.field("embedding").type.list_size
+        centroids, summary = _results(outcome, embedder, previous, dim, why_full, {"parts": digests})
+        summary["embeddings_read"] = kept.num_rows
         write_table(centroids, folder / CENTROIDS)
-        write_table(placement_table(table), folder / PLACEMENT)
-        return table, summary, [f"{STAGE}/{CENTROIDS}", f"{STAGE}/{PLACEMENT}"]
+        return parts, summary, [f"{STAGE}/{CENTROIDS}"]
 
     return run_global_stage(store, STAGE, VERSION, params, upstream, build)
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.run.progress import StageProgress
 from tasks.run.spec import ShardedStage
-from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.stage import StageResult, merge_shard_parts, plan_sharded_stage, run_shard
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "embed"
@@ -247,11 +247,17 @@ def embed_shard(store: RunStore, shard: EmbedShard, params: EmbedParams) -> Stag
     return run_shard(store, STAGE, shard.key, shard.fingerprint, build)
 
 
-def summarize(table: pa.Table, reports: list[dict]) -> dict:
-    embedders = sorted(set(table.column("embedder").to_pylist())) if table.num_rows else []
+def count_layers(table: pa.Table) -> dict[str, int]:
+    """Per-part counts the merged summary adds up."""
+    return {"layers": table.num_rows, "kept": int(pc.sum(table.column("kept")).as_py() or 0) if table.num_rows else 0}
+
+
+def summarize(totals: dict[str, int], reports: list[dict]) -> dict:
+    """The stage summary from its parts' counts and its shards' reports."""
+    embedders = sorted({r["embedder"] for r in reports if r.get("layers")})
     return {
-        "layers": table.num_rows,
-        "kept": int(pc.sum(table.column("kept")).as_py() or 0) if table.num_rows else 0,
+        "layers": totals.get("layers", 0),
+        "kept": totals.get("kept", 0),
         "quarantined": sum(r.get("quarantined", 0) for r in reports),
         "embedder": embedders[0] if len(embedders) == 1 else embedders,
         "dim": reports[0].get("dim") if reports else None,
@@ -260,15 +266,9 @@ def summarize(table: pa.Table, reports: list[dict]) -> dict:
 
 
 def merge_embed(store: RunStore, plan: EmbedPlan) -> StageResult:
-    """Merge committed shards into `embed/manifest.parquet`."""
-    def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
-        if tables:
-            table = pa.concat_tables(tables).sort_by("item_id")
-        else:
-            table = embed_schema(1).empty_table()
-        return table, summarize(table, reports), []
-
-    return merge_shards(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), merge)
+    """Commit the shards' rows as the parts of `embed/manifest.parquet` (an episode added: its part only)."""
+    return merge_shard_parts(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), embed_schema(1),
+                             summarize, count_layers)
 
 
 def run_embed(store: RunStore, params: EmbedParams) -> StageResult:
@@ -286,36 +286,6 @@ def read_embeddings(table: pa.Table) -> np.ndarray:
     column = table.column("embedding").combine_chunks()
     dim = column.type.list_size
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-
-
-def embeddings_of(path: Path, items: pa.Array | list[str], all_items: pa.ChunkedArray | None = None) -> tuple[np.ndarray, int]:
-    """The embeddings of `items` (in their order) from an embed manifest, decoding only the row groups
-    that hold them (the manifest is sorted by item_id, so one episode's layers sit together).
-    `all_items`: the manifest's item_id column when the caller has read it already.
-
-    Returns (an (n, dim) float32 array, rows decoded). Raises KeyError naming an item not in `path`.
-    """
-    import pyarrow.parquet as pq
-
-    items = pa.array(items, pa.string()) if isinstance(items, list) else items
-    manifest = pq.ParquetFile(path)
-    dim = manifest.schema_arrow.field("embedding").type.list_size
-    if not len(items):
-        return np.zeros((0, dim), np.float32), 0
-    all_items = manifest.read(columns=["item_id"]).column("item_id") if all_items is None else all_items
-    rows = pc.index_in(items, value_set=all_items.combine_chunks())
-    if rows.null_count:
-        missing = items.filter(pc.is_null(rows))[0].as_py()
-        raise KeyError(f"layer {missing!r} is not in the embed manifest {path}")
-    rows = rows.to_numpy()
-    sizes = np.array([manifest.metadata.row_group(g).num_rows for g in range(manifest.num_row_groups)], np.int64)
-    starts = np.cumsum(sizes) - sizes
-    group_of = np.searchsorted(starts, rows, side="right") - 1  # each wanted row's row group
-    groups = np.unique(group_of)
-    part = manifest.read_row_groups(groups.tolist(), columns=["embedding"])
-    begins = np.cumsum(sizes[groups]) - sizes[groups]  # where each decoded group starts in `part`
-    local = rows - starts[group_of] + begins[np.searchsorted(groups, group_of)]
-    return read_embeddings(part.take(pa.array(local))), part.num_rows
 
 
 EMBED = ShardedStage(

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tasks.characterness import ShotMotion
 from tasks.run.progress import StageProgress
 from tasks.run.spec import ShardedStage
-from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.stage import StageResult, merge_shard_parts, plan_sharded_stage, run_shard
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, write_error
 
 STAGE = "segment"
@@ -479,15 +479,20 @@ def segment_shard(store: RunStore, shard: SegmentShard, params: SegmentParams) -
     return run_shard(store, STAGE, shard.key, shard.fingerprint, build)
 
 
-def summarize(table: pa.Table, reports: list[dict]) -> dict:
-    """Counts for the status table and the UI."""
+def count_layers(table: pa.Table) -> dict[str, int]:
+    """Per-part counts the merged summary adds up (a part holds whole frames)."""
     layers = table.filter(pc.equal(table.column("kept"), True))
     per_frame = pc.value_counts(layers.column("source_id")).field("counts").to_pylist() if layers.num_rows else []
+    return {"kept": layers.num_rows, "frames_with_layers": len(per_frame), "frames_with_2plus": sum(c >= 2 for c in per_frame)}
+
+
+def summarize(totals: dict[str, int], reports: list[dict]) -> dict:
+    """Counts for the status table and the UI, from the parts' counts and the shards' reports."""
     return {
         "frames": sum(r.get("frames", 0) for r in reports),
-        "kept": layers.num_rows,
-        "frames_with_layers": len(per_frame),
-        "frames_with_2plus": sum(c >= 2 for c in per_frame),
+        "kept": totals.get("kept", 0),
+        "frames_with_layers": totals.get("frames_with_layers", 0),
+        "frames_with_2plus": totals.get("frames_with_2plus", 0),
         "mask_empty": sum(r.get("mask_empty", 0) for r in reports),
         "mask_full": sum(r.get("mask_full", 0) for r in reports),
         "no_layers": sum(r.get("no_layers", 0) for r in reports),
@@ -498,13 +503,8 @@ def summarize(table: pa.Table, reports: list[dict]) -> dict:
 
 
 def merge_segment(store: RunStore, plan: SegmentPlan) -> StageResult:
-    """Merge committed shards into `segment/manifest.parquet`."""
-    def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
-        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-        table = table.sort_by("item_id")
-        return table, summarize(table, reports), []
-
-    return merge_shards(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), merge)
+    """Commit the shards' rows as the parts of `segment/manifest.parquet` (an episode added: its parts only)."""
+    return merge_shard_parts(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), SCHEMA, summarize, count_layers)
 
 
 def run_segment(store: RunStore, params: SegmentParams) -> StageResult:

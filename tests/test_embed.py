@@ -162,25 +162,3 @@ def test_a_new_episode_embeds_only_its_own_layers(tmp_path, episode, two_episode
     assert all(shards[k] == first_shards[k] for k in first_shards)  # untouched
     manifest = pq.read_table(store.manifest_path("embed"))
     assert sorted(manifest.column("item_id").to_pylist()) == sorted(table.column("item_id").to_pylist())
-
-
-def test_embeddings_of_decodes_only_the_row_groups_asked_for(tmp_path, monkeypatch):
-    """Rows come back in the order asked, from the row groups that hold them; an unknown layer is named."""
-    import pyarrow as pa
-
-    from tasks.embed import embed_schema, embeddings_of
-    from tasks.run.store import write_table
-
-    monkeypatch.setattr("tasks.run.store.ROW_GROUP_BYTES", 1)  # row groups of 64 rows
-    x = np.random.default_rng(0).normal(size=(640, 8)).astype(np.float32)
-    ids = [f"ep{i // 100:02d}:{i:07d}:00" for i in range(640)]
-    table = pa.table({"item_id": ids, "source_id": ids, "embedder": ["e"] * 640,
-                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 8),
-                      "sharpness": pa.array([1.0] * 640, pa.float32()), "phash": ["0"] * 640, "kept": [True] * 640,
-                      "drop_reason": pa.array([None] * 640, pa.string())}, schema=embed_schema(8))
-    write_table(table, tmp_path / "m.parquet")
-    wanted = [300, 130, 299, 131]
-    got, decoded = embeddings_of(tmp_path / "m.parquet", [ids[i] for i in wanted])
-    assert np.array_equal(got, x[wanted]) and decoded == 2 * 64  # the groups of rows 128-191 and 256-319
-    with pytest.raises(KeyError, match="nobody"):
-        embeddings_of(tmp_path / "m.parquet", ["nobody"])

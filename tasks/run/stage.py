@@ -58,7 +58,7 @@ def publish(result: StageResult, title: str, rows: list[dict[str, Any]] | None =
     lines += [f"| {k} | {v} |" for k, v in result.summary.items()]
     lines += ["", f"fingerprint `{result.fingerprint[:12]}`, recomputed: {result.recomputed}"]
     run = (TaskRunContext.get().parameters or {}).get("run")
-    if isinstance(run, RunRef) and run.store().manifest_path(result.stage).is_file():  # where its manifest and report are
+    if isinstance(run, RunRef) and run.store().manifest_path(result.stage).exists():  # where its manifest and report are
         lines += ["", f"report: `{run.store().stage_dir(result.stage)}`"]
     counts = [{"measure": k, "value": v} for k, v in result.summary.items() if isinstance(v, (int, float, str, bool))]
     _log_stage_line(title, result, counts, lines[-1] if lines[-1].startswith("report:") else "")
@@ -96,18 +96,21 @@ def run_global_stage(
 ) -> StageResult:
     """Run a whole-run stage once per fingerprint.
 
-    `build(stage_folder)` writes the stage's files and returns (manifest table, summary,
-    run-relative paths of extra outputs that must exist for the stage to count as done).
+    `build(stage_folder)` writes the stage's files and returns (manifest table, or its parts as
+    `RunStore.commit_parts` takes them; summary; run-relative paths of extra outputs that must exist
+    for the stage to count as done).
     The marker is written last, so an interrupted build is simply redone.
     """
     fp = stage_fingerprint(stage, version, params, upstream)
-    if store.is_done(stage, fp):
-        marker = store.marker(stage)
-        return StageResult(stage=stage, fingerprint=fp, manifest_digest=marker["manifest_digest"],
-                           summary=marker["summary"], recomputed=False)
+    done = reused(store, stage, fp)
+    if done is not None:
+        return done
     folder = store.begin_stage(stage, params.model_dump(mode="json"))
     table, summary, outputs = build(folder)
-    digest = store.commit_stage(stage, table, fp, outputs=outputs, summary=summary)
+    if isinstance(table, dict):  # a manifest in parts: key -> table, or None to keep that part as committed
+        digest, summary = store.commit_parts(stage, table, fp, outputs=outputs, summarize=lambda totals: summary)
+    else:
+        digest = store.commit_stage(stage, table, fp, outputs=outputs, summary=summary)
     return StageResult(stage=stage, fingerprint=fp, manifest_digest=digest, summary=summary)
 
 
@@ -171,6 +174,19 @@ def run_shard(store: RunStore, stage: str, key: str, fp: str,
     return StageResult(stage=stage, key=key, fingerprint=fp, summary=report)
 
 
+def _committed_reports(store: RunStore, stage: str, shard_fingerprints: dict[str, str]) -> list[dict[str, Any]]:
+    """The reports of a stage's shards, in order; StageNotDoneError naming the shards not committed."""
+    import json
+
+    from tasks.run.store import StageNotDoneError
+
+    missing = [k for k, shard_fp in shard_fingerprints.items() if not store.shard_done(stage, k, shard_fp)]
+    if missing:
+        raise StageNotDoneError(f"{stage} shards not finished: {', '.join(missing)}")
+    paths = [store.shard_dir(stage, k) / "report.json" for k in shard_fingerprints]
+    return [json.loads(path.read_text()) if path.is_file() else {} for path in paths]
+
+
 def merge_shards(
     store: RunStore, stage: str, fp: str, shard_fingerprints: dict[str, str],
     merge: Callable[[list["pa.Table"], list[dict[str, Any]]], tuple["pa.Table", dict[str, Any], list[str]]],
@@ -180,24 +196,33 @@ def merge_shards(
     `merge(tables, reports)` returns (manifest, summary, extra run-relative outputs).
     Raises StageNotDoneError naming the shards that are not committed.
     """
-    import json
-
-    from tasks.run.store import StageNotDoneError
-
-    if store.is_done(stage, fp):
-        marker = store.marker(stage)
-        return StageResult(stage=stage, fingerprint=fp, manifest_digest=marker["manifest_digest"],
-                           summary=marker["summary"], recomputed=False)
-    missing = [k for k, shard_fp in shard_fingerprints.items() if not store.shard_done(stage, k, shard_fp)]
-    if missing:
-        raise StageNotDoneError(f"{stage} shards not finished: {', '.join(missing)}")
-    tables = [store.read_shard(stage, k) for k in shard_fingerprints]
-    reports = []
-    for k in shard_fingerprints:
-        path = store.shard_dir(stage, k) / "report.json"
-        reports.append(json.loads(path.read_text()) if path.is_file() else {})
-    table, summary, outputs = merge(tables, reports)
+    done = reused(store, stage, fp)
+    if done is not None:
+        return done
+    reports = _committed_reports(store, stage, shard_fingerprints)
+    table, summary, outputs = merge([store.read_shard(stage, k) for k in shard_fingerprints], reports)
     digest = store.commit_stage(stage, table, fp, outputs=outputs, summary=summary)
+    return StageResult(stage=stage, fingerprint=fp, manifest_digest=digest, summary=summary)
+
+
+def merge_shard_parts(
+    store: RunStore, stage: str, fp: str, shard_fingerprints: dict[str, str], schema: "pa.Schema",
+    summarize: Callable[[dict[str, int], list[dict[str, Any]]], dict[str, Any]],
+    count: Optional[Callable[["pa.Table"], dict[str, int]]] = None,
+) -> StageResult:
+    """Commit the shards' rows as the parts of the stage manifest (once per fingerprint): no rows are
+    rewritten, so adding a shard costs that shard (for a merge that only concatenates shards).
+
+    `summarize(totals, reports)`: the summary from the parts' summed `count`s and the shards' reports.
+    Raises StageNotDoneError naming the shards that are not committed.
+    """
+    done = reused(store, stage, fp)
+    if done is not None:
+        return done
+    reports = _committed_reports(store, stage, shard_fingerprints)
+    parts = {k: store.shard_dir(stage, k) / "rows.parquet" for k in shard_fingerprints}
+    digest, summary = store.commit_parts(stage, parts, fp, schema=schema, count=count,
+                                         summarize=lambda totals: summarize(totals, reports))
     return StageResult(stage=stage, fingerprint=fp, manifest_digest=digest, summary=summary)
 
 

@@ -4,7 +4,9 @@ Layout of a run (``<runs-dir>/<name>/``)::
 
     run.json                    inputs and resolved parameters (what `resume` replays)
     .lock                       held by the process writing the run
-    <stage>/manifest.parquet    the stage's manifest (paths relative to the run folder)
+    <stage>/manifest.parquet    the stage's manifest (paths relative to the run folder); for a stage
+                                that grows by parts (embed, segment, cluster) a folder of Parquet
+                                files, one per part, with `_parts.json` (see `commit_parts`)
     <stage>/params.json         the parameters the stage ran with
     <stage>/_DONE.json          marker: fingerprint + manifest digest, written last
     <stage>/plan.json           shard keys the stage will write (for `status`)
@@ -16,6 +18,7 @@ leaves a half output that looks done.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import fcntl
 import hashlib
@@ -27,9 +30,10 @@ import unicodedata
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 MARKER = "_DONE.json"
@@ -132,6 +136,13 @@ def _read_json(path: Path) -> Any | None:
         return None
 
 
+def _mtime(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
 def _count_files(folder: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(folder))
 
@@ -176,6 +187,36 @@ def storage_cause(exc: BaseException) -> str | None:
             return "read-only"
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
+
+
+EMPTY_PART = "-empty"
+"""The part a parted manifest with no parts holds (an empty table of its schema); no key can be it."""
+PARTS_INDEX = "_parts.json"
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` becomes `source`'s bytes: a hard link where the file system allows, else a copy."""
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copy2(source, tmp)
+    os.replace(tmp, target)
+
+
+def _path_columns(schema: pa.Schema) -> list[str]:
+    """Columns that hold run-relative file paths (`path`, `*_path`)."""
+    return [n for n in schema.names if (n == "path" or n.endswith("_path")) and schema.field(n).type == pa.string()]
+
+
+def _parts_digest(index: dict[str, dict]) -> str:
+    """A parted manifest's digest: its parts' keys and digests."""
+    return hashlib.sha256(json.dumps(sorted((k, e["digest"]) for k, e in index.items())).encode()).hexdigest()
 
 
 class RunStore:
@@ -268,27 +309,51 @@ class RunStore:
         if marker is None or (fp is not None and marker.get("fingerprint") != fp):
             return False
         path = self.manifest_path(stage)
-        if not path.is_file() or file_digest(path) != marker.get("manifest_digest"):
-            return False
         if not all((self.root / rel).exists() for rel in marker.get("outputs", [])):
+            return False
+        if path.is_dir():
+            return self._parts_intact(path, marker.get("manifest_digest"))
+        if not path.is_file() or file_digest(path) != marker.get("manifest_digest"):
             return False
         return self._referenced_files_exist(path)
 
     def _referenced_files_exist(self, manifest: Path) -> bool:
         """Every file a manifest points at (columns named `path` or `*_path`) is still there."""
-        schema = pq.read_schema(manifest)
-        columns = [n for n in schema.names if (n == "path" or n.endswith("_path")) and schema.field(n).type == pa.string()]
+        columns = _path_columns(pq.read_schema(manifest))
         if not columns:
             return True
         table = pq.read_table(manifest, columns=columns)
         return all(os.path.exists(self.root / rel) for col in columns for rel in table.column(col).to_pylist() if rel)
 
+    def _parts_intact(self, folder: Path, digest: str | None) -> bool:
+        """A parted manifest is the one its marker names, with no part changed and no file it points at gone.
+
+        Fast where nothing moved: a part whose size and mtime are as committed, and whose files' folders
+        have the mtimes they had (removing a file changes its folder's), is not read. Otherwise (a copied
+        run) the part's bytes are hashed and its files looked for, as for a one-file manifest.
+        """
+        index = _read_json(folder / PARTS_INDEX)
+        if index is None or _parts_digest(index) != digest:
+            return False
+        if {e["file"] for e in index.values()} != {n for n in os.listdir(folder) if not n.startswith(("_", "."))}:
+            return False
+        for entry in index.values():
+            path = folder / entry["file"]
+            stamp = _stamp(path)
+            if (stamp["size"], stamp["mtime_ns"]) != (entry["size"], entry["mtime_ns"]) and file_digest(path) != entry["digest"]:
+                return False
+            if not all(_mtime(self.root / d) == m for d, m in entry["dirs"].items()) and not self._referenced_files_exist(path):
+                return False
+        return True
+
     def begin_stage(self, stage: str, params: dict[str, Any], shard_keys: list[str] | None = None) -> Path:
-        """Mark a stage as in progress: drop its marker and manifest, record params and plan."""
+        """Mark a stage as in progress: drop its marker and manifest, record params and plan.
+        (The parts of a parted manifest stay, for `commit_parts` to keep the unchanged ones.)"""
         folder = self.stage_dir(stage)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MARKER).unlink(missing_ok=True)
-        (folder / MANIFEST).unlink(missing_ok=True)
+        if not (folder / MANIFEST).is_dir():
+            (folder / MANIFEST).unlink(missing_ok=True)
         _write_json(folder / "params.json", params)
         if shard_keys is not None:
             _write_json(folder / "plan.json", {"shards": list(shard_keys)})
@@ -299,25 +364,129 @@ class RunStore:
     ) -> str:
         """Write the stage manifest, then its marker. Returns the manifest digest."""
         path = self.manifest_path(stage)
+        if path.is_dir():
+            shutil.rmtree(path)
         write_table(table, path)
         digest = file_digest(path)
-        _write_json(
-            self.stage_dir(stage) / MARKER,
-            {"fingerprint": fp, "manifest_digest": digest, "rows": table.num_rows,
-             "outputs": list(outputs), "summary": summary or {}},
-        )
+        self._write_marker(stage, fp, digest, table.num_rows, outputs, summary)
         return digest
 
-    def read_manifest(self, stage: str) -> pa.Table:
+    def _write_marker(self, stage: str, fp: str, digest: str, rows: int, outputs: Sequence[str], summary: dict | None) -> None:
+        _write_json(self.stage_dir(stage) / MARKER, {"fingerprint": fp, "manifest_digest": digest, "rows": rows,
+                                                     "outputs": list(outputs), "summary": summary or {}})
+
+    def commit_parts(
+        self, stage: str, parts: dict[str, "Path | pa.Table | None"], fp: str, *, schema: pa.Schema | None = None,
+        count: Callable[[pa.Table], dict[str, int]] | None = None, outputs: Sequence[str] = (),
+        summarize: Callable[[dict[str, int]], dict] = lambda totals: dict(totals),
+    ) -> tuple[str, dict]:
+        """Commit a manifest made of parts (a folder of Parquet files), writing only the parts that changed.
+
+        `parts`: key -> a Parquet file in the run (a shard's rows: hard-linked, re-linked only when that
+        file changed), a table (written), or None (the part committed before under that key, kept as it
+        is). Parts no longer named are removed. Per part the index keeps its digest, rows, first and last
+        item_id (for `read_items`) and `count(part)` (summed over the parts and handed to `summarize`, so
+        the summary of a grown manifest reads only the new parts). Returns (manifest digest, summary).
+        """
+        folder = self.manifest_path(stage)
+        if folder.is_file():
+            folder.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        before = _read_json(folder / PARTS_INDEX) or {}
+        if not parts and schema is None:
+            raise ValueError(f"stage '{stage}': a manifest with no parts needs its schema")
+        parts = parts or {EMPTY_PART: schema.empty_table()}
+        index: dict[str, dict] = {}
+        for key, part in sorted(parts.items()):
+            name = f"{key if key == EMPTY_PART else safe_name(key)}.parquet"
+            old = before.get(key)
+            if part is None:
+                if old is None:
+                    raise KeyError(f"part '{key}' of stage '{stage}' was never committed; it cannot be kept")
+                index[key] = old
+                continue
+            if isinstance(part, pa.Table):
+                write_table(part, folder / name)
+                source = None
+            else:
+                source = {"path": Path(part).relative_to(self.root).as_posix(), **_stamp(Path(part))}
+                if old is not None and old.get("source") == source and (folder / name).is_file():
+                    index[key] = old
+                    continue
+                _link_or_copy(Path(part), folder / name)
+            index[key] = self._part_entry(folder / name, source, count)
+        _write_json(folder / PARTS_INDEX, index)
+        for stale in {n for n in os.listdir(folder) if not n.startswith(("_", "."))} - {e["file"] for e in index.values()}:
+            (folder / stale).unlink()
+        totals: dict[str, int] = {}
+        for entry in index.values():
+            for name, value in entry["counts"].items():
+                totals[name] = totals.get(name, 0) + value
+        digest, summary = _parts_digest(index), summarize(totals)
+        self._write_marker(stage, fp, digest, sum(e["rows"] for e in index.values()), outputs, summary)
+        return digest, summary
+
+    def _part_entry(self, path: Path, source: dict | None, count: Callable[[pa.Table], dict] | None) -> dict:
+        """What the parts index keeps of one part (read once, when the part is new)."""
+        table = pq.read_table(path)
+        ids = table.column("item_id") if "item_id" in table.column_names and table.num_rows else None
+        dirs = {os.path.dirname(rel) for col in _path_columns(table.schema) for rel in table.column(col).to_pylist() if rel}
+        stamp = _stamp(path)
+        return {"file": path.name, "digest": file_digest(path), "rows": table.num_rows, "size": stamp["size"],
+                "mtime_ns": stamp["mtime_ns"], "source": source,
+                "first": pc.min(ids).as_py() if ids is not None else None,
+                "last": pc.max(ids).as_py() if ids is not None else None,
+                "dirs": {d: _mtime(self.root / d) for d in sorted(dirs)},
+                "counts": {k: int(v) for k, v in (count(table) if count else {}).items()}}
+
+    def read_manifest(self, stage: str, columns: list[str] | None = None) -> pa.Table:
+        """A finished stage's manifest (one file, or its parts in key order); StageNotDoneError if not done."""
         if not self.is_done(stage):
             raise StageNotDoneError(f"stage '{stage}' of run '{self.name}' is not done; run it first")
-        return pq.read_table(self.manifest_path(stage))
+        return self._read(stage, columns)
 
-    def manifest_digest(self, stage: str) -> str:
-        marker = self.marker(stage)
-        if marker is None:
+    def _read(self, stage: str, columns: list[str] | None = None, keys: Sequence[str] | None = None) -> pa.Table:
+        path = self.manifest_path(stage)
+        if not path.is_dir():
+            return pq.read_table(path, columns=columns)
+        index = _read_json(path / PARTS_INDEX) or {}
+        keys = sorted(index) if keys is None else keys
+        tables = [pq.read_table(path / index[k]["file"], columns=columns) for k in keys]
+        if not tables:
+            return pq.read_table(path / index[min(index)]["file"], columns=columns).slice(0, 0)
+        return pa.concat_tables(tables)
+
+    def manifest_parts(self, stage: str) -> dict[str, dict]:
+        """A finished parted manifest's index (key -> digest, rows, first/last item_id, ...); {} for a one-file one."""
+        if not self.is_done(stage):
             raise StageNotDoneError(f"stage '{stage}' of run '{self.name}' is not done; run it first")
-        return marker["manifest_digest"]
+        return self.committed_parts(stage)
+
+    def committed_parts(self, stage: str) -> dict[str, dict]:
+        """The parts index as last committed, whether or not the stage is done now (for the stage's own
+        next build, which may keep them)."""
+        path = self.manifest_path(stage)
+        return (_read_json(path / PARTS_INDEX) or {}) if path.is_dir() else {}
+
+    def read_parts(self, stage: str, keys: Sequence[str], columns: list[str] | None = None) -> pa.Table:
+        """Only the parts `keys` of a finished parted manifest (in the order given)."""
+        unknown = set(keys) - set(self.manifest_parts(stage))
+        if unknown:
+            raise KeyError(f"stage '{stage}' of run '{self.name}' has no part {', '.join(sorted(unknown))}")
+        return self._read(stage, columns, keys)
+
+    def read_items(self, stage: str, items: pa.Array, columns: list[str]) -> pa.Table:
+        """The rows of `items` (by item_id) of a finished stage, reading only the parts whose id range can
+        hold them."""
+        columns = list(dict.fromkeys(["item_id", *columns]))
+        index = self.manifest_parts(stage)
+        keys = None
+        if index:
+            wanted = sorted(set(items.to_pylist()))
+            keys = [k for k, e in sorted(index.items()) if e["first"] is not None
+                    and bisect.bisect_left(wanted, e["first"]) < bisect.bisect_right(wanted, e["last"])]
+        table = self._read(stage, columns, keys)
+        return table.filter(pc.is_in(table.column("item_id"), value_set=items))
 
     def clean(self, stage: str, stages: Sequence[str]) -> list[str]:
         """Remove a stage and every stage after it in `stages` (run order). Returns the stages removed."""
@@ -426,7 +595,7 @@ class RunStore:
         for stage in stages:
             if not (self.root / stage).exists() or not self.is_done(stage):
                 continue
-            table = pq.read_table(self.manifest_path(stage))
+            table = self._read(stage)
             if "drop_reason" not in table.column_names:
                 continue
             for item, reason in zip(table.column("item_id").to_pylist(), table.column("drop_reason").to_pylist()):
