@@ -35,8 +35,8 @@ def compare(a: Path, b: Path, ignore: set[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for stage in stages:
         pa_, pb = a / stage / "manifest.parquet", b / stage / "manifest.parquet"
-        if not (pa_.is_file() and pb.is_file()):
-            out[stage] = [f"manifest only in {'A' if pa_.is_file() else 'B'}"]
+        if not (pa_.exists() and pb.exists()):  # a file, or a folder of parts
+            out[stage] = [f"manifest only in {'A' if pa_.exists() else 'B'}"]
             continue
         (ca, ra), (cb, rb) = _rows(pa_, ignore), _rows(pb, ignore)
         notes = []

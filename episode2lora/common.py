@@ -125,7 +125,7 @@ def run_and_report(store: Any, runs_dir: Path, call: Callable[[], dict], *, expe
     Errors of the kinds in `expected` (and a locked run) fail with their message; any other
     failure names the run and how to resume it (exit code 1).
     """
-    from tasks.run.store import RunChangedError, RunLockedError, storage_cause
+    from tasks.run.store import MARKER, RunChangedError, RunLockedError, storage_cause
 
     started = time.time()
     for logger in ("prefect.flow_runs", "prefect.task_runs"):
@@ -149,7 +149,7 @@ def run_and_report(store: Any, runs_dir: Path, call: Callable[[], dict], *, expe
     print_status(store)
     console.print(f"\n[bold green]done[/] — outputs in [bold]{store.root}[/]")
     for stage in results:
-        manifest = store.manifest_path(stage)
-        fresh = manifest.exists() and manifest.stat().st_mtime >= started
+        manifest, marker = store.manifest_path(stage), store.stage_dir(stage) / MARKER
+        fresh = marker.exists() and marker.stat().st_mtime >= started
         console.print(f"  {stage:<9} {manifest}  ({'computed now' if fresh else 'reused from an earlier run'})")
     return results

@@ -316,13 +316,12 @@ def write_report(store: RunStore, out: Path | None = None, stages: dict[str, str
                  ) -> tuple[Path, Path, dict[str, Any]]:
     """Write `cluster_report.html` and `.json` (default folder `<run>/report/`) from the stages bound to
     the report's roles. Returns (html, json, data). Raises StageNotDoneError without clusters and tiers."""
-    import pyarrow.parquet as pq
 
     if not (store.is_done(stages["clusters"]) and store.is_done(stages["tiers"])):
         raise StageNotDoneError(f"run '{store.name}' has no finished cluster and tier stages; run it with "
                                 f"--until tier (or later) first")
     report = build_report(store, stages)
-    clusters = pq.read_table(store.manifest_path(stages["clusters"]), columns=["cluster_id", "umap_x", "umap_y"])
+    clusters = store.read_manifest(stages["clusters"], columns=["cluster_id", "umap_x", "umap_y"])
     xy = np.stack([clusters.column("umap_x").to_numpy(zero_copy_only=False),
                    clusters.column("umap_y").to_numpy(zero_copy_only=False)], axis=1) if clusters.num_rows else np.zeros((0, 2))
     labels = clusters.column("cluster_id").to_numpy(zero_copy_only=False) if clusters.num_rows else np.zeros(0, int)

@@ -32,9 +32,9 @@ tests/test_moved_run.py and tests/test_train.py)."""
 TARGETS = ("frames", "segment", "cluster", "augment", "caption", "package")
 """Stages to kill in: once a stage has started, SIGKILL after a seeded random delay."""
 TIME_COLUMNS = {"seconds", "version_id"}
-IGNORED = (".lock", ".prefect-results/*", "*.tmp", "*/_DONE.json", "*/plan.json", "*/params.json")
-"""Files that carry the attempt, not the result (markers hold manifest digests, compared through the
-manifests; params.json is rewritten by each attempt with the same content)."""
+IGNORED = (".lock", ".prefect-results/*", "*.tmp", "*/_DONE.json", "*/plan.json", "*/params.json", "*/_parts.json")
+"""Files that carry the attempt, not the result (markers and parts indexes hold manifest digests and file
+stamps, compared through the manifests' parts; params.json is rewritten by each attempt with the same content)."""
 TIME_TEXT = [re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d|Z)?"),
              re.compile(r'"seconds": [0-9.]+')]
 """Timestamps and durations inside reports (JSON, HTML), replaced before files are compared."""

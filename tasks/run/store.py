@@ -352,7 +352,7 @@ class RunStore:
         folder = self.stage_dir(stage)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MARKER).unlink(missing_ok=True)
-        if not (folder / MANIFEST).is_dir():
+        if not (folder / MANIFEST / PARTS_INDEX).is_file():
             (folder / MANIFEST).unlink(missing_ok=True)
         _write_json(folder / "params.json", params)
         if shard_keys is not None:
@@ -364,7 +364,7 @@ class RunStore:
     ) -> str:
         """Write the stage manifest, then its marker. Returns the manifest digest."""
         path = self.manifest_path(stage)
-        if path.is_dir():
+        if (path / PARTS_INDEX).is_file():  # the stage kept its manifest in parts before
             shutil.rmtree(path)
         write_table(table, path)
         digest = file_digest(path)
@@ -487,6 +487,12 @@ class RunStore:
                     and bisect.bisect_left(wanted, e["first"]) < bisect.bisect_right(wanted, e["last"])]
         table = self._read(stage, columns, keys)
         return table.filter(pc.is_in(table.column("item_id"), value_set=items))
+
+    def manifest_digest(self, stage: str) -> str:
+        marker = self.marker(stage)
+        if marker is None:
+            raise StageNotDoneError(f"stage '{stage}' of run '{self.name}' is not done; run it first")
+        return marker["manifest_digest"]
 
     def clean(self, stage: str, stages: Sequence[str]) -> list[str]:
         """Remove a stage and every stage after it in `stages` (run order). Returns the stages removed."""
