@@ -18,10 +18,12 @@ deterministic for a `seed`. (`episode2lora clean NAME --stage cluster` forgets t
 Series scale: above `fit_layers` layers UMAP and HDBSCAN see an even sample and the rest join
 the nearest cluster centroid (within `place_slack` x the cluster's radius). When episodes are
 added to a clustered run, the earlier layers keep their clusters and only the new layers are
-placed (`cluster/placement.parquet` holds the assignments, the centroid table the radii, the
-members' embedding sums and the record of the last full clustering); placing reads only the new
-layers' embeddings (the embed manifest's row groups that hold them), so its time follows the new
-episode, not the run. The run is clustered in full again when earlier layers are gone, when the
+placed. The manifest is stored in parts, one per embed part (episode); the centroid table holds
+the radii, the members' embedding sums, where each cluster sits on the map, and the record of the
+last full clustering with the embed parts it has seen. The embed parts it has not seen are the new
+layers: only they are read and written (a new cluster part), the other parts stay as they are,
+so the stage's time follows the new episode, not the run. The run is clustered in full again
+when an earlier embed part changed or is gone, when the
 share of new layers that fit no cluster drifts above the share at the last fit by
 `refit_unplaced`, or when the run has grown by `refit_growth` since then (doubling: total work
 stays linear).
