@@ -22,9 +22,8 @@ def second_group(x: np.ndarray, min_group: int, min_silhouette: float) -> np.nda
     none = np.zeros(len(x), bool)
     if len(x) < 2 * min_group:
         return none
-    sims = x @ x.T
-    medoid = int(np.argmax(sims.sum(1)))
-    centres = x[[medoid, int(np.argmin(sims[medoid]))]]
+    medoid = int(np.argmax(x @ x.sum(0)))  # the largest summed similarity, without the n x n matrix
+    centres = x[[medoid, int(np.argmin(x @ x[medoid]))]]
     for _ in range(20):
         side = np.argmax(x @ centres.T, axis=1)
         if side.min() == side.max():
@@ -36,13 +35,21 @@ def second_group(x: np.ndarray, min_group: int, min_silhouette: float) -> np.nda
         centres = new
     if min((side == 0).sum(), (side == 1).sum()) < min_group:
         return none
-    dist = 1.0 - sims
-    own = np.array([dist[i, side == side[i]].sum() / max((side == side[i]).sum() - 1, 1) for i in range(len(x))])
-    other = np.array([dist[i, side != side[i]].mean() for i in range(len(x))])
-    silhouette = float(np.mean((other - own) / np.maximum(np.maximum(own, other), 1e-12)))
-    if silhouette < min_silhouette:
+    if mean_silhouette(x, side) < min_silhouette:
         return none
     return side != side[medoid]
+
+
+def mean_silhouette(x: np.ndarray, side: np.ndarray) -> float:
+    """Mean silhouette of a two-way split by cosine distance, in time and memory linear in the members:
+    a member's summed distance to a group is the group's size minus its dot product with the group's sum."""
+    counts = np.array([(side == k).sum() for k in (0, 1)], np.float64)
+    sums = np.stack([x[side == k].sum(0) for k in (0, 1)]).astype(np.float64)
+    total = counts[None, :] - x.astype(np.float64) @ sums.T  # (n, 2): summed distance to each group
+    rows = np.arange(len(x))
+    own = total[rows, side] / np.maximum(counts[side] - 1, 1)  # (its distance to itself is 0)
+    other = total[rows, 1 - side] / counts[1 - side]
+    return float(np.mean((other - own) / np.maximum(np.maximum(own, other), 1e-12)))
 
 
 def split_two_groups(x: np.ndarray, labels: np.ndarray, min_group: int, min_silhouette: float

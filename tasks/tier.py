@@ -166,13 +166,14 @@ def duplicate_ratio(hashes: list[str], distance: int) -> float:
     if len(hashes) < 2:
         return 0.0
     values = np.array([int(h, 16) for h in hashes], dtype=np.uint64)
-    kept: list[int] = []
-    duplicates = 0
-    for i, value in enumerate(values):
-        if kept and np.bitwise_count(np.bitwise_xor(values[kept], value)).min() <= distance:
+    kept = np.empty_like(values)  # the hashes kept so far, in their first kept.size slots
+    count = duplicates = 0
+    for value in values:
+        if count and np.bitwise_count(np.bitwise_xor(kept[:count], value)).min() <= distance:
             duplicates += 1
         else:
-            kept.append(i)
+            kept[count] = value
+            count += 1
     return duplicates / len(values)
 
 
@@ -200,9 +201,8 @@ def typicality(x: np.ndarray, outlier_mads: float) -> tuple[np.ndarray, np.ndarr
     if len(x) < 3:
         zeros = np.zeros(len(x), np.float32)
         return zeros, zeros, np.zeros(len(x), bool)
-    sims = x @ x.T
-    medoid = int(np.argmax(sims.sum(1)))
-    dist = np.clip(1.0 - sims[medoid], 0.0, 2.0).astype(np.float32)
+    medoid = int(np.argmax(x @ x.sum(0)))  # the largest summed similarity, without the n x n matrix
+    dist = np.clip(1.0 - x @ x[medoid], 0.0, 2.0).astype(np.float32)
     centre = float(np.median(dist))
     spread = max(1.4826 * float(np.median(np.abs(dist - centre))), 1e-3)
     z = ((dist - centre) / spread).astype(np.float32)
@@ -287,7 +287,7 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
             verdicts.append({"item_id": r["item_id"], "cluster_id": cid, "distance": float(d), "typicality": float(t),
                              "character_score": s, "outlier": bool(o), "used": bool(u), "path": r["path"]})
         taken = [s for s, u in zip(scores, used) if u]
-        atypical = sorted((r for r, u in zip(rows_c, used) if u), key=lambda r: -z[rows_c.index(r)])[:params.samples]
+        atypical = [rows_c[i] for i in sorted((i for i, u in enumerate(used) if u), key=lambda i: -z[i])][:params.samples]
         best = sorted(rows_c, key=lambda r: (-(r["probability"] or 0.0), r["item_id"]))
         picks = [best[round(j)] for j in np.linspace(0, len(best) - 1, min(params.samples, len(best)))]
         tier = assign_tier(len(taken), stats, params)
