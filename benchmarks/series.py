@@ -11,8 +11,9 @@
 2. Projection: the per-episode stages (frames, segment, embed) times the series' episodes, plus
    the global stages at the series' layer count (from 3), plus adding the episodes one at a
    time with incremental clustering.
-3. Growth: synthetic embeddings around n/250 known centres (benchmarks/cluster.py) at each size
-   go through cluster (full, and one 1,000-layer episode added incrementally), tier, select and
+3. Growth: synthetic embeddings around n/250 known centres (benchmarks/cluster.py) at each size,
+   committed as manifests in parts of 1,000 layers (one per episode), go through the cluster
+   stage (full, one 1,000-layer episode added incrementally, full again), tier, select and
    package (1% of the layers, all pointing at one real layer image: its cost is per packaged
    image), smallest size first in one fresh process after a warm-up that compiles umap's code;
    times are given against the smallest size so growth shows through machine noise. ARI
@@ -117,8 +118,28 @@ def _tables(x, names, groups):
                        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel(), pa.float32()), x.shape[1]),
                        "sharpness": pa.array([100.0] * n, pa.float32()), "phash": [f"{i * 2654435761 % 2**64:016x}" for i in range(n)],
                        "kept": [True] * n, "drop_reason": pa.array([None] * n, pa.string())})
-    layers = pa.table({"item_id": names, "path": ["layer.png"] * n, "alpha_coverage": [0.5] * n, "area_frac": [0.2] * n})
+    layers = pa.table({"item_id": names, "source_id": [f"f{g}" for g in groups], "path": ["layers/layer.png"] * n,
+                       "alpha_coverage": [0.5] * n, "area_frac": [0.2] * n})
     return embeds, layers
+
+
+def _commit_episodes(store, tables: dict, keep: dict | None = None) -> dict:
+    """Commit each stage's table as parts of EPISODE_LAYERS rows (as the per-episode merges store them),
+    after the parts committed before (`keep`: the results returned then); the StageResults a run passes on."""
+    from tasks.run.stage import StageResult
+
+    results = {}
+    for stage, table in tables.items():
+        before = list(store.committed_parts(stage)) if keep else []
+        parts = {k: None for k in before}
+        first = len(before)
+        for i, start in enumerate(range(0, table.num_rows, EPISODE_LAYERS)):
+            parts[f"ep{first + i:05d}"] = table.slice(start, EPISODE_LAYERS)
+        store.begin_stage(stage, {})
+        fp = f"{stage}-{len(parts)}"
+        digest, _ = store.commit_parts(stage, parts, fp)
+        results[stage] = StageResult(stage=stage, fingerprint=fp, manifest_digest=digest)
+    return results
 
 
 def _blobs(n: int, centres, seed: int):
@@ -148,7 +169,8 @@ def growth_points(sizes: list[int], root: str) -> list[dict]:
 
 def _print_row(p: dict) -> None:
     t = p["times"]
-    cells = " ".join(f"{t[k]:>6.1f} s" + " " * 3 for k in ("cluster", "add episode", "re-cluster", "tier", "select", "package"))
+    cells = " ".join(f"{t[k]:>6.{2 if k == 'add episode' else 1}f} s" + " " * 3
+                     for k in ("cluster", "add episode", "re-cluster", "tier", "select", "package"))
     print(f"{p['n']:>7} {cells} {p['peak_mib']:>9.0f} {p['load']:>5}  {p['ari']['incremental_new']:.3f} / "
           f"{p['ari']['full_new']:.3f} ({p['inc_mode']}); {p['clusters']} ({p['true_groups']}), "
           f"{p['packaged']} packaged", flush=True)
@@ -157,10 +179,10 @@ def _print_row(p: dict) -> None:
 def growth_point(n: int, root: str) -> dict:
     """Cluster (full + one episode incrementally + full again), tier, select, package at n layers."""
     import numpy as np
-    import pyarrow.parquet as pq
 
-    from tasks.cluster import ClusterParams, cluster_layers
+    from tasks.cluster import ClusterParams, run_cluster
     from tasks.package import PackageParams, package_dataset
+    from tasks.run.store import RunStore
     from tasks.select import SelectParams, select_characters
     from tasks.tier import TierParams, tier_clusters
     from tests.truth_layers import scores
@@ -175,29 +197,33 @@ def growth_point(n: int, root: str) -> dict:
     out, times = Path(root) / f"n{n}", {}
     out.mkdir(parents=True)
     embeds, layers = _tables(x, names, groups)
-    params = ClusterParams()
+    extra_embeds, extra_layers = _tables(extra, extra_names, extra_groups)
+    _layer_image(out / "layer.png")
+    store = RunStore(out, "series")  # the stage as a run calls it: manifests in parts, one per episode
+    (store.root / "layers").mkdir(parents=True)
+    _layer_image(store.root / "layers" / "layer.png")
+    upstream = _commit_episodes(store, {"embed": embeds, "segment": layers})
 
     start = time.perf_counter()
-    table, centroids, summary = cluster_layers(embeds, layers, params)
+    summary = run_cluster(store, ClusterParams(), upstream).summary
     times["cluster"] = time.perf_counter() - start
-    pq.write_table(centroids, out / "c.parquet")
-    pq.write_table(table.select(["item_id", "cluster_id", "probability", "umap_x", "umap_y"]), out / "p.parquet")
-    previous, placement = pq.read_table(out / "c.parquet"), pq.read_table(out / "p.parquet")
-
-    both_x, both_names = np.concatenate([x, extra]), names + extra_names
-    both = _tables(both_x, both_names, np.concatenate([groups, extra_groups]))
+    table = store.read_manifest("cluster")
+    upstream = _commit_episodes(store, {"embed": extra_embeds, "segment": extra_layers}, keep=upstream)
     start = time.perf_counter()
-    inc_table, _, inc = cluster_layers(*both, params, previous, placement)
+    inc = run_cluster(store, ClusterParams(), upstream).summary
     times["add episode"] = time.perf_counter() - start
+    inc_table = store.read_manifest("cluster").sort_by("item_id")
     start = time.perf_counter()
-    full_table, _, full = cluster_layers(*both, params.model_copy(update={"incremental": False}), previous, None)
+    full = run_cluster(store, ClusterParams(incremental=False), upstream).summary  # ids matched to the last
     times["re-cluster"] = time.perf_counter() - start
-    truth = [int(g) for g in np.concatenate([groups, extra_groups])]
+    full_table = store.read_manifest("cluster").sort_by("item_id")
+    truth = [int(g) for g in np.concatenate([groups, extra_groups])]  # names sort in this order
     new = slice(n, n + EPISODE_LAYERS)
     ari = {"incremental": scores(truth, inc_table.column("cluster_id").to_pylist())["ari"],
            "full": scores(truth, full_table.column("cluster_id").to_pylist())["ari"],
            "incremental_new": scores(truth[new], inc_table.column("cluster_id").to_pylist()[new])["ari"],
            "full_new": scores(truth[new], full_table.column("cluster_id").to_pylist()[new])["ari"]}
+    assert full["mode"] == "full"
 
     start = time.perf_counter()
     tiers, _, members = tier_clusters(table, embeds, layers, TierParams())
@@ -207,7 +233,6 @@ def growth_point(n: int, root: str) -> dict:
     times["select"] = time.perf_counter() - start
     selected = selected.slice(0, max(1, n // 100))  # package: its cost is per image, so 1% of the layers
 
-    _layer_image(out / "layer.png")
     rows = [{"item_id": r["item_id"], "character": r["character"], "trigger": r["trigger"], "kind": "character",
              "group_id": None, "path": "layer.png", "background_path": None, "caption": f"{r['trigger']}, a character"}
             for r in selected.select(["item_id", "character", "trigger"]).to_pylist()]
@@ -264,7 +289,7 @@ def projection(costs: dict[str, dict] | None, points: list[dict], episodes: int,
         per_image = last["times"]["package"] / max(1, last["packaged"])
         print(f"  cluster + tier + select once at {layers} layers: {once / 60:.1f} min (measured at {last['n']}, "
               f"scaled x{factor:.2f}); package {per_image * 1000:.0f} s per 1,000 images trained on")
-        print(f"  adding episodes one at a time: {add:.1f} s of clustering each (incremental), a full re-clustering "
+        print(f"  adding episodes one at a time: {add:.2f} s of clustering each (incremental), a full re-clustering "
               f"at each doubling (~{max(1, layers.bit_length() - EPISODE_LAYERS.bit_length())} in all)")
     peak = max([c["peak_mib"] for c in (costs or {}).values()] + [p["peak_mib"] for p in points] or [0])
     print(f"  peak memory of any stage process: {peak / 1024:.1f} GiB")
