@@ -105,19 +105,20 @@ def _commit_inputs(store: RunStore, episodes: int, per_episode: int, centres: np
     return results
 
 
-def add_episode_timing(sizes: list[int], per_episode: int = 1000, adds: int = 2) -> None:
-    """The cluster stage adding one episode of `per_episode` layers to a clustered run of n layers."""
+def add_episode_timing(sizes: list[int], cast: int = 0, per_episode: int = 1000, adds: int = 2) -> None:
+    """The cluster stage adding one episode of `per_episode` layers to a clustered run of n layers
+    (around `cast` characters; 0: n/250, so the clusters grow with the run as well)."""
     from tasks.run.store import write_table
 
     params = ClusterParams(fit_layers=2000)  # the first clustering is not what is measured here
     print(f"\nadding one episode ({per_episode} layers) to a clustered run, through the stage (run store, "
-          f"manifests on disk in parts); load {os.getloadavg()[0]:.1f}")
+          f"manifests on disk in parts; {cast or 'n/250'} characters); load {os.getloadavg()[0]:.1f}")
     print(f"{'layers':>7} {'first (s)':>9} {'+1 ep (s)':>14} {'vs first size':>13} {'parts written':>13} "
           f"{'embeddings decoded':>18} {'inputs (s)':>10} {'one-file rewrite (s)':>20}  mode")
     base = None
     for n in sorted(sizes):
         rng = np.random.default_rng(0)
-        centres = rng.normal(size=(max(20, n // 250), 512))
+        centres = rng.normal(size=(cast or max(20, n // 250), 512))
         centres /= np.linalg.norm(centres, axis=1, keepdims=True)
         with tempfile.TemporaryDirectory() as tmp:
             store = RunStore(tmp, f"n{n}")
@@ -196,9 +197,10 @@ def main() -> None:
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--add-episode", type=int, nargs="+", metavar="N",
                     help="only time adding one episode to clustered runs of N layers (e.g. 10000 50000 100000 200000)")
+    ap.add_argument("--cast", type=int, default=0, help="--add-episode: characters in the run (0: n/250)")
     args = ap.parse_args()
     if args.add_episode:
-        add_episode_timing(args.add_episode)
+        add_episode_timing(args.add_episode, args.cast)
         return
     if not args.skip_timing:
         timing(sorted(args.sizes))
