@@ -690,6 +690,15 @@ def _split_parts(table: pa.Table, part_of: np.ndarray, keys: list[str]) -> dict[
     return {k: table.filter(pa.array(part_of == k)) for k in keys}
 
 
+def _committed_after(centroids: Path, manifest: Path) -> bool:
+    """The manifest's parts index was committed after the centroids were written (the build writes them
+    first): else the centroids are those of an attempt killed before its commit, not of these parts."""
+    from tasks.run.store import PARTS_INDEX
+
+    index = manifest / PARTS_INDEX
+    return index.is_file() and centroids.is_file() and index.stat().st_mtime_ns >= centroids.stat().st_mtime_ns
+
+
 def run_cluster(store: RunStore, params: ClusterParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
     """The stage as one plain call: cluster the kept layers (or place a new episode's), match ids, commit.
 
@@ -714,7 +723,7 @@ def run_cluster(store: RunStore, params: ClusterParams, upstream: dict[str, Stag
         if fit is not None:
             seen = fit.get("parts", {})
             changed = [k for k, d in seen.items() if digests.get(k) != d]
-            if not set(seen) <= set(store.committed_parts(STAGE)):
+            if not set(seen) <= set(store.committed_parts(STAGE)) or not _committed_after(folder / CENTROIDS, store.manifest_path(STAGE)):
                 why_full = "the earlier clustering was not committed"
             elif changed:
                 why_full = f"{len(changed)} embed part(s) of the earlier clustering changed or are gone ({changed[0]}, ...)"

@@ -222,3 +222,39 @@ def test_incremental_placement_on_generated_footage(tmp_path, episode, two_episo
     right = sum(r["cluster_id"] == character_ids[identities[r["item_id"]]] for r in known)
     assert len(new) == second.summary["placed"] and known
     assert right / len(known) >= 0.9, (right, len(known))
+
+
+def _commit_episodes(store: RunStore, x: np.ndarray, per_episode: int) -> dict:
+    """Embed and segment manifests in parts of `per_episode` layers, as the stages' merges commit them."""
+    from tasks.run.stage import StageResult
+
+    names = [f"l{i:04d}" for i in range(len(x))]
+    for name in names:
+        (store.root / f"{name}.png").touch()
+    embeds, layers = _embeds(x, names)
+    results = {}
+    for stage, table in (("embed", embeds), ("segment", layers)):
+        parts = {f"ep{i:02d}": table.slice(i * per_episode, per_episode) for i in range(len(x) // per_episode)}
+        store.begin_stage(stage, {})
+        digest, _ = store.commit_parts(stage, parts, f"{stage}-{len(parts)}")
+        results[stage] = StageResult(stage=stage, fingerprint=f"{stage}-{len(parts)}", manifest_digest=digest)
+    return results
+
+
+def test_centroids_left_by_a_killed_attempt_are_not_placed_into(tmp_path):
+    """Placing trusts the earlier clustering only when its parts were committed after its centroids."""
+    import os
+
+    x, _ = blobs(n_per=40, k=4, seed=4)
+    x = x[np.random.default_rng(0).permutation(len(x))]
+    store = RunStore(tmp_path, "r")
+    store.root.mkdir(parents=True)
+    assert run_cluster(store, ClusterParams(), _commit_episodes(store, x[:80], 40)).summary["mode"] == "full"
+    placed = run_cluster(store, ClusterParams(), _commit_episodes(store, x[:120], 40)).summary
+    assert placed["mode"] == "incremental" and placed["embeddings_read"] == 40
+    centroids = store.stage_dir("cluster") / CENTROIDS
+    later = os.stat(centroids).st_mtime_ns + 10**9
+    os.utime(centroids, ns=(later, later))  # an attempt rewrote them and was killed before its commit
+    again = run_cluster(store, ClusterParams(), _commit_episodes(store, x, 40)).summary
+    assert again["mode"] == "full" and again["full_because"] == "the earlier clustering was not committed"
+    assert store.read_manifest("cluster").num_rows == len(x)

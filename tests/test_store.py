@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tasks.pipelines import STAGES
@@ -158,6 +159,10 @@ def test_a_manifest_in_parts_is_not_done_when_a_part_or_a_file_it_names_changes(
     (store.manifest_path("embed") / "stray.parquet").write_bytes(b"x")  # a reader of the folder would read it
     assert not store.is_done("embed", "fp")
     (store.manifest_path("embed") / "stray.parquet").unlink()
+    rewritten = pa.table({"item_id": ["b:9"], "path": pa.array([None], pa.string())})
+    pq.write_table(rewritten, store.manifest_path("embed") / "b.parquet")  # by an attempt killed before its commit
+    store.commit_parts("embed", {"a": None, "b": None}, "fp")  # a kept part is indexed as it now is
+    assert store.is_done("embed", "fp") and store.read_manifest("embed").column("item_id").to_pylist()[-1] == "b:9"
     copied = tmp_path / "copy"
     shutil.copytree(tmp_path / "r", copied / "r", copy_function=shutil.copy)  # new mtimes: checked by content
     assert RunStore(copied, "r").is_done("embed", "fp")

@@ -397,13 +397,17 @@ class RunStore:
             raise ValueError(f"stage '{stage}': a manifest with no parts needs its schema")
         parts = parts or {EMPTY_PART: schema.empty_table()}
         index: dict[str, dict] = {}
+        names = {key: f"{key if key == EMPTY_PART else safe_name(key)}.parquet" for key in parts}
+        if len(set(names.values())) < len(names):
+            raise ValueError(f"stage '{stage}': part keys {sorted(parts)} do not map to distinct file names")
         for key, part in sorted(parts.items()):
-            name = f"{key if key == EMPTY_PART else safe_name(key)}.parquet"
-            old = before.get(key)
+            name, old = names[key], before.get(key)
             if part is None:
-                if old is None:
+                if old is None or not (folder / old["file"]).is_file():
                     raise KeyError(f"part '{key}' of stage '{stage}' was never committed; it cannot be kept")
-                index[key] = old
+                stamp = _stamp(folder / old["file"])
+                unchanged = (stamp["size"], stamp["mtime_ns"]) == (old["size"], old["mtime_ns"])
+                index[key] = old if unchanged else self._part_entry(folder / old["file"], old["source"], count)
                 continue
             if isinstance(part, pa.Table):
                 write_table(part, folder / name)
