@@ -593,13 +593,17 @@ def _results(outcome: _Outcome, embedder: str, previous: pa.Table | None, dim: i
     return table, summary
 
 
-def _kept_embeds(embeds: pa.Table) -> tuple[pa.Table, str]:
-    """The kept rows, by item id, and their one embedder (ValueError when the manifest mixes several)."""
-    kept = embeds.filter(pc.equal(embeds.column("kept"), True)).sort_by("item_id")
+def _kept_embeds(embeds: pa.Table) -> tuple[pa.Table, str, np.ndarray]:
+    """The kept rows, by item id, their one embedder (ValueError when the manifest mixes several), and
+    where each came from (its row in `embeds`)."""
+    rows = np.flatnonzero(embeds.column("kept").to_numpy(zero_copy_only=False))
+    kept = embeds.take(pa.array(rows))
+    order = pc.sort_indices(kept.column("item_id")).to_numpy()
+    kept = kept.take(pa.array(order))
     embedders = pc.unique(kept.column("embedder")).to_pylist()
     if len(embedders) > 1:
         raise ValueError(f"the embed manifest mixes embedders {sorted(embedders)}; re-run the embed stage")
-    return kept, embedders[0] if embedders else ""
+    return kept, embedders[0] if embedders else "", rows[order]
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -625,7 +629,7 @@ def cluster_layers(embeds: pa.Table, layers: pa.Table, params: ClusterParams,
     """
     from tasks.embed import read_embeddings
 
-    kept, embedder = _kept_embeds(embeds)
+    kept, embedder, _ = _kept_embeds(embeds)
     items = kept.column("item_id").combine_chunks()
     dim = embeds.schema.field("embedding").type.list_size
     fit, why_full = _previous_fit(previous, params) if placement is not None else (None, "no earlier clustering")
@@ -669,25 +673,25 @@ def _embed_parts(store: RunStore, embed: StageResult) -> dict[str, str]:
 
 
 def _read_kept(store: RunStore, stage: str, keys: list[str]) -> tuple[pa.Table, str, np.ndarray]:
-    """The kept embed rows of the parts `keys` (by item id), their embedder, and each row's part key."""
-    if keys == ["all"] and not store.manifest_parts(stage):
-        tables = {"all": store.read_manifest(stage, columns=EMBED_COLUMNS)}
-    else:
-        tables = {k: store.read_parts(stage, [k], columns=EMBED_COLUMNS) for k in keys}
-    tables = {k: t.filter(pc.equal(t.column("kept"), True)) for k, t in tables.items()}
-    if not tables:  # no new parts
-        empty = store.read_parts(stage, [min(store.manifest_parts(stage))], columns=EMBED_COLUMNS).slice(0, 0)
-        return empty, "", np.array([], dtype=object)
-    kept, embedder = _kept_embeds(pa.concat_tables(tables.values()))
-    part_of = np.repeat(np.array(list(tables), dtype=object), [t.num_rows for t in tables.values()])
-    order = pc.index_in(kept.column("item_id"), value_set=pa.concat_arrays(
-        [t.column("item_id").combine_chunks() for t in tables.values()])).to_numpy()
-    return kept, embedder, part_of[order] if len(order) else np.array([], dtype=object)
+    """The kept embed rows of the parts `keys` (by item id), their embedder, and each row's part (its
+    index in `keys`)."""
+    index = store.manifest_parts(stage)
+    if index:
+        table = store.read_parts(stage, keys, columns=EMBED_COLUMNS)
+        part = np.repeat(np.arange(len(keys)), [index[k]["rows"] for k in keys])
+    else:  # a one-file manifest: one part, "all"
+        table = store.read_manifest(stage, columns=EMBED_COLUMNS)
+        part = np.zeros(table.num_rows, np.int64)
+    kept, embedder, rows = _kept_embeds(table)
+    return kept, embedder, part[rows]
 
 
-def _split_parts(table: pa.Table, part_of: np.ndarray, keys: list[str]) -> dict[str, pa.Table]:
-    """`table`'s rows by the part each came from (every key gets a part, maybe empty)."""
-    return {k: table.filter(pa.array(part_of == k)) for k in keys}
+def _split_parts(table: pa.Table, part: np.ndarray, keys: list[str]) -> dict[str, pa.Table]:
+    """`table`'s rows by the part each came from (`part`: an index into `keys`; every key gets a part)."""
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(len(keys) + 1))
+    grouped = table.take(pa.array(order))
+    return {k: grouped.slice(bounds[i], bounds[i + 1] - bounds[i]) for i, k in enumerate(keys)}
 
 
 def _committed_after(centroids: Path, manifest: Path) -> bool:
