@@ -173,16 +173,16 @@ def test_killed_run_resumes_without_recaptioning_finished_shards(tmp_path, tiny_
     shards = store.stage_dir("caption") / "shards"
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and not any(shards.glob("*/_DONE.json")) and proc.poll() is None:
+        while time.time() < deadline and not any(shards.glob("[!.]*/_DONE.json")) and proc.poll() is None:
             time.sleep(0.02)
     finally:
         proc.kill()
         proc.wait()
-    done = {p.parent.name: p.parent.joinpath("rows.parquet").stat().st_mtime_ns for p in shards.glob("*/_DONE.json")}
+    done = {p.parent.name: p.parent.joinpath("rows.parquet").stat().st_mtime_ns for p in shards.glob("[!.]*/_DONE.json")}
     assert 1 <= len(done) < 9, "the kill should land after the first shard and before the last"
     assert not store.is_done("caption")
     result = run_caption(store, params)
-    after = {p.parent.name: p.parent.joinpath("rows.parquet").stat().st_mtime_ns for p in shards.glob("*/_DONE.json")}
+    after = {p.parent.name: p.parent.joinpath("rows.parquet").stat().st_mtime_ns for p in shards.glob("[!.]*/_DONE.json")}
     assert len(after) == 9 and result.summary["kept"] == 35
     assert all(after[key] == stamp for key, stamp in done.items())  # finished shards were not captioned again
     assert not list(shards.glob(".*"))  # the killed writer's temporary folder was swept

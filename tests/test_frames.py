@@ -237,11 +237,14 @@ def test_killed_run_resumes_to_the_same_manifest(tmp_path, long_episodes, cli_en
                             env=cli_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = killed / "k" / "frames" / "shards"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not list(shards.glob("*/_DONE.json")):
+    def committed() -> dict[str, int]:  # a temporary shard folder (".tmp-*") holds its marker before it is renamed
+        return {p.parent.name: p.stat().st_mtime_ns for p in shards.glob("[!.]*/_DONE.json")}
+
+    while time.monotonic() < deadline and not committed():
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = {p.parent.name: p.stat().st_mtime_ns for p in shards.glob("*/_DONE.json")}
+    done_before = committed()
     assert 1 <= len(done_before) < 3, "the kill should land between episodes"
     store = RunStore(killed, "k")
     assert not store.is_done("frames") and not store.manifest_path("frames").exists()

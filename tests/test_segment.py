@@ -237,11 +237,11 @@ def test_killed_run_resumes_and_loses_at_most_one_shard(short_framed_run, tmp_pa
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = store.stage_dir("segment") / "shards"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not list(shards.glob("*/_DONE.json")):
+    while time.monotonic() < deadline and proc.poll() is None and not list(shards.glob("[!.]*/_DONE.json")):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = {p.parent.name: p.stat().st_mtime_ns for p in shards.glob("*/_DONE.json")}
+    done_before = {p.parent.name: p.stat().st_mtime_ns for p in shards.glob("[!.]*/_DONE.json")}
     in_flight = [p for p in shards.iterdir() if p.name.startswith(".tmp-")]
     assert done_before and len(in_flight) <= 1
     assert not store.is_done("segment") and store.stage_status("segment")["state"] == "partial"
