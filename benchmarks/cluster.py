@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tasks.cluster import ClusterParams, cluster_embeddings, run_cluster  # noqa: E402
 from tasks.embed import EmbedParams, run_embed  # noqa: E402
 from tasks.run.store import RunStore  # noqa: E402
-from tests.truth_layers import commit_truth_segment, identities_of_layers, scores  # noqa: E402
+from tests.truth_layers import commit_in_parts, commit_truth_segment, identities_of_layers, scores  # noqa: E402
 
 
 def random_embeddings(n: int, dim: int = 512, seed: int = 0) -> np.ndarray:
@@ -90,19 +90,11 @@ def _episode_tables(episode: int, per_episode: int, centres: np.ndarray, dim: in
 
 
 def _commit_inputs(store: RunStore, episodes: int, per_episode: int, centres: np.ndarray, new: range) -> dict:
-    """Commit the segment + embed manifests of `episodes` synthetic episodes in parts, one per episode,
-    writing only the episodes in `new` (the others are kept as committed, as the stages' merges do);
-    the StageResults the runner would pass."""
-    from tasks.run.stage import StageResult
-
+    """Segment + embed manifests of `episodes` synthetic episodes in parts, one per episode, writing only
+    the episodes in `new` (the others kept as committed, as the stages' merges do)."""
     tables = {e: _episode_tables(e, per_episode, centres) for e in new}
-    results = {}
-    for i, stage in enumerate(("embed", "segment")):
-        store.begin_stage(stage, {})
-        parts = {f"ep{e:04d}": tables[e][i] if e in tables else None for e in range(episodes)}
-        digest, _ = store.commit_parts(stage, parts, f"{stage}-{episodes}")
-        results[stage] = StageResult(stage=stage, fingerprint=f"{stage}-{episodes}", manifest_digest=digest)
-    return results
+    return commit_in_parts(store, {stage: {f"ep{e:04d}": tables[e][i] if e in tables else None for e in range(episodes)}
+                                   for i, stage in enumerate(("embed", "segment"))})
 
 
 def add_episode_timing(sizes: list[int], cast: int = 0, per_episode: int = 1000, adds: int = 2) -> None:

@@ -123,23 +123,18 @@ def _tables(x, names, groups):
     return embeds, layers
 
 
-def _commit_episodes(store, tables: dict, keep: dict | None = None) -> dict:
-    """Commit each stage's table as parts of EPISODE_LAYERS rows (as the per-episode merges store them),
-    after the parts committed before (`keep`: the results returned then); the StageResults a run passes on."""
-    from tasks.run.stage import StageResult
+def _commit_episodes(store, tables: dict, keep: bool = False) -> dict:
+    """Commit each stage's table as parts of EPISODE_LAYERS rows, after the parts committed before (`keep`)."""
+    from tests.truth_layers import commit_in_parts
 
-    results = {}
+    stages = {}
     for stage, table in tables.items():
-        before = list(store.committed_parts(stage)) if keep else []
-        parts = {k: None for k in before}
-        first = len(before)
+        parts = {k: None for k in store.committed_parts(stage)} if keep else {}
+        first = len(parts)
         for i, start in enumerate(range(0, table.num_rows, EPISODE_LAYERS)):
             parts[f"ep{first + i:05d}"] = table.slice(start, EPISODE_LAYERS)
-        store.begin_stage(stage, {})
-        fp = f"{stage}-{len(parts)}"
-        digest, _ = store.commit_parts(stage, parts, fp)
-        results[stage] = StageResult(stage=stage, fingerprint=fp, manifest_digest=digest)
-    return results
+        stages[stage] = parts
+    return commit_in_parts(store, stages)
 
 
 def _blobs(n: int, centres, seed: int):
@@ -208,7 +203,7 @@ def growth_point(n: int, root: str) -> dict:
     summary = run_cluster(store, ClusterParams(), upstream).summary
     times["cluster"] = time.perf_counter() - start
     table = store.read_manifest("cluster")
-    upstream = _commit_episodes(store, {"embed": extra_embeds, "segment": extra_layers}, keep=upstream)
+    upstream = _commit_episodes(store, {"embed": extra_embeds, "segment": extra_layers}, keep=True)
     start = time.perf_counter()
     inc = run_cluster(store, ClusterParams(), upstream).summary
     times["add episode"] = time.perf_counter() - start

@@ -13,7 +13,7 @@ from tasks.cluster import (CENTROIDS, ClusterParams, centroid_table, cluster_emb
                            match_ids, merge_close_clusters, read_previous_centroids, run_cluster)
 from tasks.embed import EmbedParams, run_embed
 from tasks.run.store import RunStore
-from tests.truth_layers import commit_truth_segment, scores
+from tests.truth_layers import commit_in_parts, commit_truth_segment, scores
 
 # Floors set from what the colour-shape embedder achieves on the generated footage (true
 # layers of 3 episodes, every 2nd frame): ARI 0.95, purity 1.0, noise 0.03 when measured.
@@ -226,19 +226,12 @@ def test_incremental_placement_on_generated_footage(tmp_path, episode, two_episo
 
 def _commit_episodes(store: RunStore, x: np.ndarray, per_episode: int) -> dict:
     """Embed and segment manifests in parts of `per_episode` layers, as the stages' merges commit them."""
-    from tasks.run.stage import StageResult
-
     names = [f"l{i:04d}" for i in range(len(x))]
     for name in names:
         (store.root / f"{name}.png").touch()
-    embeds, layers = _embeds(x, names)
-    results = {}
-    for stage, table in (("embed", embeds), ("segment", layers)):
-        parts = {f"ep{i:02d}": table.slice(i * per_episode, per_episode) for i in range(len(x) // per_episode)}
-        store.begin_stage(stage, {})
-        digest, _ = store.commit_parts(stage, parts, f"{stage}-{len(parts)}")
-        results[stage] = StageResult(stage=stage, fingerprint=f"{stage}-{len(parts)}", manifest_digest=digest)
-    return results
+    tables = dict(zip(("embed", "segment"), _embeds(x, names)))
+    return commit_in_parts(store, {stage: {f"ep{i:02d}": table.slice(i * per_episode, per_episode)
+                                           for i in range(len(x) // per_episode)} for stage, table in tables.items()})
 
 
 def test_centroids_left_by_a_killed_attempt_are_not_placed_into(tmp_path):

@@ -109,3 +109,17 @@ def identities_of_layers(segment: pa.Table, videos: list[Path], *, match_iou: fl
         best = max(instances, key=lambda t: box_iou(row["bbox"], t["bbox"]), default=None)
         out[row["item_id"]] = best["identity"] if best and box_iou(row["bbox"], best["bbox"]) >= match_iou else None
     return out
+
+
+def commit_in_parts(store: RunStore, stages: dict[str, dict[str, "pa.Table | None"]]) -> dict:
+    """Commit each stage's manifest in parts (key -> rows, or None to keep a part committed before), as the
+    per-episode merges store them; returns the StageResults a run hands to the next stage."""
+    from tasks.run.stage import StageResult
+
+    results = {}
+    for stage, parts in stages.items():
+        fp = f"{stage}-{len(parts)}"
+        store.begin_stage(stage, {})
+        digest, _ = store.commit_parts(stage, parts, fp)
+        results[stage] = StageResult(stage=stage, fingerprint=fp, manifest_digest=digest)
+    return results
