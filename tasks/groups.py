@@ -15,6 +15,12 @@ import numpy as np
 NOISE = -1
 
 
+def medoid(x: np.ndarray) -> int:
+    """The row of L2-normalised `x` with the largest summed cosine similarity to all rows (without the
+    n x n matrix: the summed similarities are `x @ x.sum(0)`)."""
+    return int(np.argmax(x @ x.sum(0)))
+
+
 def second_group(x: np.ndarray, min_group: int, min_silhouette: float) -> np.ndarray:
     """Members of the group away from the medoid when rows of L2-normalised `x` form two groups
     (2-means by cosine, started from the medoid and the member furthest from it, with a mean
@@ -22,8 +28,8 @@ def second_group(x: np.ndarray, min_group: int, min_silhouette: float) -> np.nda
     none = np.zeros(len(x), bool)
     if len(x) < 2 * min_group:
         return none
-    medoid = int(np.argmax(x @ x.sum(0)))  # the largest summed similarity, without the n x n matrix
-    centres = x[[medoid, int(np.argmin(x @ x[medoid]))]]
+    centre = medoid(x)
+    centres = x[[centre, int(np.argmin(x @ x[centre]))]]
     for _ in range(20):
         side = np.argmax(x @ centres.T, axis=1)
         if side.min() == side.max():
@@ -37,7 +43,7 @@ def second_group(x: np.ndarray, min_group: int, min_silhouette: float) -> np.nda
         return none
     if mean_silhouette(x, side) < min_silhouette:
         return none
-    return side != side[medoid]
+    return side != side[centre]
 
 
 def mean_silhouette(x: np.ndarray, side: np.ndarray) -> float:

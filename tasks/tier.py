@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.embed import EmbedParams, read_embeddings
-from tasks.groups import second_group
+from tasks.groups import medoid, second_group
 from tasks.run.spec import GlobalStage
 from tasks.run.stage import StageResult, finished, run_global_stage
 from tasks.run.store import RunStore, write_table
@@ -201,8 +201,7 @@ def typicality(x: np.ndarray, outlier_mads: float) -> tuple[np.ndarray, np.ndarr
     if len(x) < 3:
         zeros = np.zeros(len(x), np.float32)
         return zeros, zeros, np.zeros(len(x), bool)
-    medoid = int(np.argmax(x @ x.sum(0)))  # the largest summed similarity, without the n x n matrix
-    dist = np.clip(1.0 - x @ x[medoid], 0.0, 2.0).astype(np.float32)
+    dist = np.clip(1.0 - x @ x[medoid(x)], 0.0, 2.0).astype(np.float32)
     centre = float(np.median(dist))
     spread = max(1.4826 * float(np.median(np.abs(dist - centre))), 1e-3)
     z = ((dist - centre) / spread).astype(np.float32)
