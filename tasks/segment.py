@@ -398,25 +398,28 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
                 report["split"] += sum(r["split_from"] is not None for r in frame_rows)
                 report["no_detection"] += sum(r["drop_reason"] == "no_detection" for r in frame_rows)
             bar.advance(len(shot))
-    mark_recurring(rows, {f["item_id"]: f.get("shot_id") for f in frames}, params)
-    report["recurring"] = sum("shots at the same place" in (r.get("character_reasons") or "") for r in rows)
+    report["recurring"] = mark_recurring(rows, {f["item_id"]: f.get("shot_id") for f in frames}, params)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return pa.Table.from_pylist([{k: v for k, v in r.items() if k != LOOK} for r in rows], schema=SCHEMA), report
 
 
-def mark_recurring(rows: list[dict], shots: dict[str, Any], params: SegmentParams) -> None:
+def mark_recurring(rows: list[dict], shots: dict[str, Any], params: SegmentParams) -> int:
     """Lower the score of static layers that recur at the same place, looking the same, in at least
-    `recurrence_shots` shots (tasks/characterness.recurring_shots); the reason is recorded."""
+    `recurrence_shots` shots (tasks/characterness.recurring_shots); the reason is recorded. Returns
+    how many layers were marked."""
     from tasks.characterness import recurring_shots
 
     layers = [r for r in rows if LOOK in r and shots.get(r["source_id"]) is not None]
     if not params.recurrence_shots or len(layers) < params.recurrence_shots:
-        return
+        return 0
     counts = recurring_shots([(shots[r["source_id"]], r["bbox"], r[LOOK]) for r in layers])
+    marked = 0
     for row, count in zip(layers, counts):
         if count >= params.recurrence_shots and (row["motion"] is None or row["motion"] < params.moving_share / 2):
             row["character_score"] = max(0.0, row["character_score"] - RECURRENCE_PENALTY)
             row["character_reasons"] += f"; recurs in {count} shots at the same place, looking the same"
+            marked += 1
+    return marked
 
 
 # ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) --------------
