@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 from tasks.run.progress import StageProgress
-from tasks.composite import background_layers, read_layer
+from tasks.composite import background_layers, read_layer, to_uint8
 from tasks.run.spec import ShardedStage
 from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
@@ -170,8 +170,7 @@ def apply_ops(layer: np.ndarray, ops: dict[str, Any]) -> np.ndarray:
         img = cv2.GaussianBlur(np.ascontiguousarray(img), (0, 0), float(ops["blur"]))
     alpha = img[..., 3:]
     rgb = np.where(alpha > 1e-6, img[..., :3] / np.maximum(alpha, 1e-6), 0.0)
-    out = np.concatenate([np.clip(rgb, 0, 1), np.clip(alpha, 0, 1)], axis=2)
-    return np.round(out * 255.0).astype(np.uint8)
+    return to_uint8(np.concatenate([rgb, alpha], axis=2))
 
 
 def _photometric(rgb: np.ndarray, mask: np.ndarray, ops: dict[str, Any]) -> np.ndarray:

@@ -117,6 +117,7 @@ def render(layer: np.ndarray, background: np.ndarray | None, spec: RenderSpec) -
     nw, nh = max(1, min(size, round(crop.shape[1] * scale))), max(1, min(size, round(crop.shape[0] * scale)))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
     crop = np.clip(cv2.resize(crop, (nw, nh), interpolation=interp), 0.0, 1.0)
+    crop[..., :3] = np.minimum(crop[..., :3], crop[..., 3:])  # cubic overshoot: colour never exceeds alpha
     px = 0 if touches["left"] and not touches["right"] else (size - nw if touches["right"] and not touches["left"] else (size - nw) // 2)
     py = 0 if touches["top"] and not touches["bottom"] else (size - nh if touches["bottom"] else (size - nh) // 2)
     if background is None:
@@ -129,9 +130,14 @@ def render(layer: np.ndarray, background: np.ndarray | None, spec: RenderSpec) -
     region = canvas[py:py + nh, px:px + nw]
     canvas[py:py + nh, px:px + nw] = crop[..., :3] + region * (1.0 - crop[..., 3:])
     out = np.empty((size, size, 4), np.uint8)
-    out[..., :3] = np.round(canvas * 255.0).astype(np.uint8)
-    out[..., 3] = np.round(alpha * 255.0).astype(np.uint8)
+    out[..., :3] = to_uint8(canvas)
+    out[..., 3] = to_uint8(alpha)
     return out
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """0..1 floats as 0..255 bytes, clipped first: a float above 1 never wraps to a dark byte."""
+    return np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def blank_reason(gray: np.ndarray, black_level: float = 10.0, uniform_std: float = 2.0) -> tuple[str, str] | None:
@@ -146,6 +152,23 @@ def blank_reason(gray: np.ndarray, black_level: float = 10.0, uniform_std: float
     if std < uniform_std:
         return "uniform_image", f"luma std {std:.2f}"
     return None
+
+
+def wrapped_pixels(rgb: np.ndarray, low: int = 40, high: int = 215, lit: int = 128, steady: int = 40) -> int:
+    """How many pixels of an RGB uint8 image look like a byte that wrapped past 255.
+
+    A wrapped pixel has one channel at or below `low` where that channel's 3x3 median is at or
+    above `high`, its other channels within `steady` of their medians, and is not dark (brightest
+    channel at least `lit`): bright red turned cyan, the mark of a float cast without a clip.
+    """
+    rgb = np.ascontiguousarray(rgb[..., :3])
+    medians = np.dstack([cv2.medianBlur(np.ascontiguousarray(rgb[..., c]), 3) for c in range(3)])
+    near = np.abs(rgb.astype(np.int16) - medians) <= steady
+    wrapped = np.zeros(rgb.shape[:2], bool)
+    for c in range(3):
+        others = [k for k in range(3) if k != c]
+        wrapped |= (rgb[..., c] <= low) & (medians[..., c] >= high) & near[..., others].all(axis=2)
+    return int((wrapped & (rgb.max(axis=2) >= lit)).sum())
 
 
 def background_layers(store: "RunStore", stage: str | None) -> list[str]:

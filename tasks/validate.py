@@ -2,7 +2,8 @@
 
 Checks of the Yokai guide's step 6, per image and caption pair: the image is readable and in
 an accepted format, at least `min_resolution` on its short side, not of an extreme aspect
-ratio, not black or uniform, not a duplicate; its caption file exists, is not empty, holds
+ratio, not black or uniform, without colours wrapped past 255 (a writer without a clip), not a
+duplicate; its caption file exists, is not empty, holds
 the trigger word (first) and is not very short; training folders are named
 `<repeats>_<name>` as kohya expects. Errors fail the report (and stop the flow before
 training); warnings are reported only (unless `fail_on_warnings`).
@@ -24,15 +25,16 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.composite import blank_reason
+from tasks.composite import blank_reason, wrapped_pixels
 from tasks.run.spec import GlobalStage
 from tasks.run.stage import StageResult, run_global_stage
 from tasks.run.store import RunStore, safe_name
 
 STAGE = "validate"
-VERSION = 1
+VERSION = 2
 
-ERRORS = ("unreadable_image", "bad_format", "low_resolution", "black_image", "uniform_image", "caption_missing",
+ERRORS = ("unreadable_image", "bad_format", "low_resolution", "black_image", "uniform_image", "wrapped_colours",
+          "caption_missing",
           "caption_empty", "trigger_missing", "bad_folder_name", "empty_folder", "no_training_folders")
 WARNINGS = ("extreme_aspect_ratio", "not_rgb", "duplicate_image", "trigger_not_first", "short_caption",
             "orphan_caption", "stray_image")
@@ -63,6 +65,7 @@ class ValidateParams(BaseModel):
     black_level: float = Field(10.0, ge=0, le=255, description="mean luma below this is a black image")
     uniform_std: float = Field(2.0, ge=0, description="luma std below this is a uniform image")
     formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG", "WEBP"], description="accepted image formats")
+    max_wrapped_pixels: int = Field(0, ge=0, description="pixels with wrapped colours allowed per image")
     check_duplicates: bool = Field(True, description="flag identical images within a character")
     fail_on_warnings: bool = Field(False, description="warnings fail the report too")
 
@@ -107,6 +110,7 @@ def _check_image(path: Path, params: ValidateParams) -> tuple[list[tuple[str, st
             fmt = im.format
             im.load()
             mode, (w, h) = im.mode, im.size
+            rgb = np.asarray(im.convert("RGB"))
             gray = np.asarray(im.convert("L"), dtype=np.float32)
             digest = hashlib.sha256(im.tobytes()).hexdigest()
     except Exception as exc:  # PIL raises many kinds for broken files: all mean unreadable
@@ -122,6 +126,9 @@ def _check_image(path: Path, params: ValidateParams) -> tuple[list[tuple[str, st
     blank = blank_reason(gray, params.black_level, params.uniform_std)
     if blank:
         issues.append(blank)
+    wrapped = wrapped_pixels(rgb)
+    if wrapped > params.max_wrapped_pixels:
+        issues.append(("wrapped_colours", f"{wrapped} pixels whose colour wrapped past 255 (a writer without a clip)"))
     return issues, digest
 
 

@@ -18,6 +18,7 @@ from tasks.augment import AugmentParams, run_augment
 from tasks.caption import CaptionParams, run_caption
 from tasks.package import (BackgroundDatasetParams, PackageParams, pick_backgrounds, run_package, thumbnail_embedding,
                            training_plan)
+from tasks.composite import wrapped_pixels
 from tests.dataset_fixtures import make_run
 
 # ---- what kohya sd-scripts accepts (library/config_util.py ConfigSanitizer schemas; train_network.py
@@ -139,6 +140,16 @@ def test_background_swaps_are_rendered_onto_the_background_layer(packaged):
             plain += 1
             assert (corner == 255).all()
     assert swapped and plain
+
+
+def test_no_packaged_image_has_wrapped_colours(packaged):
+    """Over the whole packaged run: no channel wrapped past 255 anywhere (tasks/composite.render clips)."""
+    store, _ = packaged
+    rows = store.read_manifest("package").to_pylist()
+    wrapped = {row["path"]: wrapped_pixels(np.asarray(Image.open(store.root / row["path"]).convert("RGB")))
+               for row in rows}
+    assert len(wrapped) == len(rows) > 50
+    assert {path: n for path, n in wrapped.items() if n} == {}
 
 
 # ---- configs -------------------------------------------------------------------------------------

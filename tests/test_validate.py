@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -24,9 +25,11 @@ from tests.dataset_fixtures import make_run
 
 
 def _image(path, size=(512, 512), seed=0, mode="RGB", fmt=None):
+    """A smooth random picture (coarse noise scaled up), different for every seed."""
     rng = np.random.default_rng(seed)
     channels = {"RGB": 3, "RGBA": 4}[mode]
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], channels), dtype=np.uint8), mode).save(path, format=fmt)
+    coarse = rng.integers(0, 255, (max(2, size[1] // 16), max(2, size[0] // 16), channels), dtype=np.uint8)
+    Image.fromarray(cv2.resize(coarse, size, interpolation=cv2.INTER_LINEAR), mode).save(path, format=fmt)
 
 
 def _pair(folder, stem, caption="hero, standing, full body, plain background", **image):
@@ -65,6 +68,8 @@ def defect_tree(root):
     hero.joinpath("grey.txt").write_text("hero, standing, full body, grey")
     Image.fromarray(np.full((512, 512, 3), 128, np.uint8)).save(hero / "grey.png")
     _pair(hero, "alpha", mode="RGBA", seed=19)
+    hero.joinpath("wrapped.txt").write_text("hero, standing, full body, white background")
+    Image.fromarray(wrapped_image()).save(hero / "wrapped.png")
     (hero / "orphan.txt").write_text("hero, an orphan caption")
     _pair(root / "hero", "x0", seed=20)          # no repeats in the folder name
     _pair(root / "0_nobody", "x1", seed=21)      # zero repeats
@@ -73,13 +78,21 @@ def defect_tree(root):
     return root
 
 
+def wrapped_image():
+    """A 512x512 white picture with a red figure whose 40 contour pixels wrapped to cyan (255 + 5 -> 4)."""
+    image = np.full((512, 512, 3), 255, np.uint8)
+    image[100:400, 150:350] = (230, 20, 30)
+    image[100, 150:190] = (4, 255, 255)
+    return image
+
+
 EXPECTED = {
     "unreadable_image": ["20_hero/broken.png"], "bad_format": ["20_hero/bitmap.bmp"],
     "low_resolution": ["20_hero/small.png"], "extreme_aspect_ratio": ["20_hero/wide.png"],
     "caption_missing": ["20_hero/nocaption.png"], "caption_empty": ["20_hero/emptycaption.png"],
     "trigger_missing": ["20_hero/notrigger.png"], "trigger_not_first": ["20_hero/triggerlast.png"],
     "short_caption": ["20_hero/short.png"], "duplicate_image": ["20_hero/img0.png"],
-    "black_image": ["20_hero/black.png"], "uniform_image": ["20_hero/grey.png"], "not_rgb": ["20_hero/alpha.png"],
+    "black_image": ["20_hero/black.png"], "wrapped_colours": ["20_hero/wrapped.png"], "uniform_image": ["20_hero/grey.png"], "not_rgb": ["20_hero/alpha.png"],
     "orphan_caption": ["20_hero/orphan.txt"], "bad_folder_name": ["0_nobody", "hero"],
     "empty_folder": ["5_empty"], "stray_image": ["stray.png"],
 }
@@ -95,15 +108,15 @@ def test_every_kind_of_defect_is_found_where_it_is(tmp_path):
     assert report["passed"] is False
     assert report["errors"] == {"unreadable_image": 1, "bad_format": 1, "low_resolution": 1, "caption_missing": 1,
                                 "caption_empty": 1, "trigger_missing": 1, "black_image": 1, "uniform_image": 1,
-                                "bad_folder_name": 2, "empty_folder": 1}
+                                "wrapped_colours": 1, "bad_folder_name": 2, "empty_folder": 1}
     assert set(report["warnings"]) == {"extreme_aspect_ratio", "trigger_not_first", "short_caption", "duplicate_image",
                                        "not_rgb", "orphan_caption", "stray_image"}
     hero = report["characters"]["hero"]
-    assert hero["train"] == 17 and hero["validation"] == 1
-    assert sum(hero["errors"].values()) == 8 and report["invalid"] == 8
+    assert hero["train"] == 18 and hero["validation"] == 1
+    assert sum(hero["errors"].values()) == 9 and report["invalid"] == 9
     assert report["characters"]["empty"]["errors"] == {"empty_folder": 1}
     summary = format_summary(report)
-    assert "VALIDATION FAILED" in summary and "low_resolution: 1" in summary and "hero: 17 train, 1 validation" in summary
+    assert "VALIDATION FAILED" in summary and "low_resolution: 1" in summary and "hero: 18 train, 1 validation" in summary
 
 
 def test_clean_tree_passes(tmp_path):
@@ -141,7 +154,7 @@ def test_cli_exits_non_zero_on_errors_and_writes_the_report(tmp_path):
     assert bad.exit_code == 1, bad.output
     assert "VALIDATION FAILED" in bad.stdout and "caption_missing: 1" in bad.stdout
     report = json.loads((tmp_path / "bad.json").read_text())
-    assert report["errors"]["bad_folder_name"] == 2 and report["characters"]["hero"]["train"] == 17
+    assert report["errors"]["bad_folder_name"] == 2 and report["characters"]["hero"]["train"] == 18
     good = cli.invoke(app, ["validate", str(clean_tree(tmp_path / "good"))])
     assert good.exit_code == 0 and "VALIDATION PASSED" in good.stdout
     strict = cli.invoke(app, ["validate", str(tmp_path / "good"), "--min-resolution", "1024"])
