@@ -2,7 +2,9 @@
 
 Both are locked to this machine with Prefect's own settings (`server_settings`): CSRF protection
 on, CORS limited to the UI's own origin, and an API auth string when the server listens beyond
-127.0.0.1. Both die with the process that started them (Linux parent-death signal), so a killed
+127.0.0.1. Both run Prefect's app behind a Host check (`create_app`): a request whose `Host` is
+not a loopback name or the configured host is refused with 400, so a web page that rebinds its
+own DNS name to 127.0.0.1 cannot reach the API. Both die with the process that started them (Linux parent-death signal), so a killed
 `episode2lora run` leaves no server behind.
 """
 
@@ -21,6 +23,9 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 PR_SET_PDEATHSIG = 1
+ALLOWED_HOSTS = "EPISODE2LORA_ALLOWED_HOSTS"
+"""Environment variable: the comma-separated Host names the server answers (set by `server_settings`)."""
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
 def dies_with_parent() -> None:
@@ -40,7 +45,7 @@ def server_settings(port: int, host: str = "127.0.0.1", auth_string: Optional[st
 
     Raises ValueError when `host` is not 127.0.0.1 and no `auth_string` is given.
     """
-    local = host in ("127.0.0.1", "localhost", "::1")
+    local = host in LOOPBACK_NAMES
     if not local and not auth_string:
         raise ValueError(f"a server on {host} is reachable from other machines: give it an auth string "
                          "(--auth user:password, or PREFECT_SERVER_API_AUTH_STRING)")
@@ -48,6 +53,7 @@ def server_settings(port: int, host: str = "127.0.0.1", auth_string: Optional[st
     if host == "0.0.0.0":
         browser_hosts.append(socket.gethostname())
     settings = {
+        ALLOWED_HOSTS: ",".join(allowed_hosts(host)),
         "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
         "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "true",
         "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": ",".join(f"http://{h}:{port}" for h in browser_hosts),
@@ -55,6 +61,40 @@ def server_settings(port: int, host: str = "127.0.0.1", auth_string: Optional[st
     if auth_string:
         settings.update(PREFECT_SERVER_API_AUTH_STRING=auth_string, PREFECT_API_AUTH_STRING=auth_string)
     return settings
+
+
+def allowed_hosts(host: str) -> list[str]:
+    """The `Host` names a server listening on `host` answers: the loopback names and `host` itself;
+    for 0.0.0.0 (every interface, behind an auth string) this machine's names and addresses."""
+    names = list(LOOPBACK_NAMES)
+    if host == "0.0.0.0":
+        fqdn = socket.getfqdn()
+        names += [socket.gethostname(), fqdn]
+        try:
+            names += socket.gethostbyname_ex(fqdn)[2]
+        except OSError:
+            pass
+    elif host not in names:
+        names.append(host)
+    return list(dict.fromkeys(n.lower() for n in names if n))
+
+
+def create_app():
+    """Prefect's server app (API, and the UI where enabled) behind a Host check: uvicorn's `--factory`.
+
+    The allowed names come from `EPISODE2LORA_ALLOWED_HOSTS` (loopback names when unset).
+    """
+    from prefect.server.api.server import create_app as prefect_app
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    names = [n for n in os.environ.get(ALLOWED_HOSTS, "").split(",") if n] or list(LOOPBACK_NAMES)
+    return TrustedHostMiddleware(prefect_app(), allowed_hosts=names, www_redirect=False)
+
+
+def uvicorn_command(host: str, port: int, log_level: str = "error") -> list[str]:
+    """The command that serves `create_app` on `host`:`port` (the caller sets the environment)."""
+    return [sys.executable, "-m", "uvicorn", "--factory", "deployments.api_server:create_app", "--host", host,
+            "--port", str(port), "--log-level", log_level, "--lifespan", "on"]
 
 
 def free_port() -> int:
@@ -104,10 +144,8 @@ def run_api() -> Iterator[Optional[str]]:
     env = {**os.environ, **server_settings(port), "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT__SERVER_FINAL": "1"}
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-        env=env, preexec_fn=dies_with_parent, stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(uvicorn_command("127.0.0.1", port), env=env, preexec_fn=dies_with_parent,
+                               stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/api"
     try:
         wait_healthy(url, process, timeout)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from deployments.api_server import dies_with_parent, server_settings, stop, wait_healthy
+from deployments.api_server import dies_with_parent, server_settings, stop, uvicorn_command, wait_healthy
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIG = PROJECT / "deployments" / "prefect.yaml"
@@ -116,8 +116,9 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 def start_server(port: int, home: Path = PREFECT_HOME, log: Path | None = None, host: str = "127.0.0.1",
                  auth_string: str | None = None) -> subprocess.Popen:
-    """`prefect server start` on `host`:`port` as a child process that dies with this one, state kept in
-    `home`, locked to its own UI (deployments/api_server.py: CSRF, CORS; an auth string off 127.0.0.1)."""
+    """Prefect's server (API, UI and services, as `prefect server start` runs them) on `host`:`port` as a child
+    process that dies with this one, state kept in `home`, locked to its own UI (deployments/api_server.py:
+    the Host check, CSRF, CORS; an auth string off 127.0.0.1)."""
     settings = server_settings(port, host, auth_string)  # ValueError: beyond 127.0.0.1 without an auth string
     if not port_free(port, "127.0.0.1" if host == "0.0.0.0" else host):
         raise OSError(f"port {port} on {host} is in use; pick another with --port")
@@ -129,10 +130,9 @@ def start_server(port: int, home: Path = PREFECT_HOME, log: Path | None = None, 
                PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false", **settings)
     env.pop("PREFECT_API_URL", None)
     out = open(log or home / "server.log", "ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-        env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=dies_with_parent,
-    )
+    env["PREFECT__SERVER_FINAL"] = "1"
+    return subprocess.Popen(uvicorn_command(host, port, "warning"), env=env, stdout=out, stderr=subprocess.STDOUT,
+                            preexec_fn=dies_with_parent, cwd=PROJECT)
 
 
 def ui(port: int = 4200, path: Path | str = CONFIG, limit: int | None = None, home: Path = PREFECT_HOME,

@@ -51,6 +51,47 @@ def test_ui_server_rejects_a_cross_origin_post(prefect_ui):
     assert status == 200
 
 
+def _get(url: str, host: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_ui_server_refuses_a_foreign_host_header(prefect_ui):
+    """DNS rebinding: a page whose name now resolves to 127.0.0.1 sends its own name as Host."""
+    port = prefect_ui.api_url.rsplit(":", 1)[1].split("/")[0]
+    token_url = f"{prefect_ui.api_url}/csrf-token?client=rebind-test"
+    assert _get(token_url, f"rebind.evil.example:{port}") == 400
+    status, _ = _post(f"{prefect_ui.api_url}/flow_runs/filter", {"Host": f"rebind.evil.example:{port}"})
+    assert status == 400
+    for name in ("127.0.0.1", "localhost"):
+        assert _get(token_url, f"{name}:{port}") == 200
+    assert _get(f"http://127.0.0.1:{port}/", f"localhost:{port}") == 200  # the UI page itself
+
+
+def test_a_cli_runs_server_refuses_a_foreign_host_header(tmp_path):
+    """The server `run_api` starts for a CLI run answers loopback names only."""
+    script = ("from deployments.api_server import run_api\n"
+              "import urllib.request, urllib.error\n"
+              "with run_api() as url:\n"
+              "    port = url.rsplit(':', 1)[1].split('/')[0]\n"
+              "    for host in ('rebind.evil.example', '127.0.0.1', 'localhost'):\n"
+              "        request = urllib.request.Request(url + '/csrf-token?client=x', headers={'Host': f'{host}:{port}'})\n"
+              "        try:\n"
+              "            print(host, urllib.request.urlopen(request, timeout=30).status)\n"
+              "        except urllib.error.HTTPError as exc:\n"
+              "            print(host, exc.code)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", script], env=env, text=True, capture_output=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:3] == ["rebind.evil.example 400", "127.0.0.1 200", "localhost 200"]
+
+
 def test_program_parameters_are_refused_in_runs_started_through_the_api(monkeypatch):
     from flows.params import RunParams
     from flows.sources import refuse_programs_from_api
@@ -73,7 +114,10 @@ def test_a_server_beyond_loopback_needs_an_auth_string():
         server_settings(4200, "0.0.0.0")
     settings = server_settings(4200, "0.0.0.0", "me:secret")
     assert settings["PREFECT_SERVER_API_AUTH_STRING"] == "me:secret"
+    assert "0.0.0.0" not in settings["EPISODE2LORA_ALLOWED_HOSTS"].split(",")
     local = server_settings(4200)
+    assert local["EPISODE2LORA_ALLOWED_HOSTS"] == "127.0.0.1,localhost,::1"
+    assert server_settings(4200, "10.1.2.3", "me:secret")["EPISODE2LORA_ALLOWED_HOSTS"].endswith(",10.1.2.3")
     assert local["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"] == "true"
     assert local["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"] == "http://127.0.0.1:4200,http://localhost:4200"
 
