@@ -5,17 +5,35 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True, soft_wrap=True)  # a message stays one line however long
+UNWRAPPED = 10_000
+"""Width of the output when it is not a terminal: lines are never wrapped, tables take their natural width."""
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console wrapped to the terminal's width; into a file or a pipe (COLUMNS unset) not wrapped at all.
+    Messages on stderr stay one line however long."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty() or os.environ.get("COLUMNS"):
+        return Console(stderr=stderr, soft_wrap=stderr)
+    return Console(stderr=stderr, soft_wrap=True, width=UNWRAPPED)
+
+
+console = make_console()
+err = make_console(stderr=True)
 
 RUNS_DIR = typer.Option(Path("data/runs"), "--runs-dir", help="folder holding all runs")
 CONFIG = typer.Option(None, "--config", "-c", help="YAML file of stage parameters")
@@ -33,8 +51,11 @@ def quiet_prefect() -> None:
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print `error: message` on stderr and exit with `code` (2: bad usage, 1: the run failed)."""
-    err.print(f"[bold red]error:[/] {message}")
+    """Print `error: message` on stderr and exit with `code` (2: bad usage, 1: the run failed); the lines
+    after the first are indented as its details."""
+    first, *details = str(message).splitlines() or [""]
+    text = "\n".join([first, *(line if line.startswith("  ") or not line.strip() else f"  {line}" for line in details)])
+    err.print(f"[bold red]error:[/] {escape(text)}", highlight=False)  # a message is text: '[x' is no markup
     raise typer.Exit(code)
 
 
@@ -45,8 +66,48 @@ def parse_sets(sets: list[str], example: str = "frames.mode=interval") -> dict[s
         if "=" not in item:
             fail(f"--set expects FIELD=VALUE (e.g. {example}), got {item!r}")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            fail(f"--set {key}: the value {value!r} is not valid YAML ({problem}); to pass it as text, quote it: "
+                 f"--set '{key}=\"{value}\"'")
+    for key in overrides:
+        for other in overrides:
+            if other.startswith(f"{key}."):
+                fail(f"--set {key} and --set {other} overlap: set either the whole of {key!r} or fields inside it")
     return overrides
+
+
+def check_path_length(text: str, what: str) -> None:
+    """Fail naming `what` when the path `text` (or one name in it) is longer than the system allows."""
+    encoded = os.fsencode(str(text))
+    try:
+        path_max, name_max = os.pathconf("/", "PC_PATH_MAX"), os.pathconf("/", "PC_NAME_MAX")
+    except (OSError, ValueError):  # pragma: no cover - every POSIX system answers
+        return
+    longest = max((len(name) for name in encoded.split(b"/")), default=0)
+    if len(encoded) >= path_max or longest > name_max:
+        fail(f"{what} is longer than the system allows ({len(encoded)} bytes, longest name {longest}; limits "
+             f"{path_max} and {name_max}): {os.fsdecode(encoded[:60])!r}...; use a shorter path")
+
+
+def check_utf8(text: str, what: str) -> None:
+    """Fail naming `what` when the path `text` is not valid UTF-8 (it could not be stored in the run)."""
+    from tasks.run.store import storable_text
+
+    if storable_text(text) != text:
+        fail(f"{what} '{storable_text(text)}' is not valid UTF-8 text, so the run cannot store it: rename it "
+             "(e.g. with convmv), or give its folder (a file in it whose name is not UTF-8 is quarantined)")
+
+
+def check_not_locked(store: Any) -> None:
+    """Fail at once, before anything starts, when another process is writing the run."""
+    holder = store.locked_by()
+    if holder:
+        fail(f"run '{store.name}' is being written by {holder} (lock {store.root / '.lock'}); "
+             "wait for it to finish or stop it first")
 
 
 def check_until(stage: str, source: Optional[str] = None) -> None:
@@ -70,6 +131,7 @@ def open_store(name: str, runs_dir: Path) -> Any:
 
 def check_writable(runs_dir: Path) -> None:
     """Fail naming the folder when runs cannot be written under `runs_dir` (read-only, not a folder)."""
+    check_path_length(os.path.abspath(runs_dir), "--runs-dir")
     folder = Path(runs_dir).resolve()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -87,33 +149,73 @@ def existing_store(name: str, runs_dir: Path) -> Any:
     return store
 
 
+def run_stages(store: Any) -> list[str]:
+    """The stages of the run's own pipeline (run.json's `flow`: renders-to-lora, photos-to-lora; else
+    episodes); every stage there is when its record cannot be read."""
+    from tasks.pipelines import PIPELINES, STAGES, stages_of
+
+    try:
+        source = str(store.read_run_record().get("flow", "")).removesuffix("-to-lora")
+    except (FileNotFoundError, ValueError):
+        return list(STAGES)
+    return stages_of(source if source in PIPELINES else "episode")
+
+
 def print_status(store: Any) -> None:
     """The per-stage table of `episode2lora status`, then the quarantined items."""
-    from tasks.pipelines import STAGES
-
     table = Table(title=f"run {store.name}  ({store.root})")
     for column in ("stage", "state", "shards", "rows", "kept", "quarantined", "fingerprint"):
         table.add_column(column, justify="right" if column in ("rows", "kept", "quarantined") else "left")
     colours = {"done": "green", "partial": "yellow", "missing": "dim"}
-    for stage in STAGES:
+    for stage in run_stages(store):
         s = store.stage_status(stage)
         shards = f"{s['shards_done']} of {s['shards']}" if s["shards"] else ""
         table.add_row(stage, f"[{colours[s['state']]}]{s['state']}[/]", shards,
                       *(str(s[k]) if s[k] is not None else "" for k in ("rows", "kept", "quarantined")),
                       s["fingerprint"])
     console.print(table)
-    for line in store.quarantine_report(STAGES):
+    for path in store.broken_files():
+        what = "the run's record: `resume` cannot read it" if path == "run.json" else \
+            "its stage counts as not done: `resume` redoes it"
+        console.print(f"  [yellow]broken[/] {store.root / path} is not a JSON object ({what})", highlight=False,
+                      soft_wrap=True)
+    for line in store.quarantine_report(run_stages(store)):
         console.print(f"  [yellow]quarantined[/] {line}")
 
 
+@contextmanager
+def flow_server() -> Iterator[None]:
+    """The API server of a CLI run (`deployments.api_server.run_api`), started with Ctrl-C held back.
+
+    The server inherits the blocked signal, so a Ctrl-C sent to the whole process group (what a terminal
+    does) stops this process, while the server its flow reports to keeps running until this process
+    stops it on its way out. A Ctrl-C during the server's start takes effect once it is up.
+    """
+    from deployments.api_server import run_api
+
+    held = threading.current_thread() is threading.main_thread()
+    with ExitStack() as stack:
+        if held:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            stack.enter_context(run_api())
+        finally:
+            if held:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        yield
+
+
 class _StorageTracebacks(logging.Filter):
-    """Drops the traceback from Prefect's log of a run that failed for lack of disk space or write access:
-    the one-line error the CLI prints says the cause and what to do."""
+    """Drops the traceback from Prefect's log of a run that failed for lack of disk space or write access,
+    on a damaged manifest or record, or on a run another process holds: the one-line error the CLI prints
+    says the cause and what to do."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.run.store import storage_cause
+        from tasks.run.store import ManifestDamagedError, RunLockedError, RunRecordError, storage_cause
 
-        if record.exc_info and record.exc_info[1] is not None and storage_cause(record.exc_info[1]):
+        error = record.exc_info[1] if record.exc_info else None
+        told = (ManifestDamagedError, RunLockedError, RunRecordError)  # their messages say what to do
+        if error is not None and (storage_cause(error) or isinstance(error, told)):
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -135,6 +237,9 @@ def run_and_report(store: Any, runs_dir: Path, call: Callable[[], dict], *, expe
     except (RunLockedError, RunChangedError, FileNotFoundError, *expected) as exc:
         before_report()
         fail(str(exc))
+    except KeyboardInterrupt:  # Ctrl-C: committed shards are kept, the shard in progress is redone
+        fail(f"run '{store.name}' interrupted (Ctrl-C); finished stages and shards are kept; continue with: "
+             f"episode2lora resume {store.name} --runs-dir {runs_dir}", 130)
     except Exception as exc:  # the flow failed: say where, and how to continue
         before_report()
         cause = storage_cause(exc)

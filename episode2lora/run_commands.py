@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from episode2lora.common import CONFIG, RUNS_DIR, check_until, check_writable, console, err, existing_store, fail, \
-    open_store, parse_sets, print_status, run_and_report
+from episode2lora.common import CONFIG, RUNS_DIR, check_not_locked, check_path_length, check_until, check_utf8, \
+    check_writable, console, err, existing_store, fail, flow_server, open_store, parse_sets, print_status, \
+    run_and_report
 
 
 def check_run(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str, new_attempt: bool) -> list[str]:
@@ -16,24 +18,47 @@ def check_run(inputs: list[str], name: str, runs_dir: Path, params: Any, until: 
     the run's record changes: the name, the runs folder, the inputs, a changed existing run.
     Returns the inputs as stored (absolute, each once); prints the ones that will be quarantined."""
     from tasks.frames import discover_videos, missing_inputs, normalize_inputs
-    from tasks.run.store import RunChangedError
+    from tasks.run.store import RunChangedError, RunRecordError
 
     store = open_store(name, runs_dir)
     check_writable(runs_dir)
+    for text in inputs:
+        check_utf8(text, "input")
+        check_path_length(os.path.abspath(os.path.expanduser(text)), "an input")
     inputs = normalize_inputs(inputs)
     try:
         discover_videos(inputs)
     except FileNotFoundError as exc:
         fail(str(exc))
+    _check_detector(params)
     for text in missing_inputs(inputs):
         err.print(f"[yellow]warning:[/] input {text!r} matches no video file: it is quarantined, the rest goes on",
                   highlight=False)
     try:
         store.check_run_record({"inputs": inputs, "params": params.model_dump(mode="json"), "until": until},
                                new_attempt=new_attempt)
-    except RunChangedError as exc:
+    except (RunChangedError, RunRecordError) as exc:
         fail(str(exc))
+    check_not_locked(store)
     return inputs
+
+
+def _check_detector(params: Any) -> None:
+    """Fail naming segment.detector when it is set and is not a file (before frames run for an hour)."""
+    detector = params.segment.detector
+    if detector and not Path(detector).expanduser().is_file():
+        fail(f"segment.detector: no such file {detector!r} (from {os.getcwd()}); give the path of an .onnx "
+             "detector, or leave segment.detector unset")
+
+
+def absolute_paths(params: Any) -> Any:
+    """`params` with its local file paths (segment.detector) absolute, as run.json stores its inputs, so
+    `resume` works from any folder."""
+    detector = params.segment.detector
+    if not detector or not Path(detector).expanduser().is_file():
+        return params
+    segment = params.segment.model_copy(update={"detector": str(Path(detector).expanduser().resolve())})
+    return params.model_copy(update={"segment": segment})
 
 
 def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str, new_attempt: bool = False) -> None:
@@ -48,6 +73,10 @@ def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: s
         console.print("\ntraining steps:")
         for line in results["package"].summary.get("steps", []):
             console.print(f"  {line}", markup=False, highlight=False)
+        from episode2lora.training_commands import steps_note
+
+        if note := steps_note(params, "train" in results):
+            console.print(f"  ({note})", markup=False, highlight=False)
     if "train" in results:  # the LoRA files, and a plain word when the base model is a stand-in
         from episode2lora.training_commands import print_loras
 
@@ -70,9 +99,7 @@ def _finished(inputs: list[str], name: str, runs_dir: Path, params: Any, until: 
 
 def _flow(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str, new_attempt: bool) -> dict:
     """Run the episode flow in this process, against a Prefect server that dies with this process."""
-    from deployments.api_server import run_api
-
-    with run_api():  # Prefect is imported after the server is up
+    with flow_server():  # Prefect is imported after the server is up
         from flows.episode_to_lora import episode_to_lora
 
         return episode_to_lora(inputs=inputs, name=name, runs_dir=str(runs_dir), params=params, until=until,
@@ -116,16 +143,18 @@ def run(
     except ParamsError as exc:
         fail(str(exc))
     check_until(until, "episode")
-    _execute(inputs, name, runs_dir, params, until, new_attempt)
+    _execute(inputs, name, runs_dir, absolute_paths(params), until, new_attempt)
 
 
 def resume(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RUNS_DIR) -> None:
     """Continue a failed or interrupted run with the parameters it was started with."""
     from flows.params import RunParams
 
+    from tasks.run.store import RunRecordError
+
     try:
         record = open_store(name, runs_dir).read_run_record()
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, RunRecordError) as exc:
         fail(str(exc))
     from episode2lora.sources_cli import RUN_KINDS, resume_source
 
@@ -134,9 +163,32 @@ def resume(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RU
     _execute(record["inputs"], name, runs_dir, RunParams.model_validate(record["params"]), record["until"])
 
 
-def status(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RUNS_DIR) -> None:
+def status(name: str = typer.Argument(..., help="run name"), runs_dir: Path = RUNS_DIR,
+           verify: bool = typer.Option(False, "--verify", help="also read every committed manifest in full and "
+                                       "check it against its digest (finds bit rot)")) -> None:
     """Show each stage of a run: done, partial (n of m shards) or missing, with counts."""
-    print_status(existing_store(name, runs_dir))
+    store = existing_store(name, runs_dir)
+    print_status(store)
+    if verify:
+        _print_verification(store, runs_dir)
+
+
+def _print_verification(store: Any, runs_dir: Path) -> None:
+    """`status --verify`: every committed manifest against its digest; exits 1 naming what is damaged."""
+    from tasks.pipelines import STAGES
+
+    damaged = {stage: store.verify(stage) for stage in STAGES}
+    damaged = {stage: problems for stage, problems in damaged.items() if problems}
+    if not damaged:
+        console.print("verified: every committed manifest matches its digest")
+        return
+    for stage, problems in damaged.items():
+        for problem in problems:
+            err.print(f"  damaged {problem}", highlight=False, markup=False)
+    first = next(iter(damaged))
+    fail(f"run '{store.name}': {len(damaged)} stage(s) damaged ({', '.join(damaged)}); redo from the first: "
+         f"episode2lora clean {store.name} --stage {first} --runs-dir {runs_dir}, then episode2lora resume "
+         f"{store.name} --runs-dir {runs_dir}", 1)
 
 
 def clean(

@@ -24,8 +24,8 @@ from typing import Any, Optional
 import typer
 import yaml
 
-from episode2lora.common import CONFIG, RUNS_DIR, check_until, check_writable, console, fail, open_store, parse_sets, \
-    run_and_report
+from episode2lora.common import CONFIG, RUNS_DIR, check_not_locked, check_until, check_writable, console, fail, \
+    flow_server, open_store, parse_sets, run_and_report
 
 RUN_KINDS = {"renders-to-lora": "renders", "photos-to-lora": "photos"}
 """What a source run records as its `flow` (run.json) -> its source (flows/source_to_lora.py: run_kind)."""
@@ -109,9 +109,8 @@ def _execute(source: str, input_dir: Path, name: str, trigger: Optional[str], ru
                                 "params": params.for_run(name, trigger).model_dump(mode="json")}, new_attempt=new_attempt)
     except (RunChangedError, ValueError) as exc:
         fail(str(exc))
-    from deployments.api_server import run_api
-
-    with run_api():  # a Prefect server that dies with this process; Prefect is imported after it is up
+    check_not_locked(store)
+    with flow_server():  # a Prefect server that dies with this process; Prefect is imported after it is up
         from flows.source_params import SourceParams
         from flows.source_to_lora import source_to_lora
 

@@ -8,7 +8,8 @@ The payload (like the ActorMaker training callback)::
      "loras": ["/abs/path/to/name.safetensors", ...],
      "error": null | "what went wrong"}
 
-Webhooks go to any http(s) host unless EPISODE2LORA_WEBHOOK_HOSTS lists the allowed ones.
+Webhooks go to any http(s) host unless EPISODE2LORA_WEBHOOK_HOSTS lists the allowed ones; a
+redirect is followed only to the same host, and logs show the URL with its secrets redacted.
 
 Attach `webhook_hooks()` to a flow whose parameters include `name`, `runs_dir` and
 `webhook_url` (or pass `describe` to build the payload from other parameters); nothing is
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -72,13 +74,43 @@ def allowed_hosts() -> set[str] | None:
     return {h.strip().lower() for h in value.split(",") if h.strip()} if value else None
 
 
+_TOKEN = re.compile(r"[A-Za-z0-9_\-]{20,}")
+"""A path segment this long is taken for a secret (Slack and Discord hooks keep theirs in the path)."""
+
+
+def redact(url: str) -> str:
+    """`url` fit for a log: query values, a password and token-like path segments replaced by '***'."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    netloc = f"***@{netloc}" if "@" in parts.netloc else netloc
+    query = "&".join(f"{key}=***" for key, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    path = "/".join("***" if _TOKEN.fullmatch(segment) else segment for segment in parts.path.split("/"))
+    return urllib.parse.urlunsplit((parts.scheme, netloc, path, query, ""))
+
+
+class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to the same host and port (or its https port): a redirect must not carry
+    the payload past the host allow-list."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+        if new.hostname != old.hostname or (new.scheme, new.port) not in {(old.scheme, old.port), ("https", None)}:
+            raise urllib.error.HTTPError(redact(req.full_url), code, f"redirect to another host not followed "
+                                         f"({redact(newurl)})", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SameHostRedirects)
+
+
 def post_json(url: str, payload: dict[str, Any], *, attempts: int = 3, timeout: float = 10.0) -> int:
-    """POST `payload` as JSON; retries on network errors and 5xx. Returns the HTTP status.
+    """POST `payload` as JSON; retries on network errors and 5xx; follows redirects only on the same host.
+    Returns the HTTP status.
 
     Raises ValueError for a URL that is not http(s), and the last error when every attempt failed.
     """
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"webhook_url must start with http:// or https://, got {url!r}")
+        raise ValueError(f"webhook_url must start with http:// or https://, got {redact(url)!r}")
     allowed = allowed_hosts()
     host = urllib.parse.urlsplit(url).hostname or ""
     if allowed is not None and host not in allowed:
@@ -88,7 +120,7 @@ def post_json(url: str, payload: dict[str, Any], *, attempts: int = 3, timeout: 
                                      headers={"Content-Type": "application/json", "User-Agent": "episode2lora"})
     for attempt in range(1, attempts + 1):
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with _OPENER.open(request, timeout=timeout) as response:
                 return response.status
         except urllib.error.HTTPError as exc:
             if exc.code < 500 or attempt == attempts:
@@ -120,9 +152,9 @@ def notify(flow_run: Any, state: Any, status: str, describe: Describe = run_stor
         payload = describe(params, status, error, str(flow_run.id))
         if payload is not None:
             code = post_json(url, payload)
-            logger.info("webhook: run %s %s, POSTed to %s (HTTP %s)", payload.get("run"), status, url, code)
+            logger.info("webhook: run %s %s, POSTed to %s (HTTP %s)", payload.get("run"), status, redact(url), code)
     except Exception as exc:  # a notification must never change the run's outcome
-        logger.warning("webhook %s failed: %s", url, exc)
+        logger.warning("webhook %s failed: %s", redact(url), exc)
 
 
 def webhook_hooks(describe: Describe = run_store_payload) -> dict[str, list]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -80,10 +81,13 @@ def ensure_u2netp() -> Path:
 def file_identity(path: Path, *, sample: int = 1 << 20) -> str:
     """Cheap identity of a large file (an episode, a model file): size, mtime and its first and last MiB.
 
-    An unreadable file gets a digest of its error, so it is fingerprinted (and quarantined) too.
+    An unreadable file gets a digest of its error, so it is fingerprinted (and quarantined) too; a file
+    that is not a regular one (a FIFO, which would block, a device) is not opened.
     """
     try:
         st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            return hashlib.sha256(b"not a regular file:" + os.fsencode(path) + b":%d" % stat.S_IFMT(st.st_mode)).hexdigest()
         h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
         with open(path, "rb") as fh:  # a folder named like a video cannot be opened either
             h.update(fh.read(sample))
@@ -91,7 +95,7 @@ def file_identity(path: Path, *, sample: int = 1 << 20) -> str:
                 fh.seek(max(st.st_size - sample, sample))
                 h.update(fh.read(sample))
     except OSError as exc:
-        return hashlib.sha256(f"unreadable:{path}:{exc.errno}".encode()).hexdigest()
+        return hashlib.sha256(b"unreadable:" + os.fsencode(path) + f":{exc.errno}".encode()).hexdigest()
     return h.hexdigest()
 
 

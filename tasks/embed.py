@@ -12,7 +12,6 @@ embedding (fixed-size float32 list), sharpness, phash, kept, drop_reason.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tasks.run.progress import StageProgress
 from tasks.run.spec import ShardedStage
 from tasks.run.stage import StageResult, merge_shard_parts, plan_sharded_stage, run_shard
-from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
+from tasks.run.store import QUARANTINE, RunStore, committed_identities, fingerprint, safe_name
 
 STAGE = "embed"
 VERSION = 1
@@ -206,14 +205,10 @@ def kept_layers(segment: pa.Table) -> pa.Table:
 
 
 def _layer_identity(run_root: Path, rows: list[dict]) -> str:
-    """Digest of a shard's layers: ids, paths and file size + mtime (a re-segmented file changes it)."""
+    """Digest of a shard's layers: ids, paths, file sizes and the fingerprints of the segment shards that
+    wrote them (a re-segmented file changes it; copying or archiving the run does not)."""
     h = hashlib.sha256()
-    for row in rows:
-        try:
-            st = os.stat(run_root / row["path"])
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            stamp = "missing"
+    for row, stamp in zip(rows, committed_identities(run_root, [row["path"] for row in rows])):
         h.update(f"{row['item_id']}|{row['path']}|{stamp}\n".encode())
     return h.hexdigest()
 

@@ -10,8 +10,10 @@ dropped with their reason. A run-level merge then drops frames that repeat anoth
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
+import stat
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from tasks.run.progress import StageProgress
 from tasks.run.runner import SOURCES
 from tasks.run.spec import ShardedStage
 from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
-from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name, write_error, write_table
+from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name, storable_text, write_error, write_table
 
 STAGE = "frames"
 VERSION = 3
@@ -99,10 +101,14 @@ def normalize_inputs(inputs: list[str]) -> list[str]:
 
 def _matches(text: str) -> list[Path]:
     path = Path(text).expanduser()
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in VIDEO_SUFFIXES)
-    if path.is_file():
-        return [path]
+    try:
+        if path.is_dir():  # any file named like a video (a FIFO, a device, a dangling link: quarantined)
+            return sorted(p for p in path.rglob("*") if (p.is_symlink() or not p.is_dir())
+                          and p.suffix.lower() in VIDEO_SUFFIXES)
+        if path.is_file():  # a FIFO or a device given by name matches nothing: quarantined, or refused when alone
+            return [path]
+    except OSError:  # e.g. a name longer than the system allows: it matches nothing
+        return []
     return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
 
 
@@ -144,16 +150,35 @@ def _images_hint(path: Path) -> str:
     return ""
 
 
-def episode_ids(videos: list[Path]) -> list[str]:
-    """Stable, path-safe episode ids from file names (suffixed when two names collide)."""
+def episode_ids(videos: list[Path], known: dict[str, str] | None = None) -> list[str]:
+    """Stable, path-safe episode ids from file names (suffixed when two names collide).
+
+    `known` maps a video (as stored, `storable_text`) to the id it already has in the run: that id
+    never changes, so an added episode whose name collides takes the suffix.
+    """
+    known = {video: episode for video, episode in (known or {}).items()
+             if video in {storable_text(v) for v in videos}}
+    taken = set(known.values())
     ids: list[str] = []
     for video in videos:
-        base = safe_name(video.stem)
-        candidate, n = base, 2
-        while candidate in ids:
-            candidate, n = f"{base}-{n}", n + 1
+        candidate = known.get(storable_text(video))
+        if candidate is None:
+            base = safe_name(video.stem)
+            candidate, n = base, 2
+            while candidate in taken:
+                candidate, n = f"{base}-{n}", n + 1
+            taken.add(candidate)
         ids.append(candidate)
     return ids
+
+
+def known_episodes(store: RunStore) -> dict[str, str]:
+    """Video -> episode id of every episode shard the run has committed (any fingerprint)."""
+    known: dict[str, str] = {}
+    for _, report in sorted(store.shard_reports(STAGE).items(), reverse=True):  # the first folder by name wins
+        if isinstance(report.get("video"), str) and isinstance(report.get("episode"), str):
+            known[report["video"]] = report["episode"]
+    return known
 
 
 # ---- image measures -------------------------------------------------------------------------
@@ -265,14 +290,23 @@ class _Candidate:
     width: int = 0
     height: int = 0
 
+    turns: int = 0                 # quarter turns (counter-clockwise) its display matrix asks for
+
     def __post_init__(self) -> None:
         if self.frame is not None:
+            self.turns = round((getattr(self.frame, "rotation", 0) or 0) / 90) % 4  # phone clips
             self.width, self.height = self.frame.width, self.frame.height
+            if self.turns % 2:
+                self.width, self.height = self.height, self.width
+
+    def upright(self, image: np.ndarray) -> np.ndarray:
+        """`image` (a decoded frame's pixels) as the frame is meant to be shown."""
+        return np.ascontiguousarray(np.rot90(image, self.turns)) if self.turns else image
 
     def image(self) -> np.ndarray:
-        """The frame as BGR, the order cv2 encodes (converted once, on the analysis thread)."""
+        """The frame as BGR, the order cv2 encodes, upright (converted once, on the analysis thread)."""
         if self.bgr is None:
-            self.bgr = self.frame.to_ndarray(format="bgr24")
+            self.bgr = self.upright(self.frame.to_ndarray(format="bgr24"))
             self.frame = None
         return self.bgr
 
@@ -325,7 +359,7 @@ class _Episode:
 
     def measure(self, cand: _Candidate) -> _Measure:
         if cand.measured is None:
-            small = luma(cand.frame)  # every measure at a fixed width: cheaper, and alike at any resolution
+            small = cand.upright(luma(cand.frame))  # every measure at a fixed width: cheaper, alike at any resolution
             mean, std = cv2.meanStdDev(small)
             brightness, contrast = float(mean[0, 0]), float(std[0, 0])
             sharp = sharpness(small)
@@ -398,7 +432,8 @@ class _Episode:
                 self.record(candidates[i], m)
 
 
-def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, prefix: str) -> tuple[pa.Table, dict]:
+def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, prefix: str,
+                   stamp: tuple[int, int] | None = None) -> tuple[pa.Table, dict]:
     """Sample one episode's frames into `out/images/`.
 
     Args:
@@ -407,6 +442,7 @@ def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, p
         params: sampling and filtering parameters.
         out: folder to write images into (a shard's temporary folder).
         prefix: the run-relative path that `out` will have once committed.
+        stamp: (size, mtime_ns) the file had when the run was planned (default: when opened).
     Returns:
         (manifest rows as a Table with SCHEMA, the episode report as a dict with EPISODE_SCHEMA fields).
     """
@@ -414,21 +450,19 @@ def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, p
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     state = _Episode(episode=episode, out=out, prefix=prefix, params=params)
-    report = {"episode": episode, "video": str(video), "status": "ok", "reason": None,
-              "frames_decoded": 0, "decode_errors": 0, "shots": 0, "shot_starts": [], "sampled": 0, "kept": 0, "bytes_written": 0}
-    if video.is_dir():
-        return _quarantined(video, episode, report, "no such file: a folder (holding no video) named like one")
-    if not video.exists():
-        what = "a dangling or looping link" if video.is_symlink() else "no such file (or a folder or glob without videos)"
-        return _quarantined(video, episode, report, f"missing: {what}")
+    report = _new_report(video, episode)
+    problem = unreadable(video)
+    if problem:
+        return _quarantined(video, episode, report, problem)
+    stamp = stamp or file_stamp(video)
     try:
         container = av.open(str(video))
     except Exception as exc:  # PyAV raises many kinds: all mean "cannot read this file"
         return _quarantined(video, episode, report, _reason(exc))
     with container:
-        if not container.streams.video:
+        stream = main_stream(container)
+        if stream is None:
             return _quarantined(video, episode, report, "no video stream")
-        stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         if params.mode == "keyframes":
             stream.codec_context.skip_frame = "NONKEY"
@@ -447,6 +481,9 @@ def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, p
         return _quarantined(video, episode, report, report["reason"] or "no decodable frames")
     if report["decode_errors"]:
         report["status"] = "damaged"
+    moved = _moved(video, stamp)
+    if moved:  # a file still being written (a download, a recording): what was read may be partial
+        report.update(status="damaged", reason="; ".join(filter(None, [moved, report["reason"]])))
     report["sampled"] = len(state.rows)
     report["kept"] = sum(r["kept"] for r in state.rows)
     report["bytes_written"] = state.bytes_written
@@ -540,13 +577,66 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
+def _new_report(video: Path, episode: str) -> dict:
+    """An episode's report (EPISODE_SCHEMA fields) before anything is read."""
+    return {"episode": episode, "video": storable_text(video), "status": "ok", "reason": None, "frames_decoded": 0,
+            "decode_errors": 0, "shots": 0, "shot_starts": [], "sampled": 0, "kept": 0, "bytes_written": 0}
+
+
+_KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket"}
+
+
+def unreadable(video: Path) -> str | None:
+    """Why `video` cannot be read as a video file, found without opening it (a FIFO would block);
+    None for a regular file that is not empty."""
+    try:
+        st = video.stat()
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return "missing: the path is longer than the system allows"
+        what = "a dangling or looping link" if video.is_symlink() else "no such file (or a folder or glob without videos)"
+        return f"missing: {what}"
+    if stat.S_ISDIR(st.st_mode):
+        return "no such file: a folder (holding no video) named like one"
+    if not stat.S_ISREG(st.st_mode):
+        return f"not a regular file: {_KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')}; only video files are read"
+    if st.st_size == 0:
+        return "empty file (0 bytes)"
+    return None
+
+
+def file_stamp(video: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of a file, to tell whether it changed while it was read."""
+    st = video.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _moved(video: Path, expected: tuple[int, int]) -> str | None:
+    """'changed while read ...' when the file's size or mtime is no longer `expected`."""
+    try:
+        now = file_stamp(video)
+    except OSError:
+        return "changed while read: the file is gone; resume the run once it is back"
+    if tuple(now) == tuple(expected):
+        return None
+    return (f"changed while read (size {expected[0]} -> {now[0]} bytes): still being written? "
+            "resume the run once the file is complete")
+
+
+def main_stream(container) -> Any:
+    """The main video stream: the largest one that is not an attached picture (a cover); None if none."""
+    from av.stream import Disposition
+
+    streams = [s for s in container.streams.video if not s.disposition & Disposition.attached_pic]
+    return max(streams, key=lambda s: (s.codec_context.width or 0) * (s.codec_context.height or 0), default=None)
+
+
 def _quarantined(video: Path, episode: str, report: dict, reason: str) -> tuple[pa.Table, dict]:
-    if video.exists() and video.stat().st_size == 0:
-        reason = "empty file (0 bytes)"
     report.update(status="quarantined", reason=reason)
     row = {name: None for name in SCHEMA.names}
     row.update(item_id=f"{episode}:quarantine", source_id=episode, episode=episode, frame_index=-1,
-               kept=False, drop_reason=f"{QUARANTINE}{video.name}: {reason}")
+               kept=False, drop_reason=f"{QUARANTINE}{storable_text(video.name)}: {reason}")
     return pa.Table.from_pylist([row], schema=SCHEMA), report
 
 
@@ -602,11 +692,14 @@ def summarize(table: pa.Table, episodes: list[dict]) -> dict:
 # ---- run-store wiring (plain functions; the spec below makes the Prefect tasks from them) ---------
 
 class FramesShard(BaseModel):
-    """One episode of the run: its video and the fingerprint its shard will have."""
+    """One episode of the run: its video, the fingerprint its shard will have, and what the plan saw:
+    the file's (size, mtime_ns), or why it cannot be read at all (a name that is not UTF-8)."""
 
     key: str
     video: str
     fingerprint: str
+    stamp: tuple[int, int] | None = None
+    problem: str | None = None
 
 
 class FramesPlan(BaseModel):
@@ -623,17 +716,35 @@ def plan_frames(store: RunStore, inputs: list[str], params: FramesParams) -> Fra
     """Find the episodes and fingerprint them; start the stage unless it is already done."""
     videos = discover_videos(inputs)
     settings = params.model_dump(mode="json")
-    shards = [FramesShard(key=episode, video=str(v), fingerprint=fingerprint(STAGE, VERSION, settings,
-                                                                             {"video": file_identity(v)}))
-              for v, episode in zip(videos, episode_ids(videos))]
+    ids = episode_ids(videos, known_episodes(store))  # ids the run already has never change
+    shards = [_plan_episode(video, episode, settings) for video, episode in zip(videos, ids)]
     fp = plan_sharded_stage(store, STAGE, VERSION, settings, {s.key: s.fingerprint for s in shards})
     return FramesPlan(shards=shards, fingerprint=fp)
 
 
+NOT_UTF8 = "the file name is not valid UTF-8, so it cannot be stored: rename the file (e.g. with convmv) to read it"
+
+
+def _plan_episode(video: Path, episode: str, settings: dict) -> FramesShard:
+    """One episode's shard, fingerprinted from the file's identity (`file_identity` opens only a regular
+    file: a FIFO would block), with the (size, mtime_ns) it has now."""
+    name = storable_text(video)
+    if name != str(video):  # carried as its escaped name, quarantined
+        return FramesShard(key=episode, video=name, problem=NOT_UTF8,
+                           fingerprint=fingerprint(STAGE, VERSION, settings, {"video": f"not-utf8:{name}"}))
+    identity = fingerprint(STAGE, VERSION, settings, {"video": file_identity(video)})
+    return FramesShard(key=episode, video=name, fingerprint=identity,
+                       stamp=None if unreadable(video) else file_stamp(video))
+
+
 def frames_for_episode(store: RunStore, shard: FramesShard, params: FramesParams) -> StageResult:
     """Extract one episode into its shard, unless that shard is already committed."""
-    return run_shard(store, STAGE, shard.key, shard.fingerprint,
-                     lambda out, prefix: extract_frames(Path(shard.video), shard.key, params, out, prefix))
+    def build(out: Path, prefix: str) -> tuple[pa.Table, dict]:
+        if shard.problem:
+            return _quarantined(Path(shard.video), shard.key, _new_report(Path(shard.video), shard.key), shard.problem)
+        return extract_frames(Path(shard.video), shard.key, params, out, prefix, stamp=shard.stamp)
+
+    return run_shard(store, STAGE, shard.key, shard.fingerprint, build)
 
 
 def merge_frames(store: RunStore, plan: FramesPlan, params: FramesParams) -> StageResult:

@@ -14,24 +14,46 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 
-def write_video(path: Path, width: int, height: int, frames: int, *, picture: Optional[Callable[[int], np.ndarray]] = None,
-                codec: str = "libx264", pix_fmt: str = "yuv420p", fps: int = 8) -> Path:
-    """A short video; frames are `picture(i)` (RGB) or moving noise blocks (never uniform, never black)."""
+def _noise(i: int, width: int, height: int) -> np.ndarray:
+    blocks = np.random.default_rng(i).integers(40, 255, (max(height // 8, 1), max(width // 8, 1), 3), dtype=np.uint8)
+    return np.kron(blocks, np.ones((8, 8, 1), dtype=np.uint8))[:height, :width]
+
+
+def _encode(container, stream, pictures: Iterator[np.ndarray]) -> None:
     import av
 
-    def noise(i: int) -> np.ndarray:
-        blocks = np.random.default_rng(i).integers(40, 255, (max(height // 8, 1), max(width // 8, 1), 3), dtype=np.uint8)
-        return np.kron(blocks, np.ones((8, 8, 1), dtype=np.uint8))[:height, :width]
+    for image in pictures:
+        for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
+def write_video(path: Path, width: int, height: int, frames: int, *, picture: Optional[Callable[[int], np.ndarray]] = None,
+                codec: str = "libx264", pix_fmt: str = "yuv420p", fps: int = 8, rotation: int = 0) -> Path:
+    """A short video; frames are `picture(i)` (RGB) or moving noise blocks (never uniform, never black);
+    `rotation`: the display matrix's counter-clockwise degrees (a phone clip)."""
+    import av
 
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        for i in range(frames):
-            image = np.ascontiguousarray((picture or noise)(i))
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        _encode(container, stream, ((picture or (lambda i: _noise(i, width, height)))(i) for i in range(frames)))
+    return path
+
+
+def write_cover_first(path: Path) -> Path:
+    """A Matroska file whose first video stream is a 64x40 two-frame 'cover', the second the 160x96 episode."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        cover, main = container.add_stream("libx264", rate=8), container.add_stream("libx264", rate=8)
+        cover.width, cover.height, cover.pix_fmt = 64, 40, "yuv420p"
+        main.width, main.height, main.pix_fmt = 160, 96, "yuv420p"
+        _encode(container, cover, (_noise(i, 64, 40) for i in range(2)))
+        _encode(container, main, (_noise(100 + i, 160, 96) for i in range(16)))
     return path
 
 

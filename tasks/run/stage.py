@@ -3,6 +3,7 @@ artifacts. Their Prefect tasks and cache keys are made from their specs (tasks/r
 
 from __future__ import annotations
 
+import os
 import re
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -14,7 +15,7 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     import pyarrow as pa
 
-from tasks.run.store import RunStore, fingerprint
+from tasks.run.store import RunStore, fingerprint, read_json_object
 
 
 class RunRef(BaseModel):
@@ -106,7 +107,12 @@ def run_global_stage(
     if done is not None:
         return done
     folder = store.begin_stage(stage, params.model_dump(mode="json"))
-    table, summary, outputs = build(folder)
+    before = set(os.listdir(folder))
+    try:
+        table, summary, outputs = build(folder)
+    except BaseException:
+        store.remove_new_temporaries(stage, before)  # e.g. a half-written folder on a full disk
+        raise
     if isinstance(table, dict):  # a manifest in parts: key -> table, or None to keep that part as committed
         digest, summary = store.commit_parts(stage, table, fp, outputs=outputs, summarize=lambda totals: summary)
     else:
@@ -164,8 +170,7 @@ def run_shard(store: RunStore, stage: str, key: str, fp: str,
     from tasks.run.store import write_table
 
     if store.shard_done(stage, key, fp):
-        report_path = store.shard_dir(stage, key) / "report.json"
-        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        report = read_json_object(store.shard_dir(stage, key) / "report.json") or {}
         return StageResult(stage=stage, key=key, fingerprint=fp, summary=report, recomputed=False)
     with store.writing_shard(stage, key, fp) as tmp:
         table, report = build(tmp, store.shard_prefix(stage, key))
@@ -176,15 +181,12 @@ def run_shard(store: RunStore, stage: str, key: str, fp: str,
 
 def _committed_reports(store: RunStore, stage: str, shard_fingerprints: dict[str, str]) -> list[dict[str, Any]]:
     """The reports of a stage's shards, in order; StageNotDoneError naming the shards not committed."""
-    import json
-
     from tasks.run.store import StageNotDoneError
 
     missing = [k for k, shard_fp in shard_fingerprints.items() if not store.shard_done(stage, k, shard_fp)]
     if missing:
         raise StageNotDoneError(f"{stage} shards not finished: {', '.join(missing)}")
-    paths = [store.shard_dir(stage, k) / "report.json" for k in shard_fingerprints]
-    return [json.loads(path.read_text()) if path.is_file() else {} for path in paths]
+    return [read_json_object(store.shard_dir(stage, k) / "report.json") or {} for k in shard_fingerprints]
 
 
 def merge_shards(

@@ -52,6 +52,10 @@ class StageNotDoneError(RuntimeError):
     """A stage's output was asked for before the stage finished."""
 
 
+class ManifestDamagedError(RuntimeError):
+    """A committed manifest file cannot be read (damaged on disk)."""
+
+
 class RunNameError(ValueError):
     """A run name outside RUN_NAME_ALPHABET."""
 
@@ -105,6 +109,17 @@ def safe_name(name: str, *, max_len: int = 80) -> str:
     return text
 
 
+def storable_text(path: Any) -> str:
+    """`path` as text that Parquet and JSON can store: bytes of a file name that are not UTF-8 are
+    shown as backslash escapes (`bad\\xff.mp4`), everything else is unchanged."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text
+
+
 def fingerprint(stage: str, version: int, params: dict[str, Any], inputs: dict[str, str]) -> str:
     """Hash of what determines a stage's output: name, version, parameters, input digests."""
     payload = json.dumps(
@@ -129,11 +144,37 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _read_json(path: Path) -> Any | None:
+def _read_json(path: Path) -> dict | None:
+    """A JSON object the store wrote (marker, plan, parts index, record); None when it is missing or
+    broken (not JSON, not an object): a stage whose marker is broken is simply not done."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+read_json_object = _read_json
+"""The store's reader of the JSON objects it writes (None when missing or broken), for its callers."""
+
+
+class RunRecordError(ValueError):
+    """A run's run.json exists but is not a run record (damaged or edited by hand)."""
+
+
+def _broken_record(path: Path) -> str | None:
+    """Why the run record at `path` is not one (None when it is valid or missing)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return f"it is not valid JSON ({str(exc)[:120]})"
+    if not isinstance(data, dict):
+        return f"it holds a JSON {type(data).__name__}, not an object"
+    if not isinstance(data.get("params", {}), dict):
+        return "its 'params' is not an object"
+    return None
 
 
 def _mtime(path: Path) -> int | None:
@@ -188,6 +229,37 @@ def storage_cause(exc: BaseException) -> str | None:
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
 
+
+def committed_identities(root: Path, paths: Sequence[str]) -> list[str]:
+    """For fingerprints, each run-relative file's size and the fingerprint of the committed shard holding
+    it (else its mtime in whole seconds), never a sub-second time: a run copied or restored from a tar
+    archive keeps its fingerprints. 'missing' for a file that is gone."""
+    writers: dict[Path, str] = {}
+    identities = []
+    for rel in paths:
+        try:
+            st = os.stat(root / rel)
+        except OSError:
+            identities.append("missing")
+            continue
+        writer = _shard_writer(root, (root / rel).parent, writers)
+        identities.append(f"{st.st_size}:{writer or int(st.st_mtime)}")
+    return identities
+
+
+def _shard_writer(root: Path, folder: Path, cache: dict[Path, str]) -> str:
+    """The fingerprint in the nearest shard marker at or above `folder`, inside `root` ('' when none)."""
+    if folder not in cache:
+        marker = _read_json(folder / MARKER) or {}
+        if "files" in marker:  # a shard's marker (a stage's names its manifest instead)
+            cache[folder] = str(marker.get("fingerprint", ""))
+        else:
+            cache[folder] = _shard_writer(root, folder.parent, cache) if root in folder.parents else ""
+    return cache[folder]
+
+
+_VERIFIED: set[tuple] = set()
+"""Manifest parts (path, size, mtime, inode, digest) this process has checked against their digest."""
 
 EMPTY_PART = "-empty"
 """The part a parted manifest with no parts holds (an empty table of its schema); no key can be it."""
@@ -253,17 +325,45 @@ class RunStore:
             yield self
         finally:
             self._lock_fh = None
+            fh.seek(0)
+            fh.truncate()  # no pid left behind once the run is let go (the empty file stays: removing it races)
             fcntl.flock(fh, fcntl.LOCK_UN)
             fh.close()
+
+    def locked_by(self) -> str | None:
+        """Who holds the run's lock ('pid N'), or None when nobody does; opens nothing for writing."""
+        try:
+            fh = open(self.root / ".lock", "r")
+        except OSError:
+            return None
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return fh.read().strip() or "another process"
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return None
 
     # ---- run record -------------------------------------------------------------------
     def write_run_record(self, record: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         _write_json(self.root / "run.json", record)
 
+    def check_record_file(self) -> None:
+        """RunRecordError naming run.json and what to do when it exists but is broken."""
+        path = self.root / "run.json"
+        broken = _broken_record(path)
+        if broken:
+            attempts = sorted((self.root / "attempts").glob("*.json"))
+            hint = f"Restore it from a backup (or from {attempts[-1]})" if attempts else "Restore it from a backup"
+            raise RunRecordError(f"run '{self.name}' has a broken record {path}: {broken}; nothing was changed. "
+                                 f"{hint}, or remove {self.root} to start the run afresh")
+
     def check_run_record(self, record: dict[str, Any], *, new_attempt: bool = False) -> None:
         """Raise RunChangedError when the run exists with other inputs or parameters than `record`
-        (unless `new_attempt`: then `record_run` keeps the old record under attempts/)."""
+        (unless `new_attempt`: then `record_run` keeps the old record under attempts/); RunRecordError
+        when its run.json is broken."""
+        self.check_record_file()
         old = _read_json(self.root / "run.json")
         changes = record_changes(old, record) if old is not None else []
         if changes and not new_attempt:
@@ -285,6 +385,8 @@ class RunStore:
         self.write_run_record(record)
 
     def read_run_record(self) -> dict[str, Any]:
+        """The run's record; FileNotFoundError when there is none, RunRecordError when it is broken."""
+        self.check_record_file()
         record = _read_json(self.root / "run.json")
         if record is None:
             raise FileNotFoundError(f"no run named '{self.name}' in {self.root.parent} (missing run.json)")
@@ -443,6 +545,32 @@ class RunStore:
                 "dirs": {d: _mtime(self.root / d) for d in sorted(dirs)},
                 "counts": {k: int(v) for k, v in (count(table) if count else {}).items()}}
 
+    def verify(self, stage: str) -> list[str]:
+        """What is wrong with a stage's committed manifest, read in full (`status --verify`): each file's
+        digest against the one committed (the done check trusts an unchanged size and mtime) and its
+        Parquet footer. Empty when all hold or the stage has no marker."""
+        marker = self.marker(stage)
+        path = self.manifest_path(stage)
+        if marker is None:
+            return []
+        if path.is_dir():
+            files = {path / e["file"]: e.get("digest") for e in (_read_json(path / PARTS_INDEX) or {}).values()}
+        else:
+            files = {path: marker.get("manifest_digest")}
+        problems = []
+        for file, digest in sorted(files.items()):
+            rel = file.relative_to(self.root).as_posix()
+            if not file.is_file():
+                problems.append(f"{rel}: missing")
+            elif file_digest(file) != digest:
+                problems.append(f"{rel}: its bytes differ from those committed (damaged or edited)")
+            else:
+                try:
+                    pq.read_metadata(file)
+                except (pa.ArrowException, OSError) as exc:
+                    problems.append(f"{rel}: not a readable Parquet file ({exc})")
+        return problems
+
     def read_manifest(self, stage: str, columns: list[str] | None = None) -> pa.Table:
         """A finished stage's manifest (one file, or its parts in key order); StageNotDoneError if not done."""
         if not self.is_done(stage):
@@ -452,13 +580,37 @@ class RunStore:
     def _read(self, stage: str, columns: list[str] | None = None, keys: Sequence[str] | None = None) -> pa.Table:
         path = self.manifest_path(stage)
         if not path.is_dir():
-            return pq.read_table(path, columns=columns)
+            return self._read_file(stage, path, columns)
         index = _read_json(path / PARTS_INDEX) or {}
         keys = sorted(index) if keys is None else keys
-        tables = [pq.read_table(path / index[k]["file"], columns=columns) for k in keys]
+        for key in keys:
+            self._check_part(stage, path / index[key]["file"], index[key]["digest"])
+        tables = [self._read_file(stage, path / index[k]["file"], columns) for k in keys]
         if not tables:
-            return pq.read_table(path / index[min(index)]["file"], columns=columns).slice(0, 0)
+            return self._read_file(stage, path / index[min(index)]["file"], columns).slice(0, 0)
         return pa.concat_tables(tables)
+
+    def _check_part(self, stage: str, path: Path, digest: str) -> None:
+        """A part's bytes against its committed digest, the first time this process reads it (the done
+        check trusts an unchanged size and mtime); ManifestDamagedError when they differ."""
+        stamp = (str(path), *_stamp(path).values(), digest)
+        if stamp in _VERIFIED:
+            return
+        if file_digest(path) != digest:
+            raise ManifestDamagedError(
+                f"{path} of run '{self.name}' is damaged: its bytes differ from those committed; redo the stage: "
+                f"`episode2lora clean {self.name} --stage {stage}` and `episode2lora resume {self.name}`")
+        _VERIFIED.add(stamp)
+
+    def _read_file(self, stage: str, path: Path, columns: list[str] | None) -> pa.Table:
+        """One manifest file; ManifestDamagedError naming it and what to do when it cannot be read."""
+        try:
+            return pq.read_table(path, columns=columns)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ManifestDamagedError(
+                f"{path} of run '{self.name}' cannot be read ({str(exc)[:160]}); check the run with `episode2lora "
+                f"status {self.name} --verify`, then redo the stage: `episode2lora clean {self.name} --stage {stage}` "
+                f"and `episode2lora resume {self.name}`") from None
 
     def manifest_parts(self, stage: str) -> dict[str, dict]:
         """A finished parted manifest's index (key -> digest, rows, first/last item_id, ...); {} for a one-file one."""
@@ -563,6 +715,28 @@ class RunStore:
     def read_shard(self, stage: str, key: str) -> pa.Table:
         return pq.read_table(self.shard_dir(stage, key) / "rows.parquet")
 
+    def remove_new_temporaries(self, stage: str, before: set[str]) -> list[str]:
+        """Remove the temporaries (dot-names) in a stage's folder that are not in `before` (the names it
+        held when the build started): what a failed build leaves (a full disk must not stay full)."""
+        folder = self.stage_dir(stage)
+        removed = []
+        for name in sorted(set(os.listdir(folder)) - before) if folder.is_dir() else []:
+            if name.startswith("."):
+                path = folder / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(name)
+        return removed
+
+    def broken_files(self) -> list[str]:
+        """Run-relative paths of the store's JSON files (record, markers, plans, parts indexes) that exist
+        but are not JSON objects: each makes its stage count as not done."""
+        patterns = ["run.json", f"*/{MARKER}", "*/plan.json", f"*/shards/*/{MARKER}", f"*/{MANIFEST}/{PARTS_INDEX}"]
+        paths = [p for pattern in patterns for p in sorted(self.root.glob(pattern))]
+        return [p.relative_to(self.root).as_posix() for p in paths if p.is_file() and _read_json(p) is None]
+
     def sweep_temporaries(self, stage: str) -> int:
         """Delete leftovers of killed writers (temporary shard folders). Call under the lock."""
         shards = self.stage_dir(stage) / "shards"
@@ -605,7 +779,11 @@ class RunStore:
         for stage in stages:
             if not (self.root / stage).exists() or not self.is_done(stage):
                 continue
-            table = self._read(stage)
+            try:
+                table = self._read(stage)
+            except ManifestDamagedError as exc:
+                lines.append(f"{stage} (the whole stage): {exc}")
+                continue
             if "drop_reason" not in table.column_names:
                 continue
             for item, reason in zip(table.column("item_id").to_pylist(), table.column("drop_reason").to_pylist()):
