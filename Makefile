@@ -31,9 +31,11 @@ demo: venv
 test: venv chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Headless Chromium (Debian package) for the cluster report's browser test; installed once.
+# Headless Chromium (Debian package) for the cluster report's browser test and, with npm, for the
+# anime test footage (tests/anime_footage.py); installed once.
 chromium:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq npm)
 
 clean-demo:
 	rm -rf data/runs/demo
