@@ -12,10 +12,11 @@ NEGATIVE = "blurry, low quality, distorted, deformed, watermark, text, logo"
 def ai_toolkit_job(name: str, trigger: str, folders: Sequence[Path | str], training_folder: Path | str, *,
                    rank: int, steps: int, lr: float, base_model: str, resolution: Sequence[int],
                    prompts: list[str], save_every: int, sample_every: int, init_lora: Optional[str] = None,
-                   meta: Optional[dict[str, Any]] = None) -> dict:
+                   meta: Optional[dict[str, Any]] = None, alpha_mask: bool = False) -> dict:
     """An AI-Toolkit `sd_trainer` job (the Kyana guide's FLUX profile), as a dict to dump as YAML.
 
-    `resolution` is [side] or [width, height]; `init_lora` starts the LoRA from a trained one.
+    `resolution` is [side] or [width, height]; `init_lora` starts the LoRA from a trained one;
+    `alpha_mask`: the images' alpha is the loss mask (AI-Toolkit's dataset option of that name).
     """
     network: dict[str, Any] = {"type": "lora", "linear": rank, "linear_alpha": rank}
     if init_lora:
@@ -30,7 +31,8 @@ def ai_toolkit_job(name: str, trigger: str, folders: Sequence[Path | str], train
                 "trigger_word": trigger, "network": network,
                 "save": {"dtype": "float16", "save_every": save_every, "max_step_saves_to_keep": 3},
                 "datasets": [{"folder_path": str(f), "caption_ext": "txt", "caption_dropout_rate": 0.05,
-                              "shuffle_tokens": False, "cache_latents_to_disk": True, "resolution": list(resolution)}
+                              "shuffle_tokens": False, "cache_latents_to_disk": True, "resolution": list(resolution),
+                              **({"alpha_mask": True} if alpha_mask else {})}
                              for f in folders],
                 "train": {"batch_size": 1, "steps": steps, "gradient_accumulation_steps": 1, "train_unet": True,
                           "train_text_encoder": False, "gradient_checkpointing": True, "noise_scheduler": "flowmatch",

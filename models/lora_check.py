@@ -100,7 +100,7 @@ def learning_check(base: str, lora: Path | str, heldout: list[Example], other: l
     with Image.open(heldout[0].image) as im:
         bucket = nearest_bucket(im.width, im.height, [(size, size)])
     with torch.no_grad():
-        pixels = torch.stack([load_image(e.image, bucket) for e in heldout])
+        pixels = torch.stack([load_image(e.image, bucket, e.alpha_mask) for e in heldout])
         latents = model.vae.encode(pixels).latent_dist.mode() * model.vae.config.scaling_factor
     gen = torch.Generator().manual_seed(seed)
     noise = [torch.randn(latents.shape, generator=gen) for _ in TIMESTEPS]

@@ -13,6 +13,11 @@ Folder names are parsed like kohya does: the part before the first `_` must be a
 whose subsets name several of these folders (the package's multi-concept config) is one more
 training over all of them, each folder keeping its repeats. Each image's bucket geometry
 (original size, crop offset) is recorded when it is bucketed, for SDXL's micro-conditioning.
+
+Masks: a dataset TOML subset with `alpha_mask = true` (kohya's key) says its images' alpha is
+the character mask over a whole picture: their RGB is trained as stored and the alpha, at the
+latent grid, weights the loss (masked loss). Transparent pixels of other images are composited
+onto white.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Example:
     caption: str
     folder: str = ""        # e.g. "10_hero" (kohya's folder: its tag frequency and repeats)
     repeats: int = 0        # times per epoch; 0 = the job's repeats
+    alpha_mask: bool = False  # its subset says alpha_mask: alpha is the loss mask, RGB is kept as stored
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,8 @@ def parse_repeats_folder(name: str) -> tuple[int, str] | None:
     return int(m[1]), m[2].strip()
 
 
-def _pairs(folder: Path, default_caption: str, repeats: int = 0) -> tuple[list[Example], list[str]]:
+def _pairs(folder: Path, default_caption: str, repeats: int = 0,
+           alpha_mask: bool = False) -> tuple[list[Example], list[str]]:
     """Image/caption pairs of a folder; unreadable images are quarantined with a reason."""
     from PIL import Image
 
@@ -101,7 +108,8 @@ def _pairs(folder: Path, default_caption: str, repeats: int = 0) -> tuple[list[E
             continue
         caption_file = image.with_suffix(".txt")
         caption = caption_file.read_text(errors="replace").strip() if caption_file.is_file() else ""
-        examples.append(Example(image=image, caption=caption or default_caption, folder=folder.name, repeats=repeats))
+        examples.append(Example(image=image, caption=caption or default_caption, folder=folder.name, repeats=repeats,
+                                alpha_mask=alpha_mask))
     return examples, quarantined
 
 
@@ -127,6 +135,7 @@ def read_package(package: Path | str) -> tuple[list[CharacterSet], list[str]]:
         raise FileNotFoundError(f"package folder not found: {package}")
     roots = [package] + ([package / "img"] if (package / "img").is_dir() else [])
     triggers = _triggers(package)
+    masked = alpha_mask_folders(package)
     characters, skipped = [], []
     for root in roots:
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -137,13 +146,13 @@ def read_package(package: Path | str) -> tuple[list[CharacterSet], list[str]]:
                 skipped.append(f"{folder.name}: name is not <repeats>_<name>")
                 continue
             repeats, name = parsed
-            train, quarantined = _pairs(folder, name, repeats)
+            train, quarantined = _pairs(folder, name, repeats, folder.name in masked)
             if not train:
                 skipped.append(f"{folder.name}: no readable images")
                 continue
             validation: list[Example] = []
             if (package / "validation" / name).is_dir():
-                validation, bad = _pairs(package / "validation" / name, name)
+                validation, bad = _pairs(package / "validation" / name, name, alpha_mask=folder.name in masked)
                 quarantined += [f"validation/{q}" for q in bad]
             trigger = triggers.get(name) or train[0].caption.split(",")[0].strip() or name
             configs = [package / "configs" / f"{name}_dataset.toml", package / "configs" / f"{name}_config.toml"]
@@ -156,25 +165,40 @@ def read_package(package: Path | str) -> tuple[list[CharacterSet], list[str]]:
     return characters + _concepts(package, characters), skipped
 
 
+def _dataset_tomls(package: Path) -> list[tuple[str, dict]]:
+    """(name, parsed TOML) of each readable `configs/<name>_dataset.toml` of a package."""
+    import tomllib
+
+    found = []
+    for path in sorted((package / "configs").glob("*_dataset.toml")) if (package / "configs").is_dir() else []:
+        try:
+            found.append((path.name[: -len("_dataset.toml")], tomllib.loads(path.read_text())))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+            continue
+    return found
+
+
+def _subsets(config: dict) -> list[dict]:
+    return [sub for ds in config.get("datasets", []) for sub in ds.get("subsets", [])]
+
+
+def alpha_mask_folders(package: Path) -> set[str]:
+    """Names of the image folders whose dataset TOML subset sets `alpha_mask = true`."""
+    return {Path(str(sub.get("image_dir", ""))).name for _, config in _dataset_tomls(package)
+            for sub in _subsets(config) if sub.get("alpha_mask") is True}
+
+
 def _concepts(package: Path, characters: list[CharacterSet]) -> list[CharacterSet]:
     """Multi-concept trainings: a `configs/<name>_dataset.toml` whose subsets name several of the
     package's `<repeats>_<name>` folders (matched by folder name) is one more training over all of
     them, each folder with its own repeats, tag frequency and validation images."""
-    import tomllib
-
     by_folder = {c.folder.name: c for c in characters}
     names = {c.name for c in characters}
     found = []
-    for path in sorted((package / "configs").glob("*_dataset.toml")) if (package / "configs").is_dir() else []:
-        name = path.name[: -len("_dataset.toml")]
+    for name, config in _dataset_tomls(package):
         if name in names:
             continue
-        try:
-            config = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
-            continue
-        folders = [Path(str(sub.get("image_dir", ""))).name for ds in config.get("datasets", [])
-                   for sub in ds.get("subsets", [])]
+        folders = [Path(str(sub.get("image_dir", ""))).name for sub in _subsets(config)]
         members = [by_folder[f] for f in folders if f in by_folder]
         if len(members) < 2 or len(members) != len(folders):
             continue
@@ -219,14 +243,18 @@ def fit(width: int, height: int, bucket: tuple[int, int]) -> tuple[tuple[int, in
     return size, Geometry(original_hw=(height, width), crop_top_left=(top, left), target_hw=(h, w))
 
 
-def load_image(path: Path, bucket: tuple[int, int]):
-    """RGB float tensor (3, H, W) in [-1, 1]: resized to cover the bucket, centre-cropped."""
+def load_image(path: Path, bucket: tuple[int, int], keep_rgb: bool = False):
+    """RGB float tensor (3, H, W) in [-1, 1]: resized to cover the bucket, centre-cropped.
+
+    Transparent pixels are composited onto white, unless `keep_rgb` (the alpha is a loss mask over
+    a whole picture: the RGB is taken as stored, as kohya does for alpha_mask subsets).
+    """
     import numpy as np
     import torch
     from PIL import Image
 
     with Image.open(path) as im:
-        if im.mode in ("RGBA", "LA", "P"):
+        if im.mode in ("RGBA", "LA", "P") and not keep_rgb:
             im = im.convert("RGBA")
             canvas = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(canvas, im)
@@ -240,11 +268,76 @@ def load_image(path: Path, bucket: tuple[int, int]):
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def image_key(path: Path, bucket: tuple[int, int], vae_id: str) -> str:
-    """Cache key of one image's latent: its bytes, the bucket, the VAE."""
+def image_key(path: Path, bucket: tuple[int, int], vae_id: str, keep_rgb: bool = False) -> str:
+    """Cache key of one image's latent: its bytes, the bucket, the VAE (and whether alpha was composited)."""
     h = hashlib.sha256(Path(path).read_bytes())
-    h.update(f"{bucket}:{vae_id}".encode())
+    h.update(f"{bucket}:{vae_id}".encode() + (b":rgb" if keep_rgb else b""))
     return h.hexdigest()[:32]
+
+
+# ---- masks (masked loss) -----------------------------------------------------------------------
+
+def has_alpha(path: Path) -> bool:
+    """Whether an image file carries an alpha channel (RGBA, LA, or a palette with transparency)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return _carries_alpha(im)
+
+
+def _carries_alpha(im: Any) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
+
+
+def load_mask(path: Path, bucket: tuple[int, int]):
+    """An image's alpha as a float tensor (H, W) in [0, 1], resized and cropped exactly as
+    `load_image` does; all ones when the image has no alpha (kohya's rule)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    w, h = bucket
+    with Image.open(path) as im:
+        if not _carries_alpha(im):
+            return torch.ones(h, w)
+        alpha = im.convert("RGBA").getchannel("A")
+        size, geometry = fit(alpha.width, alpha.height, bucket)
+        alpha = alpha.resize(size, Image.Resampling.LANCZOS)
+        top, left = geometry.crop_top_left
+        alpha = alpha.crop((left, top, left + w, top + h))
+        return torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)
+
+
+def latent_mask(alpha: Any, latent_hw: tuple[int, int], floor: float = 0.0):
+    """The loss weights of one image at the latent grid: the alpha (H, W) area-averaged down to
+    `latent_hw`, background raised to `floor`, divided by its mean (so the loss keeps its scale
+    however much of the picture the character covers). Returns (1, h, w); all zeros for an empty mask."""
+    import torch
+    import torch.nn.functional as F
+
+    small = F.interpolate(alpha[None, None].float(), size=tuple(latent_hw), mode="area")[0]
+    weights = floor + (1.0 - floor) * small.clamp(0.0, 1.0)
+    mean = float(weights.mean())
+    return weights / mean if mean > 1e-6 else torch.zeros_like(weights)
+
+
+def masked_loss_on(setting: str, examples: list[Example], character: str = "") -> bool:
+    """Whether a training weights its loss by the images' masks: `masked_loss` on / off, or auto
+    (on when any training image carries alpha). Raises ValueError for on without any mask."""
+    if setting == "off":
+        return False
+    carried = any(has_alpha(ex.image) for ex in examples)
+    if setting == "on" and not carried:
+        raise ValueError(f"masked_loss is 'on' but no training image{f' of {character!r}' if character else ''} "
+                         "carries an alpha channel (the mask); use masked_loss auto or off, or package the "
+                         "images with their masks (package.alpha_mask true)")
+    return carried
+
+
+def latent_masks(examples: list[Example], latents: list[Any], geometry: list[Geometry], floor: float) -> list[Any]:
+    """`latent_mask` of each example (its bucket's pixels down to its latent's grid)."""
+    return [latent_mask(load_mask(ex.image, geo.bucket), tuple(lat.shape[-2:]), floor)
+            for ex, lat, geo in zip(examples, latents, geometry)]
 
 
 def encode_latents(examples: list[Example], buckets: list[tuple[int, int]], vae: Any, vae_id: str,
@@ -263,7 +356,7 @@ def encode_latents(examples: list[Example], buckets: list[tuple[int, int]], vae:
         with Image.open(ex.image) as im:
             bucket = nearest_bucket(im.width, im.height, buckets)
             sizes.append(fit(im.width, im.height, bucket)[1])
-        key = image_key(ex.image, bucket, vae_id)
+        key = image_key(ex.image, bucket, vae_id, ex.alpha_mask)
         cached = cache_dir / f"{key}.safetensors" if cache_dir else None
         if cached is not None and cached.is_file():
             out[i] = load_file(str(cached))["latent"]
@@ -274,7 +367,8 @@ def encode_latents(examples: list[Example], buckets: list[tuple[int, int]], vae:
     for bucket, indices in todo.items():
         for start in range(0, len(indices), batch):
             chunk = indices[start:start + batch]
-            pixels = torch.stack([load_image(examples[i].image, bucket) for i in chunk]).to(device, dtype)
+            pixels = torch.stack([load_image(examples[i].image, bucket, examples[i].alpha_mask)
+                                  for i in chunk]).to(device, dtype)
             with torch.no_grad():
                 latents = (vae.encode(pixels).latent_dist.mode() - shift) * scaling
             for i, latent in zip(chunk, latents.float().cpu()):
@@ -284,7 +378,7 @@ def encode_latents(examples: list[Example], buckets: list[tuple[int, int]], vae:
                     import uuid
 
                     cache_dir.mkdir(parents=True, exist_ok=True)
-                    final = cache_dir / f"{image_key(examples[i].image, bucket, vae_id)}.safetensors"
+                    final = cache_dir / f"{image_key(examples[i].image, bucket, vae_id, examples[i].alpha_mask)}.safetensors"
                     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:6]}.tmp")
                     save_file({"latent": out[i]}, str(tmp))
                     os.replace(tmp, final)

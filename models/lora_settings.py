@@ -21,6 +21,7 @@ Scheduler = Literal["constant", "constant_with_warmup", "cosine", "cosine_with_r
 Precision = Literal["auto", "no", "fp16", "bf16"]
 Optimizer = Literal["auto", "adamw", "adamw8bit"]
 Prediction = Literal["auto", "epsilon", "v"]
+MaskedLoss = Literal["auto", "on", "off"]
 CAPTION_FIELDS = ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate")
 """How captions vary: read from the package's dataset TOML whatever the profile (captions as packaged)."""
 
@@ -80,6 +81,10 @@ class TrainSettings(BaseModel):
     sample_steps: int = Field(20, ge=1, description="inference steps of samples")
     validate_every_steps: int = Field(0, ge=0, description="validation loss every N steps (0: at checkpoints)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present")
+    masked_loss: MaskedLoss = Field("auto", description="weight the loss by each image's alpha mask (the character): "
+                                    "auto = on when the training images carry alpha, on, off")
+    mask_floor: float = Field(0.0, ge=0, lt=1, description="masked loss weight of background pixels (alpha 0), "
+                              "0 = the background is not learnt at all")
     init_lora: Optional[str] = Field(None, description="start from this LoRA file (kohya format, same rank) instead of "
                                      "fresh layers: fine-tuning, e.g. a detail stage after a core LoRA")
 
@@ -155,6 +160,8 @@ def from_kohya(config: dict[str, Any]) -> dict[str, Any]:
             out[KOHYA_KEYS[key]] = _resolution(value) if key == "resolution" else value
     if "network_train_unet_only" in flat:
         out["train_text_encoder"] = not bool(flat["network_train_unet_only"])
+    if "masked_loss" in flat:  # kohya's --masked_loss flag
+        out["masked_loss"] = "on" if flat["masked_loss"] else "auto"
     if "v_parameterization" in flat:
         out["prediction"] = "v" if flat["v_parameterization"] else "epsilon"
     if str(flat.get("optimizer_type", "")).lower() in ("adamw8bit", "adamw"):

@@ -5,7 +5,9 @@ on the UNet's attention projections (and, when asked, on the text encoders' q/k/
 0.4 x the UNet LR, optionally only for the first part of the steps). accelerate handles mixed
 precision, gradient accumulation and multi-GPU (`accelerate launch`); with no GPU it runs on the
 CPU. Latents are cached on disk; all randomness of a step comes from one seeded generator, so a
-run resumed from a checkpoint continues exactly as the uninterrupted run would have.
+run resumed from a checkpoint continues exactly as the uninterrupted run would have. With masked
+loss (`masked_loss`: auto = when the images carry alpha) each image's alpha, area-averaged to the
+latent grid and divided by its mean, weights its per-pixel loss (models/lora_data.latent_mask).
 
 Output folder::
 
@@ -29,7 +31,8 @@ from typing import Any, Callable
 from models import lora_checkpoints as ckpt
 from models.kohya_format import metadata, save_kohya, to_diffusers, to_kohya
 from models.captions import CaptionRules, process_caption
-from models.lora_data import Example, Geometry, bucket_sizes, encode_latents, epoch_batches
+from models.lora_data import (Example, Geometry, bucket_sizes, encode_latents, epoch_batches, latent_masks,
+                              masked_loss_on)
 from models.lora_settings import TrainSettings
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -61,7 +64,8 @@ class TrainJob:
 
     def signature(self) -> str:
         """What a checkpoint must agree with to be resumed: settings and data."""
-        data = [(e.image.name, e.image.stat().st_size, e.caption, e.folder, e.repeats) for e in self.train + self.validation]
+        data = [(e.image.name, e.image.stat().st_size, e.caption, e.folder, e.repeats) + ((True,) if e.alpha_mask else ())
+                for e in self.train + self.validation]
         payload = json.dumps({"settings": self.settings.model_dump(mode="json"), "data": data,
                               "repeats": self.repeats}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()
@@ -237,6 +241,10 @@ class _Run:
         self.val_geometry = [g for _, g in validation]
         if half:
             self.base.vae.to(dtype=self.weight_dtype)
+        self.masked = masked_loss_on(s.masked_loss, job.train, job.character)
+        self.masks = latent_masks(job.train, self.latents, self.geometry, s.mask_floor) if self.masked else None
+        self.val_masks = (latent_masks(job.validation, self.val_latents, self.val_geometry, s.mask_floor)
+                          if self.masked else None)
         self.captions = [e.caption for e in job.train]
         self.repeats = [e.repeats or job.repeats for e in job.train]
         self.folders = [e.folder or f"{job.repeats}_{job.character}" for e in job.train]
@@ -318,7 +326,8 @@ class _Run:
 
     # -- one step ----------------------------------------------------------------------------------
     def _loss(self, latents: Any, captions: list[str], geometry: list[Geometry], *, train_te: bool,
-              gen: Any, timesteps: Any = None, weights: bool = True) -> Any:
+              gen: Any, timesteps: Any = None, weights: bool = True, masks: Any = None) -> Any:
+        """Mean loss of a micro-batch; `masks` (B, 1, h, w) weights each latent pixel (masked loss)."""
         import torch
         import torch.nn.functional as F
 
@@ -338,7 +347,10 @@ class _Run:
         with self.acc.autocast():
             pred = self.unet(noisy.to(self.weight_dtype), timesteps, embeds,
                              added_cond_kwargs=self.added_cond(pooled, geometry)).sample
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if masks is not None:
+            loss = loss * masks.to(loss.device)
+        loss = loss.mean(dim=(1, 2, 3))
         if weights and s.min_snr_gamma:
             loss = loss * snr_weights(sched, timesteps, s.min_snr_gamma, prediction)
         return loss.mean()
@@ -391,7 +403,7 @@ class _Run:
                     latents = torch.stack([self.latents[i] for i in indices])
                     captions = self.step_captions(micro, indices)
                     loss = self._loss(latents, captions, [self.geometry[i] for i in indices], train_te=train_te,
-                                      gen=self.gen)
+                                      gen=self.gen, masks=self._masks(self.masks, indices))
                     self.acc.backward(loss)
                     if self.acc.sync_gradients and s.max_grad_norm > 0:
                         self.acc.unscale_gradients()  # fp16: clip the true gradients
@@ -404,6 +416,13 @@ class _Run:
             self.last_loss = sum(running) / len(running)
             running.clear()
             self._after_step()
+
+    @staticmethod
+    def _masks(masks: list | None, indices: list[int]) -> Any:
+        """The loss masks of a micro-batch, stacked (None without masked loss)."""
+        import torch
+
+        return torch.stack([masks[i] for i in indices]) if masks is not None else None
 
     def step_captions(self, micro: int, indices: list[int]) -> list[str]:
         """The captions of micro-batch `micro` after shuffle / keep_tokens / dropout (kohya's rules).
@@ -472,10 +491,11 @@ class _Run:
             module.eval()
         total, n = 0.0, 0
         with torch.random.fork_rng(devices=self._rng_devices()), torch.no_grad():
-            for lat, caption, geometry in zip(latents, captions, geometries):
+            for i, (lat, caption, geometry) in enumerate(zip(latents, captions, geometries)):
                 for t in VALIDATION_TIMESTEPS:
                     total += self._loss(lat[None], [caption], [geometry], train_te=False, gen=gen,
-                                        timesteps=torch.tensor([t]), weights=False).item()
+                                        timesteps=torch.tensor([t]), weights=False,
+                                        masks=self._masks(self.val_masks, [i])).item()
                     n += 1
         for module in modules:
             module.train()
@@ -534,7 +554,8 @@ class _Run:
                         output_name=job.output_name, trigger=job.trigger, captions=captions, base_hashes=self.base_hashes(),
                         repeats=repeats, settings=settings, started=self.started, finished=time.time(),
                         buckets={f"{w}x{h}": self.example_buckets.count((w, h)) for w, h in sorted(set(self.example_buckets))},
-                        extra={"ss_optimizer": self.optimizer_name, "ss_character": job.character})
+                        extra={"ss_optimizer": self.optimizer_name, "ss_character": job.character,
+                               "ss_masked_loss": self.masked, "ss_mask_floor": s.mask_floor if self.masked else 0.0})
         return save_kohya(path, tensors, meta)
 
     def base_hashes(self) -> dict[str, str]:
@@ -692,6 +713,7 @@ def _train(job: TrainJob, out: Path, resume: bool, on_step: Callable[[int, int, 
     (out / "settings.json").write_text(json.dumps(
         {"character": job.character, "trigger": job.trigger, "repeats": job.repeats,
          "settings": job.settings.model_dump(mode="json"), "total_steps": run.total, "family": run.family,
-         "mixed_precision": run.precision, "device": str(run.device), "optimizer": run.optimizer_name}, indent=2))
+         "mixed_precision": run.precision, "device": str(run.device), "optimizer": run.optimizer_name,
+         "masked_loss": run.masked}, indent=2))
     run.train()
     return run.finish()

@@ -5,7 +5,8 @@ scaled to fill a square canvas of `resolution` pixels and composited onto a plai
 onto a background layer (RGB, cover-cropped to the canvas). Where the character was cut by
 the frame edge (its alpha touches the layer's edge), it stays against that canvas edge, so
 framing survives rendering. The result is RGBA: RGB is the training image, alpha marks the
-character (what a captioner may measure); packaging keeps only RGB.
+character (what a captioner may measure); packaging keeps it, dilated and feathered, as the
+training image's loss mask (tasks/package.py).
 """
 
 from __future__ import annotations

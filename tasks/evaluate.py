@@ -7,6 +7,9 @@ embedder), and each (checkpoint, strength) row by prompt variety too: how differ
 are from each other, which catches the "same pose whatever the prompt" overfit. The checkpoint
 with the best mean score is copied as the character's final LoRA; a contact sheet and a score
 table are written beside it, published to the UI and recorded in the versions registry.
+Background bleed: how much a checkpoint (strength 1 against 0, same seed) changes the image of
+a prompt that does not ask for the character (`bleed_prompt`): a LoRA that learnt the scenery
+of its training images changes pictures it was not called into (masked loss keeps it low).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_s
 from tasks.run.store import RunStore, fingerprint, safe_name, write_table
 
 STAGE = "evaluate"
-VERSION = 1
+VERSION = 2
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),           # the character
@@ -39,6 +42,7 @@ SCHEMA = pa.schema([
     ("score", pa.float64()),
     ("identity", pa.float64()),
     ("variety", pa.float64()),
+    ("background_bleed", pa.float64()),  # chosen checkpoint: mean pixel change of the bleed prompt's image, 0-1
     ("final_lora", pa.string()),        # run-relative
     ("contact_sheet", pa.string()),
     ("scores_path", pa.string()),
@@ -63,6 +67,8 @@ class EvaluateParams(BaseModel):
         ["{trigger}", "{trigger}, standing, full body, simple background", "{trigger}, close-up portrait, smiling",
          "{trigger}, sitting on a bench, outdoors, park", "{trigger}, running, city street, night"],
         description="test prompts; {trigger} becomes the character's trigger word")
+    bleed_prompt: str = Field("scenery, street, day, no humans", description="a prompt without the trigger: "
+                              "background bleed is how much the LoRA changes its image")
     seed: int = Field(1234, description="prompt i uses seed + i at every checkpoint and strength")
     steps: int = Field(25, ge=1, description="inference steps per image")
     guidance_scale: float = Field(7.0, ge=0, description="classifier-free guidance")
@@ -121,6 +127,22 @@ def pick_best(records: list[dict]) -> tuple[str, dict[str, float]]:
 
 # ---- one character ------------------------------------------------------------------------------
 
+def image_change(a: Any, b: Any) -> float:
+    """Mean absolute pixel difference of two RGB images: 0 (the same) to 1."""
+    x = np.asarray(a.convert("RGB"), dtype=np.float32)
+    y = np.asarray(b.convert("RGB").resize(a.size), dtype=np.float32)
+    return float(np.abs(x - y).mean() / 255.0)
+
+
+def _bleed(pipe: Any, labels: list[tuple[str, Path]], params: EvaluateParams, size: int) -> dict[str, float]:
+    """Background bleed of each checkpoint: its change (strength 1 against 0) of the bleed prompt's image."""
+    from models.lora_gallery import render_gallery
+
+    images = render_gallery(pipe, labels, [params.bleed_prompt], [0.0, 1.0], seed=params.seed, steps=params.steps,
+                            size=size, guidance=params.guidance_scale)
+    return {label: image_change(images[(label, 0.0)][0], images[(label, 1.0)][0]) for label, _ in labels}
+
+
 def _rgba(image: Any) -> np.ndarray:
     rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
     return np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
@@ -157,6 +179,7 @@ def evaluate_character(root: Path, row: dict, params: EvaluateParams, embedder_s
         pipe = load_pipeline(settings["settings"]["base"], device=params.device)
         gallery = render_gallery(pipe, labels, prompts, params.strengths, seed=params.seed, steps=params.steps,
                                  size=size, guidance=params.guidance_scale)
+        bleed = _bleed(pipe, labels, params, size)
         del pipe
     embedder = load_embedder(embedder_spec)
     package_folder = root / "package" / row["source_id"]
@@ -174,13 +197,16 @@ def evaluate_character(root: Path, row: dict, params: EvaluateParams, embedder_s
     sheet = contact_sheet(gallery, prompts, {(r["checkpoint"], r["strength"]): r["score"] for r in records})
     sheet.save(out / "contact_sheet.png")
     write_table(pa.Table.from_pylist(records, schema=SCORES_SCHEMA), out / "scores.parquet")
-    (out / "report.md").write_text(score_report(row["character"], trigger, records, best, embedder_spec))
+    (out / "report.md").write_text(score_report(row["character"], trigger, records, best, embedder_spec)
+                                   + f"\nbackground bleed of {best}: {bleed[best]:.3f} (`{params.bleed_prompt}`, "
+                                     "LoRA strength 1 against 0)\n")
     mine = [r for r in records if r["checkpoint"] == best]
     manifest_row = {
         "item_id": row["character"], "source_id": row["item_id"], "character": row["character"], "trigger": trigger,
         "version_id": row.get("version_id"), "best_step": steps_of[best],
         "best_checkpoint": paths_of[best].relative_to(root).as_posix(), "score": means[best],
         "identity": float(np.mean([r["identity"] for r in mine])), "variety": float(np.mean([r["variety"] for r in mine])),
+        "background_bleed": bleed[best],
         "final_lora": f"{prefix}/{final.name}", "contact_sheet": f"{prefix}/contact_sheet.png",
         "scores_path": f"{prefix}/scores.parquet", "kept": True, "drop_reason": None,
     }
@@ -235,7 +261,8 @@ def evaluate_one(store: RunStore, spec: EvaluateSpec, params: EvaluateParams, em
 
     def build(tmp: Path, prefix: str) -> tuple[pa.Table, dict]:
         manifest_row, records = evaluate_character(store.root, row, params, embedder, tmp, prefix)
-        report = {k: manifest_row[k] for k in ("character", "best_step", "score", "identity", "variety")}
+        report = {k: manifest_row[k] for k in ("character", "best_step", "score", "identity", "variety",
+                                               "background_bleed")}
         report["rows"] = len(records)
         return pa.Table.from_pylist([manifest_row], schema=SCHEMA), report
 

@@ -2,7 +2,7 @@
 
 Layout under `<run>/package/`::
 
-    {repeats}_{character}/<stem>.png + <stem>.txt    training pairs (RGB, caption)
+    {repeats}_{character}/<stem>.png + <stem>.txt    training pairs (RGBA: alpha = character mask; caption)
     validation/{character}/<stem>.png + .txt          held-out pairs (split per character)
     configs/{character}_dataset.toml                  kohya dataset config (--dataset_config)
     configs/{character}_config.toml                   kohya train_network.py config (--config_file)
@@ -14,7 +14,11 @@ Layout under `<run>/package/`::
 
 Images are rendered from the caption stage's rows (tasks/composite.py: RGBA layer onto the plain
 colour, or onto the background layer the augment op chose); a render that comes out blank (a
-white shape on the white canvas) is quarantined, not packaged. The validation split is drawn
+white shape on the white canvas) is quarantined, not packaged. A packaged image keeps its
+character's mask (the layer's alpha, dilated a few pixels and feathered, so outlines are learnt)
+as its alpha channel over the whole rendered picture; the dataset TOML sets kohya's
+`alpha_mask = true` on those subsets and the AI-Toolkit job its `alpha_mask`, so trainers weight
+the loss by it (masked loss: the LoRA learns the character, not the background). The validation split is drawn
 per character over originals: an original and all its augmented copies land on the same side.
 Training parameters follow the Yokai guide's table by training image count; creature-kind
 characters get network_dim 48 and learning rates x1.1. Options: one multi-concept LoRA over
@@ -39,13 +43,14 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.run.progress import StageProgress
-from tasks.composite import RenderSpec, background_layers, blank_reason, cover, read_background, read_row_images, render
+from tasks.composite import (ALPHA_ON, RenderSpec, background_layers, blank_reason, cover, read_background,
+                             read_row_images, render)
 from tasks.run.spec import GlobalStage
 from tasks.run.stage import StageResult, finished, run_global_stage, stage_fingerprint
 from tasks.run.store import QUARANTINE, RunStore, safe_name, write_table
 
 STAGE = "package"
-VERSION = 2
+VERSION = 3
 
 TABLE: tuple[tuple[float, int, int, float, float], ...] = (
     (10, 30, 30, 5e-5, 2e-5),
@@ -64,7 +69,7 @@ SCHEMA = pa.schema([
     ("kind", pa.string()),
     ("split", pa.string()),            # train / validation
     ("repeats", pa.int32()),
-    ("path", pa.string()),             # run-relative RGB PNG
+    ("path", pa.string()),             # run-relative PNG (RGBA, alpha = character mask, when alpha_mask)
     ("caption_path", pa.string()),     # run-relative .txt beside it
     ("caption", pa.string()),
     ("kept", pa.bool_()),
@@ -134,6 +139,10 @@ class PackageParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     render: RenderSpec = Field(default_factory=RenderSpec, description="canvas of the packaged images")
+    alpha_mask: bool = Field(True, description="keep each character's mask as the images' alpha channel and set "
+                             "kohya / AI-Toolkit alpha_mask (masked loss); false: plain RGB images")
+    mask_dilate: int = Field(3, ge=0, le=64, description="pixels the mask is grown by, so outlines are learnt")
+    mask_feather: float = Field(2.0, ge=0, le=64, description="blur (Gaussian sigma, pixels) of the mask's edge")
     validation_split: float = Field(0.1, ge=0, lt=1, description="share of each character's originals held out")
     seed: int = Field(0, description="seed of the validation split")
     base_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="kohya pretrained_model_name_or_path")
@@ -263,9 +272,12 @@ def kohya_dataset(subsets: list[dict[str, Any]], params: PackageParams) -> str:
     return dataset_toml(general, [(dataset, subsets)])
 
 
-def kohya_subset(image_dir: Path, repeats: int, trigger: str, params: PackageParams) -> dict[str, Any]:
+def kohya_subset(image_dir: Path, repeats: int, trigger: str, params: PackageParams,
+                 masked: bool = False) -> dict[str, Any]:
+    """A kohya [[datasets.subsets]] table; `masked`: its images carry the mask (kohya's alpha_mask)."""
     return {"image_dir": str(image_dir), "num_repeats": repeats, "class_tokens": trigger, "caption_extension": ".txt",
-            "keep_tokens": params.keep_tokens, "shuffle_caption": params.shuffle_caption}
+            "keep_tokens": params.keep_tokens, "shuffle_caption": params.shuffle_caption,
+            **({"alpha_mask": True} if masked else {})}
 
 
 def kohya_training(name: str, plan: dict[str, Any], dataset_config: Path, prompts: Path, output_dir: Path,
@@ -303,7 +315,7 @@ def sample_prompts(trigger: str, kind: str, params: PackageParams) -> list[str]:
 
 
 def ai_toolkit_job(name: str, triggers: list[str], kind: str, folders: list[Path], output: Path,
-                   params: PackageParams) -> str:
+                   params: PackageParams, masked: bool = False) -> str:
     """An AI-Toolkit `sd_trainer` job for a FLUX LoRA (the Kyana seed's profile), with the steps, LR,
     sample prompts and init LoRA the train parameters give this LoRA (`PlannedPackage.loras`)."""
     from models.ai_toolkit_format import ai_toolkit_job as build
@@ -314,7 +326,7 @@ def ai_toolkit_job(name: str, triggers: list[str], kind: str, folders: list[Path
                [p.split(" --n ")[0] for t in triggers for p in sample_prompts(t, kind, params)])
     job = build(f"{name}_flux_lora", triggers[0], folders, output, rank=at.rank, steps=plan.steps or at.steps,
                 lr=plan.lr or at.lr, base_model=at.base_model, resolution=[params.render.resolution], prompts=prompts,
-                save_every=at.sample_every, sample_every=at.sample_every, meta={"name": name},
+                save_every=at.sample_every, sample_every=at.sample_every, meta={"name": name}, alpha_mask=masked,
                 init_lora=ai_toolkit_lora(plan.init_from) if plan.init_from else None)
     return yaml.safe_dump(job, sort_keys=False)
 
@@ -354,8 +366,21 @@ def pick_backgrounds(embeddings: np.ndarray, threshold: float, max_images: int) 
 
 # ---- the tree ----------------------------------------------------------------------------------
 
-def _write_pair(folder: Path, stem: str, rgb: np.ndarray, caption: str) -> None:
-    Image.fromarray(rgb, "RGB").save(folder / f"{stem}.png", compress_level=3)
+def training_mask(alpha: np.ndarray, dilate: int, feather: float) -> np.ndarray:
+    """The loss mask of a rendered image (uint8): the character's alpha grown by `dilate` pixels and
+    its edge blurred by `feather` (Gaussian sigma), never below the alpha itself."""
+    mask = (alpha > ALPHA_ON).astype(np.uint8) * 255
+    if dilate:
+        mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate + 1, 2 * dilate + 1)))
+    if feather:
+        mask = cv2.GaussianBlur(mask, (0, 0), feather)
+    return np.maximum(mask, alpha)
+
+
+def _write_pair(folder: Path, stem: str, rgb: np.ndarray, caption: str, mask: np.ndarray | None = None) -> None:
+    """`<stem>.png` (RGBA when a mask is given: alpha = the mask over the whole picture) and `<stem>.txt`."""
+    image = Image.fromarray(np.dstack([rgb, mask]), "RGBA") if mask is not None else Image.fromarray(rgb, "RGB")
+    image.save(folder / f"{stem}.png", compress_level=3)
     (folder / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
 
 
@@ -408,23 +433,10 @@ def package_dataset(root: Path, rows: list[dict], backgrounds: list[str], params
                 split = "validation" if (row["group_id"] or row["item_id"]) in held_out else "train"
                 folder = out / "validation" / name if split == "validation" else staging
                 folder.mkdir(parents=True, exist_ok=True)
-                stem = stems[row["item_id"]]
                 record = {"item_id": row["item_id"], "source_id": row["item_id"], "character": character,
                           "trigger": trigger, "kind": kind, "split": split, "caption": row["caption"],
                           "kept": True, "drop_reason": None, "path": None, "caption_path": None}
-                try:
-                    layer, background = read_row_images(root, row)
-                except ValueError as exc:
-                    record.update(kept=False, drop_reason=f"{QUARANTINE}{exc}")
-                else:
-                    rgb = render(layer, background, params.render)[..., :3]
-                    blank = blank_reason(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
-                    if blank:  # e.g. a white shape on the white canvas: nothing to learn from
-                        record.update(kept=False, drop_reason=f"{QUARANTINE}{row['path']}: rendered image is "
-                                                              f"{blank[0].split('_')[0]} ({blank[1]})")
-                    else:
-                        _write_pair(folder, stem, rgb, row["caption"])
-                        record["stem"] = stem
+                record.update(_package_image(root, row, folder, stems[row["item_id"]], params))
                 mine_records.append(record)
                 bar.advance()
             n_train = sum(r["kept"] and r["split"] == "train" for r in mine_records)
@@ -443,7 +455,7 @@ def package_dataset(root: Path, rows: list[dict], backgrounds: list[str], params
                     rel = folder.relative_to(root).as_posix()
                     record.update(path=f"{rel}/{stem}.png", caption_path=f"{rel}/{stem}.txt")
             records.extend(mine_records)
-            subset = kohya_subset(train_dir, plan["repeats"], trigger, params)
+            subset = kohya_subset(train_dir, plan["repeats"], trigger, params, masked=params.alpha_mask)
             subsets.append((subset, trigger, train_dir))
             _write_configs(out, name, [trigger], kind, plan, [subset], [train_dir], params)
             characters.append({"character": character, "trigger": trigger, "kind": kind, "n_train": n_train,
@@ -457,7 +469,13 @@ def package_dataset(root: Path, rows: list[dict], backgrounds: list[str], params
         plan = training_plan(total, "human", params)
         _write_configs(out, safe_name(params.multi_concept_name), [t for _, t, _ in subsets], "human", plan,
                        [s for s, _, _ in subsets], [d for _, _, d in subsets], params)
-    summary = {
+    return (pa.Table.from_pylist(records, schema=SCHEMA), pa.Table.from_pylist(characters, schema=CHARACTERS_SCHEMA),
+            _summary(records, characters, bool(subsets), params))
+
+
+def _summary(records: list[dict], characters: list[dict], any_subset: bool, params: PackageParams) -> dict:
+    """The package's counts, steps per LoRA and multi-concept name."""
+    return {
         "characters": len([c for c in characters if c["kind"] != "background"]),
         "kept": sum(r["kept"] for r in records),
         "train": sum(r["split"] == "train" and r["kept"] for r in records),
@@ -465,10 +483,30 @@ def package_dataset(root: Path, rows: list[dict], backgrounds: list[str], params
         "quarantined": sum(not r["kept"] for r in records),
         "total_steps": {c["character"]: c["total_steps"] for c in characters},
         "steps": [steps_line(c, params) for c in characters],
-        "multi_concept": safe_name(params.multi_concept_name) if params.multi_concept and subsets else None,
+        "multi_concept": safe_name(params.multi_concept_name) if params.multi_concept and any_subset else None,
     }
-    return (pa.Table.from_pylist(records, schema=SCHEMA), pa.Table.from_pylist(characters, schema=CHARACTERS_SCHEMA),
-            summary)
+
+
+def _package_image(root: Path, row: dict, folder: Path, stem: str, params: PackageParams) -> dict:
+    """Render one caption row into `folder` as `<stem>.png` (+ `.txt`): {"stem": stem}, or what
+    quarantines it ({"kept": False, "drop_reason": ...}) when it is unreadable or renders blank."""
+    try:
+        layer, background = read_row_images(root, row)
+    except ValueError as exc:
+        return {"kept": False, "drop_reason": f"{QUARANTINE}{exc}"}
+    rendered = render(layer, background, params.render)
+    rgb = np.ascontiguousarray(rendered[..., :3])
+    blank = blank_reason(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    if blank:  # e.g. a white shape on the white canvas: nothing to learn from
+        return {"kept": False, "drop_reason": f"{QUARANTINE}{row['path']}: rendered image is "
+                                              f"{blank[0].split('_')[0]} ({blank[1]})"}
+    _write_pair(folder, stem, rgb, row["caption"], _mask(rendered, params))
+    return {"stem": stem}
+
+
+def _mask(rendered: np.ndarray, params: PackageParams) -> np.ndarray | None:
+    """The loss mask packaged with a rendered RGBA image (None without `alpha_mask`)."""
+    return training_mask(rendered[..., 3], params.mask_dilate, params.mask_feather) if params.alpha_mask else None
 
 
 def steps_line(character: dict, params: PackageParams) -> str:
@@ -498,8 +536,9 @@ def _write_configs(out: Path, name: str, triggers: list[str], kind: str, plan: d
     prompts_path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
     (configs / f"{name}_config.toml").write_text(
         kohya_training(name, plan, rel(dataset_path), rel(prompts_path), output_dir, params), encoding="utf-8")
+    masked = any(s.get("alpha_mask") for s in subsets)
     (configs / f"{name}_ai_toolkit.yaml").write_text(
-        ai_toolkit_job(name, triggers, kind, [rel(f) for f in folders], output_dir / "ai_toolkit", params),
+        ai_toolkit_job(name, triggers, kind, [rel(f) for f in folders], output_dir / "ai_toolkit", params, masked),
         encoding="utf-8")
 
 

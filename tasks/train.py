@@ -107,6 +107,7 @@ def train_job(job: Any, *, trainer: str = "diffusers", kohya_scripts: str | None
     if not resume and checkpoint_dirs(job.output_dir):  # refused before anything is recorded
         raise FileExistsError(f"{job.output_dir} already holds checkpoints of a training; resume it or use another output folder")
     options = {"scripts_dir": kohya_scripts} if trainer == "kohya" else {}
+    masking = masked_loss_note(job, trainer)  # checked before anything is recorded (masked_loss on needs masks)
     version = None
     if registry is not None and os.environ.get("RANK", "0") != "0":
         registry = None  # under `accelerate launch` only the main process records the training
@@ -117,6 +118,7 @@ def train_job(job: Any, *, trainer: str = "diffusers", kohya_scripts: str | None
             version_id=version_id)
     if is_tiny(job.settings.base):
         _warn(TINY_NOTICE.format(base=job.settings.base))
+    _say(masking)
     bar = StageProgress(f"train {job.character}", None) if progress else None
     try:
         def on_step(step: int, total: int, logs: dict) -> None:
@@ -143,6 +145,25 @@ TINY_NOTICE = ("base model '{base}' is a tiny UNTRAINED stand-in: the LoRA prove
                "stable-diffusion-v1-5 (or an SDXL id, or a local diffusers folder), e.g. --set train.base=/models/sd15")
 
 
+def masked_loss_note(job: Any, trainer: str = "diffusers") -> str:
+    """One line saying whether (and why) a training weights its loss by the images' masks.
+
+    Raises ValueError when `masked_loss` is on and no training image carries a mask.
+    """
+    from models.lora_data import masked_loss_on
+
+    setting = job.settings.masked_loss
+    if trainer == "kohya":
+        return f"{job.character}: kohya trains the subsets with alpha_mask = true masked (its dataset TOML decides)"
+    if not masked_loss_on(setting, job.train, job.character):
+        why = "train.masked_loss off" if setting == "off" else "auto: the training images carry no alpha mask"
+        return f"{job.character}: masked loss off ({why})"
+    why = ("auto: the training images carry the character mask as alpha" if setting == "auto"
+           else "train.masked_loss on")
+    floor = f", background weight {job.settings.mask_floor:g}" if job.settings.mask_floor else ""
+    return f"{job.character}: masked loss on ({why}{floor}): the LoRA learns the character, not the background"
+
+
 def _warn(message: str) -> None:
     """A warning in the Prefect run's log when there is one, else on the terminal."""
     try:
@@ -152,6 +173,22 @@ def _warn(message: str) -> None:
         get_run_logger().warning(message)
     except (ImportError, MissingContextError):
         print(f"note: {message}")
+
+
+def _say(message: str) -> None:
+    """An information line on the terminal (stderr, beside the progress lines), and in the Prefect
+    run's log when there is one (the CLI shows only its warnings)."""
+    import sys
+
+    sys.stderr.write(f"note: {message}\n")  # not print: Prefect's log_prints would turn it into a log record
+    sys.stderr.flush()
+    try:
+        from prefect.exceptions import MissingContextError
+        from prefect.logging import get_run_logger
+
+        get_run_logger().info(message)
+    except (ImportError, MissingContextError):
+        pass
 
 
 def train_folder(package: Path, output: Path, params: TrainParams, *, resume: bool = False,

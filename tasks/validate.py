@@ -6,7 +6,8 @@ ratio, not black or uniform, without colours wrapped past 255 (a writer without 
 duplicate; its caption file exists, is not empty, holds
 the trigger word (first) and is not very short; training folders are named
 `<repeats>_<name>` as kohya expects. Errors fail the report (and stop the flow before
-training); warnings are reported only (unless `fail_on_warnings`).
+training); warnings are reported only (unless `fail_on_warnings`). RGBA images are not warned
+`not_rgb` in folders whose dataset TOML subset sets kohya's `alpha_mask` (the alpha is the mask).
 
 The report (JSON) counts issues by type and by character and lists every finding.
 """
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.lora_data import alpha_mask_folders
 from tasks.composite import blank_reason, wrapped_pixels
 from tasks.run.spec import GlobalStage
 from tasks.run.stage import StageResult, run_global_stage
@@ -82,6 +84,7 @@ def _triggers(root: Path) -> dict[str, str]:
 class _Report:
     def __init__(self, root: Path, params: ValidateParams):
         self.root, self.params = root, params
+        self.masked: set[str] = set()  # characters whose images carry their mask as alpha
         self.findings: list[dict] = []
         self.images: list[dict] = []
         self.characters: dict[str, dict] = {}
@@ -167,6 +170,8 @@ def _check_folder(report: _Report, folder: Path, character: str, split: str, tri
         report.images.append(image)
         report.character(character)[split] += 1
         issues, digest = _check_image(path, params)
+        if character in report.masked:  # alpha_mask subsets: RGBA carries the character mask
+            issues = [i for i in issues if i != ("not_rgb", "mode RGBA")]
         if digest is not None and params.check_duplicates:
             if digest in seen:
                 issues.append(("duplicate_image", f"same pixels as {seen[digest].name}"))
@@ -191,6 +196,7 @@ def validate_dataset(root: Path, params: ValidateParams, triggers: dict[str, str
     root = Path(root)
     triggers = dict(triggers if triggers is not None else _triggers(root))
     report = _Report(root, params)
+    report.masked = {m.group(2) for f in alpha_mask_folders(root) if (m := FOLDER.match(f))}
     training = []
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
         if entry.name.startswith(".") or entry.name in SKIPPED:

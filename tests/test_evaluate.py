@@ -32,6 +32,18 @@ def test_scores_reward_identity_and_punish_same_image_for_every_prompt():
     assert best == "early" and means["early"] > means["late"]  # the overfit checkpoint loses
 
 
+def test_image_change_is_the_mean_pixel_difference():
+    from PIL import Image
+
+    from tasks.evaluate import image_change
+
+    black, white = Image.new("RGB", (8, 8), "black"), Image.new("RGB", (8, 8), "white")
+    half = Image.new("RGB", (8, 8), "black")
+    half.paste(white.crop((0, 0, 4, 8)))
+    assert image_change(black, black) == 0.0 and image_change(black, white) == 1.0
+    assert image_change(black, half) == 0.5
+
+
 def test_evaluate_params_are_checked():
     from tasks.evaluate import EvaluateParams
 
@@ -83,8 +95,9 @@ def test_train_and_evaluate_stages_through_the_flow(tmp_path, prefect_api):
 
         sheet = Image.open(store.root / row["contact_sheet"])
         assert sheet.size[1] > 8 * 100 and sheet.size[0] > 2 * 100  # 8 rows, 2 prompt columns
+        assert 0.0 <= row["background_bleed"] <= 1.0  # the chosen LoRA's change of a prompt without the trigger
     report = (store.root / "evaluate" / "report.md").read_text()
-    assert "## blob (`zqx`)" in report and "✅" in report
+    assert "## blob (`zqx`)" in report and "✅" in report and "background bleed of step-" in report
 
     versions = {r["character"]: r for r in read_versions(tmp_path).to_pylist()}
     assert versions["mint"]["status"] == "completed" and versions["mint"]["eval_score"] == pytest.approx(rows["mint"]["score"])

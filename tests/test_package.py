@@ -28,7 +28,7 @@ SUBSET_ASCENDABLE = {"color_aug", "face_crop_aug_range", "flip_aug", "num_repeat
                      "token_warmup_min", "token_warmup_step", "caption_prefix", "caption_suffix"}
 DO_SUBSET_ASCENDABLE = {"caption_dropout_every_n_epochs", "caption_dropout_rate", "caption_tag_dropout_rate"}
 DB_SUBSET_ASCENDABLE = {"caption_extension", "class_tokens", "cache_info"}
-DB_SUBSET_DISTINCT = {"image_dir", "is_reg"}
+DB_SUBSET_DISTINCT = {"image_dir", "is_reg", "alpha_mask"}  # alpha_mask: subsets only, not [general]/[[datasets]]
 DATASET_ASCENDABLE = {"batch_size", "bucket_no_upscale", "bucket_reso_steps", "enable_bucket", "max_bucket_reso",
                       "min_bucket_reso", "resolution", "network_multiplier"}
 GENERAL_KEYS = DATASET_ASCENDABLE | SUBSET_ASCENDABLE | DB_SUBSET_ASCENDABLE | DO_SUBSET_ASCENDABLE
@@ -107,7 +107,7 @@ def test_manifest_rows_match_the_files(packaged):
     captions = {r["item_id"]: r for r in store.read_manifest("caption").to_pylist()}
     for row in table.to_pylist():
         image = Image.open(store.root / row["path"])
-        assert image.mode == "RGB" and image.size == (512, 512)
+        assert image.mode == "RGBA" and image.size == (512, 512)  # alpha = the character mask
         text = (store.root / row["caption_path"]).read_text().strip()
         assert text == row["caption"] == captions[row["item_id"]]["caption"] and text.startswith(row["trigger"] + ", ")
         assert row["split"] in ("train", "validation")
@@ -132,7 +132,7 @@ def test_background_swaps_are_rendered_onto_the_background_layer(packaged):
     caption = {r["item_id"]: r for r in store.read_manifest("caption").to_pylist()}
     swapped = plain = 0
     for row in store.read_manifest("package").to_pylist():
-        corner = np.asarray(Image.open(store.root / row["path"]))[:24, :24].reshape(-1, 3)
+        corner = np.asarray(Image.open(store.root / row["path"]).convert("RGB"))[:24, :24].reshape(-1, 3)
         if caption[row["item_id"]]["background_path"]:
             swapped += 1
             assert not (corner == 255).all()
@@ -167,6 +167,7 @@ def test_dataset_tomls_parse_and_use_only_keys_kohya_accepts(packaged):
         (subset,) = dataset["subsets"]
         assert set(subset) <= SUBSET_KEYS
         assert {"image_dir", "num_repeats", "class_tokens", "caption_extension", "keep_tokens", "shuffle_caption"} <= set(subset)
+        assert subset["alpha_mask"] is True  # the images carry the character mask: kohya trains them masked
         assert subset["num_repeats"] == c["repeats"] and subset["class_tokens"] == c["trigger"]
         assert store.root / subset["image_dir"] == root / f"{c['repeats']}_{name}"  # relative to the run folder
 
@@ -200,6 +201,7 @@ def test_ai_toolkit_yaml(packaged):
     assert process["network"] == {"type": "lora", "linear": 16, "linear_alpha": 16}
     assert process["train"]["steps"] == 3000 and process["train"]["lr"] == 1e-4
     (dataset,) = process["datasets"]
+    assert dataset["alpha_mask"] is True  # AI-Toolkit's option: the alpha channel is the loss mask
     assert dataset["caption_ext"] == "txt" and root / f"{_characters(store)['hero']['repeats']}_hero" == \
         store.root / dataset["folder_path"]  # relative to the run folder
     assert all(p.startswith("hero_tok, ") for p in process["sample"]["prompts"])
@@ -217,8 +219,11 @@ def test_multi_concept_and_background_dataset(tmp_path):
     config = tomllib.loads((root / "configs" / "all_characters_dataset.toml").read_text())
     subsets = config["datasets"][0]["subsets"]
     assert sorted(s["class_tokens"] for s in subsets) == ["blob_tok", "hero_tok"]
-    assert all(set(s) <= SUBSET_KEYS for s in subsets)
+    assert all(set(s) <= SUBSET_KEYS and s["alpha_mask"] is True for s in subsets)
     assert result.summary["multi_concept"] == "all_characters"
+    (plain,) = tomllib.loads((root / "configs" / "background_dataset.toml").read_text())["datasets"][0]["subsets"]
+    assert "alpha_mask" not in plain  # backgrounds are plain RGB pictures: nothing to mask
+    assert all(Image.open(p).mode == "RGB" for p in (root / "10_background").glob("*.png"))
     background = _characters(store)["background"]
     assert background["kind"] == "background" and background["n_train"] == 2 and background["repeats"] == 10
     pairs = sorted((root / "10_background").glob("*.txt"))
@@ -273,3 +278,51 @@ def test_a_character_that_vanishes_into_the_plain_background_is_quarantined(tmp_
     assert dropped["drop_reason"].startswith(f"quarantine: {cloud}: rendered image is uniform")
     assert result.summary["quarantined"] == 1 and result.summary["kept"] == 2
     assert run_validate(store, ValidateParams()).summary["passed"]
+
+
+# ---- masks (masked loss) ---------------------------------------------------------------------------
+
+def test_packaged_alpha_is_the_characters_mask_dilated_and_feathered(packaged):
+    """Every packaged image's alpha covers its character's alpha, grows a few pixels past it with a
+    soft edge, and is 0 far from it; the RGB is the whole rendered picture (background included)."""
+    from tasks.composite import read_row_images, render
+
+    store, _ = packaged
+    caption = {r["item_id"]: r for r in store.read_manifest("caption").to_pylist()}
+    kept = [r for r in store.read_manifest("package").to_pylist() if r["kept"]]
+    swapped = [r for r in kept if caption[r["item_id"]]["background_path"]]  # augmented onto a new background
+    plain = [r for r in kept if not caption[r["item_id"]]["background_path"]]
+    assert swapped and plain
+    for row in swapped[:6] + plain[:6]:
+        packaged_image = np.asarray(Image.open(store.root / row["path"]))
+        layer, background = read_row_images(store.root, caption[row["item_id"]])
+        rendered = render(layer, background, PackageParams().render)
+        assert (packaged_image[..., :3] == rendered[..., :3]).all()
+        alpha, character = packaged_image[..., 3].astype(int), rendered[..., 3].astype(int)
+        assert (alpha >= character).all()
+        grown = (alpha > 0) & (character == 0)
+        assert grown.any() and ((alpha > 0) & (alpha < 255)).any()  # dilated, feathered
+        assert (alpha == 0).mean() > 0.2  # the background stays out
+
+
+def test_alpha_mask_off_packages_plain_rgb(tmp_path):
+    store = make_run(tmp_path, {"hero": ("human", 2)})
+    run_augment(store, AugmentParams())
+    run_caption(store, CaptionParams())
+    run_package(store, PackageParams(alpha_mask=False))
+    root = store.stage_dir("package")
+    (subset,) = tomllib.loads((root / "configs" / "hero_dataset.toml").read_text())["datasets"][0]["subsets"]
+    assert "alpha_mask" not in subset
+    assert all(Image.open(p).mode == "RGB" for p in root.rglob("*.png"))
+    assert "alpha_mask" not in yaml.safe_load((root / "configs" / "hero_ai_toolkit.yaml").read_text())[
+        "config"]["process"][0]["datasets"][0]
+    with pytest.raises(ValidationError, match="mask_dilate"):
+        PackageParams(mask_dilate=-1)
+
+
+def test_validate_accepts_the_masked_rgba_images(packaged):
+    from tasks.validate import ValidateParams, validate_dataset
+
+    store, _ = packaged
+    report = validate_dataset(store.stage_dir("package"), ValidateParams())
+    assert "not_rgb" not in report["warnings"], report["warnings"]
