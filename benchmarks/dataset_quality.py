@@ -2,15 +2,20 @@
 
     .venv/bin/python -m benchmarks.dataset_quality [--episodes 4] [--config data/demo.yaml] [--set k=v ...]
 
-Runs the pipeline to `select` (plain stage calls, no Prefect) on `data/sample` and on generated
-episodes (tests/footage.py as it is: clouds, sun, trees, rocks, buildings in the backgrounds,
+Runs the pipeline to `select` (plain stage calls, no Prefect) on `data/sample`, on generated
+anime episodes (tests/anime_footage.py: Live2D characters that mostly stand and talk) and on
+generated cartoon episodes (tests/footage.py as it is: clouds, sun, trees, rocks, buildings in the backgrounds,
 pan and zoom shots, up to two characters per shot), then matches each selected layer to the true instances of its frame by box IoU >= 0.5
 (tests/truth_layers.identities_of_layers). Per run it prints:
 
 - precision: selected layers that match a true character / selected layers;
 - per selected character: its size, majority identity and purity (majority share);
 - coverage: identities with >= 8 true appearances in the kept frames that are the majority of
-  some selected character.
+  some selected character;
+- why each missed identity was missed: never segmented, every layer dropped, clustered as noise,
+  or its cluster's kind / tier / usable count;
+- cleanliness: selected layers whose opaque pixels lie >= 90% on their true character and that
+  hold >= 80% of it (pixels against the truth masks), with the mean pixel precision and recall.
 
 The goals (issue 13) are checked at the end: precision >= 0.95, every selected character's
 purity >= 0.9, no selected character whose majority is not a true character, coverage not
@@ -33,6 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 MIN_APPEARANCES = 8
+CLEAN_PRECISION, CLEAN_RECALL = 0.9, 0.8
+"""A selected layer is clean when >= 90% of its opaque pixels are on its character and it holds >= 80% of it."""
 
 
 def run_to_select(store, videos: list[Path], params) -> None:
@@ -41,7 +48,7 @@ def run_to_select(store, videos: list[Path], params) -> None:
     from tasks.embed import run_embed
     from tasks.frames import run_frames
     from tasks.segment import run_segment
-    from tasks.select import run_select
+    from tasks.select import NothingSelected, run_select
     from tasks.tier import run_tier
 
     with store.lock():
@@ -50,7 +57,10 @@ def run_to_select(store, videos: list[Path], params) -> None:
         run_embed(store, params.embed)
         run_cluster(store, params.cluster)
         run_tier(store, params.tier, params.embed)
-        run_select(store, params.select)
+        try:
+            run_select(store, params.select)
+        except NothingSelected as exc:
+            print(f"   {exc}")
 
 
 def true_appearances(store, videos: list[Path]) -> Counter:
@@ -67,12 +77,15 @@ def true_appearances(store, videos: list[Path]) -> Counter:
     return seen
 
 
-def measure(store, videos: list[Path]) -> dict:
-    """Precision, per-character purity and coverage of the run's selection."""
-    from tests.truth_layers import identities_of_layers
+def measure(store, videos: list[Path], margin: int = 8) -> dict:
+    """Precision, per-character purity, coverage and cleanliness of the run's selection."""
+    from tests.truth_layers import identities_of_layers, layer_cleanliness
 
     matched = identities_of_layers(store.read_manifest("segment"), videos)
-    selected = store.read_manifest("select").to_pylist()
+    selected = store.read_manifest("select").to_pylist() if store.is_done("select") else []
+    layers = {r["item_id"]: r for r in store.read_manifest("segment").to_pylist()}
+    clean = layer_cleanliness([layers[r["item_id"]] for r in selected if r["item_id"] in layers], store.root, videos,
+                              margin)
     tiers = {r["cluster_id"]: r for r in store.read_manifest("tier").to_pylist()}
     by_char: dict[str, list[str | None]] = {}
     for row in selected:
@@ -88,20 +101,52 @@ def measure(store, videos: list[Path]) -> dict:
     appearances = true_appearances(store, videos)
     frequent = {i for i, n in appearances.items() if n >= MIN_APPEARANCES}
     covered = {c["majority"] for c in characters if c["majority"] in frequent}
+    missed = {identity: why_missed(store, identity, matched) for identity in sorted(frequent - covered)}
     hits = sum(i is not None for ids in by_char.values() for i in ids)
+    good = sum(p >= CLEAN_PRECISION and r >= CLEAN_RECALL for p, r in clean.values())
     return {"selected": len(selected), "precision": hits / len(selected) if selected else 0.0,
-            "characters": characters, "covered": len(covered), "frequent": len(frequent),
+            "clean": good / len(clean) if clean else 0.0,
+            "pixel_precision": sum(p for p, _ in clean.values()) / max(len(clean), 1),
+            "pixel_recall": sum(r for _, r in clean.values()) / max(len(clean), 1),
+            "characters": characters, "covered": len(covered), "frequent": len(frequent), "missed": missed,
             "scenery_clusters": sum(r["kind"] == "scenery" for r in tiers.values())}
+
+
+def why_missed(store, identity: str, matched: dict[str, str | None]) -> str:
+    """Why a frequent identity reached no selected character: the first stage that lost it."""
+    from collections import Counter as _Counter
+
+    layers = [r for r in store.read_manifest("segment").to_pylist() if matched.get(r["item_id"]) == identity]
+    if not layers:
+        return "never segmented (no layer matches it)"
+    kept = [r for r in layers if r["kept"]]
+    if not kept:
+        return f"every layer dropped ({dict(_Counter(r['drop_reason'] for r in layers))})"
+    ids = {r["item_id"] for r in kept}
+    clusters = [r for r in store.read_manifest("cluster").to_pylist() if r["item_id"] in ids]
+    by_cluster = _Counter(r["cluster_id"] for r in clusters if r["cluster_id"] != -1)
+    if not by_cluster:
+        return f"{len(kept)} layers, all clustered as noise"
+    cid, n = by_cluster.most_common(1)[0]
+    tier = {r["cluster_id"]: r for r in store.read_manifest("tier").to_pylist()}.get(cid, {})
+    low = sum((r.get("character_score") or 0) < 0.5 for r in kept)
+    return (f"{len(kept)} layers, most ({n}) in cluster {cid}: kind {tier.get('kind')}, tier {tier.get('tier')}, "
+            f"{tier.get('used')} usable, {tier.get('faces')} with faces, {tier.get('moving')} moving; "
+            f"{low} of its layers score < 0.5")
 
 
 def report(name: str, m: dict) -> None:
     print(f"\n== {name}: {m['selected']} selected layers, precision {m['precision']:.3f}, "
           f"coverage {m['covered']}/{m['frequent']} identities (>= {MIN_APPEARANCES} appearances), "
           f"scenery clusters {m['scenery_clusters']}")
+    print(f"   clean layers (>= {CLEAN_PRECISION:.0%} on the character, >= {CLEAN_RECALL:.0%} of it): {m['clean']:.3f}; "
+          f"mean pixel precision {m['pixel_precision']:.3f}, recall {m['pixel_recall']:.3f}")
     print(f"   {'character':<12} {'layers':>6} {'majority':<18} {'purity':>6} {'est.':>6}  kind")
     for c in m["characters"]:
         est = "-" if c["estimated_purity"] is None else f"{c['estimated_purity']:.2f}"
         print(f"   {c['character']:<12} {c['layers']:>6} {str(c['majority']):<18} {c['purity']:>6.2f} {est:>6}  {c['kind']}")
+    for identity, why in m["missed"].items():
+        print(f"   missed {identity}: {why}")
 
 
 def goals(runs: dict[str, dict], baseline_coverage: dict[str, int]) -> bool:
@@ -123,10 +168,14 @@ def main() -> None:
     from flows.params import load_params
     from models.weights import ensure_u2netp
     from tasks.run.store import RunStore
+    from tests.anime_footage import default_shots as anime_shots
+    from tests.anime_footage import render_episode as render_anime
     from tests.footage import render_episode
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--episodes", type=int, default=4, help="generated episodes (one run)")
+    ap.add_argument("--episodes", type=int, default=4, help="generated cartoon episodes (one run)")
+    ap.add_argument("--anime", type=int, default=2, help="generated anime episodes (Live2D, tests/anime_footage.py)")
+    ap.add_argument("--anime-shots", type=int, default=12, help="shots per anime episode")
     ap.add_argument("--config", type=Path, default=REPO / "data" / "demo.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
     ap.add_argument("--baseline-coverage", default="{}", help='JSON {"run": covered identities} measured before')
@@ -145,10 +194,18 @@ def main() -> None:
             if not video.is_file():
                 render_episode(video, seed=seed)
             generated.append(video)
-        for name, videos in (("sample", sample), ("generated", generated)):
+        anime = []
+        for seed in range(31, 31 + args.anime):
+            video = root / "anime" / f"anime{seed:02d}.mp4"
+            if not video.is_file():
+                render_anime(video, seed=seed, shots=anime_shots(seed, n_shots=args.anime_shots))
+            anime.append(video)
+        for name, videos in (("sample", sample), ("generated", generated), ("anime", anime)):
+            if not videos:
+                continue
             store = RunStore(root / "runs", name)
             run_to_select(store, videos, params)
-            runs[name] = measure(store, videos)
+            runs[name] = measure(store, videos, params.segment.margin)
             report(name, runs[name])
     print()
     ok = goals(runs, json.loads(args.baseline_coverage))

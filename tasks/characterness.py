@@ -157,6 +157,56 @@ def split_glued(motion: ShotMotion | None, pixels: np.ndarray, min_pixels: float
     return parts
 
 
+STATIC_SHARE = 0.03
+"""A part of a layer whose pixels differ from the shot's other frames less than this is static."""
+GLUED_RIM = 0.5
+"""A still blob is glued scenery when at least this share of its rim lies outside the layer (a sign
+above a head); a still patch of the figure itself is mostly surrounded by the figure."""
+
+
+def trim_static_parts(motion: ShotMotion | None, pixels: np.ndarray, *, moving_share: float,
+                      min_share: float = 0.0015) -> np.ndarray | None:
+    """A moving layer's pixels without the static things glued to its edge (a sign above a head, the sun
+    and a tree beside it, a roof it touches), else None when nothing is trimmed or motion cannot tell.
+
+    Static pixels (known, not differing from the shot's other frames) are opened with a disc of 2.5%
+    of the frame's side, so the thin static streaks inside a moving figure vanish; each remaining blob
+    of at least `min_share` of the frame whose rim lies mostly outside the layer (GLUED_RIM) is glued
+    scenery, not a still patch of the figure. What remains must itself move (half of
+    `moving_share`): a figure that stands and talks is never cut.
+    """
+    whole = motion_share(motion, pixels)
+    if whole is None or whole < moving_share / 2:
+        return None
+    side = max(5, round(0.025 * max(pixels.shape)) | 1)
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
+    still = pixels & motion.known & ~motion.differs
+    opened = cv2.morphologyEx(still.astype(np.uint8), cv2.MORPH_OPEN, disc)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
+    glued = np.zeros(pixels.shape, bool)
+    ring_kernel = np.ones((5, 5), np.uint8)
+    for k in range(1, count):
+        if stats[k, cv2.CC_STAT_AREA] < min_share * pixels.size:
+            continue
+        blob = labels == k
+        rim = (cv2.dilate(blob.astype(np.uint8), ring_kernel) > 0) & ~blob
+        if (~pixels[rim]).mean() >= GLUED_RIM:
+            glued |= blob
+    if not glued.any():
+        return None
+    kept = pixels & ~(cv2.dilate(glued.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0)
+    count, labels = cv2.connectedComponents(kept.astype(np.uint8), connectivity=8)
+    for k in range(1, count):  # what the cut left beside the figure (a pole, an outline) goes when it does not move
+        part = labels == k
+        seen = part & motion.known
+        if not seen.any() or motion.differs[seen].mean() < STATIC_SHARE:
+            kept &= ~part
+    share = motion_share(motion, kept) if kept.any() else None
+    if share is None or share < moving_share / 2:
+        return None
+    return kept
+
+
 def character_score(motion: float | None, bbox: list[int], pixels: np.ndarray, confidence: float,
                     *, moving_share: float) -> tuple[float, list[str]]:
     """(score 0-1, reasons) of one layer: motion against its shot, then shape cues.

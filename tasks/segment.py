@@ -8,7 +8,9 @@ removed from the frame and the holes inpainted (OpenCV) to give a background lay
 that glues moving parts to static scenery is cut down to its moving parts, and with
 `split_pairs` a layer that holds two figures side by side (two heads, one mask) is cut in two
 (tasks/characterness.py); the pieces keep the number of the layer they came from in
-`split_from`. A static layer that recurs at the same place, looking the same, in
+`split_from`. With `trim_static`, the static parts glued to a moving layer are trimmed off it
+(`kept_share`: what is left of the instance); `cut_edges` names the frame edges a layer touches.
+A static layer that recurs at the same place, looking the same, in
 `recurrence_shots` shots of a shard is scenery. With `plate_check`, the background layer of each
 shot's least covered frame is segmented again; where nothing is found it is a `clean_plate`, and
 only clean plates serve background swaps (tasks/composite.background_layers).
@@ -48,6 +50,8 @@ STAGE = "segment"
 VERSION = 3
 LOOK = "_look"
 """Row key of a layer's appearance thumbnail while a shard is built (not a manifest column)."""
+FACE_SCORE = 0.9
+"""Character score of a layer that holds an anime face, at least."""
 RECURRENCE_PENALTY = 0.5
 """Character score taken off a static layer that recurs at the same place across shots."""
 
@@ -74,6 +78,12 @@ SCHEMA = pa.schema([
     ("character_score", pa.float32()),  # 0-1 character-ness (tasks/characterness.py); null: not scored
     ("character_reasons", pa.string()), # why, "; "-joined
     ("split_from", pa.int32()),         # the glued instance a split layer came from (null: not split)
+    ("faces", pa.int32()),              # anime faces found on the layer (null: not looked for)
+    ("face_box", pa.list_(pa.int32())), # the likeliest face's [x0, y0, x1, y1] in frame pixels
+    ("face_likelihood", pa.float32()),
+    ("face_colours", pa.string()),      # JSON {"hair", "eyes", "skin": [r, g, b] | null} of that face
+    ("kept_share", pa.float32()),       # share of the instance's pixels left after static parts were trimmed
+    ("cut_edges", pa.string()),         # frame edges the layer touches ("top,left"; "": none): cut by the frame
     ("plate_residual", pa.float32()),   # share of the background layer the segmenter still marks (null: not checked)
     ("clean_plate", pa.bool_()),        # the background layer holds no character: a plate for background swaps
 ])
@@ -112,6 +122,14 @@ class SegmentParams(BaseModel):
                               "u2netp masks of the generated footage it cuts more single figures than it finds pairs)")
     pair_valley: float = Field(0.35, gt=0, lt=1, description="two heads when the column profile of a layer's top "
                                "fifth dips between two peaks to at most this share of the lower peak")
+    faces: str = Field("animeface", description="anime face detector run on every layer (models/faces.py): "
+                       "'animeface' (offline, libnvxs), 'none', or a YOLO-style face/head .onnx; a layer that holds "
+                       "a face is character material whatever its motion or its edges")
+    face_min_likelihood: float = Field(0.7, gt=0, le=1, description="detector likelihood at which a face counts")
+    face_pad: float = Field(0.25, ge=0, le=1, description="grey border (share of the layer's shorter side) so that a "
+                            "face filling a close-up or cut by the frame's edge is found")
+    trim_static: bool = Field(True, description="trim the static parts glued to a moving layer (a sign, the sun, "
+                              "a roof it touches); a figure that does not move is never trimmed")
     plate_check: bool = Field(True, description="segment the background layer of each shot's least covered frame "
                               "again; only plates where nothing is found are used for background swaps (no second "
                               "character behind an augmented image)")
@@ -122,6 +140,16 @@ class SegmentParams(BaseModel):
                                  "layers that overlap no detection are dropped as 'no_detection'")
     detector_threshold: float = Field(0.35, gt=0, lt=1, description="detector confidence that counts as a detection")
     detector_overlap: float = Field(0.3, gt=0, le=1, description="share of a detection box a layer's box must cover to be kept")
+
+    @field_validator("faces")
+    @classmethod
+    def _known_faces(cls, name: str) -> str:
+        from models.faces import check_face_detector
+
+        try:
+            return check_face_detector(name)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
 
     @field_validator("model")
     @classmethod
@@ -153,6 +181,10 @@ def params_affecting_output(params: SegmentParams) -> dict[str, Any]:
         unused |= {"split_pairs", "pair_valley"}
     if not params.recurrence_shots:
         unused |= {"recurrence_shots"}  # off: the output (and fingerprint) of the stage before it existed
+    if params.faces == "none":
+        unused |= {"faces", "face_min_likelihood", "face_pad"}  # off: as before faces were looked for
+    if not params.trim_static:
+        unused |= {"trim_static"}  # off: as before layers were trimmed
     if not params.plate_check:
         unused |= {"plate_check", "plate_max_residual"}  # off: as before plates were checked
     settings = params.model_dump(mode="json", exclude=unused)
@@ -161,7 +193,34 @@ def params_affecting_output(params: SegmentParams) -> dict[str, Any]:
         from models.detectors import detector_identity
 
         settings["detector"] = detector_identity(params.detector)
+    if params.faces != "none":
+        settings["faces"] = face_finder(params).identity()
     return settings
+
+
+def face_finder(params: SegmentParams) -> Any:
+    """The face detector `segment.faces` names (None for 'none'); the grey border only for animeface."""
+    from models.faces import DEFAULT, face_detector
+
+    if params.faces == "none":
+        return None
+    return face_detector(params.faces, pad=params.face_pad) if params.faces == DEFAULT else face_detector(params.faces)
+
+
+def face_fields(finder: Any, layer: np.ndarray, offset: tuple[int, int], min_likelihood: float) -> dict[str, Any]:
+    """The face columns of one RGBA layer whose top-left corner is at `offset` in its frame."""
+    import json
+
+    if finder is None:
+        return {}
+    faces = [f for f in finder.detect([layer])[0] if f.likelihood >= min_likelihood]
+    if not faces:
+        return {"faces": 0}
+    best = max(faces, key=lambda f: f.likelihood)
+    x0, y0, x1, y1 = best.box
+    colours = {k: v for k, v in best.row().items() if k in ("hair", "eyes", "skin")}
+    return {"faces": len(faces), "face_box": [x0 + offset[0], y0 + offset[1], x1 + offset[0], y1 + offset[1]],
+            "face_likelihood": float(best.likelihood), "face_colours": json.dumps(colours)}
 
 
 # ---- one frame ------------------------------------------------------------------------------
@@ -193,6 +252,13 @@ def split_instances(mask: np.ndarray, params: SegmentParams) -> tuple[np.ndarray
             found.append((int(x), pixels, region))
     found.sort(key=lambda f: f[0])
     return binary.astype(bool), [(pixels, region) for _, pixels, region in found]
+
+
+def cut_edges(bbox: list[int], width: int, height: int) -> str:
+    """The frame edges a layer's box touches, comma-joined ("" when none): where the frame cut it."""
+    x0, y0, x1, y1 = bbox
+    touched = {"top": y0 <= 0, "bottom": y1 >= height, "left": x0 <= 0, "right": x1 >= width}
+    return ",".join(edge for edge, yes in touched.items() if yes)
 
 
 def bbox_of(pixels: np.ndarray) -> list[int]:
@@ -276,13 +342,15 @@ def split_glued_instances(instances: list[tuple[np.ndarray, np.ndarray]], motion
 
 
 def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: SegmentParams, model: str,
-                out: Path, prefix: str, motion: Any = None, detections: np.ndarray | None = None) -> list[dict]:
+                out: Path, prefix: str, motion: Any = None, detections: np.ndarray | None = None,
+                finder: Any = None) -> list[dict]:
     """Write one frame's mask, background and character layers; return its manifest rows.
 
     `motion`: the frame's tasks.characterness.ShotMotion (None: no other frame of its shot);
-    `detections`: detector boxes (N, 4) when a detector gates the layers.
+    `detections`: detector boxes (N, 4) when a detector gates the layers; `finder`: the face
+    detector (None: faces are not looked for).
     """
-    from tasks.characterness import character_score, look_of, motion_share
+    from tasks.characterness import character_score, look_of, motion_share, trim_static_parts
 
     h, w = mask.shape
     stem = f"{frame['frame_index']:07d}"
@@ -308,19 +376,31 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
         rgb, alpha = matte[..., :3], matte[..., 3].astype(np.float32) / 255.0
     rows = []
     for number, (pixels, region, split_from, why) in enumerate(split_glued_instances(instances, motion, params), start=1):
+        whole = int(pixels.sum())
+        kept = trim_static_parts(motion, pixels, moving_share=params.moving_share) if params.trim_static else None
+        if kept is not None:
+            region = (region & ~(cv2.dilate((pixels & ~kept).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0)) | kept
+            pixels = kept
         x0, y0, x1, y1 = bbox_of(pixels)
         m = params.margin
         cx0, cy0, cx1, cy1 = max(x0 - m, 0), max(y0 - m, 0), min(x1 + m, w), min(y1 + m, h)
         layer_alpha = np.where(region[cy0:cy1, cx0:cx1], alpha[cy0:cy1, cx0:cx1], 0.0)
         layer_alpha = np.clip(layer_alpha * 255 + 0.5, 0, 255).astype(np.uint8)
         name = f"{stem}_{number:02d}.png"
-        _write_png(out / "character" / name, np.dstack([rgb[cy0:cy1, cx0:cx1], layer_alpha]))
+        layer = np.dstack([rgb[cy0:cy1, cx0:cx1], layer_alpha])
+        _write_png(out / "character" / name, layer)
+        face = face_fields(finder, layer, (cx0, cy0), params.face_min_likelihood)
         confidence = float(mask[pixels].mean())
         moving = motion_share(motion, pixels)
         score, reasons = character_score(moving, [x0, y0, x1, y1], pixels, confidence,
                                          moving_share=params.moving_share)
         if why is not None:
             reasons.append(why)
+        if face.get("faces"):
+            score = max(score, FACE_SCORE)
+            reasons.append(f"holds a face (likelihood {face['face_likelihood']:.2f})")
+        if kept is not None:
+            reasons.append(f"static parts trimmed ({1 - pixels.sum() / whole:.0%} of it)")
         drop = "faint" if confidence < params.min_confidence else None
         if drop is None and detections is not None:
             from models.detectors import overlaps_detection
@@ -336,7 +416,8 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
             "mask_path": mask_path, "background_path": base["background_path"],
             "confidence": confidence, "flag": None, "kept": drop is None, "drop_reason": drop,
             "motion": moving, "character_score": score, "character_reasons": "; ".join(reasons),
-            "split_from": split_from, LOOK: look_of(image, pixels, [x0, y0, x1, y1]),
+            "split_from": split_from, "kept_share": float(pixels.sum()) / max(whole, 1),
+            "cut_edges": cut_edges([x0, y0, x1, y1], w, h), **face, LOOK: look_of(image, pixels, [x0, y0, x1, y1]),
         })
     return rows
 
@@ -377,6 +458,7 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
     report = {"frames": len(frames), "layers": 0, "mask_empty": 0, "mask_full": 0, "no_layers": 0,
               "quarantined": 0, "split": 0, "no_detection": 0, "clean_plates": 0,
               "seconds": 0.0}
+    finder = face_finder(params)
     detector = None
     if params.detector:
         from models.detectors import OnnxDetector
@@ -403,7 +485,7 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
                 their_masks = [m for j, m in enumerate(masks) if j != k]
                 motion = ShotMotion.of(image, others, params.motion_tolerance, their_masks) if others else None
                 frame_rows = layer_frame(frame, image, mask, params, params.model, out, prefix, motion,
-                                         boxes[k] if boxes is not None else None)
+                                         boxes[k] if boxes is not None else None, finder)
                 rows.extend(frame_rows)
                 if frame_rows[0]["background_path"]:
                     evidence[frame_rows[0]["background_path"]] = (mask, motion)
@@ -467,6 +549,8 @@ def mark_recurring(rows: list[dict], shots: dict[str, Any], params: SegmentParam
     counts = recurring_shots([(shots[r["source_id"]], r["bbox"], r[LOOK]) for r in layers])
     marked = 0
     for row, count in zip(layers, counts):
+        if row.get("faces"):
+            continue  # a face recurring at the same place is a character standing there, not the set
         if count >= params.recurrence_shots and (row["motion"] is None or row["motion"] < params.moving_share / 2):
             row["character_score"] = max(0.0, row["character_score"] - RECURRENCE_PENALTY)
             row["character_reasons"] += f"; recurs in {count} shots at the same place, looking the same"

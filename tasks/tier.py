@@ -38,7 +38,9 @@ from tasks.run.stage import StageResult, finished, run_global_stage
 from tasks.run.store import RunStore, write_table
 
 STAGE = "tier"
-VERSION = 3
+VERSION = 4  # 4: faces as evidence of kind; faces and moving counts
+MOVING = 0.15
+"""Share of a layer's pixels moving against its shot at which the report counts it as moving."""
 TIERS: tuple[str, ...] = ("S", "A", "B", "C", "D")
 Tier = Literal["S", "A", "B", "C", "D"]
 UNKNOWN = "unknown"
@@ -59,6 +61,8 @@ SCHEMA = pa.schema([
     ("purity", pa.float32()),               # estimated share of true character layers among the used ones
     ("used", pa.int64()),                   # layers select may take (not trimmed, character material)
     ("trimmed", pa.int64()),                # outliers trimmed to noise
+    ("faces", pa.int64()),                  # members that hold an anime face (segment `faces`)
+    ("moving", pa.int64()),                 # members that move against their shot (segment `motion`)
     ("recommended", pa.bool_()),
     ("sample_paths", pa.list_(pa.string())),
     ("atypical_ids", pa.list_(pa.string())),    # least typical used layers first (for review)
@@ -100,6 +104,8 @@ class TierParams(BaseModel):
                                        "this are not character material (scenery, glued or ghost parts)")
     character_share: float = Field(0.7, gt=0, le=1, description="a cluster is kind 'character' when at least this "
                                    "share of its members are character material")
+    face_share: float = Field(0.3, gt=0, le=1, description="a cluster is kind 'character' when at least this share "
+                              "of its members hold an anime face, whatever their motion")
     scenery_share: float = Field(0.3, ge=0, lt=1, description="a cluster is kind 'scenery' when at most this share "
                                  "of its members are character material (between the two: 'mixed')")
     outlier_mads: float = Field(4.5, gt=0, description="members further from the medoid than the median distance plus "
@@ -208,15 +214,20 @@ def typicality(x: np.ndarray, outlier_mads: float) -> tuple[np.ndarray, np.ndarr
     return dist, z, z > outlier_mads
 
 
-def cluster_kind(character_scores: list[float], params: TierParams, cues: list[bool] | None = None) -> str:
+def cluster_kind(character_scores: list[float], params: TierParams, cues: list[bool] | None = None,
+                 faces: list[bool] | None = None) -> str:
     """character / scenery / mixed from the share of members that are character material.
 
-    `cues`: per member, whether its score rests on a motion cue. Character material without one
-    (a shot of one sampled frame: nothing showed it moving) counts half towards `character`, so
-    a small cluster whose character evidence is mostly unseen layers is `mixed`, not `character`.
+    `cues`: per member, whether its score rests on a cue (motion, or a face). Character material
+    without one (a shot of one sampled frame: nothing showed it moving) counts half towards
+    `character`, so a small cluster whose character evidence is mostly unseen layers is `mixed`.
+    `faces`: per member, whether it holds an anime face; `face_share` of them make a `character`
+    (anime is limited animation: a figure that stands and talks shows its face, not motion).
     """
     if not character_scores:
         return "scenery"
+    if faces and float(np.mean(faces)) >= params.face_share:
+        return "character"
     cues = [True] * len(character_scores) if cues is None else cues
     material = [s >= params.min_character_score for s in character_scores]
     evidence = float(np.mean([(1.0 if c else 0.5) if m else 0.0 for m, c in zip(material, cues)]))
@@ -247,7 +258,7 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
     vectors = read_embeddings(emb_rows)
     sharp = emb_rows.column("sharpness").to_pylist()
     phash = emb_rows.column("phash").to_pylist()
-    fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score", "split_from", "motion")
+    fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score", "split_from", "motion", "faces")
               if f in layers.column_names]
     seg = {r["item_id"]: r for r in layers.select(fields).to_pylist()}
     by_cluster: dict[int, list[dict]] = {}
@@ -277,10 +288,11 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
         outlier &= ~moving | (z > params.moving_outlier_mads)
         outlier |= cut & (z > params.cut_outlier_mads)
         outlier |= second_group(x, params.min_group, params.split_silhouette)
-        cues = [seg.get(r["item_id"], {}).get("motion", 0.0) is not None  # unscored layers: no cue needed
-                or seg.get(r["item_id"], {}).get("character_score") is None for r in rows_c]
+        faces = [bool(seg.get(r["item_id"], {}).get("faces")) for r in rows_c]
+        cues = [seg.get(r["item_id"], {}).get("motion", 0.0) is not None or f  # unscored layers: no cue needed
+                or seg.get(r["item_id"], {}).get("character_score") is None for r, f in zip(rows_c, faces)]
         kind = cluster_kind([s for s, o in zip(scores, outlier) if not o], params,
-                            [c for c, o in zip(cues, outlier) if not o])
+                            [c for c, o in zip(cues, outlier) if not o], [f for f, o in zip(faces, outlier) if not o])
         used = [not o and s >= params.min_character_score and kind != "scenery" for s, o in zip(scores, outlier)]
         for r, d, t, s, o, u in zip(rows_c, dist, z, scores, outlier, used):
             verdicts.append({"item_id": r["item_id"], "cluster_id": cid, "distance": float(d), "typicality": float(t),
@@ -292,7 +304,9 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
         tier = assign_tier(len(taken), stats, params)
         rows.append({"cluster_id": cid, "size": len(rows_c), **stats, "tier": tier, "kind": kind, "sub_kind": UNKNOWN,
                      "purity": float(np.mean(taken)) if taken else 0.0, "used": len(taken),
-                     "trimmed": int(outlier.sum()),
+                     "trimmed": int(outlier.sum()), "faces": int(sum(faces)),
+                     "moving": sum((seg.get(r["item_id"], {}).get("motion") or 0.0) >= MOVING
+                                   for r in rows_c),
                      "recommended": tier in params.recommended_tiers and kind == "character",
                      "sample_paths": [r["path"] for r in picks],
                      "atypical_ids": [r["item_id"] for r in atypical], "atypical_paths": [r["path"] for r in atypical]})

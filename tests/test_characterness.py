@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.characterness import ShotMotion, align, character_score
+from tasks.characterness import ShotMotion, align, character_score, trim_static_parts
 from tasks.segment import SegmentParams, params_affecting_output, segment_frames
 from tests.footage import _sprite, make_background
 from tests.segment_scores import box_iou
@@ -88,7 +88,7 @@ def test_a_glued_layer_is_cut_down_to_the_moving_character(tmp_path, pan):
         assert best >= 0.5, ([r["bbox"] for r in mine], truth)  # the benchmark's match rule
         hit = max(mine, key=lambda r: box_iou(r["bbox"], truth))
         assert hit["character_score"] >= 0.5 and "move against the shot" in hit["character_reasons"]
-    glued = SegmentParams(model="u2netp", plate_check=False, split_glued=False)
+    glued = SegmentParams(model="u2netp", plate_check=False, split_glued=False, trim_static=False)
     whole, _ = segment_frames(frames, tmp_path, glued, _GluedSegmenter(boxes, pan), tmp_path / "whole", "p")
     assert all(box_iou(r["bbox"], t) < 0.5 for r, t in zip(whole.to_pylist(), boxes))  # without the split: glued
 
@@ -468,3 +468,40 @@ def test_no_true_character_layer_is_called_recurring_scenery(tiered):
     truth = identities_of_layers(store.read_manifest("segment"), videos)
     rows = [r for r in store.read_manifest("segment").to_pylist() if r["kept"]]
     assert not [r for r in rows if truth.get(r["item_id"]) and "recurs in" in (r["character_reasons"] or "")]
+
+
+# ---- trimming static parts glued to a moving layer ----------------------------------------------
+
+def _figure_with_sign() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(layer pixels, the figure's pixels, the sign's pixels) in a 180x320 frame: a sign touching the head."""
+    yy, xx = np.mgrid[:180, :320]
+    figure = ((xx - 80) / 22.0) ** 2 + ((yy - 110) / 45.0) ** 2 <= 1
+    sign = (xx >= 55) & (xx < 105) & (yy >= 40) & (yy < 68)
+    return figure | sign, figure, sign
+
+
+def _motion(differs: np.ndarray) -> ShotMotion:
+    return ShotMotion(differs=differs, known=np.ones_like(differs), others=2)
+
+
+def test_a_static_sign_glued_to_a_moving_figure_is_trimmed():
+    pixels, figure, sign = _figure_with_sign()
+    moving = figure & ((np.indices(figure.shape).sum(0) % 3) != 0)  # most of the figure differs
+    kept = trim_static_parts(_motion(moving), pixels, moving_share=0.3)
+    assert kept is not None
+    assert (kept & sign & ~figure).sum() < 0.05 * (sign & ~figure).sum()
+    assert (kept & figure).sum() > 0.9 * figure.sum()
+
+
+def test_a_figure_that_stands_still_is_never_trimmed():
+    pixels, figure, _ = _figure_with_sign()
+    talking = figure & (np.indices(figure.shape)[0] > 140) & (np.indices(figure.shape)[0] < 146)  # a mouth flap
+    assert trim_static_parts(_motion(talking), pixels, moving_share=0.3) is None
+    assert trim_static_parts(None, pixels, moving_share=0.3) is None
+
+
+def test_a_still_patch_inside_a_moving_figure_is_kept():
+    yy, xx = np.mgrid[:180, :320]
+    figure = ((xx - 80) / 30.0) ** 2 + ((yy - 100) / 60.0) ** 2 <= 1
+    still = ((xx - 80) / 18.0) ** 2 + ((yy - 100) / 30.0) ** 2 <= 1  # the torso overlaps itself across frames
+    assert trim_static_parts(_motion(figure & ~still), figure, moving_share=0.3) is None
