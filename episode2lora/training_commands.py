@@ -83,15 +83,40 @@ def versions(
     if not rows:
         console.print(f"no trainings recorded in {Path(runs_dir).resolve() / 'versions.parquet'}")
         return
-    table = Table(title=f"training versions ({Path(runs_dir).resolve() / 'versions.parquet'})")
-    for column in ("version", "character", "status", "started", "steps", "best val", "eval score", "LoRA", "error"):
-        table.add_column(column, overflow="fold")
+    console.print(versions_table(rows, Path(runs_dir).resolve() / "versions.parquet"))
+    for r in rows:  # long values one per line, never squeezed into a column
+        if r["final_lora"] or r["lora_path"]:
+            console.print(f"  {r['version_id']}  LoRA   {r['final_lora'] or r['lora_path']}", markup=False,
+                          highlight=False, soft_wrap=True)
+        if r["error"]:
+            console.print(f"  {r['version_id']}  error  {' '.join(r['error'].split())}", markup=False,
+                          highlight=False, soft_wrap=True)
+
+
+def versions_table(rows: list[dict[str, Any]], registry: Path) -> Table:
+    """One short line per training (the version id holds the character and the start time): it fits 80 columns."""
+    table = Table(title=f"training versions ({registry})", title_justify="left")
+    for column in ("version", "status", "steps", "best val", "eval score"):
+        table.add_column(column, no_wrap=column != "version", overflow="fold")
     colours = {"completed": "green", "running": "yellow", "failed": "red"}
     for r in rows:
-        table.add_row(r["version_id"], r["character"], f"[{colours.get(r['status'], 'white')}]{r['status']}[/]",
-                      r["started_at"] or "", str(r["steps"] or ""), _num(r["best_val_loss"]), _num(r["eval_score"]),
-                      r["final_lora"] or r["lora_path"] or "", (r["error"] or "")[:120])
-    console.print(table)
+        table.add_row(r["version_id"], f"[{colours.get(r['status'], 'white')}]{r['status']}[/]",
+                      str(r["steps"] or ""), _num(r["best_val_loss"]), _num(r["eval_score"]))
+    return table
+
+
+def steps_note(params: Any, trained: bool) -> str | None:
+    """Why the steps trained differ from the packaged kohya plan: the profile decides them, unless it is `package`."""
+    from models.lora_settings import TrainSettings, resolve_settings
+
+    train = params.train
+    if train.profile == "package":
+        return None
+    settings = resolve_settings(train.profile, {}, train.model_dump(include=set(TrainSettings.model_fields)))
+    length = f"{settings.max_steps} steps" if settings.max_steps else f"{settings.epochs} epochs"
+    return (f"the plan above is what the packaged kohya configs (package/configs/) train; this run "
+            f"{'trained' if trained else 'trains'} {length} per character: train.profile {train.profile} sets them "
+            "(train.max_steps overrides it); train.profile package trains the plan")
 
 
 def print_loras(store: Any, params: Any) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from flows.params import LAST_STAGE, RunParams, Stage
 from flows.review import pause_for_review
 from flows.scale import TaskRunnerKind, check_runner, on_dask, run_on_dask
-from flows.sources import pipeline_flow, refuse_programs_from_api
+from flows.sources import OptionalText, pipeline_flow, refuse_programs_from_api
 from tasks.frames import discover_videos, normalize_inputs
 from tasks.pipelines import PIPELINES
 from tasks.run.runner import run_pipeline, stages_between
@@ -17,12 +17,12 @@ from tasks.run.stage import RunRef, StageResult
 def episode_to_lora(
     inputs: list[str],
     name: str,
+    until: Stage = LAST_STAGE,
     runs_dir: str = "data/runs",
     params: RunParams = RunParams(),
-    until: Stage = LAST_STAGE,
-    webhook_url: str | None = None,
+    webhook_url: OptionalText = "",
     task_runner: TaskRunnerKind = "threads",
-    dask_address: str | None = None,
+    dask_address: OptionalText = "",
     review_clusters: bool = False,
     new_attempt: bool = False,
 ) -> dict[str, StageResult]:
@@ -31,7 +31,9 @@ def episode_to_lora(
     Args:
         inputs: video files, folders of videos or globs (relative: to the project folder).
         name: the run's folder under runs_dir; the flow run takes the same name.
+        until: the last stage to run (the whole pipeline by default; `frames` stops after sampling frames).
         runs_dir: folder holding all runs (relative: to the project folder).
+        params: every stage's parameters, one card per stage in pipeline order.
         webhook_url: POST a JSON summary here when the run completes or fails (optional).
         task_runner: "threads" in this process, or "dask" to send per-episode work to Dask workers.
         dask_address: Dask scheduler to use with task_runner="dask" (empty: a local cluster).

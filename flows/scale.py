@@ -53,5 +53,5 @@ def run_on_dask(flow: Any, address: str | None = None) -> Any:
         raise RuntimeError("run_on_dask must be called inside a flow run")
     parameters = dict(ctx.parameters)
     if "webhook_url" in parameters:
-        parameters["webhook_url"] = None
+        parameters["webhook_url"] = ""
     return flow.with_options(task_runner=dask_task_runner(address))(**parameters)

@@ -13,7 +13,7 @@ import os
 from typing import Optional
 
 from flows.source_params import Source, SourceParams, SourceStage
-from flows.sources import pipeline_flow, refuse_programs_from_api
+from flows.sources import OptionalText, pipeline_flow, refuse_programs_from_api
 from tasks.pipelines import PIPELINES
 from tasks.run.runner import run_pipeline
 from tasks.run.stage import RunRef, StageResult
@@ -35,7 +35,7 @@ def source_to_lora(
     runs_dir: str = "data/runs",
     params: SourceParams = SourceParams(),
     until: SourceStage = "train",
-    webhook_url: Optional[str] = None,
+    webhook_url: OptionalText = "",
     new_attempt: bool = False,
 ) -> dict[str, StageResult]:
     """Turn a render folder or a photo set into LoRAs; stops after `until`.

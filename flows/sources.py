@@ -1,21 +1,75 @@
-"""What every pipeline flow shares: the flow decorator (threads, webhook hooks) and the refusal of
-program paths in runs started through the API."""
+"""What every pipeline flow shares: the flow decorator (threads, webhook hooks, a failure told in
+one line) and the refusal of program paths in runs started through the API."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import os
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 from prefect import flow
+from pydantic import BeforeValidator
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.notify import webhook_hooks
 
+OptionalText = Annotated[str, BeforeValidator(lambda value: value or "")]
+"""A text parameter that may stay empty ("" or null: not given): a plain text box in the form, no None switch."""
+OWN_PACKAGES = ("models", "tasks", "flows", "deployments", "episode2lora")
+"""Exceptions of these packages say what happened in their message: shown without their class name."""
+
 
 def pipeline_flow(name: str) -> Callable:
-    """The `@flow` of a pipeline run, named after its run folder (`name`): prints logged, a thread per core for the fan-out, webhook hooks."""
-    return flow(name=name, flow_run_name="{name}", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2),
-                **webhook_hooks())
+    """The `@flow` of a pipeline run, named after its run folder (`name`): prints logged, a thread per core for
+    the fan-out, webhook hooks, a failure told in one line (`told_in_one_line`)."""
+    decorate = flow(name=name, flow_run_name="{name}", log_prints=True,
+                    task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2), **webhook_hooks())
+    return lambda fn: decorate(told_in_one_line(fn))
+
+
+def failure_line(exc: BaseException) -> str:
+    """The one-line reason of a failure (our messages also say what to do), e.g. 'base model ... does not
+    exist; pass ...'; an exception from outside this project keeps its class name in front."""
+    text = " ".join(str(exc).split())
+    if type(exc).__module__.split(".")[0] in OWN_PACKAGES and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _OneLineTaskFailure(logging.Filter):
+    """Prefect's 'Task run failed with exception: <repr>' log starts with the failure's one line instead
+    (the traceback still follows it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.exc_info and record.exc_info[1] is not None \
+                and str(record.msg).startswith("Task run failed with exception"):
+            record.msg, record.args = f"{failure_line(record.exc_info[1])} (task run failed)", ()
+        return True
+
+
+def told_in_one_line(fn: Callable) -> Callable:
+    """Wrap a flow function: when it fails, its error is logged as one line (the run's first error line,
+    with the task's) and the flow run ends Failed with that line as its state message."""
+    task_logger = logging.getLogger("prefect.task_runs")
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from prefect import get_run_logger
+        from prefect.states import Failed
+
+        if not any(isinstance(f, _OneLineTaskFailure) for f in task_logger.filters):
+            task_logger.addFilter(_OneLineTaskFailure())
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            line = failure_line(exc)
+            get_run_logger().error(line)
+            return Failed(message=line, data=exc)
+
+    run.__signature__ = inspect.signature(fn, eval_str=True)  # types resolved here, in `fn`'s module
+    return run
 
 
 PROGRAM_PARAMS = ("train.kohya_scripts",)

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, task
 
 from flows.notify import webhook_hooks
-from flows.sources import refuse_programs_from_api
+from flows.sources import OptionalText, refuse_programs_from_api, told_in_one_line
 from tasks.train import TrainParams, train_folder
 
 
@@ -42,13 +42,14 @@ def train_package_task(package_dir: str, output: Path, params: TrainParams, resu
 
 
 @flow(name="train-package", log_prints=True, **webhook_hooks(package_payload))
+@told_in_one_line
 def train_package(
     package_dir: str,
     params: TrainParams = TrainParams(),
     output: str | None = None,
     resume: bool = False,
     runs_dir: str = "data/runs",
-    webhook_url: str | None = None,
+    webhook_url: OptionalText = "",
 ) -> list[str]:
     """Train one LoRA per character folder of `package_dir`.
 

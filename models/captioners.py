@@ -85,6 +85,18 @@ def dominant_colours(rgb: np.ndarray, mask: np.ndarray, k: int = 2, min_share: f
     return [name for name, n in ranked[:k] if n / total >= min_share]
 
 
+def framing(top: bool, bottom: bool, side: bool, height_share: float) -> str:
+    """How a rendered figure is framed, from the canvas edges its pixels touch (a figure cut by its
+    frame stays against the canvas edge where it was cut, tasks/composite.render).
+
+    Cut at the bottom: "portrait" when it also reaches the top or fills 90% of the height, else
+    "upper body"; cut elsewhere only (top or a side): "cropped"; cut nowhere: "full body".
+    """
+    if bottom:
+        return "portrait" if top or height_share > 0.9 else "upper body"
+    return "cropped" if top or side else "full body"
+
+
 def measure(image: Image.Image) -> dict[str, str]:
     """What the template captioner can tell from one RGBA training image."""
     arr = np.asarray(image.convert("RGBA"))
@@ -95,16 +107,10 @@ def measure(image: Image.Image) -> dict[str, str]:
     if mask.any():
         ys, xs = np.nonzero(mask)
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        touches_bottom, touches_top = y1 >= h - 1, y0 <= 0
-        height_share = (y1 - y0) / h
-        if touches_bottom and (touches_top or height_share > 0.9):
-            facts["framing"] = "close-up"
-        elif touches_bottom:
-            facts["framing"] = "upper body"
-        else:
-            facts["framing"] = "full body"
-        aspect = (y1 - y0) / max(1, x1 - x0)
-        facts["pose"] = "standing" if aspect > 1.3 else ("wide stance" if aspect < 0.8 else "compact pose")
+        facts["framing"] = framing(y0 <= 0, y1 >= h - 1, x0 <= 0 or x1 >= w - 1, (y1 - y0) / h)
+        if facts["framing"] == "full body":  # a pose is read from the whole figure only
+            aspect = (y1 - y0) / max(1, x1 - x0)
+            facts["pose"] = "standing" if aspect > 1.3 else ("wide stance" if aspect < 0.8 else "compact pose")
         names = dominant_colours(rgb, mask)
         facts["colours"] = f"{' and '.join(names)} colours" if names else ""
     background = alpha < 8
@@ -190,6 +196,11 @@ class Blip2Captioner:
             self.processor = Blip2Processor.from_pretrained(model)
             self.model = Blip2ForConditionalGeneration.from_pretrained(model, dtype=self.dtype)
         except OSError as exc:
+            from models.local_paths import missing_path
+
+            if missing := missing_path(model, "BLIP2 model"):
+                raise CaptionerMissing(f"{missing}; pass caption.captioner=blip2:<an existing folder> or a Hugging "
+                                       "Face id (or 'template' for the offline captioner)") from None
             offline = os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "yes")
             how = ("the hub is offline (HF_HUB_OFFLINE=1); download it on a machine with internet "
                    f"(`huggingface-cli download {model}`) or" if offline else "check the id, or")

@@ -206,6 +206,11 @@ def resolve_device(device: str) -> str:
 
 
 def _missing_model(family: str, model: str, exc: BaseException) -> ModelNotAvailable:
+    from models.local_paths import missing_path
+
+    if missing := missing_path(model, f"{family} model"):
+        return ModelNotAvailable(f"{missing}; pass '{family}:<an existing folder saved with save_pretrained>', "
+                                 "a Hugging Face id, or the offline default 'colour-shape'")
     return ModelNotAvailable(
         f"{family} model {model!r} could not be loaded ({type(exc).__name__}: {str(exc).strip()[:200]}). "
         f"Downloads need internet (and HF_HUB_OFFLINE unset); offline, save the model with "

@@ -147,6 +147,11 @@ def detect_family(path: str) -> Family:
 
 
 def _missing_message(name: str, exc: BaseException) -> str:
+    from models.local_paths import missing_path
+
+    if missing := missing_path(name, "base model"):
+        return (f"{missing}; pass an existing diffusers folder (with model_index.json) or .safetensors file, "
+                "a Hugging Face id, or base 'tiny' for an untrained stand-in that only exercises the code")
     return (f"base model '{name}' is not a local diffusers folder (with model_index.json) and could not be "
             f"fetched from the Hugging Face hub ({type(exc).__name__}: {str(exc)[:200]}). Pass a local folder "
             "(e.g. --base /models/sd15 or train.base=...), allow downloads (unset HF_HUB_OFFLINE), "

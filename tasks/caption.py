@@ -31,7 +31,7 @@ from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_s
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "caption"
-VERSION = 1
+VERSION = 2  # 2: template framing from the edges a figure was cut at (portrait, cropped)
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),          # the augment row's item id (the image)

@@ -82,14 +82,18 @@ def get_json(url: str, body: Any = None, timeout: float = 10) -> Any:
             time.sleep(2)
 
 
-def flow_run_logs(api_url: str, flow_run_id: str, ready: Callable[[list[str]], bool], timeout: float = 60) -> list[str]:
-    """The log messages of a flow run, read again until `ready(messages)` or `timeout` s: Prefect ships
-    logs in batches, so a run's last lines may reach the API after the run has ended."""
+def flow_run_logs(api_url: str, flow_run_id: str, ready: Callable[[list[str]], bool], timeout: float = 60,
+                  level: int = 0) -> list[str]:
+    """The log messages of a flow run (those at `level` or above), oldest first, read again until
+    `ready(messages)` or `timeout` s: Prefect ships logs in batches, so a run's last lines may reach the
+    API after the run has ended."""
     deadline = time.monotonic() + timeout
     messages: list[str] = []
     while True:
+        messages = []
         while page := get_json(f"{api_url}/logs/filter", {
-                "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "offset": len(messages)}):
+                "logs": {"flow_run_id": {"any_": [flow_run_id]}, "level": {"ge_": level}}, "sort": "TIMESTAMP_ASC",
+                "limit": 200, "offset": len(messages)}):
             messages += [entry["message"] for entry in page]
         if ready(messages) or time.monotonic() > deadline:
             return messages
@@ -136,7 +140,7 @@ def write_test_config(tmp: Path) -> tuple[Path, Path, Path]:
         if entry["name"] == "episode-to-lora":
             params.update(e2e_parameters())
         if entry["name"] == "reprocess":
-            params.update(watch_folder=str(watch), name="api")
+            params.update(watch_folder=str(watch), name="api", params=e2e_parameters()["params"])
     config = tmp / "prefect.yaml"
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     return config, runs_dir, watch

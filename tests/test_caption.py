@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from models.captioners import Blip2Captioner, CaptionerMissing, TemplateCaptioner, captioner, colour_name
+from models.captioners import Blip2Captioner, CaptionerMissing, TemplateCaptioner, captioner, colour_name, framing
 from tasks.augment import AugmentParams, run_augment
 from tasks.caption import CaptionParams, finish_caption, run_caption
 from tasks.composite import RenderSpec, render
@@ -87,6 +87,21 @@ def test_template_captioner_measures_colour_framing_and_setting():
     assert texts[0] == "anime character, standing, full body, plain background, bright lighting, red colours"
     assert texts[1].startswith("creature, ") and "upper body" in texts[1] and "blue colours" in texts[1]
     assert texts[2].startswith("character, ") and "scene background" in texts[2] and "green" in texts[2]
+
+
+def test_framing_follows_where_the_figure_was_cut():
+    """A figure cut by its frame keeps that edge on the canvas, and the caption says so: never "full body"."""
+    spec = RenderSpec(resolution=128)
+    whole = _square_layer((220, 30, 30))
+    cases = {"full body": whole, "upper body": whole[:48], "cropped": whole[:, 20:],  # cut on the left side
+             "portrait": whole[10:80]}  # cut at the top and the bottom
+    cap = TemplateCaptioner()
+    for expected, layer in cases.items():
+        (text,) = cap.caption([Image.fromarray(render(layer, None, spec), "RGBA")], [cap.default_prompts["human"]])
+        assert expected in text.split(", "), (expected, text)
+        assert ("full body" in text) == (expected == "full body")
+        assert ("standing" in text) == (expected == "full body")  # no pose claimed for a part of a figure
+    assert framing(top=True, bottom=False, side=False, height_share=0.5) == "cropped"
 
 
 def test_caption_stage_with_the_template_captioner(augmented_run):

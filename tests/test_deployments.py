@@ -280,3 +280,25 @@ def test_train_deployment_trains_a_packaged_folder(prefect_ui, webhook, tmp_path
     assert lora.is_file()
     payload = webhook.wait_for(lambda p: p["flow_run_id"] == str(flow_run.id))
     assert (payload["status"], payload["loras"], payload["error"]) == ("completed", [str(lora)], None)
+
+
+def test_a_failed_run_says_why_and_what_to_do_in_its_state_and_first_error_line(prefect_ui, api_run, tmp_path):
+    """A run whose base model is a local folder that does not exist fails in `train`; the flow run's
+    state message and its first ERROR log line are the one line saying so and what to pass instead
+    (no hint about HF_HUB_OFFLINE: nothing was to be downloaded). Kept last: it changes run "api"."""
+    store = RunStore(prefect_ui.runs_dir, "api")
+    record = store.read_run_record()
+    missing = tmp_path / "models" / "sd15"
+    params = dict(record["params"], train=dict(record["params"]["train"], base=str(missing)))
+    failed = run_and_wait(prefect_ui, "episode-to-lora/episode-to-lora", {
+        "name": "api", "inputs": record["inputs"], "params": params, "until": "train", "new_attempt": True})
+    assert failed.state.is_failed(), failed.state
+
+    expected = f"base model '{missing}' does not exist"
+    message = get_json(f"{prefect_ui.api_url}/flow_runs/{failed.id}")["state"]["message"]
+    print(f"state message: {message}")
+    assert message.startswith(expected) and "\n" not in message and "HF_HUB_OFFLINE" not in message, message
+    assert "tiny" in message  # what to do
+    errors = flow_run_logs(prefect_ui.api_url, str(failed.id), lambda m: any(line.startswith(expected) for line in m),
+                           level=40)
+    assert errors and errors[0].splitlines()[0].startswith(expected), errors[:1]

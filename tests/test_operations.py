@@ -91,6 +91,104 @@ def test_run_form_has_no_none_toggles_and_says_what_empty_means():
     assert [i["title"] for i in form["definitions"]["EmbedParams"]["properties"]["mean"]["prefixItems"]] == ["R", "G", "B"]
 
 
+def form_submission(schema: dict, parameters: dict) -> dict:
+    """What Prefect's Custom run form submits when nobody touches it (its schema form, v2): a field's
+    value from the deployment's parameters, else the schema's default; an object of fields is filled
+    field by field; an on/off field with neither is sent as `false`; any other field is left out."""
+    definitions = schema.get("definitions", {})
+
+    def resolve(field: dict) -> dict:
+        ref = field.get("$ref") or next((b["$ref"] for b in field.get("allOf", []) if "$ref" in b), None)
+        return {**definitions[ref.rsplit("/", 1)[-1]], **{k: v for k, v in field.items() if k != "$ref"}} if ref else field
+
+    def fill(field: dict, given: dict) -> dict:
+        values = {}
+        for name, child in resolve(field).get("properties", {}).items():
+            child = resolve(child)
+            value = given.get(name, child.get("default"))
+            if "properties" in child:
+                values[name] = fill(child, value or {})
+            elif value is not None or "default" in child:
+                values[name] = value
+            elif child.get("type") == "boolean":
+                values[name] = False  # Prefect's toggle starts off
+        return values
+
+    return fill(schema, parameters)
+
+
+def test_a_custom_run_from_the_untouched_form_equals_the_cli_run():
+    """Submitting a deployment's Custom run form unchanged (episode-to-lora, reprocess) gives the flow the
+    parameters of the same run from the CLI (`run --config data/demo.yaml`), whatever profile is picked:
+    no on/off training field is sent as `false` when the profile (or the package's TOML) decides it."""
+    import importlib
+
+    from deployments.serve import PROJECT, build_deployments
+    from flows.params import load_params
+    from models.lora_settings import TrainSettings, resolve_settings
+
+    switches = ("zero_terminal_snr", "train_text_encoder", "shuffle_caption", "gradient_checkpointing", "cache_latents")
+    package_toml = {"shuffle_caption": True, "keep_tokens": 1}  # what the package stage writes
+    deployments = [d for d in build_deployments(CONFIG) if d.name in ("episode-to-lora", "reprocess")]
+    for deployment, profile in [(d, p) for d in deployments for p in ("fast", "final", "demo")]:
+        schema = deployment._parameter_openapi_schema.model_dump()
+        parameters = yaml.safe_load(yaml.safe_dump(deployment.parameters))
+        parameters["params"]["train"]["profile"] = profile  # the one field a person changes
+        submitted = form_submission(schema, parameters)
+        module, _, name = deployment.entrypoint.rpartition(".")  # flows.reprocess.reprocess
+        form = getattr(importlib.import_module(module), name).validate_parameters(submitted)["params"]
+        cli = load_params(PROJECT / "data" / "demo.yaml", {"train.profile": profile})
+        assert form == cli, (deployment.name, profile)
+        fields = set(TrainSettings.model_fields)
+        settings = [resolve_settings(profile, package_toml, p.train.model_dump(include=fields)) for p in (form, cli)]
+        assert settings[0] == settings[1], (deployment.name, profile)
+        assert {k: getattr(settings[0], k) for k in switches}["shuffle_caption"] is True
+        assert settings[0].gradient_checkpointing is (profile != "demo") and settings[0].cache_latents
+        assert not any(k in submitted["params"]["train"] for k in switches), submitted["params"]["train"]
+
+
+def test_no_on_off_field_of_any_form_is_left_to_prefects_false():
+    """Every on/off field of every deployment's form has a default (or is a true/false dropdown
+    that starts empty): an untouched form never sends a `false` nobody chose."""
+    from deployments.serve import build_deployments
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if node.get("type") == "boolean" and "default" not in node and ".anyOf[" not in path:
+                yield path
+            for key, value in node.items():
+                yield from walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                yield from walk(value, f"{path}[{i}]")
+
+    for deployment in build_deployments(CONFIG):
+        schema = deployment._parameter_openapi_schema.model_dump()
+        assert list(walk(schema, deployment.name)) == []
+
+
+def test_optional_texts_of_the_forms_are_text_boxes_without_a_none_switch():
+    """webhook_url and dask_address: an empty text box means not given (null from the API too)."""
+    from deployments.serve import build_deployments
+    from flows.episode_to_lora import episode_to_lora
+
+    for deployment in build_deployments(CONFIG):
+        properties = deployment._parameter_openapi_schema.model_dump()["properties"]
+        for name in ("webhook_url", "dask_address"):
+            if name in properties:
+                assert {k: properties[name].get(k) for k in ("type", "default")} == {"type": "string", "default": ""}
+    given = episode_to_lora.validate_parameters({"inputs": ["a.mp4"], "name": "a", "webhook_url": None})
+    assert given["webhook_url"] == "" and given["dask_address"] == ""
+
+
+def test_run_form_descriptions_keep_their_angle_brackets():
+    """Prefect renders descriptions as markdown: `<id>` is escaped so that it shows, not vanishes as a tag."""
+    import re
+
+    text = json.dumps(_form()["definitions"])
+    assert re.findall(r"(?<!\\\\)<", text) == [] and "blip2:\\\\<Hugging Face id or local folder\\\\>" in text
+
+
 def test_run_params_without_none_round_trip():
     from flows.params import RunParams
 
@@ -182,20 +280,33 @@ def test_webhook_rejects_a_url_that_is_not_http():
 
 # ---- reprocess -----------------------------------------------------------------------------
 
-def test_new_episodes_are_the_watch_folder_videos_without_a_frames_shard(tmp_path):
-    from flows.reprocess import new_episodes
+def test_episodes_stay_pending_until_a_run_that_took_them_in_succeeds(tmp_path):
+    from flows.reprocess import mark_processed, pending_episodes
 
     watch = tmp_path / "incoming"
     (watch / "season").mkdir(parents=True)
-    seen, fresh = watch / "ep01.mp4", watch / "season" / "ep02.mkv"
-    for video in (seen, fresh, watch / "notes.txt"):
+    done, fresh = watch / "ep01.mp4", watch / "season" / "ep02.mkv"
+    for video in (done, fresh, watch / "notes.txt"):
         video.write_bytes(b"x")
     store = RunStore(tmp_path / "runs", "show")
-    with store.writing_shard("frames", "ep01", "fp") as shard:
-        (shard / "report.json").write_text(json.dumps({"video": str(seen)}))
-    assert new_episodes(store, watch) == [fresh.resolve()]
+    with store.writing_shard("frames", "ep02", "fp") as shard:  # frames saved, but its run failed later
+        (shard / "report.json").write_text(json.dumps({"video": str(fresh)}))
+    assert pending_episodes(store, watch) == [done.resolve(), fresh.resolve()]
+    store.root.mkdir(parents=True, exist_ok=True)
+    mark_processed(store, [done])
+    assert pending_episodes(store, watch) == [fresh.resolve()]
     with pytest.raises(NotADirectoryError, match="watch_folder"):
-        new_episodes(store, tmp_path / "nowhere")
+        pending_episodes(store, tmp_path / "nowhere")
+
+
+def test_a_pending_episode_removed_from_the_watch_folder_leaves_the_run(tmp_path):
+    from flows.reprocess import run_inputs
+
+    watch, other = tmp_path / "incoming", tmp_path / "sample"
+    watch.mkdir()
+    kept, dropped, new = str(watch / "ep01.mp4"), str(watch / "ep02.mp4"), watch / "ep03.mp4"
+    previous = [str(other / "ep00.mp4"), kept, dropped]  # ep00 outside the watch folder; ep01 processed, then tidied away
+    assert run_inputs(previous, [new], watch, {kept}) == [str(other / "ep00.mp4"), kept, str(new)]
 
 
 def test_task_runner_option_names_the_bad_value():
@@ -263,3 +374,34 @@ def test_review_form_lists_least_typical_layers_and_excludes_them_with_one_tick(
     path = write_overrides(RunStore(tmp_path, "r"), overrides_from(choices, Overrides()))
     overrides = load_overrides(path)
     assert overrides.layers["l3"].exclude and "l1" not in overrides.layers
+
+
+def test_a_failed_reprocess_stays_red_until_its_episode_succeeds_or_is_dropped(prefect_api, tmp_path):
+    """The next scheduled run does not hide a failed one: the episode is taken again and the run is red
+    again; dropping it (removing it from the watch folder) turns the next run green, and an episode whose
+    run succeeds is not taken again."""
+    import shutil
+
+    from deployments.serve import PROJECT
+    from flows.params import load_params
+    from flows.reprocess import reprocess
+    from tests.live_prefect import SAMPLE
+
+    watch, runs = tmp_path / "incoming", tmp_path / "runs"
+    watch.mkdir()
+    shutil.copy(SAMPLE / "episode01.mp4", watch)
+    blocker = RunStore(runs, "nightly").stage_dir("frames") / "episodes.parquet"  # frames fails as it merges
+    blocker.mkdir(parents=True)
+    args = dict(watch_folder=str(watch), name="nightly", runs_dir=str(runs), until="frames",
+                params=load_params(PROJECT / "data" / "demo.yaml"))
+    for _ in range(2):
+        state = reprocess(**args, return_state=True)
+        assert state.is_failed() and "episode01.mp4 still pending for run nightly" in state.message, state.message
+
+    (watch / "episode01.mp4").unlink()  # dropped by the user
+    assert reprocess(**args) == {"new_episodes": [], "stages": {}}
+    shutil.copy(SAMPLE / "episode02.mp4", watch)
+    blocker.rmdir()
+    assert reprocess(**args)["new_episodes"] == [str((watch / "episode02.mp4").resolve())]
+    assert RunStore(runs, "nightly").read_run_record()["inputs"] == [str(watch / "episode02.mp4")]
+    assert reprocess(**args)["new_episodes"] == []
