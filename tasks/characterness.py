@@ -157,6 +157,10 @@ def split_glued(motion: ShotMotion | None, pixels: np.ndarray, min_pixels: float
     return parts
 
 
+FACE_SCORE = 0.9
+"""Character score of a layer that holds an anime face, before the shape cues."""
+TOP_EDGE_PENALTY = 0.25
+"""Score taken off a layer that touches the frame's top edge (a bust close-up with a face keeps FACE_SCORE)."""
 STATIC_SHARE = 0.03
 """A part of a layer whose pixels differ from the shot's other frames less than this is static."""
 GLUED_RIM = 0.5
@@ -208,10 +212,13 @@ def trim_static_parts(motion: ShotMotion | None, pixels: np.ndarray, *, moving_s
 
 
 def character_score(motion: float | None, bbox: list[int], pixels: np.ndarray, confidence: float,
-                    *, moving_share: float) -> tuple[float, list[str]]:
-    """(score 0-1, reasons) of one layer: motion against its shot, then shape cues.
+                    *, moving_share: float, face: float | None = None) -> tuple[float, list[str]]:
+    """(score 0-1, reasons) of one layer: motion against its shot or a face, then shape cues.
 
-    `moving_share`: the share of moving pixels that counts as fully moving (score 1).
+    `moving_share`: the share of moving pixels that counts as fully moving (score 1); `face`: the
+    likelihood of an anime face on the layer (None: none found), which makes it character material
+    (FACE_SCORE) whatever its motion, or the frame edge a close-up touches; a layer spread across the
+    frame in fragments stays below that.
     """
     reasons = []
     if motion is None:
@@ -220,8 +227,11 @@ def character_score(motion: float | None, bbox: list[int], pixels: np.ndarray, c
     else:
         score = float(np.clip(motion / moving_share, 0.0, 1.0))
         reasons.append(f"{motion:.0%} of its pixels move against the shot")
+    if face is not None:
+        score = max(score, FACE_SCORE + TOP_EDGE_PENALTY * (bbox[1] <= 1))
+        reasons.append(f"holds a face (likelihood {face:.2f})")
     if bbox[1] <= 1:
-        score -= 0.25
+        score -= TOP_EDGE_PENALTY
         reasons.append("touches the top edge")
     if bbox[2] - bbox[0] >= WIDE * pixels.shape[1]:
         score -= 0.6

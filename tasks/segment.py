@@ -50,8 +50,6 @@ STAGE = "segment"
 VERSION = 3
 LOOK = "_look"
 """Row key of a layer's appearance thumbnail while a shard is built (not a manifest column)."""
-FACE_SCORE = 0.9
-"""Character score of a layer that holds an anime face, at least."""
 RECURRENCE_PENALTY = 0.5
 """Character score taken off a static layer that recurs at the same place across shots."""
 
@@ -393,12 +391,9 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
         confidence = float(mask[pixels].mean())
         moving = motion_share(motion, pixels)
         score, reasons = character_score(moving, [x0, y0, x1, y1], pixels, confidence,
-                                         moving_share=params.moving_share)
+                                         moving_share=params.moving_share, face=face.get("face_likelihood"))
         if why is not None:
             reasons.append(why)
-        if face.get("faces"):
-            score = max(score, FACE_SCORE)
-            reasons.append(f"holds a face (likelihood {face['face_likelihood']:.2f})")
         if kept is not None:
             reasons.append(f"static parts trimmed ({1 - pixels.sum() / whole:.0%} of it)")
         drop = "faint" if confidence < params.min_confidence else None

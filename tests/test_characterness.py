@@ -470,6 +470,18 @@ def test_no_true_character_layer_is_called_recurring_scenery(tiered):
     assert not [r for r in rows if truth.get(r["item_id"]) and "recurs in" in (r["character_reasons"] or "")]
 
 
+def test_a_face_makes_a_still_close_up_character_material_but_not_a_fragmented_spread():
+    pixels = np.zeros((180, 320), bool)
+    pixels[0:120, 100:180] = True  # a bust close-up cut by the top edge, nothing moves
+    score, reasons = character_score(0.01, [100, 0, 180, 120], pixels, 0.95, moving_share=0.3, face=0.98)
+    assert score >= 0.85 and "holds a face (likelihood 0.98)" in reasons and "touches the top edge" in reasons
+    assert character_score(0.01, [100, 0, 180, 120], pixels, 0.95, moving_share=0.3)[0] < 0.5  # without the face
+    spread = np.zeros((180, 320), bool)
+    for x in range(10, 300, 40):
+        spread[60:100, x:x + 20] = True  # eight fragments across 92% of the width
+    assert character_score(None, [10, 60, 300, 100], spread, 0.95, moving_share=0.3, face=0.99)[0] < 0.5
+
+
 # ---- trimming static parts glued to a moving layer ----------------------------------------------
 
 def _figure_with_sign() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
