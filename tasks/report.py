@@ -284,6 +284,13 @@ document.addEventListener('change', () => {
 """
 
 
+def _evidence(c: dict[str, Any]) -> str:
+    """What says 'character' in a cluster: members holding an anime face, members that move."""
+    if c.get("faces") is None:
+        return ""
+    return f"; {c['faces']} of {c['size']} hold a face, {c.get('moving', 0)} move"
+
+
 def _card(c: dict[str, Any], sheets: dict[int, bytes], atypical: dict[str, bytes]) -> str:
     """One cluster's card: tier, kind, purity, measures, samples, least typical layers with exclude boxes."""
     out = []
@@ -296,7 +303,7 @@ def _card(c: dict[str, Any], sheets: dict[int, bytes], atypical: dict[str, bytes
         f"<div class='meta'>{c['size']} layers{demoted}, kind {_e(c['kind'])}{_purity(c)}"
         f"{', <span class=rec>recommended</span>' if c['recommended'] else ''}; sharpness {c['mean_sharpness']:.1f}, "
         f"alpha coverage {c['mean_alpha_coverage']:.2f}, duplicates {100 * c['duplicate_ratio']:.0f} %, "
-        f"mean layer area {100 * c['mean_layer_area']:.1f} % of the frame</div>"
+        f"mean layer area {100 * c['mean_layer_area']:.1f} % of the frame{_evidence(c)}</div>"
     )
     for issue in c["quality_issues"]:
         out.append(f"<div class='issues'>{_e(issue)}</div>")

@@ -78,3 +78,7 @@ def test_clusters_report_faces_and_motion(anime_run):
     characters = [t for t in tiers if t["kind"] == "character"]
     assert characters and all(t["faces"] >= 1 for t in characters)
     assert any(t["faces"] > t["moving"] for t in characters)  # held up by faces, not by motion
+    from tasks.report import write_report
+
+    html = write_report(store)[0].read_text(encoding="utf-8")
+    assert f"{characters[0]['faces']} of {characters[0]['size']} hold a face, {characters[0]['moving']} move" in html
