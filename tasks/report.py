@@ -285,10 +285,12 @@ document.addEventListener('change', () => {
 
 
 def _evidence(c: dict[str, Any]) -> str:
-    """What says 'character' in a cluster: members holding an anime face, members that move."""
+    """What says 'character' in a cluster (members holding an anime face, members that move) and how
+    clean its layers are (cut by the frame's edge, trimmed of static scenery glued to them)."""
     if c.get("faces") is None:
         return ""
-    return f"; {c['faces']} of {c['size']} hold a face, {c.get('moving', 0)} move"
+    return (f"; {c['faces']} of {c['size']} hold a face, {c.get('moving', 0)} move, "
+            f"{c.get('cut_by_frame', 0)} cut by the frame, {c.get('glue_trimmed', 0)} trimmed of glued scenery")
 
 
 def _card(c: dict[str, Any], sheets: dict[int, bytes], atypical: dict[str, bytes]) -> str:

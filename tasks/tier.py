@@ -63,6 +63,8 @@ SCHEMA = pa.schema([
     ("trimmed", pa.int64()),                # outliers trimmed to noise
     ("faces", pa.int64()),                  # members that hold an anime face (segment `faces`)
     ("moving", pa.int64()),                 # members that move against their shot (segment `motion`)
+    ("cut_by_frame", pa.int64()),           # members that touch the frame's edge (segment `cut_edges`)
+    ("glue_trimmed", pa.int64()),           # members whose glued static parts were trimmed (`kept_share` < 1)
     ("recommended", pa.bool_()),
     ("sample_paths", pa.list_(pa.string())),
     ("atypical_ids", pa.list_(pa.string())),    # least typical used layers first (for review)
@@ -258,7 +260,8 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
     vectors = read_embeddings(emb_rows)
     sharp = emb_rows.column("sharpness").to_pylist()
     phash = emb_rows.column("phash").to_pylist()
-    fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score", "split_from", "motion", "faces")
+    fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score", "split_from", "motion", "faces",
+                          "cut_edges", "kept_share")
               if f in layers.column_names]
     seg = {r["item_id"]: r for r in layers.select(fields).to_pylist()}
     by_cluster: dict[int, list[dict]] = {}
@@ -305,6 +308,8 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
         rows.append({"cluster_id": cid, "size": len(rows_c), **stats, "tier": tier, "kind": kind, "sub_kind": UNKNOWN,
                      "purity": float(np.mean(taken)) if taken else 0.0, "used": len(taken),
                      "trimmed": int(outlier.sum()), "faces": int(sum(faces)),
+                     "cut_by_frame": sum(bool(seg.get(r["item_id"], {}).get("cut_edges")) for r in rows_c),
+                     "glue_trimmed": sum((seg.get(r["item_id"], {}).get("kept_share") or 1.0) < 1.0 for r in rows_c),
                      "moving": sum((seg.get(r["item_id"], {}).get("motion") or 0.0) >= MOVING
                                    for r in rows_c),
                      "recommended": tier in params.recommended_tiers and kind == "character",

@@ -81,4 +81,6 @@ def test_clusters_report_faces_and_motion(anime_run):
     from tasks.report import write_report
 
     html = write_report(store)[0].read_text(encoding="utf-8")
-    assert f"{characters[0]['faces']} of {characters[0]['size']} hold a face, {characters[0]['moving']} move" in html
+    first = characters[0]
+    assert (f"{first['faces']} of {first['size']} hold a face, {first['moving']} move, "
+            f"{first['cut_by_frame']} cut by the frame") in html
