@@ -238,6 +238,9 @@ def run_and_report(store: Any, runs_dir: Path, call: Callable[[], dict], *, expe
         before_report()
         fail(str(exc))
     except KeyboardInterrupt:  # Ctrl-C: committed shards are kept, the shard in progress is redone
+        from tasks.run.progress import STOP
+
+        STOP.set()  # a shard still running in a worker thread stops at its next step, so the process can exit
         fail(f"run '{store.name}' interrupted (Ctrl-C); finished stages and shards are kept; continue with: "
              f"episode2lora resume {store.name} --runs-dir {runs_dir}", 130)
     except Exception as exc:  # the flow failed: say where, and how to continue

@@ -543,15 +543,15 @@ def test_ctrl_c_to_the_process_group_stops_in_seconds_and_resume_completes(tmp_p
         write_video(episodes.mkdir(exist_ok=True) or episodes / f"ep{seed}.mp4", 320, 192, 600, fps=24,
                     picture=lambda i, s=seed: np.kron(np.random.default_rng(1000 * s + i).integers(
                         40, 255, (24, 40, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8)))
-    args = ["run", str(episodes), "--name", "cc", "--until", "frames", "--set", "frames.mode=interval",
-            "--set", "frames.interval_s=0.1"]
+    args = ["run", str(episodes), "--name", "cc", "--until", "segment", "--set", "frames.mode=interval",
+            "--set", "frames.interval_s=0.25", "--set", "segment.shard_size=8"]
     own_server = {k: v for k, v in cli_env.items() if k != "PREFECT_API_URL"}  # the run starts its own API server
     own_server["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     stderr = tmp_path / "stderr.txt"
     with open(stderr, "w") as err:  # a session of its own: the process group a terminal's Ctrl-C reaches
         proc = subprocess.Popen([sys.executable, "-m", "episode2lora", *args, "--runs-dir", str(tmp_path / "runs")],
                                 env=own_server, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-    shards, deadline = tmp_path / "runs" / "cc" / "frames" / "shards", time.monotonic() + 300
+    shards, deadline = tmp_path / "runs" / "cc" / "segment" / "shards", time.monotonic() + 300
     while time.monotonic() < deadline and not (shards.is_dir() and any(shards.iterdir())) and proc.poll() is None:
         time.sleep(0.02)
     time.sleep(0.3)
@@ -560,7 +560,7 @@ def test_ctrl_c_to_the_process_group_stops_in_seconds_and_resume_completes(tmp_p
     proc.wait(timeout=120)
     took, message = time.monotonic() - sent, stderr.read_text()
     errors = [line for line in message.splitlines() if line.startswith("error:")]  # a shard in progress may still
-    CORPUS.append(("Ctrl-C to the process group during frames",  # print its progress while it finishes
+    CORPUS.append(("Ctrl-C to the process group during segment",  # print its progress while it finishes
                    f"stopped in {took:.0f} s (exit {proc.returncode})", " ".join(errors)))
     assert proc.returncode == 130 and took < 60, (took, message)
     assert len(errors) == 1 and errors[0].startswith("error: run 'cc' interrupted") and "resume cc" in errors[0], message
@@ -570,4 +570,5 @@ def test_ctrl_c_to_the_process_group_stops_in_seconds_and_resume_completes(tmp_p
     clean = run_cli([*args, "--runs-dir", str(tmp_path / "clean")], cli_env, timeout=600)
     assert clean.returncode == 0, clean.stderr
     interrupted, uninterrupted = RunStore(tmp_path / "runs", "cc"), RunStore(tmp_path / "clean", "cc")
-    assert interrupted.read_manifest("frames").equals(uninterrupted.read_manifest("frames"))
+    for stage in ("frames", "segment"):
+        assert interrupted.read_manifest(stage).equals(uninterrupted.read_manifest(stage)), stage

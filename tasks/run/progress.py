@@ -25,6 +25,15 @@ QUIET_S = 30.0
 """Plain-line mode, unknown total: at most one line per this many seconds."""
 
 
+STOP = threading.Event()
+"""Set when the run is interrupted (Ctrl-C): work in other threads stops at its next progress step."""
+
+
+class Interrupted(RuntimeError):
+    """Raised by `StageProgress.advance` once STOP is set: the unit of work in progress is given up
+    (its temporary folder is never committed, so a resume redoes it)."""
+
+
 def _silenced() -> bool:
     return os.environ.get("EPISODE2LORA_NO_PROGRESS") == "1"
 
@@ -113,6 +122,8 @@ class StageProgress:
             self._task = bars.add_task(description, total=total)
 
     def advance(self, n: int = 1) -> None:
+        if STOP.is_set():
+            raise Interrupted(f"interrupted after {self.done} of {self.total} items")
         self.done += n
         if self._task is not None:
             _shared_bars().update(self._task, completed=self.done)
