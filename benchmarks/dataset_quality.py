@@ -83,6 +83,7 @@ def measure(store, videos: list[Path], margin: int = 8) -> dict:
 
     matched = identities_of_layers(store.read_manifest("segment"), videos)
     selected = store.read_manifest("select").to_pylist() if store.is_done("select") else []
+    selected = [r for r in selected if r.get("crop", "full") == "full"]  # layers; their head and upper-body crops follow them
     layers = {r["item_id"]: r for r in store.read_manifest("segment").to_pylist()}
     clean = layer_cleanliness([layers[r["item_id"]] for r in selected if r["item_id"] in layers], store.root, videos,
                               margin)

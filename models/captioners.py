@@ -85,6 +85,12 @@ def dominant_colours(rgb: np.ndarray, mask: np.ndarray, k: int = 2, min_share: f
     return [name for name, n in ranked[:k] if n / total >= min_share]
 
 
+FRAMINGS = ("portrait", "upper body", "cropped", "full body")
+"""The framing words `framing` says."""
+CROP_FRAMING = {"head": "portrait", "upper_body": "upper body"}
+"""The framing a head or upper-body crop (tasks/select.py) is captioned with, whatever its edges say."""
+
+
 def framing(top: bool, bottom: bool, side: bool, height_share: float) -> str:
     """How a rendered figure is framed, from the canvas edges its pixels touch (a figure cut by its
     frame stays against the canvas edge where it was cut, tasks/composite.render).

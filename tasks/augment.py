@@ -11,8 +11,9 @@ ranges are the limits; `intensity` scales them (light 0.5, medium 0.75, heavy 1.
 
 The draws come from a generator seeded by (seed, character, copy number), are rounded and
 stored as JSON in `ops`, and `apply_ops(layer, ops)` reproduces an image from them exactly.
-Originals are passed on unchanged (their rows point at the select stage's files). One shard
-per character: `augment/shards/<character>/images/<original>_augNN.png` (RGBA).
+Originals are passed on unchanged (their rows point at the select stage's files); a head or
+upper-body crop (`crop`) is an original like a layer, in the group of the layer it was cut from,
+so a layer and its crops land on the same side of the validation split. One shard per character: `augment/shards/<character>/images/<original>_augNN.png` (RGBA).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_s
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "augment"
-VERSION = 1
+VERSION = 2  # 2: column `crop`; a crop's group is its layer
 
 MULTIPLIERS: tuple[tuple[int, float, float], ...] = ((10, 6.0, 8.0), (15, 4.0, 5.0), (20, 3.0, 4.0), (30, 1.5, 2.0))
 """(largest layer count of the band, low multiplier, high multiplier); counts above 30 use the last band."""
@@ -46,7 +47,7 @@ STRENGTH = {"light": 0.5, "medium": 0.75, "heavy": 1.0}
 SCHEMA = pa.schema([
     ("item_id", pa.string()),          # original: the select item id; new image: <original>:augNN
     ("source_id", pa.string()),        # the select item id of the original layer
-    ("group_id", pa.string()),         # the original a row derives from (keeps splits leak-free)
+    ("group_id", pa.string()),         # the layer a row derives from (keeps splits leak-free)
     ("character", pa.string()),
     ("trigger", pa.string()),
     ("kind", pa.string()),
@@ -57,6 +58,7 @@ SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("path", pa.string()),             # RGBA layer, run-relative
+    ("crop", pa.string()),             # full | upper_body | head (the select row's; full when it has none)
     ("kept", pa.bool_()),
     ("drop_reason", pa.string()),
 ])
@@ -207,7 +209,9 @@ def augment_character(root: Path, rows: list[dict], params: AugmentParams, backg
     records: list[dict] = []
     layers: list[tuple[dict, np.ndarray]] = []
     for row in sorted(rows, key=lambda r: r["item_id"]):
-        base = {"item_id": row["item_id"], "source_id": row["item_id"], "group_id": row["item_id"],
+        crop = row.get("crop") or "full"
+        group = row["item_id"] if crop == "full" else row.get("source_id") or row["item_id"]
+        base = {"item_id": row["item_id"], "source_id": row["item_id"], "group_id": group, "crop": crop,
                 "character": row["character"], "trigger": row["trigger"], "kind": row.get("kind") or "unknown",
                 "cluster_id": row.get("cluster_id"), "augmented": False, "ops": "{}", "background_path": None,
                 "path": row["path"], "kept": True, "drop_reason": None, "width": None, "height": None}

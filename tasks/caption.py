@@ -5,7 +5,8 @@ and described by a captioner (models/captioners.py) with a prompt for the charac
 A post-processor then enforces the caption rules of the seeds: the trigger word first,
 then what varies (pose, framing, setting, lighting, expression); prompt echoes, repeated
 words and configured words (e.g. the identity's fixed features) are removed, the text is
-trimmed to `max_words`.
+trimmed to `max_words`. A head or upper-body crop (`crop`) is framed "portrait" / "upper body"
+right after the trigger, in place of any framing the captioner said.
 
 Work is sharded per character in chunks of `shard_size` images (`<character>-<chunk:04d>`);
 a committed shard is never captioned again, so a killed run resumes where it stopped.
@@ -31,7 +32,7 @@ from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_s
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "caption"
-VERSION = 2  # 2: template framing from the edges a figure was cut at (portrait, cropped)
+VERSION = 3  # 2: template framing from the edges a figure was cut at (portrait, cropped); 3: crops' framing
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),          # the augment row's item id (the image)
@@ -43,6 +44,7 @@ SCHEMA = pa.schema([
     ("augmented", pa.bool_()),
     ("path", pa.string()),             # the RGBA layer the caption belongs to
     ("background_path", pa.string()),  # rendered onto this background layer (null: plain colour)
+    ("crop", pa.string()),             # full | upper_body | head
     ("prompt", pa.string()),
     ("raw_caption", pa.string()),
     ("caption", pa.string()),
@@ -150,6 +152,22 @@ def finish_caption(raw: str, trigger: str, *, prompt: str = "", drop_words: list
     return ", ".join([trigger, *phrases]) if trigger else ", ".join(phrases)
 
 
+def frame_caption(caption: str, trigger: str, crop: str | None, *, drop_words: list[str] = (),
+                  max_words: int = 40) -> str:
+    """A crop's caption: its framing ("portrait" for head, "upper body" for upper_body crops) right
+    after the trigger, any other framing phrase removed; other captions unchanged."""
+    from models.captioners import CROP_FRAMING, FRAMINGS
+
+    word = CROP_FRAMING.get(crop or "full")
+    if word is None:
+        return caption
+    phrases = caption.split(", ")
+    if trigger and phrases[:1] == [trigger]:
+        phrases = phrases[1:]
+    rest = [p for p in phrases if p.strip().lower() not in FRAMINGS]
+    return finish_caption(", ".join([word, *rest]), trigger, drop_words=drop_words, max_words=max_words)
+
+
 def load_captioner(params: CaptionParams):
     """The captioner named by params (the registry in models/captioners.py builds it once per process)."""
     from models.captioners import captioner
@@ -203,8 +221,10 @@ def caption_images(root, rows: list[dict], params: CaptionParams, render: Render
             raws = captioner.caption(images[chunk], prompts[chunk])
             for record, raw in zip(pending[chunk], raws):
                 record["raw_caption"] = raw
-                record["caption"] = finish_caption(raw, record["trigger"], prompt=record["prompt"],
-                                                   drop_words=params.drop_words, max_words=params.max_words)
+                caption = finish_caption(raw, record["trigger"], prompt=record["prompt"],
+                                         drop_words=params.drop_words, max_words=params.max_words)
+                record["caption"] = frame_caption(caption, record["trigger"], record["crop"],
+                                                  drop_words=params.drop_words, max_words=params.max_words)
             bar.advance(len(raws))
     report = {"images": len(rows), "captioned": len(pending) + given, "given": given,
               "quarantined": len(rows) - len(pending) - given}

@@ -50,7 +50,7 @@ from tasks.run.stage import StageResult, finished, run_global_stage, stage_finge
 from tasks.run.store import QUARANTINE, RunStore, safe_name, write_table
 
 STAGE = "package"
-VERSION = 3
+VERSION = 4  # 4: column `crop`
 
 TABLE: tuple[tuple[float, int, int, float, float], ...] = (
     (10, 30, 30, 5e-5, 2e-5),
@@ -72,6 +72,7 @@ SCHEMA = pa.schema([
     ("path", pa.string()),             # run-relative PNG (RGBA, alpha = character mask, when alpha_mask)
     ("caption_path", pa.string()),     # run-relative .txt beside it
     ("caption", pa.string()),
+    ("crop", pa.string()),             # full | upper_body | head (a face-centred crop of a layer, tasks/select.py)
     ("kept", pa.bool_()),
     ("drop_reason", pa.string()),
 ])
@@ -435,6 +436,7 @@ def package_dataset(root: Path, rows: list[dict], backgrounds: list[str], params
                 folder.mkdir(parents=True, exist_ok=True)
                 record = {"item_id": row["item_id"], "source_id": row["item_id"], "character": character,
                           "trigger": trigger, "kind": kind, "split": split, "caption": row["caption"],
+                          "crop": row.get("crop") or "full",
                           "kept": True, "drop_reason": None, "path": None, "caption_path": None}
                 record.update(_package_image(root, row, folder, stems[row["item_id"]], params))
                 mine_records.append(record)
@@ -481,6 +483,7 @@ def _summary(records: list[dict], characters: list[dict], any_subset: bool, para
         "train": sum(r["split"] == "train" and r["kept"] for r in records),
         "validation": sum(r["split"] == "validation" and r["kept"] for r in records),
         "quarantined": sum(not r["kept"] for r in records),
+        "crops": {k: sum(r["kept"] and r.get("crop") == k for r in records) for k in ("upper_body", "head")},
         "total_steps": {c["character"]: c["total_steps"] for c in characters},
         "steps": [steps_line(c, params) for c in characters],
         "multi_concept": safe_name(params.multi_concept_name) if params.multi_concept and any_subset else None,
@@ -574,7 +577,7 @@ def _package_backgrounds(root: Path, backgrounds: list[str], params: PackagePara
         records.append({"item_id": f"background:{paths[i]}", "source_id": paths[i], "character": bg.name,
                         "trigger": bg.trigger, "kind": "background", "split": "train", "repeats": bg.repeats,
                         "path": f"{rel}/{stem}.png", "caption_path": f"{rel}/{stem}.txt", "caption": caption,
-                        "kept": True, "drop_reason": None})
+                        "crop": "full", "kept": True, "drop_reason": None})
     n = len(keep)
     plan = {"repeats": bg.repeats, "epochs": bg.epochs, "unet_lr": bg.unet_lr, "text_encoder_lr": bg.text_encoder_lr,
             "network_dim": params.network_dim, "network_alpha": max(1, params.network_dim // 2),

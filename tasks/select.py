@@ -20,17 +20,30 @@ stage keeps stable across runs. References to clusters or layers that no longer 
 reported as warnings and ignored; malformed files fail before work starts. A selection of
 no character stops the run here (`NothingSelected`) with the largest clusters and the exact
 `--set` that would take them.
+
+Crops (`crops`, as waifuc's three-stage split): a selected layer that holds a face (the segment
+stage's `face_box`) also gives a head crop (a square of `HEAD_SCALE` face sides centred on the
+face) and an upper-body crop (from a face height above the face down to `UPPER_BODY_DEPTH` face
+heights below its top, `UPPER_BODY_WIDTH` face widths wide, centred on the face), each cut from
+the layer (clipped to it) into `select/crops/`, as rows of the same character with the item id
+`<layer id>#head` / `#upper_body`, `source_id` the layer and `crop` head / upper_body (layers:
+full). A crop whose shorter side is under `crop_min_side` frame pixels, or that keeps nearly all
+of the layer's character pixels (the full image again), is skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.run.spec import GlobalStage
@@ -39,8 +52,22 @@ from tasks.run.store import RunStore, safe_name, write_table
 from tasks.tier import KINDS, MEMBERS, Tier
 
 STAGE = "select"
-VERSION = 2
+VERSION = 3  # 3: head and upper-body crops of layers with a face (column `crop`)
 CHARACTERS = "characters.parquet"
+CROPS = "crops"
+Crop = Literal["full", "upper_body", "head"]
+HEAD_SCALE = 2.0
+"""Side of a head crop, in face sides (the longer side of the face box), centred on the face."""
+UPPER_BODY_DEPTH = 3.5
+"""An upper-body crop reaches this many face heights below the face's top ..."""
+UPPER_BODY_ABOVE = 1.0
+"""... from this many face heights above it (the hair) ..."""
+UPPER_BODY_WIDTH = 5.0
+"""... and is this many face widths wide, centred on the face (clipped to the layer)."""
+SAME_AS_FULL = 0.9
+"""A crop keeping more than this share of the layer's character pixels is the full image again: skipped."""
+LAYER_MARGIN = 8
+"""The segment stage's default `margin`: a layer image's top-left corner is its bbox's less this (clipped at 0)."""
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),        # the layer
@@ -49,7 +76,8 @@ SCHEMA = pa.schema([
     ("trigger", pa.string()),
     ("cluster_id", pa.int32()),      # the layer's cluster (after moves)
     ("kind", pa.string()),
-    ("path", pa.string()),           # the RGBA layer, run-relative
+    ("path", pa.string()),           # the RGBA layer (or its crop, under select/crops/), run-relative
+    ("crop", pa.string()),           # full | upper_body | head
 ])
 CHARACTER_SCHEMA = pa.schema([
     ("character", pa.string()),
@@ -194,6 +222,18 @@ class SelectParams(BaseModel):
     kinds: list[str] = Field(["character"], description="cluster kinds that may be selected (character, mixed; "
                              "scenery is never a character; include: true overrides)")
     overrides: str | None = Field(None, description="path of an overrides YAML file (names, triggers, merges, exclusions, moves)")
+    crops: list[Crop] = Field(["full", "upper_body", "head"], description="training images per selected layer: the "
+                              "full layer, and for a layer with a face its upper-body and head crops")
+    crop_min_side: int = Field(96, ge=16, description="a crop whose shorter side has fewer frame pixels is skipped")
+
+    @field_validator("crops")
+    @classmethod
+    def _crops(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("crops must name at least one of full, upper_body, head, got []")
+        if len(set(value)) != len(value):
+            raise ValueError(f"crops must not repeat a kind, got {value}")
+        return value
 
     @field_validator("kinds")
     @classmethod
@@ -312,7 +352,7 @@ def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
         characters.append({"character": name, "trigger": trigger, "kind": kind, "cluster_ids": sorted(cids),
                            "n_images": len(layers_c), "purity": _purity(layers_c, tier_rows)})
         rows += [{"item_id": r["item_id"], "source_id": r["item_id"], "character": name, "trigger": trigger,
-                  "cluster_id": r["cluster_id"], "kind": kind, "path": r["path"]} for r in layers_c]
+                  "cluster_id": r["cluster_id"], "kind": kind, "path": r["path"], "crop": "full"} for r in layers_c]
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     table_c = pa.Table.from_pylist(characters, schema=CHARACTER_SCHEMA)
     summary = {
@@ -324,6 +364,86 @@ def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
         "purity": {c["character"]: None if c["purity"] is None else round(c["purity"], 3) for c in characters},
     }
     return table, table_c, summary
+
+
+# ---- head and upper-body crops -------------------------------------------------------------------
+
+def crop_boxes(face_box: list[int], origin: tuple[int, int], size: tuple[int, int]) -> dict[str, tuple[int, int, int, int]]:
+    """The head and upper-body boxes (x0, y0, x1, y1, exclusive ends) in a layer's pixels, clipped to it.
+
+    Args:
+        face_box: the face's [x0, y0, x1, y1] in frame pixels.
+        origin: the frame position of the layer image's top-left corner.
+        size: the layer image's (width, height).
+    """
+    fx0, fy0 = face_box[0] - origin[0], face_box[1] - origin[1]
+    fw, fh = max(face_box[2] - face_box[0], 1), max(face_box[3] - face_box[1], 1)
+    cx, cy, half = fx0 + fw / 2, fy0 + fh / 2, HEAD_SCALE * max(fw, fh) / 2
+    boxes = {"head": (cx - half, cy - half, cx + half, cy + half),
+             "upper_body": (cx - UPPER_BODY_WIDTH * fw / 2, fy0 - UPPER_BODY_ABOVE * fh,
+                            cx + UPPER_BODY_WIDTH * fw / 2, fy0 + UPPER_BODY_DEPTH * fh)}
+    w, h = size
+    return {kind: (max(0, round(x0)), max(0, round(y0)), min(w, round(x1)), min(h, round(y1)))
+            for kind, (x0, y0, x1, y1) in boxes.items()}
+
+
+def layer_origin(bbox: list[int], margin: int) -> tuple[int, int]:
+    """Where a layer image's top-left corner sits in its frame (tasks/segment.layer_frame)."""
+    return max(bbox[0] - margin, 0), max(bbox[1] - margin, 0)
+
+
+def cut_crops(root: Path, rows: list[dict], faces: dict[str, dict], params: SelectParams, out: Path, prefix: str,
+              margin: int = LAYER_MARGIN) -> tuple[list[dict], dict[str, int]]:
+    """Cut the head and upper-body crops `params.crops` asks for from the selected layers that hold a face.
+
+    Args:
+        root: the run folder (row paths are relative to it).
+        rows: selected layers (SCHEMA rows, crop full).
+        faces: layer item id -> its segment row (bbox, face_box) for layers with a face.
+        params: crops, crop_min_side.
+        out: folder the crop images go into; `prefix`: its run-relative path.
+        margin: the segment stage's margin (where a layer sits in its frame).
+    Returns:
+        (crop rows with SCHEMA, counts: crops made per kind and skipped per reason).
+    """
+    kinds = [k for k in ("upper_body", "head") if k in params.crops]
+    counts = {**{k: 0 for k in kinds}, "too_small": 0, "whole_layer": 0, "unreadable": 0}
+    crops: list[dict] = []
+    for row in rows:
+        segment_row = faces.get(row["item_id"])
+        if not kinds or segment_row is None:
+            continue
+        try:
+            with Image.open(root / row["path"]) as im:
+                layer = np.asarray(im.convert("RGBA"))
+        except (OSError, ValueError):
+            counts["unreadable"] += 1
+            continue
+        character = layer[..., 3] > 8
+        boxes = crop_boxes(segment_row["face_box"], layer_origin(segment_row["bbox"], margin), layer.shape[1::-1])
+        for kind in kinds:
+            x0, y0, x1, y1 = boxes[kind]
+            if min(x1 - x0, y1 - y0) < params.crop_min_side:
+                counts["too_small"] += 1
+                continue
+            if character[y0:y1, x0:x1].sum() > SAME_AS_FULL * character.sum():
+                counts["whole_layer"] += 1
+                continue
+            name = f"{safe_name(row['item_id'], max_len=100)}_{kind}.png"
+            out.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(layer[y0:y1, x0:x1]), "RGBA").save(out / name, compress_level=3)
+            crops.append({**row, "item_id": f"{row['item_id']}#{kind}", "source_id": row["item_id"],
+                          "path": f"{prefix}/{name}", "crop": kind})
+            counts[kind] += 1
+    return crops, counts
+
+
+def _faces(segment: pa.Table) -> dict[str, dict]:
+    """Layer item id -> {bbox, face_box} of the segment rows that hold a face."""
+    if "face_box" not in segment.column_names:
+        return {}
+    return {r["item_id"]: r for r in segment.select(["item_id", "bbox", "face_box"]).to_pylist()
+            if r["face_box"] and r["bbox"]}
 
 
 def nothing_selected_message(tiers: pa.Table, params: SelectParams, shown: int = 5) -> str:
@@ -359,21 +479,30 @@ class _SelectSettings(SelectParams):
     """SelectParams plus the overrides file's content digest (part of the fingerprint)."""
 
     overrides_digest: str = ""
+    layer_margin: int = LAYER_MARGIN
 
 
-def _settings(params: SelectParams) -> _SelectSettings:
+def _margin(params: object) -> int:
+    """The segment stage's margin of the run's parameters (where layers sit in their frames)."""
+    return getattr(getattr(params, "segment", None), "margin", LAYER_MARGIN)
+
+
+def _settings(params: SelectParams, margin: int = LAYER_MARGIN) -> _SelectSettings:
     digest = ""
     if params.overrides:
         try:
             digest = hashlib.sha256(Path(params.overrides).read_bytes()).hexdigest()
         except FileNotFoundError:
             raise OverridesError(f"overrides file not found: {params.overrides} (select.overrides)") from None
-    return _SelectSettings(**params.model_dump(), overrides_digest=digest)
+    return _SelectSettings(**params.model_dump(), overrides_digest=digest, layer_margin=margin)
 
 
-def run_select(store: RunStore, params: SelectParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
-    """The stage as one plain call: read cluster and tier manifests, select, commit."""
-    upstream = upstream or {s: finished(store, s) for s in ("cluster", "tier")}
+def run_select(store: RunStore, params: SelectParams, upstream: dict[str, StageResult] | None = None,
+               margin: int = LAYER_MARGIN) -> StageResult:
+    """The stage as one plain call: read cluster and tier manifests, select, cut the crops of the layers
+    the segment manifest says hold a face (`margin`: the segment stage's), commit."""
+    upstream = upstream or {s: finished(store, s) for s in ("cluster", "tier", "segment")
+                            if s != "segment" or store.is_done(s)}
 
     def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
         clusters, tiers = (store.read_manifest(upstream[role].stage) for role in ("cluster", "tier"))
@@ -383,15 +512,24 @@ def run_select(store: RunStore, params: SelectParams, upstream: dict[str, StageR
         if not characters.num_rows:
             raise NothingSelected(nothing_selected_message(tiers, params))
         write_table(characters, folder / CHARACTERS)
-        return table, summary, [f"{STAGE}/{CHARACTERS}"]
+        shutil.rmtree(folder / CROPS, ignore_errors=True)  # crops of an earlier selection go
+        faces = _faces(store.read_manifest(upstream["segment"].stage)) if "segment" in upstream else {}
+        layers = table.to_pylist()
+        crops, counts = cut_crops(store.root, layers, faces, params, folder / CROPS, f"{STAGE}/{CROPS}", margin)
+        crops_of: dict[str, list[dict]] = {}
+        for crop in crops:
+            crops_of.setdefault(crop["source_id"], []).append(crop)
+        rows = [row for layer in layers for row in ([layer] if "full" in params.crops else []) + crops_of.get(layer["item_id"], [])]
+        summary.update(images=len(rows), layers_with_face=sum(r["item_id"] in faces for r in layers), crops=counts)
+        return pa.Table.from_pylist(rows, schema=SCHEMA), summary, [f"{STAGE}/{CHARACTERS}"]
 
-    return run_global_stage(store, STAGE, VERSION, _settings(params), upstream, build)
+    return run_global_stage(store, STAGE, VERSION, _settings(params, margin), upstream, build)
 
 
 SELECT = GlobalStage(
-    name=STAGE, version=VERSION, params=SelectParams, inputs=("cluster", "tier"), title="selected characters",
-    build=lambda store, params, inputs: run_select(store, params.select, inputs),
-    probe=lambda params, inputs: stage_fingerprint(STAGE, VERSION, _settings(params.select), inputs),
+    name=STAGE, version=VERSION, params=SelectParams, inputs=("cluster", "tier", "segment"), title="selected characters",
+    build=lambda store, params, inputs: run_select(store, params.select, inputs, _margin(params)),
+    probe=lambda params, inputs: stage_fingerprint(STAGE, VERSION, _settings(params.select, _margin(params)), inputs),
     rows=lambda store, result: pq.read_table(store.stage_dir(STAGE) / CHARACTERS).to_pylist(),
 )
 """The select stage: the characters to train, with their names and triggers."""

@@ -46,7 +46,7 @@ def test_a_character_that_never_moves_is_selected(anime_run):
     actions = {inst["action"] for f in truth["frames"] for inst in f["instances"] if inst["identity"] == still}
     assert actions == {"still"}  # the footage is as claimed: only blinks and mouth flaps
     matched = identities_of_layers(store.read_manifest("segment"), [video])
-    selected = store.read_manifest("select").to_pylist()
+    selected = [r for r in store.read_manifest("select").to_pylist() if r.get("crop", "full") == "full"]
     by_character: dict[str, Counter] = {}
     for row in selected:
         by_character.setdefault(row["character"], Counter())[matched.get(row["item_id"])] += 1
