@@ -19,8 +19,9 @@ from typing import Any
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIXES = {"sd15": ("lora_te_",), "sdxl": ("lora_te1_", "lora_te2_")}
-BASE_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURES = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+BASE_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
+ARCHITECTURES = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora",
+                 "flux": "flux-1-dev/lora"}
 
 _DOWN = re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
 _UP = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")

@@ -85,6 +85,10 @@ class TrainSettings(BaseModel):
                                     "auto = on when the training images carry alpha, on, off")
     mask_floor: float = Field(0.0, ge=0, lt=1, description="masked loss weight of background pixels (alpha 0), "
                               "0 = the background is not learnt at all")
+    timestep_sampling: Literal["sigmoid", "shift", "uniform", "logit_normal"] = Field(
+        "sigmoid", description="FLUX only: how training noise levels are drawn (flow matching)")
+    flow_shift: float = Field(3.0, gt=0, description="FLUX only: sigma shift of timestep_sampling 'shift'")
+    guidance: float = Field(1.0, ge=0, description="FLUX.1-dev only: the guidance embedding's value while training")
     init_lora: Optional[str] = Field(None, description="start from this LoRA file (kohya format, same rank) instead of "
                                      "fresh layers: fine-tuning, e.g. a detail stage after a core LoRA")
 
@@ -122,6 +126,33 @@ PROFILES: dict[str, dict[str, Any]] = {
                  sample_steps=4, gradient_checkpointing=False),
 }
 Profile = Literal["fast", "final", "package", "demo"]
+
+FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
+"""FLUX.1: attention and MLP projections of the double and single blocks (kohya's lora_flux default set)."""
+FLUX_PROFILES: dict[str, dict[str, Any]] = {
+    # On a FLUX base the guide's tables hold as they are (rank/alpha, LR, schedule, warm-up, steps, buckets,
+    # text encoder frozen); added here is what a FLUX.1 LoRA needs and SD has no word for.
+    "fast": dict(target_modules=FLUX_TARGETS, timestep_sampling="sigmoid", guidance=1.0),
+    "final": dict(target_modules=FLUX_TARGETS, timestep_sampling="sigmoid", guidance=1.0),
+    "package": dict(target_modules=FLUX_TARGETS),
+    "demo": dict(target_modules=FLUX_TARGETS, timestep_sampling="sigmoid"),
+}
+"""What a FLUX base adds to each profile (after the profile, before explicit fields)."""
+
+
+def flux_ignored(settings: "TrainSettings") -> list[str]:
+    """Settings of a FLUX training that flow matching has no use for, each with why (said, not dropped)."""
+    notes = []
+    if settings.noise_offset:
+        notes.append(f"noise_offset={settings.noise_offset} is ignored on FLUX (flow matching has no offset noise)")
+    if settings.min_snr_gamma:
+        notes.append(f"min_snr_gamma={settings.min_snr_gamma} is ignored on FLUX (no DDPM SNR in flow matching)")
+    if settings.zero_terminal_snr:
+        notes.append("zero_terminal_snr is ignored on FLUX (flow matching reaches pure noise at sigma 1)")
+    if settings.prediction != "auto":
+        notes.append(f"prediction={settings.prediction} is ignored on FLUX (it predicts the velocity noise - x)")
+    return notes
 
 # kohya train_network.py / dataset-config keys -> TrainSettings fields
 KOHYA_KEYS: dict[str, str] = {
@@ -212,6 +243,12 @@ def resolve_settings(profile: str, package_config: dict[str, Any] | None = None,
     explicit = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "epochs" in explicit and "max_steps" not in explicit:
         data["max_steps"] = None  # asking for epochs means epochs decide the length
+    base = explicit.get("base", data.get("base", DEFAULT_BASE))
+    if base != DEFAULT_BASE:
+        from models.flux_base import is_flux
+
+        if is_flux(str(base)):
+            data.update(FLUX_PROFILES[profile])
     data.update(explicit)
     try:
         return TrainSettings.model_validate(data)

@@ -1,4 +1,5 @@
-"""The LoRA trainer: diffusers + peft + accelerate, for Stable Diffusion 1.5 and SDXL bases.
+"""The LoRA trainer: diffusers + peft + accelerate, for Stable Diffusion 1.5 and SDXL bases
+(FLUX.1 bases: the same run with the FLUX parts swapped in, models/flux_trainer.py).
 
 One call trains one character: `train_lora(job, resume=..., on_step=...)`. peft LoRA layers go
 on the UNet's attention projections (and, when asked, on the text encoders' q/k/v/out with
@@ -160,8 +161,6 @@ class _Run:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
-        from models.sd_base import load_base
-
         self.job, self.s, self.on_step = job, job.settings, on_step
         self.out = Path(job.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -176,8 +175,7 @@ class _Run:
         )
         self.device = self.acc.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
-        self.base = load_base(s.base, dtype=self.weight_dtype, device=self.device, config=s.base_config,
-                              prediction=s.prediction, zero_terminal_snr=s.zero_terminal_snr)
+        self.base = self._load_base()
         self.family = self.base.family
         if not on_gpu and sum(p.numel() for p in self.base.unet.parameters()) < TINY_UNET_PARAMS:
             torch.set_num_threads(1)  # tiny ops (a stand-in base, from a folder or a file): thread hand-offs cost more
@@ -192,6 +190,13 @@ class _Run:
         self._text_cache: dict[str, tuple[Any, Any]] = {}
 
     # -- set-up ----------------------------------------------------------------------------------
+    def _load_base(self) -> Any:
+        from models.sd_base import load_base
+
+        s = self.s
+        return load_base(s.base, dtype=self.weight_dtype, device=self.device, config=s.base_config,
+                         prediction=s.prediction, zero_terminal_snr=s.zero_terminal_snr)
+
     def _add_lora(self) -> None:
         import torch
         from peft import LoraConfig
@@ -558,6 +563,18 @@ class _Run:
                                "ss_masked_loss": self.masked, "ss_mask_floor": s.mask_floor if self.masked else 0.0})
         return save_kohya(path, tensors, meta)
 
+    def save_diffusers(self, folder: Path) -> None:
+        """The current LoRA in diffusers' format (`pytorch_lora_weights.safetensors` in `folder`)."""
+        unet, tes = self.lora_states()
+        layers = to_diffusers(unet, tes, self.s.alpha / self.s.rank)
+        pipeline_cls = type(self.base.pipeline())
+        kwargs = {"unet_lora_layers": layers[0]}
+        if tes:
+            kwargs["text_encoder_lora_layers"] = layers[1]
+            if self.family == "sdxl":
+                kwargs["text_encoder_2_lora_layers"] = layers[2]
+        pipeline_cls.save_lora_weights(str(folder), **kwargs)
+
     def base_hashes(self) -> dict[str, str]:
         """kohya's hashes of a single-file base (computed once): legacy short hash and full sha256."""
         from models.kohya_format import model_hashes
@@ -635,15 +652,7 @@ class _Run:
         diffusers_dir = out / "diffusers"
         if self.acc.is_main_process:
             self.export(lora)
-            unet, tes = self.lora_states()
-            layers = to_diffusers(unet, tes, self.s.alpha / self.s.rank)
-            pipeline_cls = type(self.base.pipeline())
-            kwargs = {"unet_lora_layers": layers[0]}
-            if tes:
-                kwargs["text_encoder_lora_layers"] = layers[1]
-                if self.family == "sdxl":
-                    kwargs["text_encoder_2_lora_layers"] = layers[2]
-            pipeline_cls.save_lora_weights(str(diffusers_dir), **kwargs)
+            self.save_diffusers(diffusers_dir)
         checkpoints = [(step, str(next(folder.glob("*-step*.safetensors")))) for step, folder in ckpt.checkpoint_dirs(out)]
         outcome = TrainOutcome(
             character=job.character, status="completed", steps=self.step, epochs=getattr(self, "epoch", 0) + 1,
@@ -702,8 +711,19 @@ def _reset_accelerate() -> None:
     GradientState._reset_state()
 
 
+def _run_class(base: str) -> type:
+    """The trainer of a base's family: FLUX.1 (models/flux_trainer.py) or Stable Diffusion."""
+    from models.flux_base import is_flux
+
+    if is_flux(base):
+        from models.flux_trainer import FluxParts
+
+        return type("FluxRun", (FluxParts, _Run), {})
+    return _Run
+
+
 def _train(job: TrainJob, out: Path, resume: bool, on_step: Callable[[int, int, dict], None] | None) -> TrainOutcome:
-    run = _Run(job, on_step)
+    run = _run_class(job.settings.base)(job, on_step)
     if not (resume and run.resume()):
         for stale in ("loss.jsonl", "validation.jsonl", "outcome.json"):
             (out / stale).unlink(missing_ok=True)

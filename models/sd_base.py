@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Family = Literal["sd15", "sdxl"]
+Family = Literal["sd15", "sdxl", "flux"]
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 FAMILY_CONFIGS: dict[str, str] = {"sd15": DEFAULT_BASE, "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 """The architecture a single file of each family is read with when no `config` is given."""
@@ -76,17 +76,21 @@ class LoadedBase:
 
 def resolve_base(name: str) -> str:
     """A local folder for tiny names, else the name itself (a local folder or a hub id)."""
+    from models.tiny_flux import TINY_FLUX_BASES, ensure_tiny_flux
     from models.tiny_sd import TINY_BASES, ensure_tiny_base
 
+    if name in TINY_FLUX_BASES:
+        return str(ensure_tiny_flux(name))
     if name in TINY_BASES:
         return str(ensure_tiny_base(name))
     return name
 
 
 def is_tiny(name: str) -> bool:
+    from models.tiny_flux import TINY_FLUX_BASES
     from models.tiny_sd import TINY_BASES
 
-    return name in TINY_BASES or (Path(name) / "README.md").is_file() and "Tiny randomly-initialised" in (
+    return name in TINY_BASES or name in TINY_FLUX_BASES or (Path(name) / "README.md").is_file() and "Tiny randomly-initialised" in (
         Path(name) / "README.md").read_text(errors="ignore")
 
 
@@ -136,6 +140,9 @@ def detect_family(path: str) -> Family:
     index = Path(path) / "model_index.json"
     if index.is_file():
         data = json.loads(index.read_text())
+        if str(data.get("_class_name", "")).startswith("Flux"):
+            raise ValueError(f"base model '{path}' is a FLUX.1 pipeline: the LoRA trainer reads it "
+                             "(models/flux_base.py); this Stable Diffusion loader does not")
         return "sdxl" if "text_encoder_2" in data else "sd15"
     from huggingface_hub import hf_hub_download
 

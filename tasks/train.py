@@ -142,7 +142,8 @@ def train_job(job: Any, *, trainer: str = "diffusers", kohya_scripts: str | None
 
 TINY_NOTICE = ("base model '{base}' is a tiny UNTRAINED stand-in: the LoRA proves the pipeline end to end, it does "
                "not learn the character. For real LoRAs set a real base: train.base=stable-diffusion-v1-5/"
-               "stable-diffusion-v1-5 (or an SDXL id, or a local diffusers folder), e.g. --set train.base=/models/sd15")
+               "stable-diffusion-v1-5 (or an SDXL id, black-forest-labs/FLUX.1-dev, or a local diffusers folder), "
+               "e.g. --set train.base=/models/sd15")
 
 
 def masked_loss_note(job: Any, trainer: str = "diffusers") -> str:
