@@ -87,7 +87,7 @@ def test_unknown_embedder_lists_the_known_ones():
 def test_missing_models_say_how_to_provide_them(tmp_path):
     with pytest.raises(ModelNotAvailable, match="does not exist"):
         load_embedder(f"onnx:{tmp_path / 'missing.onnx'}")
-    with pytest.raises(ModelNotAvailable, match="save_pretrained into a folder"):
+    with pytest.raises(ModelNotAvailable, match=r"does not exist .*an existing folder saved with save_pretrained"):
         load_embedder(f"clip:{tmp_path / 'no-model-here'}")
 
 
