@@ -148,7 +148,6 @@ class FluxParts:
     # -- samples and files -------------------------------------------------------------------------
     def _sample(self) -> None:
         import torch
-        from PIL import Image
 
         s = self.s
         if not self.acc.is_main_process or not s.sample_prompts:
@@ -168,11 +167,7 @@ class FluxParts:
                                    num_inference_steps=s.sample_steps, height=size, width=size, guidance_scale=guidance,
                                    generator=torch.Generator().manual_seed(s.seed + i)).images[0])
         self.unet.train()
-        sheet = Image.new("RGB", (size * len(images), size), "white")
-        for i, im in enumerate(images):
-            sheet.paste(im.resize((size, size)), (i * size, 0))
-        (self.out / "samples").mkdir(exist_ok=True)
-        sheet.save(self.out / "samples" / f"step-{self.step:06d}.png")
+        self.save_sample_sheet(images, size)
 
     def architecture(self) -> str:
         """modelspec architecture: flux-1-dev (guidance embedding) or flux-1-schnell."""

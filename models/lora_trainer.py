@@ -509,7 +509,6 @@ class _Run:
     def _sample(self) -> None:
         import torch
         from diffusers import DDIMScheduler
-        from PIL import Image
 
         s = self.s
         if not self.acc.is_main_process or not s.sample_prompts:
@@ -524,6 +523,12 @@ class _Run:
             images = [pipe(p, num_inference_steps=s.sample_steps, height=size, width=size,
                            generator=torch.Generator().manual_seed(s.seed + i)).images[0] for i, p in enumerate(prompts)]
         self.unet.train()
+        self.save_sample_sheet(images, size)
+
+    def save_sample_sheet(self, images: list, size: int) -> None:
+        """The sample images side by side at `size` px, as samples/step-<step>.png."""
+        from PIL import Image
+
         sheet = Image.new("RGB", (size * len(images), size), "white")
         for i, im in enumerate(images):
             sheet.paste(im.resize((size, size)), (i * size, 0))

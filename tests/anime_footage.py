@@ -54,7 +54,7 @@ import av
 import cv2
 import numpy as np
 
-from tests.footage import REPO, _encoder, _paste, make_background
+from tests.footage import REPO, _encoder, _paste, make_background, write_truth
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--no-sandbox",
@@ -780,12 +780,7 @@ def render_episode(
                                 "framing": spec.framing, "actions": actions})
         container.mux(stream.encode(None))
 
-    truth = {"fps": fps, "size": [W, H], "n_frames": len(frames),
-             "shot_starts": [s["start"] for s in truth_shots], "shots": truth_shots, "frames": frames}
-    stem = out.with_suffix("")
-    Path(f"{stem}.truth.json").write_text(json.dumps(truth, separators=(",", ":")))
-    np.savez_compressed(f"{stem}.masks.npz", labels=labels)
-    return truth
+    return write_truth(out, fps, (W, H), truth_shots, frames, labels)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -465,8 +465,14 @@ def render_episode(
                                 "repeat_of": None if repeat_of is None else first + repeat_of})
         container.mux(stream.encode(None))
 
-    truth = {"fps": fps, "size": [W, H], "n_frames": len(frames),
-             "shot_starts": [s["start"] for s in truth_shots], "shots": truth_shots, "frames": frames}
+    return write_truth(out, fps, (W, H), truth_shots, frames, labels)
+
+
+def write_truth(out: Path, fps: int, size: tuple[int, int], shots: list[dict], frames: list[dict],
+                labels: np.ndarray) -> dict:
+    """Write ``<stem>.truth.json`` and ``<stem>.masks.npz`` beside the video ``out``; return the truth."""
+    truth = {"fps": fps, "size": list(size), "n_frames": len(frames),
+             "shot_starts": [s["start"] for s in shots], "shots": shots, "frames": frames}
     stem = out.with_suffix("")
     Path(f"{stem}.truth.json").write_text(json.dumps(truth, separators=(",", ":")))
     np.savez_compressed(f"{stem}.masks.npz", labels=labels)
