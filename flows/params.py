@@ -92,8 +92,11 @@ def load_params(config: Path | None = None, overrides: dict[str, Any] | None = N
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents, start=1):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[:depth])
+                raise ParamsError(f"--set {dotted}: {where} is {node!r} in {source}, not a mapping of parameters")
         node[leaf] = value
         source = f"{source} + --set {dotted}"
     try:

@@ -63,7 +63,8 @@ RUN_NAMES = sorted(["ref", *BROKEN_RECORDS])
 
 
 def _configs(folder: Path) -> dict[str, Path]:
-    texts = {"malformed": "frames: [mode: scene\n", "list": "- frames\n- segment\n", "stage": "framez:\n  mode: scene\n"}
+    texts = {"malformed": "frames: [mode: scene\n", "list": "- frames\n- segment\n", "stage": "framez:\n  mode: scene\n",
+             "scalar_stage": "frames: 5\n"}
     paths = {}
     for key, text in texts.items():
         paths[key] = folder / f"{key}.yaml"
@@ -82,6 +83,8 @@ REFUSALS = [  # (case, arguments, what the one-line message must name)
     ("misspelt file on an existing run", ["run", "typo.mp4", "--name", "ref"], "typo.mp4"),
     ("malformed YAML config", ["run", EP1, "--name", "c", "--config", "{malformed}"], "not valid YAML"),
     ("config that is a list", ["run", EP1, "--name", "c", "--config", "{list}"], "mapping"),
+    ("config with a number for a stage, and --set of a field inside it",
+     ["run", EP1, "--name", "c", "--config", "{scalar_stage}", "--set", "frames.mode=scene"], "frames.mode"),
     ("config file missing", ["run", EP1, "--name", "c", "--config", "{tmp}/none.yaml"], "none.yaml"),
     ("unknown stage in the config", ["run", EP1, "--name", "c", "--config", "{stage}"], "framez"),
     ("unknown field", ["run", EP1, "--name", "c", "--set", "frames.colour=blue"], "frames.colour"),
