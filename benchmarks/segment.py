@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import cv2
+import yaml
 import numpy as np
 
 from models.segmenters import providers, segmenter
@@ -64,6 +65,8 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=180)
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between sampled frames")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="segment parameter of the stage runs, e.g. faces=none, plate_check=false")
     args = ap.parse_args()
 
     ensure_u2netp()
@@ -80,6 +83,8 @@ def main() -> None:
         paths = [framed.root / r["path"] for r in frames]
         print(f"frames: {len(paths)} at {args.width}x{args.height} (model u2netp, providers {providers()})")
 
+        params = SegmentParams.model_validate({k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.set)})
+        print(f"stage parameters: {', '.join(args.set) or 'defaults'}")
         rss_before = peak_rss_mib()
         stage_model = segmenter("u2netp")
         stage_model.segment([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths[:2]])  # warm up
@@ -88,7 +93,7 @@ def main() -> None:
             runs = tmp / f"stage{i}"
             shutil.copytree(framed.root, runs / "b", ignore=shutil.ignore_patterns(".lock"))
             with RunStore(runs, "b").lock() as store:
-                return _timed(run_segment, store, SegmentParams())
+                return _timed(run_segment, store, params)
 
         stage_times = [stage_once(0)]
         bare = stage_model.session.inner_session  # the very same onnxruntime session, used bare
@@ -99,7 +104,7 @@ def main() -> None:
                 stage_times.append(stage_once(i + 1))
         with RunStore(tmp / "stage0", "b").lock() as store:
             start = time.perf_counter()
-            result = run_segment(store, SegmentParams())  # a no-op rerun: every shard and the merge are done
+            result = run_segment(store, params)  # a no-op rerun: every shard and the merge are done
             rerun_s = time.perf_counter() - start
 
         bare_wall, bare_cpu = (min(t) for t in zip(*bare_times))

@@ -220,6 +220,14 @@ class _StorageTracebacks(logging.Filter):
         return True
 
 
+class _InterruptCrash(logging.Filter):
+    """Drops Prefect's "Crash detected! ... interrupt signal" record: on Ctrl-C the CLI's one line says
+    what happened and how to continue."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "aborted by an interrupt signal" not in record.getMessage()
+
+
 def run_and_report(store: Any, runs_dir: Path, call: Callable[[], dict], *, expected: tuple = (),
                    before_report: Callable[[], None] = lambda: None) -> dict:
     """Run a flow (`call`), then print the run's status and where each stage's manifest is.
@@ -232,6 +240,7 @@ def run_and_report(store: Any, runs_dir: Path, call: Callable[[], dict], *, expe
     started = time.time()
     for logger in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(logger).addFilter(_StorageTracebacks())
+        logging.getLogger(logger).addFilter(_InterruptCrash())
     try:
         results = call()
     except (RunLockedError, RunChangedError, FileNotFoundError, *expected) as exc:

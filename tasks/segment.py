@@ -469,6 +469,7 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
                     rows.append(_frame_row(frame, params.model,
                                            drop_reason=f"{QUARANTINE}{frame.get('path')}: {reason}"))
                     report["quarantined"] += 1
+                    bar.advance()
                 else:
                     readable.append((frame, image))
             masks = []
@@ -490,9 +491,9 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
                 report["layers"] += sum(r["kept"] for r in frame_rows)
                 report["split"] += sum(r["split_from"] is not None for r in frame_rows)
                 report["no_detection"] += sum(r["drop_reason"] == "no_detection" for r in frame_rows)
+                bar.advance()  # per frame: a Ctrl-C stops the shard within a frame
             if params.plate_check:
                 report["clean_plates"] += check_plate(rows[first_row:], evidence, out, segmenter, params)
-            bar.advance(len(shot))
     report["recurring"] = mark_recurring(rows, {f["item_id"]: f.get("shot_id") for f in frames}, params)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return pa.Table.from_pylist([{k: v for k, v in r.items() if k != LOOK} for r in rows], schema=SCHEMA), report

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -535,39 +536,66 @@ def test_a_relative_detector_is_stored_absolute_and_ctrl_c_ends_in_one_line(tmp_
     assert stopped.value.exit_code == 130 and "resume ctrl-c" in message and len(message.splitlines()) == 1
 
 
-def test_ctrl_c_to_the_process_group_stops_in_seconds_and_resume_completes(tmp_path, cli_env):
-    import signal
+def _drain(fd: int, into: bytearray) -> None:
+    """Read a pty until its other side is closed (a full pty would block the process writing to it)."""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            return
+        if not chunk:
+            return
+        into.extend(chunk)
+
+
+def test_ctrl_c_in_a_terminal_stops_in_seconds_and_resume_completes(tmp_path, cli_env):
+    import fcntl
     import subprocess
     import sys
+    import termios
+    import threading
     import time
 
     episodes = tmp_path / "long"
     for seed in range(2):
-        write_video(episodes.mkdir(exist_ok=True) or episodes / f"ep{seed}.mp4", 320, 192, 600, fps=24,
+        write_video(episodes.mkdir(exist_ok=True) or episodes / f"ep{seed}.mp4", 320, 192, 240, fps=24,
                     picture=lambda i, s=seed: np.kron(np.random.default_rng(1000 * s + i).integers(
                         40, 255, (24, 40, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8)))
     args = ["run", str(episodes), "--name", "cc", "--until", "segment", "--set", "frames.mode=interval",
-            "--set", "frames.interval_s=0.25", "--set", "segment.shard_size=8"]
+            "--set", "frames.interval_s=0.4", "--set", "segment.shard_size=4"]
     own_server = {k: v for k, v in cli_env.items() if k != "PREFECT_API_URL"}  # the run starts its own API server
     own_server["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    stderr = tmp_path / "stderr.txt"
-    with open(stderr, "w") as err:  # a session of its own: the process group a terminal's Ctrl-C reaches
-        proc = subprocess.Popen([sys.executable, "-m", "episode2lora", *args, "--runs-dir", str(tmp_path / "runs")],
-                                env=own_server, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    # In a pseudo-terminal, as a person runs it: the CLI leads its own session with the pty as its
+    # controlling terminal, and Ctrl-C is the byte the terminal turns into SIGINT for its whole
+    # foreground process group (the CLI, its API server, anything else it started).
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "episode2lora", *args, "--runs-dir", str(tmp_path / "runs")],
+                            env={**own_server, "TERM": "xterm", "COLUMNS": "400"}, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    screen = bytearray()
+    reader = threading.Thread(target=_drain, args=(master, screen), daemon=True)
+    reader.start()
     shards, deadline = tmp_path / "runs" / "cc" / "segment" / "shards", time.monotonic() + 300
     while time.monotonic() < deadline and not (shards.is_dir() and any(shards.iterdir())) and proc.poll() is None:
         time.sleep(0.02)
     time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.write(master, b"\x03")  # Ctrl-C
     sent = time.monotonic()
     proc.wait(timeout=120)
-    took, message = time.monotonic() - sent, stderr.read_text()
-    errors = [line for line in message.splitlines() if line.startswith("error:")]  # a shard in progress may still
-    CORPUS.append(("Ctrl-C to the process group during segment",  # print its progress while it finishes
+    took = time.monotonic() - sent
+    reader.join(timeout=10)
+    os.close(master)
+    message = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace")).replace("\r", "\n")
+    lines = [line.replace("^C", "").strip() for line in message.splitlines()]  # the terminal echoes ^C
+    errors = [line for line in lines if line.startswith("error:")]
+    CORPUS.append(("Ctrl-C in a terminal during segment",
                    f"stopped in {took:.0f} s (exit {proc.returncode})", " ".join(errors)))
-    assert proc.returncode == 130 and took < 60, (took, message)
-    assert len(errors) == 1 and errors[0].startswith("error: run 'cc' interrupted") and "resume cc" in errors[0], message
-    assert not any(words in message for words in ("Connection refused", "Error logging to API", "Traceback")), message
+    assert proc.returncode == 130 and took < 60, (took, message[-3000:])
+    assert len(errors) == 1 and errors[0].startswith("error: run 'cc' interrupted") and "resume cc" in errors[0], \
+        message[-3000:]
+    assert not any(words in message for words in ("Connection refused", "Error logging to API", "Traceback",
+                                                  "Crash detected")), message[-3000:]
     resumed = run_cli(["resume", "cc", "--runs-dir", str(tmp_path / "runs")], cli_env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     clean = run_cli([*args, "--runs-dir", str(tmp_path / "clean")], cli_env, timeout=600)
