@@ -237,6 +237,9 @@ def run_and_report(store: Any, runs_dir: Path, call: Callable[[], dict], *, expe
     """
     from tasks.run.store import MARKER, RunChangedError, RunLockedError, storage_cause
 
+    from tasks.run.progress import STOP
+
+    STOP.clear()  # a run starts un-interrupted (a Ctrl-C of an earlier run in this process is over)
     started = time.time()
     for logger in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(logger).addFilter(_StorageTracebacks())

@@ -529,8 +529,14 @@ def test_a_relative_detector_is_stored_absolute_and_ctrl_c_ends_in_one_line(tmp_
     def interrupted() -> dict:
         raise KeyboardInterrupt
 
-    with pytest.raises(typer.Exit) as stopped:
-        run_and_report(RunStore(tmp_path, "ctrl-c"), tmp_path, interrupted)
+    from tasks.run.progress import STOP
+
+    try:
+        with pytest.raises(typer.Exit) as stopped:
+            run_and_report(RunStore(tmp_path, "ctrl-c"), tmp_path, interrupted)
+        assert STOP.is_set()  # work still running in other threads stops at its next step
+    finally:
+        STOP.clear()  # this process goes on (the CLI's exits)
     message = capsys.readouterr().err.strip()
     CORPUS.append(("KeyboardInterrupt while the flow runs (CLI process)", f"stopped (exit {stopped.value.exit_code})", message))
     assert stopped.value.exit_code == 130 and "resume ctrl-c" in message and len(message.splitlines()) == 1
