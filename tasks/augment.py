@@ -32,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.run.progress import StageProgress
 from tasks.composite import background_layers, read_layer, to_uint8
-from tasks.run.spec import ShardedStage
-from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.spec import Inputs, ShardedStage
+from tasks.run.stage import Plan, Shard, StageResult, merge_shards, rows_by_character, rows_digest, run_shard
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "augment"
@@ -243,59 +243,32 @@ def augment_character(root: Path, rows: list[dict], params: AugmentParams, backg
     return pa.Table.from_pylist(records, schema=SCHEMA), report
 
 
-# ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) ---------------
+# ---- plan, shard, merge ---------------------------------------------------------------------
 
-class AugmentShard(BaseModel):
-    """One character's work: its select rows and the shard fingerprint."""
-
-    key: str
-    character: str
-    fingerprint: str
-    rows: list[dict]
-
-
-class AugmentPlan(BaseModel):
-    shards: list[AugmentShard]
-    backgrounds: list[str]
-    fingerprint: str
-
-    def shard_fingerprints(self) -> dict[str, str]:
-        return {s.key: s.fingerprint for s in self.shards}
-
-
-def plan_augment(store: RunStore, params: AugmentParams, source: str = "select",
-                 backgrounds_from: str | None = "segment") -> AugmentPlan:
-    """One shard per selected character, fingerprinted by its rows, the params and the backgrounds.
-
-    `source` is the stage whose rows are augmented: `select` (episodes) or `ingest` (render
-    folders, photo sets); both have the columns `augment_character` reads. `backgrounds_from`: the
-    stage whose background layers a swap may use (the `backgrounds` input; None: no swaps).
-    """
-    rows = store.read_manifest(source).to_pylist()
+def plan_augment(store: RunStore, params: Any, inputs: Inputs) -> Plan:
+    """One shard per character of the `images` input (select's kept rows, or ingest's), its payload its
+    rows, fingerprinted by them, the parameters and the background layers of the `backgrounds` input."""
+    rows = store.read_manifest(inputs["images"].stage).to_pylist()
     if rows and "kept" in rows[0]:
         rows = [r for r in rows if r["kept"]]
-    backgrounds = background_layers(store, backgrounds_from) if params.background_swap_probability > 0 else []
-    settings = params.model_dump(mode="json")
-    by_character: dict[str, list[dict]] = {}
-    for row in rows:
-        by_character.setdefault(row["character"], []).append(row)
+    own = params.augment
+    swaps = own.background_swap_probability > 0 and "backgrounds" in inputs
+    backgrounds = background_layers(store, inputs["backgrounds"].stage) if swaps else []
+    settings = own.model_dump(mode="json")
     shards = []
-    for character in sorted(by_character):
-        mine = sorted(by_character[character], key=lambda r: r["item_id"])
-        digest = hashlib.sha256(json.dumps(mine, sort_keys=True, default=str).encode()).hexdigest()
-        fp = fingerprint(STAGE, VERSION, settings, {"rows": digest, "backgrounds": json.dumps(backgrounds)})
-        shards.append(AugmentShard(key=safe_name(character), character=character, fingerprint=fp, rows=mine))
-    stage_fp = plan_sharded_stage(store, STAGE, VERSION, settings, {s.key: s.fingerprint for s in shards})
-    return AugmentPlan(shards=shards, backgrounds=backgrounds, fingerprint=stage_fp)
+    for character, mine in rows_by_character(rows).items():
+        fp = fingerprint(STAGE, VERSION, settings, {"rows": rows_digest(mine), "backgrounds": json.dumps(backgrounds)})
+        shards.append(Shard(key=safe_name(character), fingerprint=fp, payload=mine))
+    return Plan(shards=shards, payload=backgrounds)
 
 
-def augment_shard(store: RunStore, shard: AugmentShard, backgrounds: list[str], params: AugmentParams) -> StageResult:
+def augment_shard(store: RunStore, shard: Shard, params: Any, plan: Plan) -> StageResult:
     """Augment one character into its shard, unless that shard is already committed."""
-    return run_shard(store, STAGE, shard.key, shard.fingerprint,
-                     lambda out, prefix: augment_character(store.root, shard.rows, params, backgrounds, out, prefix))
+    return run_shard(store, STAGE, shard.key, shard.fingerprint, lambda out, prefix: augment_character(
+        store.root, shard.payload, params.augment, plan.payload, out, prefix))
 
 
-def merge_augment(store: RunStore, plan: AugmentPlan) -> StageResult:
+def merge_augment(store: RunStore, plan: Plan, params: Any) -> StageResult:
     """Merge the characters' shards into `augment/manifest.parquet`."""
     def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
         table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
@@ -305,7 +278,7 @@ def merge_augment(store: RunStore, plan: AugmentPlan) -> StageResult:
             "augmented": sum(r["augmented"] for r in reports),
             "kept": sum(r["images"] for r in reports),
             "quarantined": sum(r["quarantined"] for r in reports),
-            "backgrounds": len(plan.backgrounds),
+            "backgrounds": len(plan.payload),
             "multipliers": {r["character"]: r["multiplier"] for r in reports},
         }
         return table, summary, []
@@ -313,19 +286,6 @@ def merge_augment(store: RunStore, plan: AugmentPlan) -> StageResult:
     return merge_shards(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), merge)
 
 
-def run_augment(store: RunStore, params: AugmentParams, source: str = "select") -> StageResult:
-    """The whole stage as one plain call (no Prefect): plan, every character, merge."""
-    plan = plan_augment(store, params, source)
-    for shard in plan.shards:
-        augment_shard(store, shard, plan.backgrounds, params)
-    return merge_augment(store, plan)
-
-
-AUGMENT = ShardedStage(
-    name=STAGE, version=VERSION, params=AugmentParams, inputs=("images",), optional=("backgrounds",), title="augment",
-    plan=lambda store, params, inputs: plan_augment(store, params.augment, inputs["images"].stage,
-                                                    inputs["backgrounds"].stage if "backgrounds" in inputs else None),
-    shard=lambda store, shard, params, plan: augment_shard(store, shard, plan.backgrounds, params.augment),
-    merge=lambda store, plan, params: merge_augment(store, plan),
-)
+AUGMENT = ShardedStage(name=STAGE, version=VERSION, params=AugmentParams, inputs=("images",), optional=("backgrounds",),
+                       title="augment", plan=plan_augment, shard=augment_shard, merge=merge_augment)
 """The augment stage: one shard per character of the images it is handed (`select` or `ingest`)."""

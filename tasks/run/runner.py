@@ -11,20 +11,14 @@ before any orchestration starts (no Prefect import, no server, no flow run).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Optional, Sequence
 
-from tasks.run.spec import Step, bound_inputs, check_roles
+from tasks.run.spec import SOURCES, Step, bound_inputs, check_roles, run_stage, sources_result
 from tasks.run.links import publish_outputs
 from tasks.run.stage import RunRef, StageResult
-from tasks.run.store import RunLockedError
-
-SOURCES = "sources"
-"""The role (and pseudo-stage) of the run's input paths: episodes, a render folder, a photo set."""
-
+from tasks.run.store import RunLockedError, RunStore, StageNotDoneError
 
 @dataclass(frozen=True)
 class Hook:
@@ -54,13 +48,6 @@ def hook(name: str, call: Callable[[RunRef, dict[str, StageResult]], Any], *, af
     """A pipeline row that is not a stage: `hook("cluster-report", write_cluster_report, after=("tier",
     "select"), inputs=("clusters", "tiers"), clusters="cluster", tiers="tier")`."""
     return Hook(name, after, call, inputs, optional, check_roles(name, (*inputs, *optional), bind))
-
-
-def sources_result(paths: Sequence[str]) -> StageResult:
-    """The run's input paths as the result of the pseudo-stage `sources` (stages read `.summary['paths']`)."""
-    digest = hashlib.sha256(json.dumps(list(paths)).encode()).hexdigest()
-    return StageResult(stage=SOURCES, fingerprint=digest, manifest_digest=digest, summary={"paths": list(paths)},
-                       recomputed=False)
 
 
 def stage_names(steps: Sequence[Any]) -> list[str]:
@@ -97,6 +84,44 @@ def run_pipeline(run: RunRef, params: Any, steps: Sequence[Any], until: str, *, 
                     hook.task(run, hook.given(results))
     publish_outputs(run.store())  # links on the run page: cluster report, evaluation report, LoRA files
     return results
+
+
+def run_steps(store: RunStore, params: Any, steps: Sequence[Any], until: str, *, sources: Sequence[str] = (),
+              after: Optional[str] = None) -> dict[str, StageResult]:
+    """Run the slice (after, until] of `steps` as plain calls, no Prefect (tests, benchmarks); returns
+    every stage's result by name. The stages up to `after` are read as they are done on disk; a hook runs
+    after the last of its stages in the slice, as in a flow."""
+    chosen = stages_between(steps, until, after)
+    names = stage_names(steps)
+    before = names[:names.index(after) + 1] if after else []
+    results = {name: on_disk(store, name) for name in before if store.is_done(name)}
+    run = RunRef(runs_dir=str(store.root.parent), name=store.name)
+    for item in steps:
+        if isinstance(item, Step) and item.name in chosen:
+            inputs = _inputs_of(item, sources, results)
+            results[item.name] = run_stage(item.spec, store, params, inputs)
+            for hook in steps:
+                if isinstance(hook, Hook) and item.name in hook.after and \
+                        not any(later in hook.after for later in chosen[chosen.index(item.name) + 1:]):
+                    hook.call(run, hook.given(results))
+    return results
+
+
+def _inputs_of(item: Step, sources: Sequence[str], results: dict[str, StageResult]) -> dict[str, StageResult]:
+    """The results a step reads, by role; StageNotDoneError naming the stage of a role that has none."""
+    try:
+        return item.inputs({SOURCES: sources_result(sources), **results})
+    except KeyError as exc:
+        raise StageNotDoneError(f"{item.name} reads stage {exc} of run, which is not done; run it first") from None
+
+
+def on_disk(store: RunStore, stage: str) -> StageResult:
+    """The result of a stage done on disk, as a rerun would hand it on. StageNotDoneError when it is not done."""
+    marker = store.marker(stage)
+    if marker is None or not store.is_done(stage):
+        raise StageNotDoneError(f"stage '{stage}' of run '{store.name}' is not done; run it first")
+    return StageResult(stage=stage, fingerprint=marker["fingerprint"], manifest_digest=marker["manifest_digest"],
+                       summary=marker.get("summary", {}), recomputed=False)
 
 
 def pipeline_done(run: RunRef, params: Any, steps: Sequence[Any], until: str, *, sources: Sequence[str] = ()

@@ -1,28 +1,46 @@
-"""Stage specs: each stage declared once, its Prefect tasks, cache keys and plain `run` made from it.
+"""Stage specs: each stage declared once; its Prefect tasks, cache keys, fingerprint and plain run made from it.
 
-A spec names the stage, its version, its parameter model, the roles of its inputs and its tags
-(`gpu`). Its callables are plain functions of (store, the run's parameters, the inputs the runner
-hands it); a stage never looks up another stage's folder by name, it reads `inputs[role].stage`.
+A spec names the stage, its version, its parameter model, the parameters it reads (`reads`: its own and
+other stages', e.g. `("select", "segment.margin")`), the roles of its inputs and its tags (`gpu`). Its
+callables are plain functions of (store, the run's parameters, the inputs the runner hands it); a stage
+never looks up another stage's folder by name, it reads `inputs[role].stage`. Its fingerprint is made in
+one place, here: the parameters it reads, and its inputs' manifests (global) or its shards' (sharded).
 
-- `GlobalStage`: one `build(store, params, inputs) -> StageResult` for the whole run.
-- `ShardedStage`: `plan(...) -> plan` (with `.shards`, each with `.key` and `.fingerprint`, and a
-  stage `.fingerprint`), `shard(store, shard, params, plan)` per shard, `merge(store, plan, params)`.
+- `GlobalStage`: `build(store, params, inputs, folder) -> (manifest, summary, extra outputs)`, once per fingerprint.
+- `ShardedStage`: `plan(store, params, inputs) -> Plan` (pure: reads the run, writes nothing), then
+  `shard(store, shard, params, plan)` per shard and `merge(store, plan, params)`.
+
+`run_stage(spec, store, params, inputs)` runs any stage as one plain call (tests, benchmarks, the CLI's
+finished-run check); `spec.submit` runs it inside a flow as Prefect tasks.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pydantic import BaseModel
 
-from tasks.run.stage import RunRef, StageResult, bind_to_run, dry_plans, publish, reused, settle, stage_fingerprint
-from tasks.run.store import RunStore
+from tasks.run.stage import (Plan, RunRef, StageResult, bind_to_run, commit_global, publish, reused, settle,
+                             stage_fingerprint, start_sharded)
+from tasks.run.store import RunStore, fingerprint
 
 Inputs = dict[str, StageResult]
 """What the runner hands a stage: its input roles -> the results of the stages bound to them."""
+SOURCES = "sources"
+"""The role (and pseudo-stage) of the run's input paths: episodes, a render folder, a photo set."""
+
+
+def sources_result(paths: Any) -> StageResult:
+    """The run's input paths as the result of the pseudo-stage `sources` (stages read `.summary['paths']`)."""
+    digest = hashlib.sha256(json.dumps(list(paths)).encode()).hexdigest()
+    return StageResult(stage=SOURCES, fingerprint=digest, manifest_digest=digest, summary={"paths": list(paths)},
+                       recomputed=False)
 
 
 def _key(fp: str, done: bool) -> str:
@@ -30,9 +48,20 @@ def _key(fp: str, done: bool) -> str:
     return f"{fp}-done" if done else f"{fp}-{uuid.uuid4().hex}"
 
 
+def read_setting(params: Any, path: str) -> Any:
+    """The value at the dotted `path` of the run's parameters, as JSON for a fingerprint; a parameter model
+    with `fingerprint_settings()` gives that (e.g. with the digest of a file it names)."""
+    value = params
+    for part in path.split("."):
+        value = getattr(value, part)
+    if hasattr(value, "fingerprint_settings"):
+        return value.fingerprint_settings()
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
 @dataclass(frozen=True)
 class StageSpec:
-    """What every stage declares: name, version, parameter model, input roles, tags, UI title."""
+    """What every stage declares: name, version, parameter model, what it reads, input roles, tags, UI title."""
 
     name: str
     version: int
@@ -40,6 +69,8 @@ class StageSpec:
     inputs: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
     """Input roles a pipeline may leave unbound (the stage then gets no such input)."""
+    reads: tuple[str, ...] = ()
+    """The parameters the stage reads, as dotted paths of the run's parameters; empty: its own section."""
     tags: tuple[str, ...] = ()
     title: str = ""
     rows: Optional[Callable[[RunStore, StageResult], Optional[list[dict]]]] = None
@@ -48,6 +79,13 @@ class StageSpec:
     def own(self, params: Any) -> BaseModel:
         """This stage's parameters out of the run's parameters."""
         return getattr(params, self.name)
+
+    def settings(self, params: Any) -> dict[str, Any]:
+        """The parameters this stage reads (its own section alone: that section's fields), for its fingerprint."""
+        reads = self.reads or (self.name,)
+        if reads == (self.name,):
+            return read_setting(params, self.name)
+        return {path: read_setting(params, path) for path in reads}
 
     def _publish(self, run: RunRef, result: StageResult, title: str, whole: bool) -> StageResult:
         rows = self.rows(run.store(), result) if (whole and self.rows) else None
@@ -59,18 +97,15 @@ class StageSpec:
 class GlobalStage(StageSpec):
     """A whole-run stage: one build per fingerprint."""
 
-    build: Callable[[RunStore, Any, Inputs], StageResult] = None  # type: ignore[assignment]
-    probe: Optional[Callable[[Any, Inputs], str]] = None
-    """The stage's fingerprint when it is not that of its own parameters and inputs (cache keys)."""
+    build: Callable[[RunStore, Any, Inputs, Path], tuple[Any, dict, list[str]]] = None  # type: ignore[assignment]
 
     def fingerprint(self, params: Any, inputs: Inputs) -> str:
-        if self.probe is not None:
-            return self.probe(params, inputs)
-        return stage_fingerprint(self.name, self.version, self.own(params), inputs)
+        return stage_fingerprint(self.name, self.version, self.settings(params), inputs)
 
     def run(self, store: RunStore, params: Any, inputs: Inputs) -> StageResult:
         """The stage as one plain call (no Prefect)."""
-        return self.build(store, params, inputs)
+        return commit_global(store, self.name, self.fingerprint(params, inputs), self.settings(params),
+                             lambda folder: self.build(store, params, inputs, folder))
 
     def done(self, store: RunStore, params: Any, inputs: Inputs) -> Optional[StageResult]:
         """Its result when it is done on disk with the fingerprint a run would give it now, else None."""
@@ -85,7 +120,7 @@ class GlobalStage(StageSpec):
             return _key(fp, parameters["run"].store().is_done(self.name, fp))
 
         def stage_task(run: RunRef, params: Any, inputs: Inputs) -> StageResult:
-            return self._publish(run, self.build(run.store(), params, inputs), self.title or self.name, True)
+            return self._publish(run, self.run(run.store(), params, inputs), self.title or self.name, True)
 
         return task(stage_task, name=self.name, tags=list(self.tags), cache_key_fn=key_fn,
                     description=f"{self.title or self.name} (after {', '.join(self.inputs) or 'the sources'})")
@@ -99,31 +134,32 @@ class GlobalStage(StageSpec):
 class ShardedStage(StageSpec):
     """A stage committed in shards (per episode, per character, per phase): plan, shards, merge."""
 
-    plan: Callable[[RunStore, Any, Inputs], Any] = None  # type: ignore[assignment]
-    shard: Callable[[RunStore, Any, Any, Any], StageResult] = None  # type: ignore[assignment]
-    merge: Callable[[RunStore, Any, Any], StageResult] = None  # type: ignore[assignment]
-    shard_name: str = "{shard.key}"
-    """Prefect task-run name of a shard after `<stage>-` (a template over the task's parameters)."""
-    shards_of: Callable[[Any], list] = lambda plan: plan.shards
-    key_of: Callable[[Any], str] = lambda shard: shard.key
-    """Where a plan keeps its shards and a shard its key (and `.fingerprint`)."""
-    waits_for: Optional[Callable[[Any], Optional[str]]] = None
-    """The key of the shard this one starts from (a fine-tune after its base training), if any."""
+    plan: Callable[[RunStore, Any, Inputs], Plan] = None  # type: ignore[assignment]
+    shard: Callable[[RunStore, Any, Any, Plan], StageResult] = None  # type: ignore[assignment]
+    merge: Callable[[RunStore, Plan, Any], StageResult] = None  # type: ignore[assignment]
     shard_rows: Optional[Callable[[RunStore, StageResult], Optional[list[dict]]]] = None
     """Per-item rows for the UI table of one finished shard."""
 
-    def run(self, store: RunStore, params: Any, inputs: Inputs) -> StageResult:
-        """The stage as one plain call (no Prefect): plan, every shard in order, merge."""
+    def planned(self, store: RunStore, params: Any, inputs: Inputs) -> Plan:
+        """The stage's plan with its settings and fingerprint (the parameters it reads, its shards'
+        fingerprints). Writes nothing."""
         plan = self.plan(store, params, inputs)
-        for shard in self.shards_of(plan):
+        settings = self.settings(params)
+        return plan.model_copy(update={"settings": settings, "fingerprint": fingerprint(
+            self.name, self.version, settings, plan.shard_fingerprints())})
+
+    def run(self, store: RunStore, params: Any, inputs: Inputs) -> StageResult:
+        """The stage as one plain call (no Prefect): plan, start, every shard in order, merge."""
+        plan = self.planned(store, params, inputs)
+        start_sharded(store, self.name, plan)
+        for shard in plan.shards:
             self.shard(store, shard, params, plan)
         return self.merge(store, plan, params)
 
     def done(self, store: RunStore, params: Any, inputs: Inputs) -> Optional[StageResult]:
         """Its merged result when it and every shard of its plan are done on disk, else None (writes nothing)."""
-        with dry_plans():
-            plan = self.plan(store, params, inputs)
-        if not all(store.shard_done(self.name, self.key_of(s), s.fingerprint) for s in self.shards_of(plan)):
+        plan = self.planned(store, params, inputs)
+        if not all(store.shard_done(self.name, s.key, s.fingerprint) for s in plan.shards):
             return None
         return reused(store, self.name, plan.fingerprint)
 
@@ -134,26 +170,27 @@ class ShardedStage(StageSpec):
 
         def shard_key(context: Any, parameters: dict[str, Any]) -> str:
             shard = parameters["shard"]
-            done = parameters["run"].store().shard_done(self.name, self.key_of(shard), shard.fingerprint)
-            return _key(shard.fingerprint, done)
+            return _key(shard.fingerprint, parameters["run"].store().shard_done(self.name, shard.key, shard.fingerprint))
 
         def merge_key(context: Any, parameters: dict[str, Any]) -> str:
             fp = parameters["plan"].fingerprint
             return _key(fp, parameters["run"].store().is_done(self.name, fp))
 
-        def plan_task(run: RunRef, params: Any, inputs: Inputs) -> Any:
-            return self.plan(run.store(), params, inputs)
+        def plan_task(run: RunRef, params: Any, inputs: Inputs) -> Plan:
+            plan = self.planned(run.store(), params, inputs)
+            start_sharded(run.store(), self.name, plan)
+            return plan
 
-        def shard_task(run: RunRef, shard: Any, params: Any, plan: Any) -> StageResult:
+        def shard_task(run: RunRef, shard: Any, params: Any, plan: Plan) -> StageResult:
             result = self.shard(run.store(), shard, params, plan)
-            publish(result, f"{self.name} {self.key_of(shard)}", rows=self.shard_rows(run.store(), result) if self.shard_rows else None)
+            publish(result, f"{self.name} {shard.key}", rows=self.shard_rows(run.store(), result) if self.shard_rows else None)
             return result
 
-        def merge_task(run: RunRef, plan: Any, params: Any) -> StageResult:
+        def merge_task(run: RunRef, plan: Plan, params: Any) -> StageResult:
             return self._publish(run, self.merge(run.store(), plan, params), self.title or self.name, True)
 
         return (task(plan_task, name=f"plan-{self.name}"),
-                task(shard_task, name=self.name, task_run_name=f"{self.name}-{self.shard_name}",
+                task(shard_task, name=self.name, task_run_name=f"{self.name}-{{shard.key}}",
                      tags=list(self.tags), cache_key_fn=shard_key),
                 task(merge_task, name=f"merge-{self.name}", cache_key_fn=merge_key))
 
@@ -162,12 +199,16 @@ class ShardedStage(StageSpec):
         plan_task, shard_task, merge_task = self.tasks
         plan = plan_task(run, params, inputs)
         futures: dict[str, Any] = {}
-        for shard in self.shards_of(plan):
-            before = self.waits_for(shard) if self.waits_for else None
-            futures[self.key_of(shard)] = bind_to_run(shard_task, run).submit(
-                run, shard, params, plan, wait_for=[futures[before]] if before else None)
+        for shard in plan.shards:
+            futures[shard.key] = bind_to_run(shard_task, run).submit(
+                run, shard, params, plan, wait_for=[futures[shard.after]] if shard.after else None)
         settle(list(futures.values()))
         return bind_to_run(merge_task, run)(run, plan, params, wait_for=list(futures.values()))
+
+
+def run_stage(spec: StageSpec, store: RunStore, params: Any, inputs: Inputs) -> StageResult:
+    """Run one stage as a plain call (no Prefect): `params` the run's parameters, `inputs` its roles' results."""
+    return spec.run(store, params, inputs)
 
 
 @dataclass(frozen=True)

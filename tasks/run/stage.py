@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pydantic import BaseModel
 
@@ -81,32 +79,25 @@ def _log_stage_line(title: str, result: StageResult, counts: list[dict[str, Any]
     get_run_logger().info("%s (%s): %s %s", title, state, measures, where.replace("`", ""))
 
 
-def stage_fingerprint(stage: str, version: int, params: BaseModel, upstream: dict[str, StageResult]) -> str:
-    """Fingerprint of a global stage: its parameters and the digests of its input manifests."""
-    return fingerprint(stage, version, params.model_dump(mode="json"),
+def stage_fingerprint(stage: str, version: int, settings: dict[str, Any], upstream: dict[str, StageResult]) -> str:
+    """Fingerprint of a global stage: the parameters it reads and the digests of its input manifests."""
+    return fingerprint(stage, version, settings,
                        {name: result.manifest_digest for name, result in sorted(upstream.items())})
 
 
-def run_global_stage(
-    store: RunStore,
-    stage: str,
-    version: int,
-    params: BaseModel,
-    upstream: dict[str, StageResult],
-    build: Callable[[Path], tuple["pa.Table", dict[str, Any], list[str]]],
-) -> StageResult:
-    """Run a whole-run stage once per fingerprint.
+def commit_global(store: RunStore, stage: str, fp: str, settings: dict[str, Any],
+                  build: Callable[[Path], tuple["pa.Table", dict[str, Any], list[str]]]) -> StageResult:
+    """Run a whole-run stage once per fingerprint `fp`.
 
     `build(stage_folder)` writes the stage's files and returns (manifest table, or its parts as
     `RunStore.commit_parts` takes them; summary; run-relative paths of extra outputs that must exist
-    for the stage to count as done).
-    The marker is written last, so an interrupted build is simply redone.
+    for the stage to count as done). The marker is written last, so an interrupted build is simply redone.
     """
-    fp = stage_fingerprint(stage, version, params, upstream)
     done = reused(store, stage, fp)
     if done is not None:
         return done
-    folder = store.begin_stage(stage, params.model_dump(mode="json"))
+    say_why_recomputed(store, stage, settings)
+    folder = store.begin_stage(stage, settings)
     before = set(os.listdir(folder))
     try:
         table, summary, outputs = build(folder)
@@ -120,6 +111,17 @@ def run_global_stage(
     return StageResult(stage=stage, fingerprint=fp, manifest_digest=digest, summary=summary)
 
 
+def say_why_recomputed(store: RunStore, stage: str, settings: dict[str, Any]) -> None:
+    """Print one line when a stage done before is computed again: which of its settings changed, or that
+    its inputs did (a first run, or one after `clean`, says nothing)."""
+    if store.marker(stage) is None:
+        return
+    before = read_json_object(store.stage_dir(stage) / "params.json") or {}
+    changed = sorted(key for key in {*before, *settings} if before.get(key) != settings.get(key))
+    why = f"its settings changed ({', '.join(changed[:6])})" if changed else "its inputs or version changed"
+    print(f"{stage}: recomputed, {why}")
+
+
 def reused(store: RunStore, stage: str, fp: str) -> Optional[StageResult]:
     """The result of a stage done on disk with fingerprint `fp` (as a rerun would return it), else None."""
     if not store.is_done(stage, fp):
@@ -129,33 +131,56 @@ def reused(store: RunStore, stage: str, fp: str) -> Optional[StageResult]:
                        summary=marker.get("summary", {}), recomputed=False)
 
 
-# ---- sharded stages (plan -> shards -> merge), shared by the per-episode stages --------------
+# ---- sharded stages (plan -> shards -> merge) ------------------------------------------------
 
-_DRY = ContextVar("dry_plans", default=False)
+class Shard(BaseModel):
+    """One unit of a sharded stage's work (an episode, a character, a phase): its folder key, its
+    fingerprint, what it works on, and the key of the shard it starts from (a fine-tune), if any."""
 
-
-@contextmanager
-def dry_plans() -> Iterator[None]:
-    """Plans made inside only read the run: a stage that is not done is not started (no files written)."""
-    token = _DRY.set(True)
-    try:
-        yield
-    finally:
-        _DRY.reset(token)
+    key: str
+    fingerprint: str
+    payload: Any = None
+    after: str = ""
 
 
-def plan_sharded_stage(store: RunStore, stage: str, version: int, settings: dict[str, Any],
-                       shard_fingerprints: dict[str, str]) -> str:
-    """Fingerprint a sharded stage from its shards' fingerprints; start it unless it is done.
+class Plan(BaseModel):
+    """What a sharded stage will do: its shards and what they share; `fingerprint` and `settings` are
+    filled in by the stage's spec (from the parameters it reads and the shards' fingerprints)."""
 
-    Returns the stage fingerprint. Starting records the plan (for `status`) and sweeps
-    temporaries left by killed writers; committed shards are kept for reuse.
-    """
-    fp = fingerprint(stage, version, settings, shard_fingerprints)
-    if not _DRY.get() and not store.is_done(stage, fp):
-        store.begin_stage(stage, settings, shard_keys=list(shard_fingerprints))
-        store.sweep_temporaries(stage)
-    return fp
+    shards: list[Shard] = []
+    payload: Any = None
+    fingerprint: str = ""
+    settings: dict[str, Any] = {}
+
+    def shard_fingerprints(self) -> dict[str, str]:
+        return {shard.key: shard.fingerprint for shard in self.shards}
+
+
+def rows_by_character(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Manifest rows grouped by their `character`, characters sorted, each group in `item_id` order (a
+    per-character shard's payload)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["character"], []).append(row)
+    return {name: sorted(groups[name], key=lambda r: r["item_id"]) for name in sorted(groups)}
+
+
+def rows_digest(rows: list[dict[str, Any]]) -> str:
+    """A digest of manifest rows (for a shard's fingerprint)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def start_sharded(store: RunStore, stage: str, plan: Plan) -> None:
+    """Start a sharded stage unless it is done: record its plan (for `status`) and sweep temporaries left
+    by killed writers; committed shards are kept for reuse."""
+    if store.is_done(stage, plan.fingerprint):
+        return
+    say_why_recomputed(store, stage, plan.settings)
+    store.begin_stage(stage, plan.settings, shard_keys=list(plan.shard_fingerprints()))
+    store.sweep_temporaries(stage)
 
 
 def run_shard(store: RunStore, stage: str, key: str, fp: str,
@@ -226,20 +251,6 @@ def merge_shard_parts(
     digest, summary = store.commit_parts(stage, parts, fp, schema=schema, count=count,
                                          summarize=lambda totals: summarize(totals, reports))
     return StageResult(stage=stage, fingerprint=fp, manifest_digest=digest, summary=summary)
-
-
-def finished(store: RunStore, stage: str) -> StageResult:
-    """The StageResult of a stage already done on disk (for plain calls without a flow).
-
-    Raises StageNotDoneError naming the stage when it is not done.
-    """
-    from tasks.run.store import StageNotDoneError
-
-    marker = store.marker(stage)
-    if marker is None or not store.is_done(stage):
-        raise StageNotDoneError(f"stage '{stage}' of run '{store.name}' is not done; run it first")
-    return StageResult(stage=stage, fingerprint=marker["fingerprint"], manifest_digest=marker["manifest_digest"],
-                       summary=marker.get("summary", {}), recomputed=False)
 
 
 def settle(futures: list[Any]) -> list[Any]:
