@@ -20,7 +20,10 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Optional
+
+from tasks.run.links import FILES_ROUTE
 
 PR_SET_PDEATHSIG = 1
 ALLOWED_HOSTS = "EPISODE2LORA_ALLOWED_HOSTS"
@@ -79,16 +82,42 @@ def allowed_hosts(host: str) -> list[str]:
     return list(dict.fromkeys(n.lower() for n in names if n))
 
 
+
+
+def run_file_path(path: str) -> Optional[Path]:
+    """The file `path` names when it may be served: a regular file inside a run folder (one of its parents
+    holds run.json), no hidden part (`.prefect-results`, `.lock`), after symlinks and `..` are resolved;
+    else None."""
+    target = Path("/" + path.lstrip("/")).resolve()
+    if not target.is_file() or any(part.startswith(".") for part in target.parts):
+        return None
+    return target if any((parent / "run.json").is_file() for parent in target.parents) else None
+
+
+async def serve_run_file(request):
+    """GET a file of a run folder (read-only): its report, its LoRA file; 404 for anything else."""
+    from starlette.responses import FileResponse, PlainTextResponse
+
+    target = run_file_path(request.path_params["path"])
+    if target is None:
+        return PlainTextResponse("not a file of a run folder", status_code=404)
+    return FileResponse(target)
+
+
 def create_app():
-    """Prefect's server app (API, and the UI where enabled) behind a Host check: uvicorn's `--factory`.
+    """Prefect's server app (API, and the UI where enabled) with the run folders' files beside it
+    (read-only, `FILES_ROUTE`), behind a Host check: uvicorn's `--factory`.
 
     The allowed names come from `EPISODE2LORA_ALLOWED_HOSTS` (loopback names when unset).
     """
     from prefect.server.api.server import create_app as prefect_app
     from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.routing import Route
 
     names = [n for n in os.environ.get(ALLOWED_HOSTS, "").split(",") if n] or list(LOOPBACK_NAMES)
-    return TrustedHostMiddleware(prefect_app(), allowed_hosts=names, www_redirect=False)
+    app = prefect_app()
+    app.router.routes.insert(0, Route(FILES_ROUTE + "/{path:path}", serve_run_file, methods=["GET", "HEAD"]))
+    return TrustedHostMiddleware(app, allowed_hosts=names, www_redirect=False)
 
 
 def uvicorn_command(host: str, port: int, log_level: str = "error") -> list[str]:

@@ -228,6 +228,40 @@ class _InterruptCrash(logging.Filter):
         return "aborted by an interrupt signal" not in record.getMessage()
 
 
+def execute(source: str, inputs: list[str], name: str, runs_dir: Path, params: Any, until: str,
+            flow: Callable[[], dict], *, new_attempt: bool = False, expected: tuple = (),
+            before_report: Callable[[], None] = lambda: None) -> dict:
+    """The one way a run starts from the terminal, for every source (episode, renders, photos).
+
+    Checked before any orchestration: the run's record (a changed run is refused unless `new_attempt`) and
+    its lock. A rerun with nothing to do is answered from the stage markers (no Prefect); otherwise `flow()`
+    (which imports and calls the source's flow) runs against a Prefect server that dies with this process.
+    Then the run's status and outputs are printed (`run_and_report`). `params`: the run's resolved parameters.
+    """
+    from tasks.pipelines import PIPELINES
+    from tasks.run.runner import finished_run, run_record
+    from tasks.run.stage import RunRef
+    from tasks.run.store import RunChangedError, RunRecordError
+
+    store = open_store(name, runs_dir)
+    record = run_record(source, inputs, params, until)
+    try:
+        store.check_run_record(record, new_attempt=new_attempt)
+    except (RunChangedError, RunRecordError, ValueError) as exc:
+        fail(str(exc))
+    check_not_locked(store)
+    run = RunRef(runs_dir=str(runs_dir), name=name)
+
+    def call() -> dict:
+        done = None if new_attempt else finished_run(run, params, PIPELINES[source], until, sources=inputs, record=record)
+        if done is not None:
+            return done
+        with flow_server():  # Prefect is imported after the server is up
+            return flow()
+
+    return run_and_report(store, runs_dir, call, expected=expected, before_report=before_report)
+
+
 def run_and_report(store: Any, runs_dir: Path, call: Callable[[], dict], *, expected: tuple = (),
                    before_report: Callable[[], None] = lambda: None) -> dict:
     """Run a flow (`call`), then print the run's status and where each stage's manifest is.

@@ -8,19 +8,17 @@ from typing import Any, Optional
 
 import typer
 
-from episode2lora.common import CONFIG, RUNS_DIR, check_not_locked, check_path_length, check_until, check_utf8, \
-    check_writable, console, err, existing_store, fail, flow_server, open_store, parse_sets, print_status, \
-    run_and_report
+from episode2lora.common import CONFIG, RUNS_DIR, check_path_length, check_until, check_utf8, check_writable, \
+    console, err, execute, existing_store, fail, open_store, parse_sets, print_status
 
 
-def check_run(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str, new_attempt: bool) -> list[str]:
-    """Everything a run command can get wrong, checked before any orchestration starts and before
-    the run's record changes: the name, the runs folder, the inputs, a changed existing run.
-    Returns the inputs as stored (absolute, each once); prints the ones that will be quarantined."""
-    from tasks.frames import discover_videos, missing_inputs, normalize_inputs
-    from tasks.run.store import RunChangedError, RunRecordError
+def check_inputs(inputs: list[str], name: str, runs_dir: Path, params: Any) -> list[str]:
+    """What an episode run can get wrong in its inputs, checked before any orchestration: the name, the runs
+    folder, the inputs, the detector. Returns the inputs as stored (absolute, each once); prints the ones
+    that will be quarantined."""
+    from tasks.sources.episodes import discover_videos, missing_inputs, normalize_inputs
 
-    store = open_store(name, runs_dir)
+    open_store(name, runs_dir)
     check_writable(runs_dir)
     for text in inputs:
         check_utf8(text, "input")
@@ -34,12 +32,6 @@ def check_run(inputs: list[str], name: str, runs_dir: Path, params: Any, until: 
     for text in missing_inputs(inputs):
         err.print(f"[yellow]warning:[/] input {text!r} matches no video file: it is quarantined, the rest goes on",
                   highlight=False)
-    try:
-        store.check_run_record({"inputs": inputs, "params": params.model_dump(mode="json"), "until": until},
-                               new_attempt=new_attempt)
-    except (RunChangedError, RunRecordError) as exc:
-        fail(str(exc))
-    check_not_locked(store)
     return inputs
 
 
@@ -62,11 +54,17 @@ def absolute_paths(params: Any) -> Any:
 
 
 def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str, new_attempt: bool = False) -> None:
-    """Run the episode flow in this process, then report: status, outputs, steps, LoRAs, stand-ins."""
-    inputs = check_run(inputs, name, runs_dir, params, until, new_attempt)
+    """Run the episode pipeline (common.execute), then report: select's warnings, steps, LoRAs, stand-ins."""
+    inputs = check_inputs(inputs, name, runs_dir, params)
+
+    def flow() -> dict:
+        from flows.episode_to_lora import episode_to_lora
+
+        return episode_to_lora(inputs=inputs, name=name, runs_dir=str(runs_dir), params=params, until=until,
+                               new_attempt=new_attempt)
+
+    results = execute("episode", inputs, name, runs_dir, params, until, flow, new_attempt=new_attempt)
     store = open_store(name, runs_dir)
-    results = run_and_report(store, runs_dir, lambda: (not new_attempt and _finished(inputs, name, runs_dir, params, until))
-                             or _flow(inputs, name, runs_dir, params, until, new_attempt))
     for warning in results["select"].summary.get("warnings", []) if "select" in results else []:
         err.print(f"[yellow]warning:[/] select: {warning}", highlight=False)  # override entries that match nothing
     if "package" in results:  # the guide's total steps per character (images x repeats x epochs / batch)
@@ -84,26 +82,6 @@ def _execute(inputs: list[str], name: str, runs_dir: Path, params: Any, until: s
     _print_stand_ins(params)
     if (store.root / "report" / "cluster_report.html").exists():
         console.print(f"\ncluster report: {store.root / 'report' / 'cluster_report.html'}")
-
-
-def _finished(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str) -> Optional[dict]:
-    """The results of a finished run asked again with the same inputs and parameters (no flow, no Prefect)."""
-    from tasks.pipelines import PIPELINES
-    from tasks.run.runner import finished_run
-    from tasks.run.stage import RunRef
-
-    record = {"inputs": inputs, "params": params.model_dump(mode="json"), "until": until}
-    return finished_run(RunRef(runs_dir=str(runs_dir), name=name), params, PIPELINES["episode"], until,
-                        sources=inputs, record=record)
-
-
-def _flow(inputs: list[str], name: str, runs_dir: Path, params: Any, until: str, new_attempt: bool) -> dict:
-    """Run the episode flow in this process, against a Prefect server that dies with this process."""
-    with flow_server():  # Prefect is imported after the server is up
-        from flows.episode_to_lora import episode_to_lora
-
-        return episode_to_lora(inputs=inputs, name=name, runs_dir=str(runs_dir), params=params, until=until,
-                               new_attempt=new_attempt)
 
 
 def _print_stand_ins(params: Any) -> None:

@@ -24,11 +24,11 @@ from typing import Any, Optional
 import typer
 import yaml
 
-from episode2lora.common import CONFIG, RUNS_DIR, check_not_locked, check_until, check_writable, console, fail, \
-    flow_server, open_store, parse_sets, run_and_report
+from episode2lora.common import CONFIG, RUNS_DIR, check_until, check_writable, console, execute, fail, open_store, \
+    parse_sets
 
 RUN_KINDS = {"renders-to-lora": "renders", "photos-to-lora": "photos"}
-"""What a source run records as its `flow` (run.json) -> its source (flows/source_to_lora.py: run_kind)."""
+"""What a source run records as its `flow` (run.json) -> its source (tasks/run/runner.py: run_kind)."""
 PROFILES_HELP = "training profile: fast / final (the FLUX guide's tables), package, demo (tiny CPU stand-in)"
 BASE = typer.Option(None, "--base", help="base model: Hugging Face id, local folder, or tiny")
 UNTIL = typer.Option("train", "--until", help="last stage to run (default: train; a wrong one lists them)")
@@ -95,29 +95,28 @@ def _print_dry_run(source: str, params: Any, input_dir: Path, run_dir: Path) -> 
 
 def _execute(source: str, input_dir: Path, name: str, trigger: Optional[str], runs_dir: Path, params: Any,
              until: str, new_attempt: bool = False) -> None:
-    """Run the source flow in this process, then print its ingest report, the run's status and its LoRAs."""
+    """Run the source's pipeline (common.execute), then print its ingest report, the run's status and its LoRAs."""
     from flows.notify import lora_paths
-    from flows.source_to_lora import run_kind
-    from tasks.run.store import RunChangedError
 
-    store = open_store(name, runs_dir)  # checked before any orchestration: the name, the folders, a changed run
     check_writable(runs_dir)
     if not Path(input_dir).is_dir():
         fail(f"input folder not found: {input_dir}")
     try:
-        store.check_run_record({"flow": run_kind(source), "inputs": [os.path.abspath(input_dir)], "until": until,
-                                "params": params.for_run(name, trigger).model_dump(mode="json")}, new_attempt=new_attempt)
-    except (RunChangedError, ValueError) as exc:
+        resolved = params.for_run(name, trigger)
+    except ValueError as exc:
         fail(str(exc))
-    check_not_locked(store)
-    with flow_server():  # a Prefect server that dies with this process; Prefect is imported after it is up
+    store = open_store(name, runs_dir)
+
+    def flow() -> dict:
         from flows.source_params import SourceParams
         from flows.source_to_lora import source_to_lora
 
-        run_and_report(store, runs_dir, lambda: source_to_lora(
-            source=source, input_dir=str(input_dir), name=name, trigger=trigger, runs_dir=str(runs_dir),
-            params=SourceParams.of(source, params), until=until, new_attempt=new_attempt),
-                       expected=(ValueError,), before_report=lambda: _print_ingest_report(store))
+        return source_to_lora(source=source, input_dir=str(input_dir), name=name, trigger=trigger,
+                              runs_dir=str(runs_dir), params=SourceParams.of(source, params), until=until,
+                              new_attempt=new_attempt)
+
+    execute(source, [os.path.abspath(input_dir)], name, runs_dir, resolved, until, flow, new_attempt=new_attempt,
+            expected=(ValueError,), before_report=lambda: _print_ingest_report(store))
     for lora in lora_paths(store):
         console.print(f"  LoRA      {lora}")
 

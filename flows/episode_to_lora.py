@@ -6,8 +6,8 @@ from __future__ import annotations
 from flows.params import LAST_STAGE, RunParams, Stage
 from flows.review import pause_for_review
 from flows.scale import TaskRunnerKind, check_runner, on_dask, run_on_dask
-from flows.sources import OptionalText, pipeline_flow, refuse_programs_from_api
-from tasks.frames import discover_videos, normalize_inputs
+from flows.pipeline_flow import OptionalText, pipeline_flow, recorded_run, refuse_programs_from_api
+from tasks.sources.episodes import discover_videos, normalize_inputs
 from tasks.pipelines import PIPELINES
 from tasks.run.runner import run_pipeline, stages_between
 from tasks.run.stage import RunRef, StageResult
@@ -48,10 +48,7 @@ def episode_to_lora(
     if task_runner == "dask" and not on_dask():
         return run_on_dask(episode_to_lora, dask_address)
     run = RunRef(runs_dir=runs_dir, name=name)
-    store = run.store()
-    with store.lock():
-        store.record_run({"inputs": inputs, "params": params.model_dump(mode="json"), "until": until},
-                         new_attempt=new_attempt)
+    with recorded_run("episode", run, params, inputs, until, new_attempt):
         steps = PIPELINES["episode"]
         if not (review_clusters and "select" in stages_between(steps, until)):
             return run_pipeline(run, params, steps, until, sources=inputs)

@@ -6,13 +6,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, create_model, model_serializer
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema as cs
 
 from tasks.pipelines import PIPELINES, stages_of
 from tasks.run.spec import Step
+from tasks.run.yaml_file import read_yaml_mapping
 
 Stage = Literal[tuple(stages_of("episode"))]  # type: ignore[valid-type]
 """Stages an episode run can stop after (the `episode` pipeline's, tasks/pipelines.py)."""
@@ -81,14 +81,7 @@ def load_params(config: Path | None = None, overrides: dict[str, Any] | None = N
     source = "defaults"
     if config is not None:
         source = str(config)
-        try:
-            data = yaml.safe_load(Path(config).read_text()) or {}
-        except FileNotFoundError:
-            raise ParamsError(f"config file not found: {config}") from None
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"config file {config} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ParamsError(f"config file {config} must hold a mapping of stage names to parameters")
+        data = read_yaml_mapping(config, "config", "of stage names to parameters", ParamsError)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

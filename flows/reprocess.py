@@ -20,8 +20,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.params import LAST_STAGE, RunParams, Stage
-from flows.sources import OptionalText, failure_line, told_in_one_line
-from tasks.frames import VIDEO_SUFFIXES
+from flows.pipeline_flow import OptionalText, failure_line, told_in_one_line
+from tasks.sources.episodes import VIDEO_SUFFIXES
 from tasks.run.store import RunStore
 
 PROCESSED = "reprocess.json"

@@ -13,17 +13,12 @@ import os
 from typing import Optional
 
 from flows.source_params import Source, SourceParams, SourceStage
-from flows.sources import OptionalText, pipeline_flow, refuse_programs_from_api
+from flows.pipeline_flow import OptionalText, pipeline_flow, recorded_run, refuse_programs_from_api
 from tasks.pipelines import PIPELINES
 from tasks.run.runner import run_pipeline
 from tasks.run.stage import RunRef, StageResult
 
 FLOW_NAME = "source-to-lora"
-
-
-def run_kind(source: str) -> str:
-    """What a source run records as its `flow` in run.json (`resume` reads it): renders-to-lora, photos-to-lora."""
-    return f"{source}-to-lora"
 
 
 @pipeline_flow(FLOW_NAME)
@@ -54,8 +49,5 @@ def source_to_lora(
     refuse_programs_from_api(run_params)
     input_dir = os.path.abspath(input_dir)  # so `resume` works from any folder
     run = RunRef(runs_dir=runs_dir, name=name)
-    store = run.store()
-    with store.lock():
-        store.record_run({"flow": run_kind(source), "inputs": [input_dir], "params": run_params.model_dump(mode="json"),
-                          "until": until}, new_attempt=new_attempt)
+    with recorded_run(source, run, run_params, [input_dir], until, new_attempt):
         return run_pipeline(run, run_params, PIPELINES[source], until, sources=[input_dir])

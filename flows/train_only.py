@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, task
 
 from flows.notify import webhook_hooks
-from flows.sources import OptionalText, refuse_programs_from_api, told_in_one_line
+from flows.pipeline_flow import OptionalText, refuse_programs_from_api, told_in_one_line
 from tasks.train import TrainParams, train_folder
 
 

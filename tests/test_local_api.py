@@ -94,7 +94,7 @@ def test_a_cli_runs_server_refuses_a_foreign_host_header(tmp_path):
 
 def test_program_parameters_are_refused_in_runs_started_through_the_api(monkeypatch):
     from flows.params import RunParams
-    from flows.sources import refuse_programs_from_api
+    from flows.pipeline_flow import refuse_programs_from_api
     from tasks.train import TrainParams
 
     params = RunParams.model_validate({"train": {"trainer": "kohya", "kohya_scripts": "/tmp/evil-scripts"}})
@@ -171,3 +171,77 @@ def test_a_config_restricts_the_webhook_hosts(monkeypatch):
     with WebhookReceiver() as receiver:
         assert post_json(receiver.url, {"run": "x"}) == 204
         assert receiver.payloads == [{"run": "x"}]
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _run_folder(tmp_path: Path) -> Path:
+    """A run folder as a run leaves it: run.json, the cluster report, a LoRA file, Prefect's results."""
+    run = tmp_path / "runs" / "linked"
+    (run / "report").mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (run / "report" / "cluster_report.html").write_text("<html><title>cluster report</title><h1>3 clusters</h1></html>")
+    (run / "train" / "shards" / "alice").mkdir(parents=True)
+    (run / "train" / "shards" / "alice" / "alice.safetensors").write_bytes(b"lora")
+    (run / ".prefect-results").mkdir()
+    (run / ".prefect-results" / "result").write_bytes(b"pickle")
+    (tmp_path / "outside.txt").write_text("not a run's")
+    return run
+
+
+@pytest.mark.e2e
+def test_the_run_page_links_open_in_a_browser_and_only_run_files_are_served(prefect_ui, tmp_path):
+    """The report and LoRA links of a run are served by the UI's server (a browser refuses file:// links
+    from an http page); files outside run folders, hidden ones and `..` paths are not."""
+    from playwright.sync_api import sync_playwright
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from tasks.run.links import FILES_ROUTE, publish_outputs
+    from tasks.run.store import RunStore
+    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+
+    run = _run_folder(tmp_path)
+
+    @flow
+    def publish() -> str:
+        from prefect.runtime import flow_run
+
+        assert publish_outputs(RunStore(run.parent, run.name)) == 2
+        return flow_run.id
+
+    with prefect_ui.api():
+        flow_run_id = publish()
+        with get_client(sync_client=True) as client:
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    links = {a.key: a.data for a in artifacts if a.type == "link"}
+    assert set(links) == {"cluster-report", "lora-train-alice"}, links
+    report_url = links["cluster-report"].split("](", 1)[1].rstrip(")")
+    assert report_url.startswith(f"{prefect_ui.url}{FILES_ROUTE}/"), report_url
+
+    files = f"{prefect_ui.url}{FILES_ROUTE}"
+    assert _status(f"{files}{run}/train/shards/alice/alice.safetensors") == 200
+    assert _status(f"{files}{tmp_path}/outside.txt") == 404  # not inside a run folder
+    assert _status(f"{files}{run}/.prefect-results/result") == 404  # hidden: Prefect's pickled results
+    assert _status(f"{files}{run}/../../outside.txt".replace("/../", "/%2E%2E/")) == 404
+
+    with sync_playwright() as p:  # opened from the UI's own page, as a person clicks it on the run page
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{prefect_ui.url}/runs/flow-run/{flow_run_id}")
+            page.evaluate("url => { const a = document.createElement('a'); a.href = url; a.id = 'report-link';"
+                          " a.textContent = 'report'; document.body.prepend(a); }", report_url)
+            with page.expect_navigation():
+                page.click("#report-link")
+            assert page.title() == "cluster report" and "3 clusters" in page.content()
+        finally:
+            browser.close()

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 from pydantic import BaseModel
 
-from tasks.run.runner import hook, run_pipeline, sources_result, stages_between
-from tasks.run.spec import GlobalStage, ShardedStage, step
-from tasks.run.stage import RunRef, merge_shards, plan_sharded_stage, run_global_stage, run_shard
+from tasks.run.runner import hook, run_pipeline, stages_between
+from tasks.run.spec import GlobalStage, ShardedStage, run_stage, sources_result, step
+from tasks.run.stage import Plan, RunRef, Shard, merge_shards, run_shard
 from tasks.run.store import RunStore, fingerprint
 
 
@@ -22,27 +22,14 @@ class Params(BaseModel):
     total: CountParams = CountParams()
 
 
-class Shard(BaseModel):
-    key: str
-    value: int
-    fingerprint: str
-
-
-class Plan(BaseModel):
-    shards: list[Shard]
-    fingerprint: str
-
-
 def _plan(store: RunStore, params: Params, inputs: dict) -> Plan:
     settings = params.numbers.model_dump()
-    shards = [Shard(key=f"n{v}", value=int(v), fingerprint=fingerprint("numbers", 1, settings, {"v": v}))
-              for v in inputs["sources"].summary["paths"]]
-    return Plan(shards=shards, fingerprint=plan_sharded_stage(store, "numbers", 1, settings,
-                                                              {s.key: s.fingerprint for s in shards}))
+    return Plan(shards=[Shard(key=f"n{v}", payload=int(v), fingerprint=fingerprint("numbers", 1, settings, {"v": v}))
+                        for v in inputs["sources"].summary["paths"]])
 
 
 def _shard(store: RunStore, shard: Shard, params: Params, plan: Plan):
-    rows = pa.table({"item_id": [shard.key], "value": [shard.value * params.numbers.factor]})
+    rows = pa.table({"item_id": [shard.key], "value": [shard.payload * params.numbers.factor]})
     return run_shard(store, "numbers", shard.key, shard.fingerprint, lambda out, prefix: (rows, {"n": 1}))
 
 
@@ -51,12 +38,9 @@ def _merge(store: RunStore, plan: Plan, params: Params):
                         lambda tables, reports: (pa.concat_tables(tables), {"kept": sum(t.num_rows for t in tables)}, []))
 
 
-def _total(store: RunStore, params: Params, inputs: dict):
-    def build(folder):
-        values = store.read_manifest(inputs["values"].stage).column("value").to_pylist()  # the stage handed to it
-        return pa.table({"item_id": ["sum"], "value": [sum(values) * params.total.factor]}), {"kept": 1}, []
-
-    return run_global_stage(store, "total", 1, params.total, inputs, build)
+def _total(store: RunStore, params: Params, inputs: dict, folder):
+    values = store.read_manifest(inputs["values"].stage).column("value").to_pylist()  # the stage handed to it
+    return pa.table({"item_id": ["sum"], "value": [sum(values) * params.total.factor]}), {"kept": 1}, []
 
 
 NUMBERS = ShardedStage(name="numbers", version=1, params=CountParams, inputs=("sources",),
@@ -70,7 +54,8 @@ STEPS = [step(NUMBERS), step(TOTAL, values="numbers"),
 
 def test_a_spec_runs_as_a_plain_call(tmp_path):
     store = RunStore(tmp_path, "plain")
-    numbers = NUMBERS.run(store, Params(), {"sources": sources_result(["1", "2", "3"])})
+    numbers = run_stage(NUMBERS, store, Params(), {"sources": sources_result(["1", "2", "3"])})
+    assert not (store.root / "numbers" / "plan.json").exists() or store.is_done("numbers")
     assert sorted(store.read_manifest("numbers").column("value").to_pylist()) == [2, 4, 6]
     total = TOTAL.run(store, Params(), {"values": numbers})
     assert store.read_manifest("total").column("value").to_pylist() == [24]
@@ -107,3 +92,27 @@ def test_a_step_names_its_input_roles_and_until_names_the_stages():
     assert step(optional, values="numbers", extra="other").inputs(results)["extra"] is results["other"]
     with pytest.raises(ValueError, match="unknown stage 'nonsense'; this pipeline's stages are: numbers, total"):
         stages_between(STEPS, "nonsense")
+
+
+def test_planning_writes_nothing_and_done_needs_every_shard(tmp_path):
+    store = RunStore(tmp_path, "pure")
+    sources = {"sources": sources_result(["1", "2"])}
+    plan = NUMBERS.planned(store, Params(), sources)
+    assert [s.key for s in plan.shards] == ["n1", "n2"] and plan.fingerprint and not store.root.exists()
+    assert NUMBERS.done(store, Params(), sources) is None and not store.root.exists()
+    run_stage(NUMBERS, store, Params(), sources)
+    assert NUMBERS.done(store, Params(), sources).fingerprint == plan.fingerprint
+
+
+def test_a_stage_is_fingerprinted_by_what_it_declares_it_reads(tmp_path, capsys):
+    reading = GlobalStage(name="total", version=1, params=CountParams, inputs=("values",),
+                          reads=("total", "numbers.factor"), build=_total)
+    store = RunStore(tmp_path, "reads")
+    numbers = run_stage(NUMBERS, store, Params(), {"sources": sources_result(["1"])})
+    changed = Params(numbers=CountParams(factor=3))
+    assert reading.fingerprint(Params(), {"values": numbers}) != reading.fingerprint(changed, {"values": numbers})
+    assert TOTAL.fingerprint(Params(), {"values": numbers}) == TOTAL.fingerprint(changed, {"values": numbers})
+    run_stage(reading, store, Params(), {"values": numbers})
+    capsys.readouterr()
+    again = run_stage(reading, store, changed, {"values": numbers})
+    assert again.recomputed and "total: recomputed, its settings changed (numbers.factor)" in capsys.readouterr().out

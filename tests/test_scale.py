@@ -89,8 +89,8 @@ def test_two_dask_workers_divide_four_episodes_and_match_one_process(prefect_api
     from flows.episode_to_lora import episode_to_lora
     from flows.params import load_params
     from tasks.pipelines import PIPELINES
-    from tasks.run.runner import SOURCES, sources_result, stages_between
-    from tasks.run.stage import RunRef
+    from tasks.run.runner import run_steps
+    from tasks.run.store import RunStore
     from tests.dask_shards import ShardLog
 
     inputs = [str(p) for p in four_episodes]
@@ -110,9 +110,5 @@ def test_two_dask_workers_divide_four_episodes_and_match_one_process(prefect_api
         assert len(per_worker) == 2 and all(per_worker), f"{stage}: one worker ran every shard: {ran}"
         assert set().union(*per_worker) == episodes and not set.intersection(*per_worker), ran
 
-    plain = RunRef(runs_dir=str(tmp_path), name="plain")  # the same slice in one process, no Prefect tasks
-    results = {}
-    for step in PIPELINES["episode"]:
-        if getattr(step, "name", None) in stages_between(PIPELINES["episode"], "segment"):
-            results[step.name] = step.spec.run(plain.store(), params, step.inputs({SOURCES: sources_result(inputs), **results}))
+    run_steps(RunStore(tmp_path, "plain"), params, PIPELINES["episode"], "segment", sources=inputs)  # one process, no Prefect
     assert compare(tmp_path / "dask", tmp_path / "plain", set(TIMING)) == {"frames": [], "segment": []}

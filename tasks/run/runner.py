@@ -50,6 +50,18 @@ def hook(name: str, call: Callable[[RunRef, dict[str, StageResult]], Any], *, af
     return Hook(name, after, call, inputs, optional, check_roles(name, (*inputs, *optional), bind))
 
 
+def run_kind(source: str) -> str:
+    """What a run of an image source records as its `flow` in run.json (`resume` reads it): renders-to-lora."""
+    return f"{source}-to-lora"
+
+
+def run_record(source: str, inputs: Sequence[str], params: Any, until: str) -> dict[str, Any]:
+    """What run.json records of a run of `source` (episode, renders, photos): the one definition the flows
+    write, the CLI checks before a run and `finished_run` compares. (An episode run records no `flow`.)"""
+    kind = {} if source == "episode" else {"flow": run_kind(source)}
+    return {**kind, "inputs": list(inputs), "params": params.model_dump(mode="json"), "until": until}
+
+
 def stage_names(steps: Sequence[Any]) -> list[str]:
     """The stages of a pipeline table, in run order (hooks left out)."""
     return [s.name for s in steps if isinstance(s, Step)]

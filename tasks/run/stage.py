@@ -4,7 +4,6 @@ artifacts. Their Prefect tasks and cache keys are made from their specs (tasks/r
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -13,6 +12,7 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     import pyarrow as pa
 
+from tasks.run.links import artifact_key
 from tasks.run.store import RunStore, fingerprint, read_json_object
 
 
@@ -52,7 +52,7 @@ def publish(result: StageResult, title: str, rows: list[dict[str, Any]] | None =
         return
     if TaskRunContext.get() is None:
         return
-    key = re.sub(r"[^a-z0-9-]+", "-", f"{result.stage}-{result.key}".lower()).strip("-")[:60]
+    key = artifact_key(f"{result.stage}-{result.key}")
     lines = [f"### {title}", "", "| measure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in result.summary.items()]
     lines += ["", f"fingerprint `{result.fingerprint[:12]}`, recomputed: {result.recomputed}"]

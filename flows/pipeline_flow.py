@@ -7,13 +7,16 @@ import functools
 import inspect
 import logging
 import os
-from typing import Annotated, Any, Callable
+from contextlib import contextmanager
+from typing import Annotated, Any, Callable, Iterator
 
 from prefect import flow
 from pydantic import BeforeValidator
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.notify import webhook_hooks
+from tasks.run.runner import run_record
+from tasks.run.stage import RunRef
 
 OptionalText = Annotated[str, BeforeValidator(lambda value: value or "")]
 """A text parameter that may stay empty ("" or null: not given): a plain text box in the form, no None switch."""
@@ -70,6 +73,16 @@ def told_in_one_line(fn: Callable) -> Callable:
 
     run.__signature__ = inspect.signature(fn, eval_str=True)  # types resolved here, in `fn`'s module
     return run
+
+
+@contextmanager
+def recorded_run(source: str, run: RunRef, params: Any, inputs: list[str], until: str,
+                 new_attempt: bool) -> Iterator[None]:
+    """Hold the run and record it (tasks/run/runner.run_record): how every pipeline flow starts its run.
+    A changed existing run is refused unless `new_attempt` (its old record then kept under attempts/)."""
+    with run.store().lock():
+        run.store().record_run(run_record(source, inputs, params, until), new_attempt=new_attempt)
+        yield
 
 
 PROGRAM_PARAMS = ("train.kohya_scripts",)
