@@ -51,9 +51,15 @@ def pipeline_params(source: str, name: str, doc: str) -> type[BaseModel]:
     parameter model with its defaults; unknown fields are rejected. The one base of every run's parameters."""
     fields: dict[str, Any] = {step.name: (step.spec.params, Field(default_factory=step.spec.params))
                               for step in PIPELINES[source] if isinstance(step, Step)}
-    with warnings.catch_warnings():  # the stage `validate` shadows pydantic's deprecated BaseModel.validate
+    return stages_model(name, __base__=PipelineParams, __doc__=doc, __module__=__name__, **fields)
+
+
+def stages_model(name: str, **options: Any) -> type[BaseModel]:
+    """`create_model` of a model with a field per stage (the stage `validate` shadows pydantic's deprecated
+    BaseModel.validate: that warning is expected)."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message='Field name "validate" in ".*" shadows', category=UserWarning)
-        return create_model(name, __base__=PipelineParams, __doc__=doc, __module__=__name__, **fields)
+        return create_model(name, **options)
 
 
 RunParams = pipeline_params("episode", "RunParams", "Every stage's parameters, with defaults; unknown fields are rejected.")

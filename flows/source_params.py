@@ -11,12 +11,11 @@ renders train the guide's two stages (tasks/sources/render_training.py).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, ClassVar, Literal, Optional, get_args
 
-from pydantic import BaseModel, Field, create_model, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from flows.params import PipelineParams, pipeline_params
+from flows.params import PipelineParams, pipeline_params, stages_model
 from tasks.pipelines import PIPELINES, stages_of
 from tasks.run.spec import Step
 from tasks.sources.render_training import DETAIL_SUFFIX, GUIDE_PLAN, NAME, resolve_plan
@@ -135,9 +134,7 @@ def _form_fields() -> dict[str, Any]:
     return fields
 
 
-with warnings.catch_warnings():  # the stage `validate` shadows pydantic's deprecated BaseModel.validate
-    warnings.filterwarnings("ignore", message='Field name "validate" in ".*" shadows', category=UserWarning)
-    _SourceForm = create_model("SourceParamsBase", __base__=PipelineParams, __module__=__name__, **_form_fields())
+_SourceForm = stages_model("SourceParamsBase", __base__=PipelineParams, __module__=__name__, **_form_fields())
 
 
 class SourceParams(_SourceForm):

@@ -14,8 +14,6 @@ a committed shard is never captioned again, so a killed run resumes where it sto
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from typing import Any
 
@@ -27,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tasks.run.progress import StageProgress
 from tasks.composite import RenderSpec, read_row_images
 from tasks.composite import render as render_image
-from tasks.run.spec import ShardedStage
-from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.spec import Inputs, ShardedStage
+from tasks.run.stage import Plan, Shard, StageResult, merge_shards, rows_by_character, rows_digest, run_shard
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "caption"
@@ -231,64 +229,43 @@ def caption_images(root, rows: list[dict], params: CaptionParams, render: Render
     return pa.Table.from_pylist(records, schema=SCHEMA), report
 
 
-# ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) ------------------
+# ---- plan, shard, merge ---------------------------------------------------------------------------
 
-class CaptionShard(BaseModel):
-    key: str
-    character: str
-    fingerprint: str
-    rows: list[dict]
-
-
-class CaptionPlan(BaseModel):
-    shards: list[CaptionShard]
-    fingerprint: str
-
-    def shard_fingerprints(self) -> dict[str, str]:
-        return {s.key: s.fingerprint for s in self.shards}
+def shard_settings(params: CaptionParams, render: RenderSpec, given_captions: str | None) -> dict:
+    """What decides a shard's captions (batching, shard size and device do not); the stage bound to the
+    `given_captions` input under its old name `captions_from`, so committed shards keep their fingerprints."""
+    own = params.model_dump(mode="json", exclude={"batch_size", "shard_size", "device"})
+    return {"params": {**own, "captions_from": given_captions}, "render": render.model_dump(mode="json")}
 
 
-def _settings(params: CaptionParams, render: RenderSpec) -> dict:
-    """What decides the captions (batching and shard size do not)."""
-    return {"params": params.model_dump(mode="json", exclude={"batch_size", "shard_size", "device"}),
-            "render": render.model_dump(mode="json")}
-
-
-def plan_caption(store: RunStore, params: CaptionParams, render: RenderSpec, augment: str = "augment",
-                 given_captions: str | None = None) -> CaptionPlan:
-    """Chunk each character's kept images (of the stage `augment`) into shards of `shard_size`; an
-    image whose original has a `caption` in the stage `given_captions` keeps it."""
-    table = store.read_manifest(augment)
-    rows = [r for r in table.to_pylist() if r["kept"]]
+def plan_caption(store: RunStore, params: Any, inputs: Inputs) -> Plan:
+    """Chunk each character's kept images (of the `augment` input) into shards of `shard_size`; an image
+    whose original has a `caption` in the `given_captions` input keeps it."""
+    rows = [r for r in store.read_manifest(inputs["augment"].stage).to_pylist() if r["kept"]]
+    given_captions = inputs["given_captions"].stage if "given_captions" in inputs else None
     if given_captions:
         source = store.read_manifest(given_captions)
         given = dict(zip(source.column("item_id").to_pylist(), source.column("caption").to_pylist()))
         for row in rows:
             row["given_caption"] = given.get(row["group_id"] or row["item_id"])
-    settings = _settings(params, render)
-    settings["params"]["captions_from"] = given_captions  # under its old name: existing runs' fingerprints hold
-    by_character: dict[str, list[dict]] = {}
-    for row in rows:
-        by_character.setdefault(row["character"], []).append(row)
+    own = params.caption
+    settings = shard_settings(own, params.package.render, given_captions)
     shards = []
-    for character in sorted(by_character):
-        mine = sorted(by_character[character], key=lambda r: r["item_id"])
-        for n, start in enumerate(range(0, len(mine), params.shard_size)):
-            chunk = mine[start:start + params.shard_size]
-            digest = hashlib.sha256(json.dumps(chunk, sort_keys=True, default=str).encode()).hexdigest()
-            fp = fingerprint(STAGE, VERSION, settings, {"rows": digest})
-            shards.append(CaptionShard(key=f"{safe_name(character)}-{n:04d}", character=character, fingerprint=fp, rows=chunk))
-    stage_fp = plan_sharded_stage(store, STAGE, VERSION, settings, {s.key: s.fingerprint for s in shards})
-    return CaptionPlan(shards=shards, fingerprint=stage_fp)
+    for character, mine in rows_by_character(rows).items():
+        for n, start in enumerate(range(0, len(mine), own.shard_size)):
+            chunk = mine[start:start + own.shard_size]
+            fp = fingerprint(STAGE, VERSION, settings, {"rows": rows_digest(chunk)})
+            shards.append(Shard(key=f"{safe_name(character)}-{n:04d}", fingerprint=fp, payload=chunk))
+    return Plan(shards=shards)
 
 
-def caption_shard(store: RunStore, shard: CaptionShard, params: CaptionParams, render: RenderSpec) -> StageResult:
+def caption_shard(store: RunStore, shard: Shard, params: Any, plan: Plan) -> StageResult:
     """Caption one shard, unless it is already committed (the model loads only when needed)."""
-    return run_shard(store, STAGE, shard.key, shard.fingerprint,
-                     lambda out, prefix: caption_images(store.root, shard.rows, params, render, load_captioner(params)))
+    return run_shard(store, STAGE, shard.key, shard.fingerprint, lambda out, prefix: caption_images(
+        store.root, shard.payload, params.caption, params.package.render, load_captioner(params.caption)))
 
 
-def merge_caption(store: RunStore, plan: CaptionPlan) -> StageResult:
+def merge_caption(store: RunStore, plan: Plan, params: Any) -> StageResult:
     """Merge the shards into `caption/manifest.parquet`."""
     def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
         table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
@@ -299,21 +276,7 @@ def merge_caption(store: RunStore, plan: CaptionPlan) -> StageResult:
     return merge_shards(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), merge)
 
 
-def run_caption(store: RunStore, params: CaptionParams, render: RenderSpec | None = None) -> StageResult:
-    """The whole stage as one plain call (no Prefect): plan, every shard, merge."""
-    render = render or RenderSpec()
-    plan = plan_caption(store, params, render)
-    for shard in plan.shards:
-        caption_shard(store, shard, params, render)
-    return merge_caption(store, plan)
-
-
-CAPTION = ShardedStage(
-    name=STAGE, version=VERSION, params=CaptionParams, inputs=("augment",), optional=("given_captions",), tags=("gpu",),
-    title="caption",
-    plan=lambda store, params, inputs: plan_caption(store, params.caption, params.package.render, inputs["augment"].stage,
-                                                    inputs["given_captions"].stage if "given_captions" in inputs else None),
-    shard=lambda store, shard, params, plan: caption_shard(store, shard, params.caption, params.package.render),
-    merge=lambda store, plan, params: merge_caption(store, plan),
-)
-"""The caption stage: one shard per character, each image captioned as it will be packaged."""
+CAPTION = ShardedStage(name=STAGE, version=VERSION, params=CaptionParams, inputs=("augment",),
+                       optional=("given_captions",), reads=("caption", "package.render"), tags=("gpu",),
+                       title="caption", plan=plan_caption, shard=caption_shard, merge=merge_caption)
+"""The caption stage: shards of each character's images, each image captioned as it will be packaged."""

@@ -27,7 +27,6 @@ all characters, and a background dataset from the run's background layers.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -38,6 +37,7 @@ from typing import Any, Literal, Optional
 import cv2
 import numpy as np
 import pyarrow as pa
+import tomli_w
 import yaml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -45,8 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tasks.run.progress import StageProgress
 from tasks.composite import (ALPHA_ON, RenderSpec, background_layers, blank_reason, cover, read_background,
                              read_row_images, render)
-from tasks.run.spec import GlobalStage
-from tasks.run.stage import StageResult, finished, run_global_stage, stage_fingerprint
+from tasks.run.spec import GlobalStage, Inputs
+from tasks.run.stage import StageResult, rows_by_character
 from tasks.run.store import QUARANTINE, RunStore, safe_name, write_table
 
 STAGE = "package"
@@ -228,49 +228,29 @@ def split_groups(groups: list[str], fraction: float, seed: int, character: str) 
     return set(rng.sample(groups, n))
 
 
-# ---- TOML (kohya reads TOML; the standard library only parses it) -------------------------------
+# ---- TOML (kohya reads TOML) -------------------------------------------------------------------
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+def toml_text(document: dict[str, Any]) -> str:
+    """`document` as TOML (tables, arrays of tables), keys whose value is None left out."""
+    def present(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: present(item) for key, item in value.items() if item is not None}
+        if isinstance(value, (list, tuple)):
+            return [present(item) for item in value]
+        return value
 
-
-def _toml_lines(table: dict[str, Any]) -> list[str]:
-    return [f"{key} = {_toml_value(value)}" for key, value in table.items() if value is not None]
-
-
-def dataset_toml(general: dict[str, Any], datasets: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> str:
-    """A kohya dataset config: [general], then [[datasets]] each with [[datasets.subsets]]."""
-    lines = ["[general]", *_toml_lines(general)]
-    for dataset, subsets in datasets:
-        lines += ["", "[[datasets]]", *_toml_lines(dataset)]
-        for subset in subsets:
-            lines += ["", "  [[datasets.subsets]]", *("  " + line for line in _toml_lines(subset))]
-    return "\n".join(lines) + "\n"
-
-
-def flat_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """A kohya training config; kohya merges all sections into one set of arguments."""
-    lines: list[str] = []
-    for name, table in sections.items():
-        lines += [f"[{name}]", *_toml_lines(table), ""]
-    return "\n".join(lines)
+    return tomli_w.dumps(present(document))
 
 
 # ---- configs ------------------------------------------------------------------------------------
 
 def kohya_dataset(subsets: list[dict[str, Any]], params: PackageParams) -> str:
+    """A kohya dataset config: [general], then one [[datasets]] with a [[datasets.subsets]] per subset."""
     general = {"caption_extension": ".txt", "shuffle_caption": params.shuffle_caption, "keep_tokens": params.keep_tokens}
     dataset = {"resolution": params.render.resolution, "batch_size": params.batch_size, "enable_bucket": True,
-               "min_bucket_reso": params.min_bucket_reso, "max_bucket_reso": params.max_bucket_reso}
-    return dataset_toml(general, [(dataset, subsets)])
+               "min_bucket_reso": params.min_bucket_reso, "max_bucket_reso": params.max_bucket_reso,
+               **({"subsets": subsets} if subsets else {})}
+    return toml_text({"general": general, "datasets": [dataset]})
 
 
 def kohya_subset(image_dir: Path, repeats: int, trigger: str, params: PackageParams,
@@ -283,7 +263,8 @@ def kohya_subset(image_dir: Path, repeats: int, trigger: str, params: PackagePar
 
 def kohya_training(name: str, plan: dict[str, Any], dataset_config: Path, prompts: Path, output_dir: Path,
                    params: PackageParams) -> str:
-    return flat_toml({
+    """A kohya training config (train_network.py --config_file); kohya merges its sections into one set of arguments."""
+    return toml_text({
         "model": {"pretrained_model_name_or_path": params.base_model,
                   **({"v_parameterization": True, "zero_terminal_snr": True} if params.v_parameterization else {})},
         "dataset": {"dataset_config": str(dataset_config), "cache_latents": True,
@@ -412,56 +393,17 @@ def package_dataset(root: Path, rows: list[dict], backgrounds: list[str], params
     Returns:
         (manifest with SCHEMA, characters table with CHARACTERS_SCHEMA, summary).
     """
-    configs = out / "configs"
-    configs.mkdir(parents=True, exist_ok=True)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     characters: list[dict] = []
     subsets: list[tuple[dict, str, Path]] = []  # (kohya subset, trigger, train folder) per character
-    by_character: dict[str, list[dict]] = {}
-    for row in rows:
-        by_character.setdefault(row["character"], []).append(row)
     stems = _stems([r["item_id"] for r in rows])
     with StageProgress("package", len(rows)) as bar:
-        for character in sorted(by_character):
-            mine = sorted(by_character[character], key=lambda r: r["item_id"])
-            name = safe_name(character)
-            trigger, kind = mine[0]["trigger"], mine[0].get("kind") or "unknown"
-            held_out = split_groups([r["group_id"] or r["item_id"] for r in mine], params.validation_split,
-                                    params.seed, character)
-            staging = out / f".train-{name}"  # renamed to {repeats}_{name} once the count is known
-            mine_records = []
-            for row in mine:
-                split = "validation" if (row["group_id"] or row["item_id"]) in held_out else "train"
-                folder = out / "validation" / name if split == "validation" else staging
-                folder.mkdir(parents=True, exist_ok=True)
-                record = {"item_id": row["item_id"], "source_id": row["item_id"], "character": character,
-                          "trigger": trigger, "kind": kind, "split": split, "caption": row["caption"],
-                          "crop": row.get("crop") or "full",
-                          "kept": True, "drop_reason": None, "path": None, "caption_path": None}
-                record.update(_package_image(root, row, folder, stems[row["item_id"]], params))
-                mine_records.append(record)
-                bar.advance()
-            n_train = sum(r["kept"] and r["split"] == "train" for r in mine_records)
-            n_val = sum(r["kept"] and r["split"] == "validation" for r in mine_records)
-            plan = training_plan(n_train, kind, params)
-            train_dir = out / f"{plan['repeats']}_{name}"
-            if staging.exists():
-                staging.rename(train_dir)
-            else:
-                train_dir.mkdir(parents=True)
-            for record in mine_records:
-                record["repeats"] = plan["repeats"]
-                stem = record.pop("stem", None)
-                if stem:
-                    folder = train_dir if record["split"] == "train" else out / "validation" / name
-                    rel = folder.relative_to(root).as_posix()
-                    record.update(path=f"{rel}/{stem}.png", caption_path=f"{rel}/{stem}.txt")
-            records.extend(mine_records)
-            subset = kohya_subset(train_dir, plan["repeats"], trigger, params, masked=params.alpha_mask)
-            subsets.append((subset, trigger, train_dir))
-            _write_configs(out, name, [trigger], kind, plan, [subset], [train_dir], params)
-            characters.append({"character": character, "trigger": trigger, "kind": kind, "n_train": n_train,
-                               "n_validation": n_val, **plan})
+        for character, mine in rows_by_character(rows).items():
+            packaged, row, subset, train_dir = package_character(root, character, mine, stems, params, out, bar)
+            records.extend(packaged)
+            characters.append(row)
+            subsets.append((subset, row["trigger"], train_dir))
     if params.background.enabled and backgrounds:
         background = _package_backgrounds(root, backgrounds, params, out, records)
         if background:
@@ -473,6 +415,50 @@ def package_dataset(root: Path, rows: list[dict], backgrounds: list[str], params
                        [s for s, _, _ in subsets], [d for _, _, d in subsets], params)
     return (pa.Table.from_pylist(records, schema=SCHEMA), pa.Table.from_pylist(characters, schema=CHARACTERS_SCHEMA),
             _summary(records, characters, bool(subsets), params))
+
+
+def package_character(root: Path, character: str, rows: list[dict], stems: dict[str, str], params: PackageParams,
+                      out: Path, bar: StageProgress) -> tuple[list[dict], dict, dict, Path]:
+    """Render one character's rows into `{repeats}_{name}/` (train) and `validation/{name}/` (its held-out
+    originals and their copies) and write its configs.
+
+    Returns (its manifest records, its characters row, its kohya subset, its training folder).
+    """
+    name = safe_name(character)
+    trigger, kind = rows[0]["trigger"], rows[0].get("kind") or "unknown"
+    held_out = split_groups([r["group_id"] or r["item_id"] for r in rows], params.validation_split, params.seed,
+                            character)
+    staging = out / f".train-{name}"  # renamed to {repeats}_{name} once the count is known
+    validation = out / "validation" / name
+    records = []
+    for row in rows:
+        split = "validation" if (row["group_id"] or row["item_id"]) in held_out else "train"
+        folder = validation if split == "validation" else staging
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"item_id": row["item_id"], "source_id": row["item_id"], "character": character, "trigger": trigger,
+                  "kind": kind, "split": split, "caption": row["caption"], "crop": row.get("crop") or "full",
+                  "kept": True, "drop_reason": None, "path": None, "caption_path": None}
+        record.update(_package_image(root, row, folder, stems[row["item_id"]], params))
+        records.append(record)
+        bar.advance()
+    n_train = sum(r["kept"] and r["split"] == "train" for r in records)
+    n_val = sum(r["kept"] and r["split"] == "validation" for r in records)
+    plan = training_plan(n_train, kind, params)
+    train_dir = out / f"{plan['repeats']}_{name}"
+    if staging.exists():
+        staging.rename(train_dir)
+    else:
+        train_dir.mkdir(parents=True)
+    for record in records:
+        record["repeats"] = plan["repeats"]
+        stem = record.pop("stem", None)
+        if stem:
+            rel = (train_dir if record["split"] == "train" else validation).relative_to(root).as_posix()
+            record.update(path=f"{rel}/{stem}.png", caption_path=f"{rel}/{stem}.txt")
+    subset = kohya_subset(train_dir, plan["repeats"], trigger, params, masked=params.alpha_mask)
+    _write_configs(out, name, [trigger], kind, plan, [subset], [train_dir], params)
+    row = {"character": character, "trigger": trigger, "kind": kind, "n_train": n_train, "n_validation": n_val, **plan}
+    return records, row, subset, train_dir
 
 
 def _summary(records: list[dict], characters: list[dict], any_subset: bool, params: PackageParams) -> dict:
@@ -587,31 +573,21 @@ def _package_backgrounds(root: Path, backgrounds: list[str], params: PackagePara
     return {"character": bg.name, "trigger": bg.trigger, "kind": "background", "n_train": n, "n_validation": 0, **plan}
 
 
-# ---- run-store wiring ----------------------------------------------------------------------------
+# ---- the stage ------------------------------------------------------------------------------------
 
-def run_package(store: RunStore, params: PackageParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
-    """The whole stage as one plain call: package the kept captioned images (after `caption`; the
-    background layers of the `backgrounds` input, when the background dataset is enabled)."""
-    upstream = used_inputs(params, upstream or {"caption": finished(store, "caption"), **(
-        {"backgrounds": finished(store, "segment")} if store.is_done("segment") else {})})
-
-    def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
-        for child in folder.iterdir():  # a previous package is replaced wholesale
-            if child.name != "params.json":
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        rows = [r for r in store.read_manifest(upstream["caption"].stage).to_pylist() if r["kept"]]
-        backgrounds = background_layers(store, upstream["backgrounds"].stage) if "backgrounds" in upstream else []
-        table, characters, summary = package_dataset(store.root, rows, backgrounds, params, folder)
-        write_table(characters, folder / "characters.parquet")
-        return table, summary, [f"{STAGE}/characters.parquet"]
-
-    return run_global_stage(store, STAGE, VERSION, params, upstream, build)
-
-
-def used_inputs(params: PackageParams, inputs: dict[str, StageResult]) -> dict[str, StageResult]:
-    """The inputs the package reads with these parameters (what its fingerprint covers): `backgrounds`
-    only for the background dataset."""
-    return {role: result for role, result in inputs.items() if role != "backgrounds" or params.background.enabled}
+def build_package(store: RunStore, params: Any, inputs: Inputs, folder: Path) -> tuple[pa.Table, dict, list[str]]:
+    """Package the kept captioned images of the `caption` input into `folder`, replacing a previous package
+    wholesale; the background dataset from the layers of the `backgrounds` input, when it is enabled."""
+    for child in folder.iterdir():
+        if child.name != "params.json":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    settings = package_settings(params)
+    rows = [r for r in store.read_manifest(inputs["caption"].stage).to_pylist() if r["kept"]]
+    with_backgrounds = settings.background.enabled and "backgrounds" in inputs
+    backgrounds = background_layers(store, inputs["backgrounds"].stage) if with_backgrounds else []
+    table, characters, summary = package_dataset(store.root, rows, backgrounds, settings, folder)
+    write_table(characters, folder / "characters.parquet")
+    return table, summary, [f"{STAGE}/characters.parquet"]
 
 
 def _steps(store: RunStore, result: StageResult) -> list[dict]:
@@ -623,10 +599,7 @@ def _steps(store: RunStore, result: StageResult) -> list[dict]:
     return [{"character": k, "total_steps": v} for k, v in result.summary["total_steps"].items()]
 
 
-PACKAGE = GlobalStage(
-    name=STAGE, version=VERSION, params=PackageParams, inputs=("caption",), optional=("backgrounds",), title="package",
-    build=lambda store, params, inputs: run_package(store, package_settings(params), inputs), rows=_steps,
-    probe=lambda params, inputs: stage_fingerprint(STAGE, VERSION, package_settings(params),
-                                                   used_inputs(params.package, inputs)),
-)
+PACKAGE = GlobalStage(name=STAGE, version=VERSION, params=PackageParams, inputs=("caption",), optional=("backgrounds",),
+                      reads=("package", "train.per_character", "train.init_from"), title="package",
+                      build=build_package, rows=_steps)
 """The package stage: the kohya tree, its configs and the AI-Toolkit job."""

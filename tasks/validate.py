@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.lora_data import alpha_mask_folders
 from tasks.composite import blank_reason, wrapped_pixels
-from tasks.run.spec import GlobalStage
-from tasks.run.stage import StageResult, run_global_stage
+from tasks.run.spec import GlobalStage, Inputs
+from tasks.run.stage import StageResult
 from tasks.run.store import RunStore, safe_name
 
 STAGE = "validate"
@@ -275,38 +275,38 @@ def tree_root(directory: Path) -> Path:
     return directory / "package" if (directory / "package" / "characters.parquet").is_file() else directory
 
 
-# ---- run-store wiring ------------------------------------------------------------------------------
+# ---- the stage ---------------------------------------------------------------------------------------
 
 class DatasetInvalidError(RuntimeError):
     """The validation report of a run's package has errors; training must not start."""
 
 
-def run_validate(store: RunStore, params: ValidateParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
-    """Validate the run's package into `validate/report.json` and a per-image manifest."""
-    from tasks.run.stage import finished
+def build_validate(store: RunStore, params: Any, inputs: Inputs, folder: Path) -> tuple[pa.Table, dict, list[str]]:
+    """Validate the tree of the `package` input into `validate/report.json` and a per-image manifest."""
+    package = inputs["package"].stage
+    tree = store.stage_dir(package)
+    report = validate_dataset(tree, params.validate)
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    manifest = store.read_manifest(package)
+    ids = {p: i for p, i in zip(manifest.column("path").to_pylist(), manifest.column("item_id").to_pylist()) if p}
+    prefix = tree.relative_to(store.root).as_posix()
+    rows = [_image_row(image, f"{prefix}/{image['path']}", ids) for image in report["per_image"]]
+    summary = {"passed": report["passed"], "images": report["images"], "kept": report["valid"],
+               "invalid": report["invalid"], "errors": report["errors"], "warnings": report["warnings"],
+               "report": f"{STAGE}/report.json"}
+    return pa.Table.from_pylist(rows, schema=SCHEMA), summary, [f"{STAGE}/report.json"]
 
-    upstream = upstream or {"package": finished(store, "package")}
 
-    def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
-        root = store.stage_dir(upstream["package"].stage)
-        report = validate_dataset(root, params)
-        (folder / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-        ids = {}
-        if store.is_done(upstream["package"].stage):
-            package = store.read_manifest(upstream["package"].stage)
-            ids = {p: i for p, i in zip(package.column("path").to_pylist(), package.column("item_id").to_pylist()) if p}
-        rows = []
-        for image in report["per_image"]:
-            rel = f"package/{image['path']}"
-            rows.append({"item_id": ids.get(rel, rel), "source_id": ids.get(rel), "character": image["character"],
-                         "split": image["split"], "path": rel, "ok": not image["errors"],
-                         "errors": ",".join(image["errors"]) or None, "warnings": ",".join(image["warnings"]) or None})
-        summary = {"passed": report["passed"], "images": report["images"], "kept": report["valid"],
-                   "invalid": report["invalid"], "errors": report["errors"], "warnings": report["warnings"],
-                   "report": f"{STAGE}/report.json"}
-        return pa.Table.from_pylist(rows, schema=SCHEMA), summary, [f"{STAGE}/report.json"]
+def _image_row(image: dict[str, Any], path: str, ids: dict[str, str]) -> dict[str, Any]:
+    """The manifest row of one checked image (`path` run-relative; `ids`: package path -> item id)."""
+    return {"item_id": ids.get(path, path), "source_id": ids.get(path), "character": image["character"],
+            "split": image["split"], "path": path, "ok": not image["errors"],
+            "errors": ",".join(image["errors"]) or None, "warnings": ",".join(image["warnings"]) or None}
 
-    return run_global_stage(store, STAGE, VERSION, params, upstream, build)
+
+def _issue_rows(store: RunStore, result: StageResult) -> list[dict]:
+    """The issue counts of a finished validation, for the UI."""
+    return [{"issue": k, "count": v} for k, v in {**result.summary["errors"], **result.summary["warnings"]}.items()]
 
 
 def check_passed(result: StageResult, store: RunStore) -> None:
@@ -319,10 +319,6 @@ def check_passed(result: StageResult, store: RunStore) -> None:
         f"See {store.root / STAGE / 'report.json'}, fix the package (or the stage parameters) and resume.")
 
 
-VALIDATE = GlobalStage(
-    name=STAGE, version=VERSION, params=ValidateParams, inputs=("package",), title="validate",
-    build=lambda store, params, inputs: run_validate(store, params.validate, inputs),
-    rows=lambda store, result: [{"issue": k, "count": v}
-                                for k, v in {**result.summary["errors"], **result.summary["warnings"]}.items()],
-)
+VALIDATE = GlobalStage(name=STAGE, version=VERSION, params=ValidateParams, inputs=("package",), title="validate",
+                       build=build_validate, rows=_issue_rows)
 """The validate stage: the packaged dataset checked; `check_passed` stops a run before training."""

@@ -11,11 +11,12 @@ from PIL import Image
 from pydantic import ValidationError
 
 from flows.params import RunParams
-from tasks.augment import AUGMENT, AugmentParams, apply_ops, draw_ops, multiplier, run_augment, target_count
-from tasks.run.stage import finished
+from tasks.augment import AUGMENT, AugmentParams, apply_ops, draw_ops, multiplier, target_count
 from tasks.composite import read_layer
+from tasks.run.runner import on_disk
 from tasks.run.stage import RunRef
 from tests.dataset_fixtures import make_run
+from tests.stages import run_plain
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def augmented(tmp_path_factory):
     store = make_run(tmp_path_factory.mktemp("aug"), {"hero": ("human", 6), "blob": ("creature", 12),
                                                       "big": ("human", 32)})
     params = AugmentParams(intensity="heavy", background_swap_probability=0.5)
-    result = run_augment(store, params)
+    result = run_plain(store, "augment", after="select", augment=params)
     return store, params, result
 
 
@@ -102,7 +103,7 @@ def test_recorded_ops_reproduce_each_image(augmented):
 def test_same_seed_same_images_other_seed_other_images(tmp_path, augmented):
     store, params, _ = augmented
     other = make_run(tmp_path, {"hero": ("human", 6), "blob": ("creature", 12), "big": ("human", 32)})
-    run_augment(other, params)
+    run_plain(other, "augment", after="select", augment=params)
     mine = {r["item_id"]: r for r in _rows(store)}
     assert len(_rows(other)) == len(mine)
     for row in _rows(other):
@@ -146,7 +147,7 @@ def test_unreadable_layer_is_quarantined_and_the_rest_goes_on(tmp_path):
     store = make_run(tmp_path, {"hero": ("human", 6)})
     bad = store.read_manifest("select").to_pylist()[2]["path"]
     (store.root / bad).write_bytes(b"not a png")
-    run_augment(store, AugmentParams())
+    run_plain(store, "augment", after="select", augment=AugmentParams())
     rows = _rows(store)
     broken = [r for r in rows if not r["kept"]]
     assert len(broken) == 1 and broken[0]["drop_reason"].startswith("quarantine: " + bad)
@@ -169,7 +170,7 @@ def test_parameters_are_checked_with_the_field_named():
 def test_a_lost_shard_is_redone_alone(tmp_path):
     store = make_run(tmp_path, {"hero": ("human", 5), "blob": ("creature", 6)})
     params = AugmentParams()
-    run_augment(store, params)
+    run_plain(store, "augment", after="select", augment=params)
     kept = store.shard_dir("augment", "hero") / "rows.parquet"
     stamp = kept.stat().st_mtime_ns
     before = {r["item_id"]: r["ops"] for r in _rows(store)}
@@ -177,7 +178,7 @@ def test_a_lost_shard_is_redone_alone(tmp_path):
 
     shutil.rmtree(store.shard_dir("augment", "blob"))  # as if the run died while writing blob
     (store.stage_dir("augment") / "_DONE.json").unlink()
-    result = run_augment(store, params)
+    result = run_plain(store, "augment", after="select", augment=params)
     assert result.recomputed and kept.stat().st_mtime_ns == stamp
     assert {r["item_id"]: r["ops"] for r in _rows(store)} == before
 
@@ -187,7 +188,7 @@ def test_prefect_tasks(prefect_api, tmp_path):
 
     store = make_run(tmp_path, {"hero": ("human", 5)})
     run = RunRef(runs_dir=str(tmp_path), name=store.name)
-    select = finished(store, "select")
+    select = on_disk(store, "select")
 
     @flow
     def augment_flow():  # the spec's plan, shard and merge tasks

@@ -15,11 +15,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 from models.captioners import Blip2Captioner, CaptionerMissing, TemplateCaptioner, captioner, colour_name, framing
-from tasks.augment import AugmentParams, run_augment
-from tasks.caption import CaptionParams, finish_caption, run_caption
+from tasks.caption import CaptionParams, finish_caption
 from tasks.composite import RenderSpec, render
 from tests.conftest import ROOT
 from tests.dataset_fixtures import make_run
+from tests.stages import run_plain
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def tiny_blip2(tmp_path_factory):
 def augmented_run(tmp_path_factory):
     """hero (human, 5 -> 35 images), blob (creature, 5 -> 35)."""
     store = make_run(tmp_path_factory.mktemp("cap"), {"hero": ("human", 5), "blob": ("creature", 5)})
-    run_augment(store, AugmentParams())
+    run_plain(store, "augment", after="select")
     return store
 
 
@@ -106,7 +106,7 @@ def test_framing_follows_where_the_figure_was_cut():
 
 def test_caption_stage_with_the_template_captioner(augmented_run):
     store = augmented_run
-    result = run_caption(store, CaptionParams(shard_size=16))
+    result = run_plain(store, "caption", after="augment", caption=CaptionParams(shard_size=16))
     rows = store.read_manifest("caption").to_pylist()
     augment = {r["item_id"]: r for r in store.read_manifest("augment").to_pylist()}
     assert len(rows) == 70 and result.summary["kept"] == 70 and result.summary["shards"] == 6
@@ -137,10 +137,10 @@ def test_tiny_blip2_loads_from_its_folder_and_captions_in_batches(tiny_blip2):
 
 def test_caption_stage_with_tiny_blip2(tmp_path, tiny_blip2):
     store = make_run(tmp_path, {"blob": ("creature", 3)}, backgrounds=1)
-    run_augment(store, AugmentParams())
+    run_plain(store, "augment", after="select")
     params = CaptionParams(captioner=f"blip2:{tiny_blip2}", max_new_tokens=6, batch_size=2,
                            prompts={"creature": "Question: what is this creature doing? Answer:"})
-    run_caption(store, params)
+    run_plain(store, "caption", after="augment", caption=params)
     rows = store.read_manifest("caption").to_pylist()
     assert len(rows) == 3 and all(r["captioner"] == f"blip2:{tiny_blip2}" for r in rows)
     assert all(r["prompt"] == "Question: what is this creature doing? Answer:" for r in rows)
@@ -174,14 +174,14 @@ def test_unknown_captioner_and_bad_parameters_are_named():
 
 def test_killed_run_resumes_without_recaptioning_finished_shards(tmp_path, tiny_blip2):
     store = make_run(tmp_path, {"hero": ("human", 5)})
-    run_augment(store, AugmentParams())
+    run_plain(store, "augment", after="select")
     params = CaptionParams(captioner=f"blip2:{tiny_blip2}", max_new_tokens=12, batch_size=2, shard_size=4)
     script = textwrap.dedent(f"""
         from tasks.run.store import RunStore
-        from tasks.caption import CaptionParams, run_caption
-        from tasks.composite import RenderSpec
-        run_caption(RunStore({str(store.root.parent)!r}, {store.name!r}),
-                    CaptionParams.model_validate_json({params.model_dump_json()!r}))
+        from tasks.caption import CaptionParams
+        from tests.stages import run_plain
+        run_plain(RunStore({str(store.root.parent)!r}, {store.name!r}), "caption", after="augment",
+                  caption=CaptionParams.model_validate_json({params.model_dump_json()!r}))
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "EPISODE2LORA_NO_PROGRESS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT)
@@ -196,7 +196,7 @@ def test_killed_run_resumes_without_recaptioning_finished_shards(tmp_path, tiny_
     done = {p.parent.name: p.parent.joinpath("rows.parquet").stat().st_mtime_ns for p in shards.glob("[!.]*/_DONE.json")}
     assert 1 <= len(done) < 9, "the kill should land after the first shard and before the last"
     assert not store.is_done("caption")
-    result = run_caption(store, params)
+    result = run_plain(store, "caption", after="augment", caption=params)
     after = {p.parent.name: p.parent.joinpath("rows.parquet").stat().st_mtime_ns for p in shards.glob("[!.]*/_DONE.json")}
     assert len(after) == 9 and result.summary["kept"] == 35
     assert all(after[key] == stamp for key, stamp in done.items())  # finished shards were not captioned again

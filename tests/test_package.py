@@ -3,9 +3,11 @@ accepts, the AI-Toolkit YAML, rendering, multi-concept and background options.""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,12 +16,11 @@ import yaml
 from PIL import Image
 from pydantic import ValidationError
 
-from tasks.augment import AugmentParams, run_augment
-from tasks.caption import CaptionParams, run_caption
-from tasks.package import (BackgroundDatasetParams, PackageParams, pick_backgrounds, run_package, thumbnail_embedding,
-                           training_plan)
+from tasks.package import (BackgroundDatasetParams, PackageParams, kohya_dataset, kohya_subset, kohya_training,
+                           pick_backgrounds, thumbnail_embedding, training_plan)
 from tasks.composite import wrapped_pixels
 from tests.dataset_fixtures import make_run
+from tests.stages import run_plain
 
 # ---- what kohya sd-scripts accepts (library/config_util.py ConfigSanitizer schemas; train_network.py
 # and library/train_util.py argparse options), written down from the source ----------------------
@@ -48,9 +49,7 @@ KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 def packaged(tmp_path_factory):
     """hero (human, 6 -> 42 images) and blob (creature, 5 -> 35), captioned by the template."""
     store = make_run(tmp_path_factory.mktemp("pkg"), {"hero": ("human", 6), "blob": ("creature", 5)})
-    run_augment(store, AugmentParams())
-    run_caption(store, CaptionParams())
-    result = run_package(store, PackageParams())
+    result = run_plain(store, "package", after="select", package=PackageParams())
     return store, result
 
 
@@ -191,6 +190,97 @@ def test_training_tomls_parse_and_use_only_train_network_options(packaged):
         assert prompts and all(p.startswith(c["trigger"] + ", ") and " --w 512 --h 512 " in p for p in prompts)
 
 
+HAND_WRITTEN_DATASET = """[general]
+caption_extension = ".txt"
+shuffle_caption = true
+keep_tokens = 1
+
+[[datasets]]
+resolution = 512
+batch_size = 1
+enable_bucket = true
+min_bucket_reso = 256
+max_bucket_reso = 1024
+
+  [[datasets.subsets]]
+  image_dir = "package/30_hero"
+  num_repeats = 30
+  class_tokens = "hero_tok"
+  caption_extension = ".txt"
+  keep_tokens = 1
+  shuffle_caption = true
+  alpha_mask = true
+
+  [[datasets.subsets]]
+  image_dir = "package/10_bg"
+  num_repeats = 10
+  class_tokens = "bg \\"x\\" é"
+  caption_extension = ".txt"
+  keep_tokens = 1
+  shuffle_caption = true
+"""
+HAND_WRITTEN_TRAINING = """[model]
+pretrained_model_name_or_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+v_parameterization = true
+zero_terminal_snr = true
+
+[dataset]
+dataset_config = "package/configs/hero_dataset.toml"
+cache_latents = true
+caption_dropout_rate = 0.05
+max_data_loader_n_workers = 2
+
+[network]
+network_module = "networks.lora"
+network_dim = 48
+network_alpha = 24
+
+[optimizer]
+optimizer_type = "AdamW8bit"
+unet_lr = 0.00011
+text_encoder_lr = 5.5e-05
+lr_scheduler = "cosine"
+
+[training]
+max_train_epochs = 20
+mixed_precision = "fp16"
+gradient_checkpointing = true
+min_snr_gamma = 5.0
+noise_offset = 0.05
+seed = 0
+
+[saving]
+output_dir = "train/hero"
+output_name = "hero"
+save_model_as = "safetensors"
+save_precision = "fp16"
+save_every_n_epochs = 2
+logging_dir = "train/hero/logs"
+
+[sampling]
+sample_prompts = "package/configs/hero_prompts.txt"
+sample_every_n_epochs = 2
+sample_sampler = "euler_a"
+"""
+"""What the package's hand-written TOML writer wrote for the configs of `test_tomls_load_as_the_hand_written_ones`."""
+
+
+def test_tomls_load_as_the_hand_written_ones():
+    """The configs written with tomli-w load (tomllib) to the same tables, keys in the same order, as the
+    hand-written writer's did: subsets with and without alpha_mask, quotes and non-ASCII, floats, v-prediction."""
+    params = PackageParams(v_parameterization=True)
+    subsets = [kohya_subset(Path("package/30_hero"), 30, "hero_tok", params, masked=True),
+               kohya_subset(Path("package/10_bg"), 10, 'bg "x" é', params)]
+    plan = {"network_dim": 48, "network_alpha": 24, "unet_lr": 1.1e-4, "text_encoder_lr": 5.5e-5, "epochs": 20}
+    training = kohya_training("hero", plan, Path("package/configs/hero_dataset.toml"),
+                              Path("package/configs/hero_prompts.txt"), Path("train/hero"), params)
+    for written, before in ((kohya_dataset(subsets, params), HAND_WRITTEN_DATASET), (training, HAND_WRITTEN_TRAINING)):
+        loaded, expected = tomllib.loads(written), tomllib.loads(before)
+        assert loaded == expected
+        assert json.dumps(loaded) == json.dumps(expected)  # the same key order too
+    assert tomllib.loads(HAND_WRITTEN_DATASET)["datasets"][0]["subsets"][1]["class_tokens"] == 'bg "x" é'
+
+
 def test_ai_toolkit_yaml(packaged):
     store, _ = packaged
     root = store.stage_dir("package")
@@ -211,10 +301,8 @@ def test_ai_toolkit_yaml(packaged):
 
 def test_multi_concept_and_background_dataset(tmp_path):
     store = make_run(tmp_path, {"hero": ("human", 2), "blob": ("creature", 2)}, backgrounds=4)
-    run_augment(store, AugmentParams())
-    run_caption(store, CaptionParams())
     params = PackageParams(multi_concept=True, background=BackgroundDatasetParams(enabled=True, max_images=2))
-    result = run_package(store, params)
+    result = run_plain(store, "package", after="select", package=params)
     root = store.stage_dir("package")
     config = tomllib.loads((root / "configs" / "all_characters_dataset.toml").read_text())
     subsets = config["datasets"][0]["subsets"]
@@ -228,7 +316,7 @@ def test_multi_concept_and_background_dataset(tmp_path):
     assert background["kind"] == "background" and background["n_train"] == 2 and background["repeats"] == 10
     pairs = sorted((root / "10_background").glob("*.txt"))
     assert len(pairs) == 2 and all(p.read_text().startswith("bgscene, scenery") for p in pairs)
-    run_package(store, PackageParams())  # a new package replaces the old tree wholesale
+    run_plain(store, "package", after="caption", package=PackageParams())  # a new package replaces the old tree wholesale
     assert not (root / "10_background").exists() and not (root / "configs" / "all_characters_dataset.toml").exists()
 
 
@@ -245,7 +333,7 @@ def test_near_duplicate_backgrounds_are_dropped_and_the_count_capped():
 
 def test_unchanged_inputs_are_not_packaged_again(packaged):
     store, _ = packaged
-    again = run_package(store, PackageParams())
+    again = run_plain(store, "package", after="caption", package=PackageParams())
     assert again.recomputed is False
 
 
@@ -261,7 +349,7 @@ def test_parameters_are_checked_with_the_field_named():
 
 
 def test_a_character_that_vanishes_into_the_plain_background_is_quarantined(tmp_path):
-    from tasks.validate import ValidateParams, run_validate
+    from tasks.validate import ValidateParams
 
     store = make_run(tmp_path, {"hero": ("human", 3)})
     cloud = store.read_manifest("select").to_pylist()[0]["path"]
@@ -270,14 +358,12 @@ def test_a_character_that_vanishes_into_the_plain_background_is_quarantined(tmp_
     inside = ((yy - 30) / 26) ** 2 + ((xx - 45) / 40) ** 2 < 1
     layer[inside] = (252, 252, 252, 200)  # a pale cloud the segmenter took for a character
     Image.fromarray(layer, "RGBA").save(store.root / cloud)
-    run_augment(store, AugmentParams())
-    run_caption(store, CaptionParams())
-    result = run_package(store, PackageParams())
+    result = run_plain(store, "package", after="select", package=PackageParams())
     rows = store.read_manifest("package").to_pylist()
     (dropped,) = [r for r in rows if not r["kept"]]
     assert dropped["drop_reason"].startswith(f"quarantine: {cloud}: rendered image is uniform")
     assert result.summary["quarantined"] == 1 and result.summary["kept"] == 2
-    assert run_validate(store, ValidateParams()).summary["passed"]
+    assert run_plain(store, "validate", after="package", validate=ValidateParams()).summary["passed"]
 
 
 # ---- masks (masked loss) ---------------------------------------------------------------------------
@@ -307,9 +393,7 @@ def test_packaged_alpha_is_the_characters_mask_dilated_and_feathered(packaged):
 
 def test_alpha_mask_off_packages_plain_rgb(tmp_path):
     store = make_run(tmp_path, {"hero": ("human", 2)})
-    run_augment(store, AugmentParams())
-    run_caption(store, CaptionParams())
-    run_package(store, PackageParams(alpha_mask=False))
+    run_plain(store, "package", after="select", package=PackageParams(alpha_mask=False))
     root = store.stage_dir("package")
     (subset,) = tomllib.loads((root / "configs" / "hero_dataset.toml").read_text())["datasets"][0]["subsets"]
     assert "alpha_mask" not in subset

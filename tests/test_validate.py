@@ -14,14 +14,13 @@ from PIL import Image
 from pydantic import ValidationError
 
 from flows.params import RunParams
-from tasks.augment import AugmentParams, run_augment
-from tasks.caption import CaptionParams, run_caption
-from tasks.package import PackageParams, run_package
-from tasks.run.stage import finished
+from tasks.package import PackageParams
+from tasks.run.runner import on_disk
 from tasks.run.stage import RunRef
-from tasks.validate import DatasetInvalidError, ValidateParams, format_summary, run_validate, validate_dataset
+from tasks.validate import DatasetInvalidError, ValidateParams, format_summary, validate_dataset
 from tests.conftest import ROOT, run_cli
 from tests.dataset_fixtures import make_run
+from tests.stages import run_plain
 
 
 def _image(path, size=(512, 512), seed=0, mode="RGB", fmt=None):
@@ -174,22 +173,20 @@ def test_cli_subprocess_exit_code(tmp_path):
 @pytest.fixture(scope="module")
 def packaged_run(tmp_path_factory):
     store = make_run(tmp_path_factory.mktemp("val"), {"hero": ("human", 5), "blob": ("creature", 6)})
-    run_augment(store, AugmentParams())
-    run_caption(store, CaptionParams())
-    run_package(store, PackageParams())
+    run_plain(store, "package", after="select", package=PackageParams())
     return store
 
 
 def test_validate_stage_reports_the_run_package(packaged_run):
     store = packaged_run
-    result = run_validate(store, ValidateParams())
+    result = run_plain(store, "validate", after="package", validate=ValidateParams())
     assert result.summary["passed"] and result.summary["images"] == 35 + 42
     report = json.loads((store.stage_dir("validate") / "report.json").read_text())
     assert report["passed"] and report["characters"]["blob"]["train"] + report["characters"]["blob"]["validation"] == 42
     rows = store.read_manifest("validate").to_pylist()
     package_ids = set(store.read_manifest("package").column("item_id").to_pylist())
     assert len(rows) == 77 and {r["item_id"] for r in rows} == package_ids and all(r["ok"] for r in rows)
-    assert run_validate(store, ValidateParams()).recomputed is False
+    assert run_plain(store, "validate", after="package", validate=ValidateParams()).recomputed is False
 
 
 def test_a_failing_report_stops_the_flow(prefect_api, packaged_run):
@@ -200,7 +197,7 @@ def test_a_failing_report_stops_the_flow(prefect_api, packaged_run):
 
     store = packaged_run
     run = RunRef(runs_dir=str(store.root.parent), name=store.name)
-    earlier = {stage: finished(store, stage) for stage in ("segment", "select")}  # what the slice reads: handed to it
+    earlier = {stage: on_disk(store, stage) for stage in ("segment", "select")}  # what the slice reads: handed to it
 
     @flow
     def dataset_flow(params: RunParams, until: str):
