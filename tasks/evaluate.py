@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.run.spec import ShardedStage
-from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.spec import Inputs, ShardedStage
+from tasks.run.stage import Plan, Shard, StageResult, merge_shards, run_shard
 from tasks.run.store import RunStore, fingerprint, safe_name, write_table
 
 STAGE = "evaluate"
@@ -224,54 +224,44 @@ def score_report(character: str, trigger: str, records: list[dict], best: str, e
     return "\n".join(lines) + "\n"
 
 
-# ---- run-store wiring ------------------------------------------------------------------------------
+# ---- plan, shard, merge --------------------------------------------------------------------------
 
-class EvaluateSpec(BaseModel):
-    character: str
-    fingerprint: str
-
-
-class EvaluatePlan(BaseModel):
-    specs: list[EvaluateSpec]
-    fingerprint: str
-    embedder: str
-    train: str = "train"  # the stage whose trainings are evaluated
-
-
-def _train_rows(store: RunStore, train: str = "train") -> dict[str, dict]:
+def _train_rows(store: RunStore, train: str) -> dict[str, dict]:
     rows = store.read_manifest(train).to_pylist()
     return {r["character"]: r for r in rows if r["kept"] and r["status"] == "completed"}
 
 
-def plan_evaluation(store: RunStore, train: StageResult, params: EvaluateParams, embedder: str) -> EvaluatePlan:
-    """One shard per trained character, fingerprinted by its training and the scoring setup."""
+def plan_evaluation(store: RunStore, params: Any, inputs: Inputs) -> Plan:
+    """One shard per completed training of the `train` input, keyed by its character, its payload its
+    train row; fingerprinted by that row and the scoring setup. The plan's payload: the embedder
+    (`evaluate.embedder`, else the run's `embed.embedder`)."""
     from models.embedders import embedder_identity
 
-    spec_settings = params.model_dump(mode="json") | {"embedder": embedder_identity(embedder)}
-    specs = [EvaluateSpec(character=c, fingerprint=fingerprint(STAGE, VERSION, spec_settings, {"train": json.dumps(r, sort_keys=True, default=str)}))
-             for c, r in sorted(_train_rows(store, train.stage).items())]
-    stage_fp = plan_sharded_stage(store, STAGE, VERSION, spec_settings, {s.character: s.fingerprint for s in specs})
-    return EvaluatePlan(specs=specs, fingerprint=stage_fp, embedder=embedder, train=train.stage)
+    own: EvaluateParams = params.evaluate
+    embedder = own.embedder or params.embed.embedder
+    settings = own.model_dump(mode="json") | {"embedder": embedder_identity(embedder)}
+    shards = [Shard(key=character, payload=row, fingerprint=fingerprint(
+                  STAGE, VERSION, settings, {"train": json.dumps(row, sort_keys=True, default=str)}))
+              for character, row in sorted(_train_rows(store, inputs["train"].stage).items())]
+    return Plan(shards=shards, payload=embedder)
 
 
-def evaluate_one(store: RunStore, spec: EvaluateSpec, params: EvaluateParams, embedder: str,
-                 train: str = "train") -> StageResult:
+def evaluate_one(store: RunStore, shard: Shard, params: Any, plan: Plan) -> StageResult:
     """Evaluate one character's checkpoints (one shard); records the choice in the versions registry."""
-    row = _train_rows(store, train)[spec.character]
+    row = shard.payload
 
     def build(tmp: Path, prefix: str) -> tuple[pa.Table, dict]:
-        manifest_row, records = evaluate_character(store.root, row, params, embedder, tmp, prefix)
+        manifest_row, records = evaluate_character(store.root, row, params.evaluate, plan.payload, tmp, prefix)
         report = {k: manifest_row[k] for k in ("character", "best_step", "score", "identity", "variety",
                                                "background_bleed")}
         report["rows"] = len(records)
         return pa.Table.from_pylist([manifest_row], schema=SCHEMA), report
 
-    result = run_shard(store, STAGE, spec.character, spec.fingerprint, build)
+    result = run_shard(store, STAGE, shard.key, shard.fingerprint, build)
     if result.recomputed and row.get("version_id"):
         from tasks.run import versions
 
-        shard = store.shard_dir(STAGE, spec.character)
-        committed = pq.read_table(shard / "rows.parquet").to_pylist()[0]
+        committed = pq.read_table(store.shard_dir(STAGE, shard.key) / "rows.parquet").to_pylist()[0]
         try:
             versions.update_version(store.root.parent, row["version_id"], best_checkpoint=committed["best_checkpoint"],
                                     eval_score=committed["score"], final_lora=str(store.root / committed["final_lora"]),
@@ -281,25 +271,17 @@ def evaluate_one(store: RunStore, spec: EvaluateSpec, params: EvaluateParams, em
     return result
 
 
-def merge_evaluation(store: RunStore, plan: EvaluatePlan) -> StageResult:
+def merge_evaluation(store: RunStore, plan: Plan, params: Any) -> StageResult:
+    """The evaluate manifest (one row per character) and `evaluate/report.md`, every character's scores."""
     def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
         table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-        report = "\n".join((store.shard_dir(STAGE, s.character) / "report.md").read_text() for s in plan.specs)
+        report = "\n".join((store.shard_dir(STAGE, s.key) / "report.md").read_text() for s in plan.shards)
         (store.stage_dir(STAGE) / "report.md").write_text(f"# Checkpoint evaluation\n\n{report}")
         summary = {"characters": table.num_rows, "kept": table.num_rows, "quarantined": 0,
                    "best_step": dict(zip(table.column("character").to_pylist(), table.column("best_step").to_pylist()))}
         return table, summary, [f"{STAGE}/report.md"]
 
-    return merge_shards(store, STAGE, plan.fingerprint, {s.character: s.fingerprint for s in plan.specs}, merge)
-
-
-def run_evaluate(store: RunStore, train: StageResult, params: EvaluateParams, embedder: str = "colour-shape") -> StageResult:
-    """The whole stage as one plain call (no Prefect)."""
-    embedder = params.embedder or embedder
-    plan = plan_evaluation(store, train, params, embedder)
-    for spec in plan.specs:
-        evaluate_one(store, spec, params, embedder, plan.train)
-    return merge_evaluation(store, plan)
+    return merge_shards(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), merge)
 
 
 def _publish_report(store: RunStore) -> None:
@@ -319,16 +301,10 @@ def _scores(store: RunStore, result: StageResult) -> list[dict] | None:
     return pq.read_table(shard / "scores.parquet").to_pylist() if (shard / "scores.parquet").is_file() else None
 
 
-def _embedder(params: Any) -> str:
-    return params.evaluate.embedder or params.embed.embedder
-
-
 EVALUATE = ShardedStage(
-    name=STAGE, version=VERSION, params=EvaluateParams, inputs=("train",), tags=("gpu",), title="evaluate",
-    plan=lambda store, params, inputs: plan_evaluation(store, inputs["train"], params.evaluate, _embedder(params)),
-    shard=lambda store, spec, params, plan: evaluate_one(store, spec, params.evaluate, plan.embedder, plan.train),
-    merge=lambda store, plan, params: merge_evaluation(store, plan),
+    name=STAGE, version=VERSION, params=EvaluateParams, inputs=("train",), reads=(STAGE, "embed.embedder"),
+    tags=("gpu",), title="evaluate", plan=plan_evaluation, shard=evaluate_one, merge=merge_evaluation,
     rows=lambda store, result: _publish_report(store), shard_rows=_scores,
-    shards_of=lambda plan: plan.specs, key_of=lambda spec: spec.character, shard_name="{shard.character}",
 )
-"""The evaluate stage: one shard per trained character (gallery, scores, best checkpoint)."""
+"""The evaluate stage: one shard per trained character (gallery, scores, best checkpoint); it reads the
+run's `embed.embedder` (so it belongs to pipelines with an embed stage: the episode pipeline)."""

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from models.lora_data import CharacterSet, read_package
 from models.lora_settings import Profile, SettingsOverrides, TrainSettings, read_kohya_config, resolve_settings
 from models.sd_base import DEFAULT_BASE
 from tasks.run.progress import StageProgress
-from tasks.run.spec import ShardedStage
-from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.spec import Inputs, ShardedStage
+from tasks.run.stage import Plan, Shard, StageResult, merge_shards, run_shard
 from tasks.run.store import RunStore, fingerprint, safe_name
 
 STAGE = "train"
@@ -213,60 +213,43 @@ def train_folder(package: Path, output: Path, params: TrainParams, *, resume: bo
     return done
 
 
-# ---- run-store wiring ----------------------------------------------------------------------------
+# ---- plan, shard, merge ---------------------------------------------------------------------------
 
-class TrainSpec(BaseModel):
-    """One character's training in a run: its name and shard fingerprint."""
-
-    character: str
-    folder: str
-    fingerprint: str
-    init_from: str | None = None       # the character whose LoRA it starts from (trained before it)
-
-
-class TrainPlan(BaseModel):
-    specs: list[TrainSpec]
-    fingerprint: str
-    skipped: list[str] = []
-
-
-def package_dir(store: RunStore) -> Path:
-    return store.root / "package"
-
-
-def plan_training(store: RunStore, package: StageResult, params: TrainParams) -> TrainPlan:
-    """The characters of the run's package and their fingerprints; starts the stage if needed."""
-    characters, skipped = read_package(store.stage_dir(package.stage))
-    if params.characters:
-        unknown = sorted(set(params.characters) - {c.name for c in characters})
+def plan_training(store: RunStore, params: Any, inputs: Inputs) -> Plan:
+    """One shard per character of the `package` input, keyed by its name, its payload its package folder;
+    fingerprinted by the training job (and the fingerprint of the training it fine-tunes, which comes first:
+    the shard's `after`). The plan's payload: the package stage and the folders it skipped."""
+    own: TrainParams = params.train
+    package = inputs["package"].stage
+    characters, skipped = read_package(store.stage_dir(package))
+    if own.characters:
+        unknown = sorted(set(own.characters) - {c.name for c in characters})
         if unknown:
             raise ValueError(f"train.characters names characters not in the package: {', '.join(unknown)} "
                              f"(package has: {', '.join(c.name for c in characters)})")
-        characters = [c for c in characters if c.name in params.characters]
+        characters = [c for c in characters if c.name in own.characters]
     by_name = {c.name: c for c in characters}
-    settings = {"trainer": params.trainer, "kohya_scripts": params.kohya_scripts, "profile": params.profile}
-    specs: dict[str, TrainSpec] = {}  # a fine-tune comes after the training it starts from
+    settings = {"trainer": own.trainer, "kohya_scripts": own.kohya_scripts, "profile": own.profile}
+    shards: dict[str, Shard] = {}
 
-    def plan(name: str, chain: tuple[str, ...] = ()) -> TrainSpec:
+    def shard_of(name: str, chain: tuple[str, ...] = ()) -> Shard:
         if name in chain:
             raise ValueError(f"train.init_from forms a cycle: {' -> '.join([*chain, name])}")
-        if name not in specs:
-            parent = params.init_from.get(name)
+        if name not in shards:
+            parent = own.init_from.get(name)
             if parent is not None and parent not in by_name:
                 raise ValueError(f"train.init_from: '{name}' starts from '{parent}', which this run does not train "
                                  f"(training: {', '.join(by_name)})")
-            inputs = {"job": job_for(by_name[name], params, Path(".")).signature()}
+            job = {"job": job_for(by_name[name], own, Path(".")).signature()}
             if parent is not None:
-                inputs["init"] = plan(parent, (*chain, name)).fingerprint
-            specs[name] = TrainSpec(character=name, folder=by_name[name].folder.name, init_from=parent,
-                                    fingerprint=fingerprint(STAGE, VERSION, settings, inputs))
-        return specs[name]
+                job["init"] = shard_of(parent, (*chain, name)).fingerprint
+            shards[name] = Shard(key=name, fingerprint=fingerprint(STAGE, VERSION, settings, job),
+                                 payload=by_name[name].folder.name, after=parent or "")
+        return shards[name]
 
     for character in characters:
-        plan(character.name)
-    stage_fp = plan_sharded_stage(store, STAGE, VERSION, params.model_dump(mode="json"),
-                                  {s.character: s.fingerprint for s in specs.values()})
-    return TrainPlan(specs=list(specs.values()), fingerprint=stage_fp, skipped=skipped)
+        shard_of(character.name)
+    return Plan(shards=list(shards.values()), payload={"package": package, "skipped": skipped})
 
 
 def finished_lora(store: RunStore, character: str) -> Path:
@@ -294,59 +277,70 @@ def _link_tree(src: Path, dst: Path) -> None:
         link(str(src), str(dst))
 
 
-def train_character(store: RunStore, spec: TrainSpec, params: TrainParams) -> StageResult:
+def _work_folder(work: Path, fp: str) -> None:
+    """The training's work folder, emptied first when it holds another training (its checkpoints must not
+    be resumed)."""
+    mark = work / "fingerprint.txt"
+    if work.exists() and (not mark.is_file() or mark.read_text() != fp):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    mark.write_text(fp)
+
+
+def _commit_files(work: Path, outcome: Any, tmp: Path, prefix: str) -> list[list]:
+    """Link a finished training's files into the shard folder; its checkpoints as [step, run-relative path]."""
+    for name in ("settings.json", "outcome.json", "loss.jsonl", "validation.jsonl", "samples", "logs", "diffusers"):
+        _link_tree(work / name, tmp / name)
+    _link_tree(Path(outcome.lora_path), tmp / Path(outcome.lora_path).name)
+    checkpoints = []
+    for step, path in outcome.checkpoints:
+        _link_tree(Path(path), tmp / "checkpoints" / Path(path).name)
+        checkpoints.append([step, f"{prefix}/checkpoints/{Path(path).name}"])
+    return checkpoints
+
+
+def train_character(store: RunStore, shard: Shard, params: Any, plan: Plan) -> StageResult:
     """Train (or resume) one character and commit its shard; recorded in the versions registry."""
     from models.lora_checkpoints import checkpoint_dirs
+    from tasks.run import versions
 
-    work = store.stage_dir(STAGE) / "work" / safe_name(spec.character)
+    own: TrainParams = params.train
+    work = store.stage_dir(STAGE) / "work" / safe_name(shard.key)
     registry = store.root.parent
 
     def build(tmp: Path, prefix: str) -> tuple[pa.Table, dict]:
-        mark = work / "fingerprint.txt"
-        if work.exists() and (not mark.is_file() or mark.read_text() != spec.fingerprint):
-            shutil.rmtree(work)  # a different training: its checkpoints must not be resumed
-        work.mkdir(parents=True, exist_ok=True)
-        mark.write_text(spec.fingerprint)
-        characters, _ = read_package(package_dir(store))
-        character = next(c for c in characters if c.name == spec.character)
-        job = job_for(character, params, work)
+        _work_folder(work, shard.fingerprint)
+        characters, _ = read_package(store.stage_dir(plan.payload["package"]))
+        job = job_for(next(c for c in characters if c.name == shard.key), own, work)
         job.latent_cache = store.stage_dir(STAGE) / "latents"  # kept across trainings of this run: reused
-        if spec.init_from:  # staged training: start from the finished LoRA of the earlier stage
-            job.settings = job.settings.model_copy(update={"init_lora": str(finished_lora(store, spec.init_from))})
+        if shard.after:  # staged training: start from the finished LoRA of the earlier stage
+            job.settings = job.settings.model_copy(update={"init_lora": str(finished_lora(store, shard.after))})
         id_file = work / "version_id.txt"
         outcome, version = train_job(
-            job, trainer=params.trainer, kohya_scripts=params.kohya_scripts, resume=bool(checkpoint_dirs(work)),
-            registry=registry, run=store.name, profile=params.profile,
+            job, trainer=own.trainer, kohya_scripts=own.kohya_scripts, resume=bool(checkpoint_dirs(work)),
+            registry=registry, run=store.name, profile=own.profile,
             version_id=id_file.read_text().strip() if id_file.is_file() else _remember(id_file, job.character))
         final = store.root / prefix
         if not (work / "settings.json").is_file():  # trainers other than ours: record what was asked
             (work / "settings.json").write_text(json.dumps({"character": job.character, "trigger": job.trigger,
                                                             "settings": job.settings.model_dump(mode="json")}, indent=2))
-        for name in ("settings.json", "outcome.json", "loss.jsonl", "validation.jsonl", "samples", "logs", "diffusers"):
-            _link_tree(work / name, tmp / name)
-        _link_tree(Path(outcome.lora_path), tmp / Path(outcome.lora_path).name)
-        checkpoints = []
-        for step, path in outcome.checkpoints:
-            _link_tree(Path(path), tmp / "checkpoints" / Path(path).name)
-            checkpoints.append([step, f"{prefix}/checkpoints/{Path(path).name}"])
+        checkpoints = _commit_files(work, outcome, tmp, prefix)
         rel = lambda p: f"{prefix}/{Path(p).relative_to(work).as_posix()}" if p else None  # noqa: E731
-        row = {"item_id": spec.character, "source_id": spec.folder, "character": spec.character,
-               "trigger": job.trigger, "status": outcome.status, "version_id": version, "trainer": params.trainer,
+        row = {"item_id": shard.key, "source_id": shard.payload, "character": shard.key,
+               "trigger": job.trigger, "status": outcome.status, "version_id": version, "trainer": own.trainer,
                "base": outcome.base, "family": outcome.family, "steps": outcome.steps, "final_loss": outcome.final_loss,
                "final_val_loss": outcome.final_val_loss, "best_val_loss": outcome.best_val_loss,
                "best_val_step": outcome.best_val_step, "lora_path": rel(outcome.lora_path),
                "diffusers_path": rel(outcome.diffusers_path) if outcome.diffusers_path else None,
                "checkpoints": json.dumps(checkpoints), "settings_path": f"{prefix}/settings.json",
                "seconds": outcome.seconds, "resumed_from": outcome.resumed_from, "kept": True, "drop_reason": None}
-        from tasks.run import versions
-
         versions.update_version(registry, version, lora_path=str(final / Path(outcome.lora_path).name),
                                 diffusers_path=str(final / "diffusers" / "pytorch_lora_weights.safetensors"),
                                 checkpoints=[[s, str(store.root / p)] for s, p in checkpoints], output_dir=str(final))
         report = {k: row[k] for k in ("character", "steps", "final_loss", "best_val_loss", "seconds", "resumed_from")}
         return pa.Table.from_pylist([row], schema=SCHEMA), report
 
-    result = run_shard(store, STAGE, spec.character, spec.fingerprint, build)
+    result = run_shard(store, STAGE, shard.key, shard.fingerprint, build)
     if result.recomputed:
         shutil.rmtree(work, ignore_errors=True)  # committed: the resume state is no longer needed
     return result
@@ -361,32 +355,18 @@ def _remember(path: Path, character: str) -> str:
     return version
 
 
-def merge_training(store: RunStore, plan: TrainPlan) -> StageResult:
+def merge_training(store: RunStore, plan: Plan, params: Any) -> StageResult:
     """The train manifest: one row per character."""
     def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
         table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
         summary = {"characters": table.num_rows, "kept": table.num_rows, "quarantined": 0,
                    "steps": dict(zip(table.column("character").to_pylist(), table.column("steps").to_pylist())),
-                   "skipped_folders": plan.skipped}
+                   "skipped_folders": plan.payload["skipped"]}
         return table, summary, []
 
-    return merge_shards(store, STAGE, plan.fingerprint, {s.character: s.fingerprint for s in plan.specs}, merge)
+    return merge_shards(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), merge)
 
 
-def run_train(store: RunStore, package: StageResult, params: TrainParams) -> StageResult:
-    """The whole stage as one plain call (no Prefect): every character in turn, then the manifest."""
-    plan = plan_training(store, package, params)
-    for spec in plan.specs:
-        train_character(store, spec, params)
-    return merge_training(store, plan)
-
-
-TRAIN = ShardedStage(
-    name=STAGE, version=VERSION, params=TrainParams, inputs=("package",), tags=("gpu",), title="train",
-    plan=lambda store, params, inputs: plan_training(store, inputs["package"], params.train),
-    shard=lambda store, spec, params, plan: train_character(store, spec, params.train),
-    merge=lambda store, plan, params: merge_training(store, plan),
-    shards_of=lambda plan: plan.specs, key_of=lambda spec: spec.character, shard_name="{shard.character}",
-    waits_for=lambda spec: spec.init_from,
-)
+TRAIN = ShardedStage(name=STAGE, version=VERSION, params=TrainParams, inputs=("package",), tags=("gpu",), title="train",
+                     plan=plan_training, shard=train_character, merge=merge_training)
 """The train stage: one LoRA per packaged character; a fine-tune waits for the training it starts from."""

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import yaml
 
-from tasks.augment import AugmentParams, run_augment
-from tasks.caption import CaptionParams, run_caption
-from tasks.package import PackageParams, run_package
-from tasks.run.stage import finished
+from tasks.augment import AugmentParams
+from tasks.run.runner import on_disk
+from tasks.run.spec import run_stage
 from tasks.run.store import RunStore
-from tasks.train import TrainParams, run_train
+from tasks.train import TRAIN, TrainParams
 from tests.conftest import ROOT
 from tests.dataset_fixtures import make_run
 from tests.lora_fixtures import kill_after
+from tests.stages import run_params, run_plain
 
 # profile `package`: the kohya TOMLs the package stage wrote, with a tiny base and a short schedule on top
 SETTINGS = {"profile": "package", "base": "tiny", "resolution": 64, "max_steps": 12, "save_every_steps": 4,
@@ -43,14 +43,14 @@ def _config_paths(run: Path) -> list[str]:
 
 def test_a_moved_run_folder_trains_from_its_packaged_configs_and_resumes(tmp_path):
     store = make_run(tmp_path / "old", {"hero": ("human", 3)}, name="before")
-    run_augment(store, AugmentParams(intensity="light"))
-    run_caption(store, CaptionParams())
-    run_package(store, PackageParams())
+    run_plain(store, "package", after="select", augment=AugmentParams(intensity="light"))  # augment, caption, package
     assert _config_paths(store.root) and not any(Path(p).is_absolute() for p in _config_paths(store.root))
 
-    code = ("import json, sys; from tasks.run.stage import finished; from tasks.run.store import RunStore; "
-            "from tasks.train import TrainParams, run_train; store = RunStore(sys.argv[1], 'before'); "
-            "run_train(store, finished(store, 'package'), TrainParams.model_validate(json.loads(sys.argv[2])))")
+    code = ("import json, sys; from tasks.run.runner import on_disk; from tasks.run.spec import run_stage; "
+            "from tasks.run.store import RunStore; from tasks.train import TRAIN, TrainParams; "
+            "from tests.stages import run_params; store = RunStore(sys.argv[1], 'before'); "
+            "run_stage(TRAIN, store, run_params(train=TrainParams.model_validate(json.loads(sys.argv[2]))), "
+            "{'package': on_disk(store, 'package')})")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "old"), json.dumps(SETTINGS)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     kill_after(proc, store.root / "train" / "work" / "hero" / "checkpoints" / "step-000004")  # SIGKILL
@@ -59,8 +59,8 @@ def test_a_moved_run_folder_trains_from_its_packaged_configs_and_resumes(tmp_pat
     store.root.rename(tmp_path / "new" / "after")  # another runs folder and another name
     moved = RunStore(tmp_path / "new", "after")
     assert all((moved.root / p).exists() for p in _config_paths(moved.root))
-    package = finished(moved, "package")  # the package is still done where it now lies
-    result = run_train(moved, package, TrainParams.model_validate(SETTINGS))
+    package = on_disk(moved, "package")  # the package is still done where it now lies
+    result = run_stage(TRAIN, moved, run_params(train=TrainParams.model_validate(SETTINGS)), {"package": package})
     [row] = moved.read_manifest("train").to_pylist()
     assert result.recomputed and row["steps"] == 12 and row["resumed_from"] >= 4
     assert (moved.root / row["lora_path"]).is_file()

@@ -12,13 +12,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.sources.ingest_photos import IngestPhotosParams, analyze_photos, find_photos, format_analysis, run_ingest_photos
+from tasks.sources.ingest_photos import IngestPhotosParams, analyze_photos, find_photos, format_analysis
 from tasks.run.store import QUARANTINE, RunStore
 from tests.source_fixtures import photo, write_photos
+from tests.stages import run_plain
 
 
 def params(**changes) -> IngestPhotosParams:
     return IngestPhotosParams(**{"name": "anna", "trigger": "ohwx", "min_side": 64, **changes})
+
+
+def ingest(store: RunStore, folder: str, checks: IngestPhotosParams):
+    """The photos pipeline's ingest stage on `folder`, as a plain call."""
+    return run_plain(store, "ingest", source="photos", sources=[folder], ingest=checks)
 
 
 def codes(analysis: dict) -> dict[str, list[str]]:
@@ -120,7 +126,7 @@ def test_ingest_drops_duplicates_quarantines_broken_files_and_keeps_captions(tmp
     Image.open(defective / "photo02.jpg").save(defective / "rotated.jpg", exif=exif)
     (defective / "rotated.txt").write_text("ohwx, rotated")
     store = RunStore(tmp_path / "runs", "anna")
-    result = run_ingest_photos(store, str(defective), params())
+    result = ingest(store, str(defective), params())
     rows = {r["source_id"]: r for r in store.read_manifest("ingest").to_pylist()}
     assert rows["photo00.jpg"]["drop_reason"] == "duplicate: same pixels as copy_of_00.jpg"
     assert rows["broken.jpg"]["drop_reason"].startswith(f"{QUARANTINE}broken.jpg: unreadable image")
@@ -131,9 +137,9 @@ def test_ingest_drops_duplicates_quarantines_broken_files_and_keeps_captions(tmp
     assert upright.size == Image.open(defective / "photo02.jpg").size[::-1]
     assert result.summary["kept"] == 12 and result.summary["quarantined"] == 1 and result.summary["duplicates_dropped"] == 1
     assert json.loads((store.stage_dir("ingest") / "analysis.json").read_text())["count"]["verdict"] == "too_few"
-    assert not run_ingest_photos(store, str(defective), params()).recomputed
+    assert not ingest(store, str(defective), params()).recomputed
     (defective / "photo07.txt").write_text("ohwx, a new caption")
-    assert run_ingest_photos(store, str(defective), params()).recomputed  # an edited caption is ingested again
+    assert ingest(store, str(defective), params()).recomputed  # an edited caption is ingested again
 
 
 def test_cli_analyze_and_dry_run(tmp_path, defective):

@@ -11,11 +11,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from tasks.sources.ingest_renders import IngestRendersParams, parse_render_name, run_ingest_renders
+from tasks.sources.ingest_renders import IngestRendersParams, parse_render_name
 from tasks.sources.render_captions import RenderTemplate, caption_from_name, read_template
 from tasks.sources.render_training import GUIDE_PROMPTS_STAGE1, GUIDE_PROMPTS_STAGE2
 from tasks.run.store import QUARANTINE, RunStore
 from tests.source_fixtures import turntable, write_sequence
+from tests.stages import run_plain
 
 SEQ1 = "FULL_ASSEMBLY_FLAT_MID_360_64x64"
 SEQ2 = "FULL_ASSEMBLY_FLAT_SENSORS_ON_LOW_360_64x64"
@@ -24,6 +25,11 @@ SEQ3 = "COPPER_PINS_TOP_HIGH_360_64x64"
 
 def params(**changes) -> IngestRendersParams:
     return IngestRendersParams(**{"name": "kyana", "trigger": "Kyana", "resolution": (64, 64), **changes})
+
+
+def ingest(store: RunStore, folder: str, checks: IngestRendersParams):
+    """The renders pipeline's ingest stage on `folder`, as a plain call."""
+    return run_plain(store, "ingest", source="renders", sources=[folder], ingest=checks)
 
 
 @pytest.fixture
@@ -49,7 +55,7 @@ def defective(tmp_path) -> Path:
 
 def test_each_defect_is_detected_and_reported(tmp_path, defective):
     store = RunStore(tmp_path / "runs", "defects")
-    result = run_ingest_renders(store, str(defective), params(frames_per_sequence=8))
+    result = ingest(store, str(defective), params(frames_per_sequence=8))
     rows = {r["item_id"]: r for r in store.read_manifest("ingest").to_pylist()}
     reason = {k.split(":")[1]: (r["drop_reason"] or "") for k, r in rows.items()}
 
@@ -88,7 +94,7 @@ def test_a_clean_folder_passes_every_check(tmp_path):
     root = tmp_path / "renders"
     write_sequence(root / "phase_1_essential", SEQ1, 6)
     store = RunStore(tmp_path / "runs", "clean")
-    run_ingest_renders(store, str(root), params())
+    ingest(store, str(root), params())
     report = (store.stage_dir("ingest") / "report.txt").read_text()
     assert "[ ]" not in report and report.count("[x]") == 7
     kept = store.read_manifest("ingest").to_pylist()
@@ -110,7 +116,7 @@ def test_missing_captions_come_from_the_caption_template(tmp_path):
         "tokens": {"FULL_ASSEMBLY": "complete assembly", "FLAT": "flat strap", "SENSORS_ON": "biometric sensors active",
                    "LOW": "low angle", "360": ""}}))
     store = RunStore(tmp_path / "runs", "template")
-    run_ingest_renders(store, str(root), params(caption_template=str(template)))
+    ingest(store, str(root), params(caption_template=str(template)))
     rows = sorted(store.read_manifest("ingest").to_pylist(), key=lambda r: r["frame"])
     assert [r["caption_source"] for r in rows] == ["template"] * 4 and all(r["kept"] for r in rows)
     assert rows[1]["caption"] == ("Kyana smartwatch, complete assembly, flat strap, biometric sensors active, "
@@ -138,9 +144,9 @@ def test_parameters_are_checked_up_front(tmp_path):
     with pytest.raises(ValueError, match="trigger must be a non-empty word"):
         params(trigger="Kyana, watch")
     with pytest.raises(ValueError, match=r"ingest.name must be set"):
-        run_ingest_renders(RunStore(tmp_path, "x"), str(tmp_path), IngestRendersParams())
+        ingest(RunStore(tmp_path, "x"), str(tmp_path), IngestRendersParams())
     with pytest.raises(FileNotFoundError, match="no images"):
-        run_ingest_renders(RunStore(tmp_path, "x"), str(tmp_path), params())
+        ingest(RunStore(tmp_path, "x"), str(tmp_path), params())
 
 
 def test_phases_map_to_training_stages(tmp_path):
@@ -149,7 +155,7 @@ def test_phases_map_to_training_stages(tmp_path):
     write_sequence(root / "phase_3_details", SEQ3, 4)
     write_sequence(root / "phase_4_animation", "ASSEMBLY_ANIMATION_FLAT_64x64", 3)
     store = RunStore(tmp_path / "runs", "stages")
-    result = run_ingest_renders(store, str(root), params())
+    result = ingest(store, str(root), params())
     assert result.summary["characters"] == {"kyana": 4, "kyana_detail": 4}
     animation = [r for r in store.read_manifest("ingest").to_pylist() if r["phase_number"] == 4]
     assert len(animation) == 3 and all(r["drop_reason"].startswith("not_trained") for r in animation)
@@ -197,15 +203,15 @@ def test_a_changed_phase_is_ingested_again_alone(tmp_path):
     write_sequence(root / "phase_1_essential", SEQ1, 4)
     write_sequence(root / "phase_2_sensors", SEQ2, 4)
     store = RunStore(tmp_path / "runs", "resume")
-    run_ingest_renders(store, str(root), params())
+    ingest(store, str(root), params())
     marker = store.shard_dir("ingest", "phase_1_essential") / "_DONE.json"
     before = marker.stat().st_mtime_ns
     (root / "phase_2_sensors" / f"{SEQ2}_0003.txt").write_text("Kyana smartwatch, new caption")
-    again = run_ingest_renders(store, str(root), params())
+    again = ingest(store, str(root), params())
     assert again.recomputed and marker.stat().st_mtime_ns == before  # phase 1 reused, phase 2 redone
     captions = {r["frame"]: r["caption"] for r in store.read_manifest("ingest").to_pylist() if r["phase_number"] == 2}
     assert captions[3] == "Kyana smartwatch, new caption"
-    assert not run_ingest_renders(store, str(root), params()).recomputed
+    assert not ingest(store, str(root), params()).recomputed
 
 
 def test_flow_from_a_clean_folder_to_staged_loras(prefect_api, tmp_path):

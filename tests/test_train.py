@@ -168,18 +168,21 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted_run(package, tm
 
 def test_train_stage_killed_mid_training_resumes_on_the_next_run(tmp_path):
     """The stage keeps an interrupted training's checkpoints and version id, and continues it."""
+    from tasks.run.spec import run_stage
     from tasks.run.stage import StageResult
     from tasks.run.store import RunStore
-    from tasks.train import TrainParams, run_train
     from tasks.run.versions import read_versions
+    from tasks.train import TRAIN, TrainParams
+    from tests.stages import run_params
 
     store = RunStore(tmp_path, "lora")
     make_character(store.root / "package", "blob", "zqx", n_train=4, n_validation=0)
     settings = {"profile": "demo", "base": "tiny", "max_steps": 20, "save_every_steps": 4, "sample_prompts": []}
-    code = ("import json, sys; from tasks.run.stage import StageResult; from tasks.run.store import RunStore; "
-            "from tasks.train import TrainParams, run_train; "
-            "run_train(RunStore(sys.argv[1], 'lora'), StageResult(stage='package', fingerprint='p'), "
-            "TrainParams.model_validate(json.loads(sys.argv[2])))")
+    code = ("import json, sys; from tasks.run.spec import run_stage; from tasks.run.stage import StageResult; "
+            "from tasks.run.store import RunStore; from tasks.train import TRAIN, TrainParams; "
+            "from tests.stages import run_params; "
+            "run_stage(TRAIN, RunStore(sys.argv[1], 'lora'), run_params(train=TrainParams.model_validate("
+            "json.loads(sys.argv[2]))), {'package': StageResult(stage='package', fingerprint='p')})")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), json.dumps(settings)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     kill_after(proc, store.root / "train" / "work" / "blob" / "checkpoints" / "step-000004")  # SIGKILL
@@ -187,7 +190,8 @@ def test_train_stage_killed_mid_training_resumes_on_the_next_run(tmp_path):
     running = read_versions(tmp_path).to_pylist()
     assert [r["status"] for r in running] == ["running"]
 
-    result = run_train(store, StageResult(stage="package", fingerprint="p"), TrainParams.model_validate(settings))
+    result = run_stage(TRAIN, store, run_params(train=TrainParams.model_validate(settings)),
+                       {"package": StageResult(stage="package", fingerprint="p")})
     row = store.read_manifest("train").to_pylist()[0]
     assert result.recomputed and row["steps"] == 20 and row["resumed_from"] >= 4
     assert not (store.root / "train" / "work" / "blob").exists()  # committed: resume state dropped

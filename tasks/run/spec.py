@@ -36,9 +36,20 @@ SOURCES = "sources"
 """The role (and pseudo-stage) of the run's input paths: episodes, a render folder, a photo set."""
 
 
+def source_listing(path: str) -> list[tuple[str, int, int]]:
+    """What a source path holds, by name, size and modification time (not its bytes): a file itself, a
+    folder every file below it; nothing for a path that is not there (a glob)."""
+    root = Path(path).expanduser()
+    if root.is_file():
+        return [("", root.stat().st_size, root.stat().st_mtime_ns)]
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    return [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
 def sources_result(paths: Any) -> StageResult:
-    """The run's input paths as the result of the pseudo-stage `sources` (stages read `.summary['paths']`)."""
-    digest = hashlib.sha256(json.dumps(list(paths)).encode()).hexdigest()
+    """The run's input paths as the result of the pseudo-stage `sources` (stages read `.summary['paths']`);
+    its digest covers what they hold, so a whole-run stage that reads them is redone when a source changes."""
+    digest = hashlib.sha256(json.dumps([list(paths), [source_listing(p) for p in paths]]).encode()).hexdigest()
     return StageResult(stage=SOURCES, fingerprint=digest, manifest_digest=digest, summary={"paths": list(paths)},
                        recomputed=False)
 

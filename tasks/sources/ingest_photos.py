@@ -26,13 +26,11 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.frames import hamming_to_all, perceptual_hash
-from tasks.sources.ingest import (STAGE, IdentityName, TriggerWord, has_trigger, image_stats, listing_digest, place_image, read_caption,
+from tasks.image_hash import hamming_to_all, perceptual_hash
+from tasks.sources.ingest import (STAGE, IdentityName, TriggerWord, has_trigger, image_stats, place_image, read_caption,
                           require_identity, with_trigger)
 from tasks.run.progress import StageProgress
-from tasks.run.runner import SOURCES
-from tasks.run.spec import GlobalStage
-from tasks.run.stage import StageResult, run_global_stage, stage_fingerprint
+from tasks.run.spec import SOURCES, GlobalStage, Inputs
 from tasks.run.store import QUARANTINE, RunStore
 
 VERSION = 1
@@ -342,38 +340,24 @@ def ingest_photos(photos: PhotoSet, measured: list[dict], analysis: dict, params
     return pa.Table.from_pylist(rows, schema=SCHEMA), summary
 
 
-def input_result(folder: str) -> StageResult:
-    """The photo folder as the stage's upstream: its digest is the listing of its files."""
-    root = Path(folder).expanduser().resolve()
-    files = listing_digest(root, root / "images", root / "captions")
-    return StageResult(stage="input", fingerprint=files, manifest_digest=files)
-
-
-def run_ingest_photos(store: RunStore, folder: str, params: IngestPhotosParams) -> StageResult:
-    """The whole stage as one plain call: analyze the set and ingest it (once per fingerprint)."""
-    require_identity(params)
+def build_ingest(store: RunStore, params: Any, inputs: Inputs, out: Path) -> tuple[pa.Table, dict, list[str]]:
+    """Analyze the photo set the sources name and ingest it into the stage folder `out` (a previous
+    ingest is replaced wholesale); `analysis.json` and `analysis.txt` beside the manifest."""
+    own: IngestPhotosParams = params.ingest
+    require_identity(own)
+    folder = inputs[SOURCES].summary["paths"][0]
     photos = find_photos(folder)
-
-    def build(out: Path) -> tuple[pa.Table, dict, list[str]]:
-        shutil.rmtree(out / "images", ignore_errors=True)  # a previous ingest is replaced wholesale
-        measured = measure_photos(photos)
-        analysis = analyze_photos(folder, params, measured)
-        (out / "analysis.json").write_text(json.dumps(analysis, indent=2), encoding="utf-8")
-        (out / "analysis.txt").write_text(format_analysis(analysis) + "\n", encoding="utf-8")
-        table, summary = ingest_photos(photos, measured, analysis, params, out, STAGE)
-        return table, summary, [f"{STAGE}/analysis.json", f"{STAGE}/analysis.txt"]
-
-    return run_global_stage(store, STAGE, VERSION, params, {"input": input_result(folder)}, build)
-
-
-def _folder(inputs: dict[str, StageResult]) -> str:
-    return inputs[SOURCES].summary["paths"][0]
+    shutil.rmtree(out / "images", ignore_errors=True)
+    measured = measure_photos(photos)
+    analysis = analyze_photos(folder, own, measured)
+    (out / "analysis.json").write_text(json.dumps(analysis, indent=2), encoding="utf-8")
+    (out / "analysis.txt").write_text(format_analysis(analysis) + "\n", encoding="utf-8")
+    table, summary = ingest_photos(photos, measured, analysis, own, out, STAGE)
+    return table, summary, [f"{STAGE}/analysis.json", f"{STAGE}/analysis.txt"]
 
 
 INGEST_PHOTOS = GlobalStage(
     name=STAGE, version=VERSION, params=IngestPhotosParams, inputs=(SOURCES,), title="ingest (photos)",
-    build=lambda store, params, inputs: run_ingest_photos(store, _folder(inputs), params.ingest),
-    probe=lambda params, inputs: stage_fingerprint(STAGE, VERSION, params.ingest, {"input": input_result(_folder(inputs))}),
-    rows=lambda store, result: [{"warning": w} for w in result.summary.get("warnings", [])] or None,
+    build=build_ingest, rows=lambda store, result: [{"warning": w} for w in result.summary.get("warnings", [])] or None,
 )
 """A photo set as a source: analyzed and ingested in one step."""

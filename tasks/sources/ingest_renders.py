@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -36,9 +36,8 @@ from tasks.sources.ingest import (IMAGE_SUFFIXES, STAGE, IdentityName, TriggerWo
                           require_identity, with_trigger)
 from tasks.run.progress import StageProgress
 from tasks.sources.render_captions import SIZE_TOKEN, RenderTemplate, caption_from_name, read_template
-from tasks.run.runner import SOURCES
-from tasks.run.spec import ShardedStage
-from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
+from tasks.run.spec import SOURCES, Inputs, ShardedStage
+from tasks.run.stage import Plan, Shard, StageResult, merge_shards, run_shard
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name, write_table
 
 VERSION = 1
@@ -115,6 +114,16 @@ class IngestRendersParams(BaseModel):
         if both:
             raise ValueError(f"stage1_phases and stage2_phases overlap: phase(s) {both}")
         return self
+
+    def read_caption_template(self) -> RenderTemplate | None:
+        """The caption template file's contents (None: no template given)."""
+        return read_template(self.caption_template) if self.caption_template else None
+
+    def fingerprint_settings(self) -> dict:
+        """The parameters with the caption template's contents in place of its path (for the fingerprint)."""
+        template = self.read_caption_template()
+        return {"params": self.model_dump(mode="json", exclude={"caption_template"}),
+                "template": template.model_dump(mode="json") if template else None}
 
     def character_of(self, stage: int) -> str:
         return self.name if stage == 1 else f"{self.name}{DETAIL_SUFFIX}"
@@ -314,27 +323,7 @@ def count_report(phases: list[dict], params: IngestRendersParams) -> str:
     return "\n".join(lines)
 
 
-# ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) ----------------------
-
-class PhaseShard(BaseModel):
-    """One phase folder's work."""
-
-    key: str
-    folder: str
-    phase: str
-    phase_number: Optional[int]
-    fingerprint: str
-
-
-class IngestRendersPlan(BaseModel):
-    input_dir: str
-    shards: list[PhaseShard]
-    template: Optional[RenderTemplate]
-    fingerprint: str
-
-    def shard_fingerprints(self) -> dict[str, str]:
-        return {s.key: s.fingerprint for s in self.shards}
-
+# ---- plan, shard, merge ------------------------------------------------------------------------------
 
 def discover_phases(input_dir: Path) -> list[Path]:
     """Folders (the input folder and those below it) that hold image files, sorted by phase number.
@@ -363,13 +352,15 @@ def _check_settings(params: IngestRendersParams) -> dict:
                                                    "stage2_phases"})
 
 
-def plan_ingest_renders(store: RunStore, input_dir: str, params: IngestRendersParams) -> IngestRendersPlan:
-    """Find the phase folders and fingerprint them; start the stage unless it is done."""
-    require_identity(params)
-    root = Path(input_dir).expanduser().resolve()
-    template = read_template(params.caption_template) if params.caption_template else None
-    settings = _check_settings(params)
-    extra = {"template": template.model_dump(mode="json") if template else None}
+def plan_ingest_renders(store: RunStore, params: Any, inputs: Inputs) -> Plan:
+    """One shard per phase folder of the render folder the sources name (its payload: the folder, the phase
+    and its number), fingerprinted by the checks' settings, the caption template and the folder's listing.
+    The plan's payload: the caption template (None: no generated captions)."""
+    own: IngestRendersParams = params.ingest
+    require_identity(own)
+    root = Path(inputs[SOURCES].summary["paths"][0]).expanduser().resolve()
+    template = own.read_caption_template()
+    settings = {**_check_settings(own), "template": template.model_dump(mode="json") if template else None}
     shards, keys = [], set()
     for folder in discover_phases(root):
         phase = folder.relative_to(root).as_posix() if folder != root else safe_name(root.name)
@@ -377,30 +368,27 @@ def plan_ingest_renders(store: RunStore, input_dir: str, params: IngestRendersPa
         while key in keys:
             key += "_"
         keys.add(key)
-        fp = fingerprint(STAGE, VERSION, {**settings, **extra}, {"files": listing_digest(folder)})
-        shards.append(PhaseShard(key=key, folder=str(folder), phase=phase, phase_number=phase_number(folder.name),
-                                 fingerprint=fp))
-    stage_settings = {"params": params.model_dump(mode="json", exclude={"caption_template"}), **extra}
-    stage_fp = plan_sharded_stage(store, STAGE, VERSION, stage_settings, {s.key: s.fingerprint for s in shards})
-    return IngestRendersPlan(input_dir=str(root), shards=shards, template=template, fingerprint=stage_fp)
+        shards.append(Shard(key=key, fingerprint=fingerprint(STAGE, VERSION, settings, {"files": listing_digest(folder)}),
+                            payload={"folder": str(folder), "phase": phase, "phase_number": phase_number(folder.name)}))
+    return Plan(shards=shards, payload=template)
 
 
-def ingest_phase_shard(store: RunStore, shard: PhaseShard, params: IngestRendersParams,
-                       template: RenderTemplate | None) -> StageResult:
+def ingest_phase_shard(store: RunStore, shard: Shard, params: Any, plan: Plan) -> StageResult:
     """Ingest one phase folder into its shard, unless that shard is already committed."""
+    phase = shard.payload
     return run_shard(store, STAGE, shard.key, shard.fingerprint,
-                     lambda out, prefix: ingest_phase(Path(shard.folder), shard.phase, shard.phase_number, params,
-                                                      template, out, prefix))
+                     lambda out, prefix: ingest_phase(Path(phase["folder"]), phase["phase"], phase["phase_number"],
+                                                      params.ingest, plan.payload, out, prefix))
 
 
-def merge_ingest_renders(store: RunStore, plan: IngestRendersPlan, params: IngestRendersParams) -> StageResult:
+def merge_ingest_renders(store: RunStore, plan: Plan, params: Any) -> StageResult:
     """Merge the phases into `ingest/manifest.parquet`; write the sequences and the report."""
     def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
         folder = store.stage_dir(STAGE)
         table = pa.concat_tables(tables).sort_by("item_id") if tables else SCHEMA.empty_table()
         write_table(pa.Table.from_pylist([s for r in reports for s in r["sequences"]], schema=SEQUENCE_SCHEMA),
                     folder / "sequences.parquet")
-        text = count_report(reports, params)
+        text = count_report(reports, params.ingest)
         (folder / "report.txt").write_text(text + "\n", encoding="utf-8")
         (folder / "report.json").write_text(json.dumps({"phases": reports}, indent=2, default=str), encoding="utf-8")
         outputs = [f"{STAGE}/sequences.parquet", f"{STAGE}/report.txt", f"{STAGE}/report.json"]
@@ -418,14 +406,6 @@ def merge_ingest_renders(store: RunStore, plan: IngestRendersPlan, params: Inges
     return merge_shards(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), merge)
 
 
-def run_ingest_renders(store: RunStore, input_dir: str, params: IngestRendersParams) -> StageResult:
-    """The whole stage as one plain call (no Prefect): plan, every phase, merge."""
-    plan = plan_ingest_renders(store, input_dir, params)
-    for shard in plan.shards:
-        ingest_phase_shard(store, shard, params, plan.template)
-    return merge_ingest_renders(store, plan, params)
-
-
 def _phases(store: RunStore, result: StageResult) -> list[dict]:
     phases = json.loads((store.stage_dir(STAGE) / "report.json").read_text())["phases"]
     return [{k: p[k] for k in ("phase", "stage", "images", "kept", "dropped")}
@@ -434,8 +414,6 @@ def _phases(store: RunStore, result: StageResult) -> list[dict]:
 
 INGEST_RENDERS = ShardedStage(
     name=STAGE, version=VERSION, params=IngestRendersParams, inputs=(SOURCES,), title="ingest (renders)",
-    plan=lambda store, params, inputs: plan_ingest_renders(store, inputs[SOURCES].summary["paths"][0], params.ingest),
-    shard=lambda store, shard, params, plan: ingest_phase_shard(store, shard, params.ingest, plan.template),
-    merge=lambda store, plan, params: merge_ingest_renders(store, plan, params.ingest), rows=_phases,
+    plan=plan_ingest_renders, shard=ingest_phase_shard, merge=merge_ingest_renders, rows=_phases,
 )
 """A render folder as a source: one shard per phase folder, checked against the guide's list."""
