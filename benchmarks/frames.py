@@ -20,7 +20,10 @@ os.environ.setdefault("EPISODE2LORA_NO_PROGRESS", "1")  # progress lines would b
 
 import av  # noqa: E402
 
-from tasks.frames import FramesParams, extract_frames, run_frames  # noqa: E402
+from flows.params import RunParams  # noqa: E402
+from tasks.frames import FramesParams, extract_frames  # noqa: E402
+from tasks.pipelines import PIPELINES  # noqa: E402
+from tasks.run.runner import run_steps  # noqa: E402
 from tasks.run.store import RunStore  # noqa: E402
 from tests.footage import ShotSpec, default_shots, render_episode  # noqa: E402
 
@@ -100,8 +103,11 @@ def main() -> None:
               f"({true} true cuts)")
 
         store = RunStore(tmp / "runs", "bench")
-        first = best_of(1, lambda: run_frames(store, [str(video)], FramesParams()))
-        noop = best_of(args.repeats, lambda: run_frames(store, [str(video)], FramesParams()))
+        def run() -> None:
+            run_steps(store, RunParams(), PIPELINES["episode"], "frames", sources=[str(video)])
+
+        first = best_of(1, run)
+        noop = best_of(args.repeats, run)
         print(f"no-op rerun of a finished run: {noop * 1000:.0f} ms ({first / noop:.0f}x faster than the first run, "
               f"{first:.2f} s)")
 

@@ -22,10 +22,14 @@ import cv2
 import yaml
 import numpy as np
 
+from flows.params import RunParams
 from models.segmenters import providers, segmenter
 from models.weights import ensure_u2netp
-from tasks.frames import FramesParams, run_frames
-from tasks.segment import SegmentParams, run_segment
+from tasks.frames import FramesParams
+from tasks.pipelines import PIPELINES
+from tasks.run.runner import run_steps
+from tasks.run.stage import StageResult
+from tasks.segment import SegmentParams
 from tasks.run.store import RunStore
 from tests.footage import ShotSpec, default_shots, render_episode
 from tests.segment_scores import score
@@ -54,6 +58,11 @@ def _timed(fn, *args) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
+def segment_run(store: RunStore, run: RunParams) -> StageResult:
+    """The segment stage on a run whose frames are done (as the pipeline runs it, no Prefect)."""
+    return run_steps(store, run, PIPELINES["episode"], "segment", after="frames")["segment"]
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -78,12 +87,14 @@ def main() -> None:
         render_episode(video, shots=shots, seed=11, size=(args.width, args.height), fps=12, repeat_shot=None)
         framed = RunStore(tmp / "framed", "b")
         with framed.lock():
-            run_frames(framed, [str(video)], FramesParams(mode="interval", interval_s=args.interval, dedup_distance=0))
+            sampling = FramesParams(mode="interval", interval_s=args.interval, dedup_distance=0)
+            run_steps(framed, RunParams(frames=sampling), PIPELINES["episode"], "frames", sources=[str(video)])
         frames = [r for r in framed.read_manifest("frames").to_pylist() if r["kept"]]
         paths = [framed.root / r["path"] for r in frames]
         print(f"frames: {len(paths)} at {args.width}x{args.height} (model u2netp, providers {providers()})")
 
         params = SegmentParams.model_validate({k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.set)})
+        run = RunParams(segment=params)
         print(f"stage parameters: {', '.join(args.set) or 'defaults'}")
         rss_before = peak_rss_mib()
         stage_model = segmenter("u2netp")
@@ -93,7 +104,7 @@ def main() -> None:
             runs = tmp / f"stage{i}"
             shutil.copytree(framed.root, runs / "b", ignore=shutil.ignore_patterns(".lock"))
             with RunStore(runs, "b").lock() as store:
-                return _timed(run_segment, store, params)
+                return _timed(segment_run, store, run)
 
         stage_times = [stage_once(0)]
         bare = stage_model.session.inner_session  # the very same onnxruntime session, used bare
@@ -104,7 +115,7 @@ def main() -> None:
                 stage_times.append(stage_once(i + 1))
         with RunStore(tmp / "stage0", "b").lock() as store:
             start = time.perf_counter()
-            result = run_segment(store, params)  # a no-op rerun: every shard and the merge are done
+            result = segment_run(store, run)  # a no-op rerun: every shard and the merge are done
             rerun_s = time.perf_counter() - start
 
         bare_wall, bare_cpu = (min(t) for t in zip(*bare_times))

@@ -22,9 +22,10 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+from tasks.image_hash import perceptual_hash
 from tasks.run.progress import StageProgress
-from tasks.run.spec import ShardedStage
-from tasks.run.stage import StageResult, merge_shard_parts, plan_sharded_stage, run_shard
+from tasks.run.spec import Inputs, ShardedStage
+from tasks.run.stage import Plan, Shard, StageResult, merge_shard_parts, run_shard
 from tasks.run.store import QUARANTINE, RunStore, committed_identities, fingerprint, safe_name
 
 STAGE = "embed"
@@ -93,6 +94,10 @@ class EmbedParams(BaseModel):
             raise ValueError(f"std values must be > 0, got {std}")
         return std
 
+    def fingerprint_settings(self) -> dict[str, Any]:
+        """The settings in the stage's fingerprint: `params_affecting_output`."""
+        return params_affecting_output(self)
+
     def options(self) -> dict[str, Any]:
         """Keyword options for `models.embedders.load_embedder`."""
         return {"device": self.device, "batch_size": self.batch_size, "input_size": self.input_size,
@@ -122,7 +127,6 @@ def layer_sharpness(layer: np.ndarray) -> float:
 def layer_phash(layer: np.ndarray) -> str:
     """64-bit perceptual hash (hex) of the layer composited on white."""
     from models.embedders import layer_on_background
-    from tasks.frames import perceptual_hash
 
     grey = cv2.cvtColor(layer_on_background(layer), cv2.COLOR_RGB2GRAY)
     return f"{perceptual_hash(grey):016x}"
@@ -180,23 +184,7 @@ def embed_layers(layers: list[dict], run_root: Path, embedder: Any, *, label: st
     return pa.Table.from_pylist(rows, schema=schema), report
 
 
-# ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) ---------------
-
-class EmbedShard(BaseModel):
-    """One shard: its key, fingerprint and layers."""
-
-    key: str
-    fingerprint: str
-    layers: list[dict[str, Any]]
-
-
-class EmbedPlan(BaseModel):
-    shards: list[EmbedShard]
-    fingerprint: str
-
-    def shard_fingerprints(self) -> dict[str, str]:
-        return {s.key: s.fingerprint for s in self.shards}
-
+# ---- plan, shard, merge ---------------------------------------------------------------------
 
 def kept_layers(segment: pa.Table) -> pa.Table:
     """The segment rows that are character layers to use (kept, with a file)."""
@@ -213,31 +201,32 @@ def _layer_identity(run_root: Path, rows: list[dict]) -> str:
     return h.hexdigest()
 
 
-def plan_embed(store: RunStore, params: EmbedParams, segment: str = "segment") -> EmbedPlan:
-    """Shard the kept layers (of the stage `segment`) per episode and fingerprint each shard; start the
-    stage unless it is done."""
-    settings = params_affecting_output(params)
+def plan_embed(store: RunStore, params: Any, inputs: Inputs) -> Plan:
+    """One shard per chunk of an episode's kept layers (of the `segment` input), its payload those layers,
+    fingerprinted by the embedder and the layers' files."""
+    own = params.embed
+    settings = params_affecting_output(own)
     by_episode: dict[str, list[dict]] = {}
-    for row in kept_layers(store.read_manifest(segment)).to_pylist():
+    for row in kept_layers(store.read_manifest(inputs["segment"].stage)).to_pylist():
         by_episode.setdefault(row["episode"], []).append(row)
     shards = []
     for episode, rows in by_episode.items():
-        for chunk, start in enumerate(range(0, len(rows), params.shard_size)):
-            part = rows[start:start + params.shard_size]
-            key = f"{safe_name(episode)}-{chunk:04d}"
+        for chunk, start in enumerate(range(0, len(rows), own.shard_size)):
+            part = rows[start:start + own.shard_size]
             fp = fingerprint(STAGE, VERSION, settings, {"layers": _layer_identity(store.root, part)})
-            shards.append(EmbedShard(key=key, fingerprint=fp, layers=part))
-    fp = plan_sharded_stage(store, STAGE, VERSION, settings, {s.key: s.fingerprint for s in shards})
-    return EmbedPlan(shards=shards, fingerprint=fp)
+            shards.append(Shard(key=f"{safe_name(episode)}-{chunk:04d}", fingerprint=fp, payload=part))
+    return Plan(shards=shards)
 
 
-def embed_shard(store: RunStore, shard: EmbedShard, params: EmbedParams) -> StageResult:
+def embed_shard(store: RunStore, shard: Shard, params: Any, plan: Plan) -> StageResult:
     """Embed one shard's layers, unless that shard is already committed."""
     from models.embedders import load_embedder
 
+    own = params.embed
+
     def build(out: Path, prefix: str) -> tuple[pa.Table, dict]:
-        embedder = load_embedder(params.embedder, **params.options())
-        return embed_layers(shard.layers, store.root, embedder, label=f"embed {shard.key}")
+        embedder = load_embedder(own.embedder, **own.options())
+        return embed_layers(shard.payload, store.root, embedder, label=f"embed {shard.key}")
 
     return run_shard(store, STAGE, shard.key, shard.fingerprint, build)
 
@@ -260,18 +249,10 @@ def summarize(totals: dict[str, int], reports: list[dict]) -> dict:
     }
 
 
-def merge_embed(store: RunStore, plan: EmbedPlan) -> StageResult:
+def merge_embed(store: RunStore, plan: Plan, params: Any) -> StageResult:
     """Commit the shards' rows as the parts of `embed/manifest.parquet` (an episode added: its part only)."""
     return merge_shard_parts(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), embed_schema(1),
                              summarize, count_layers)
-
-
-def run_embed(store: RunStore, params: EmbedParams) -> StageResult:
-    """The whole stage as one plain call (no Prefect): plan, every shard, merge."""
-    plan = plan_embed(store, params)
-    for shard in plan.shards:
-        embed_shard(store, shard, params)
-    return merge_embed(store, plan)
 
 
 def read_embeddings(table: pa.Table) -> np.ndarray:
@@ -283,10 +264,6 @@ def read_embeddings(table: pa.Table) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
 
 
-EMBED = ShardedStage(
-    name=STAGE, version=VERSION, params=EmbedParams, inputs=("segment",), title="embed",
-    plan=lambda store, params, inputs: plan_embed(store, params.embed, inputs["segment"].stage),
-    shard=lambda store, shard, params, plan: embed_shard(store, shard, params.embed),
-    merge=lambda store, plan, params: merge_embed(store, plan),
-)
-"""The embed stage: one shard per episode of kept layers."""
+EMBED = ShardedStage(name=STAGE, version=VERSION, params=EmbedParams, inputs=("segment",), title="embed",
+                     plan=plan_embed, shard=embed_shard, merge=merge_embed)
+"""The embed stage: one shard per chunk of an episode's kept layers."""

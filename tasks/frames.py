@@ -1,19 +1,16 @@
 """Stage `frames`: sample frames from episode videos, scene-aware and deduplicated.
 
-Per episode (one shard each) the video is decoded in-process with PyAV; shots are found by
+Per episode (one shard each) the video is decoded in-process (tasks/decode.py); shots are found by
 cut detection on tiny thumbnails of every decoded frame; frames are sampled every N seconds, at
 key frames, or per shot (at most K per shot), and frames that can be neither a sample nor a
 reference of one are not decoded at all; black, uniform, blurry and near-duplicate frames are
 dropped with their reason. A run-level merge then drops frames that repeat another episode's
-(openings, endings, recaps).
+(openings, endings, recaps). Which files are episodes: tasks/sources/episodes.py.
 """
 
 from __future__ import annotations
 
-import errno
-import glob
 import os
-import stat
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,15 +23,16 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.weights import file_identity
+from tasks.decode import at_width, decoded_frames, error_text, luma, main_stream, quarter_turns, thumbnail, turn_upright
+from tasks.image_hash import hamming_to_all, perceptual_hash
 from tasks.run.progress import StageProgress
-from tasks.run.runner import SOURCES
-from tasks.run.spec import ShardedStage
-from tasks.run.stage import StageResult, merge_shards, plan_sharded_stage, run_shard
-from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name, storable_text, write_error, write_table
+from tasks.run.spec import SOURCES, Inputs, ShardedStage
+from tasks.run.stage import Plan, Shard, StageResult, merge_shards, run_shard
+from tasks.run.store import QUARANTINE, RunStore, fingerprint, storable_text, write_error, write_table
+from tasks.sources.episodes import changed_since, discover_videos, episode_ids, file_stamp, unreadable
 
 STAGE = "frames"
 VERSION = 3
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".ts", ".m2ts", ".flv", ".wmv", ".mpg", ".mpeg")
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),
@@ -87,91 +85,6 @@ class FramesParams(BaseModel):
     image_format: Literal["png", "webp"] = Field("png", description="lossless format of kept frames")
 
 
-# ---- inputs ---------------------------------------------------------------------------------
-
-def normalize_inputs(inputs: list[str]) -> list[str]:
-    """Each input (file, folder or glob) as an absolute path, so `resume` works from any folder;
-    the same path spelled twice (`a.mp4`, `./x/../a.mp4`, a link to it) is kept once."""
-    kept: dict[str, str] = {}
-    for text in inputs:
-        absolute = os.path.abspath(os.path.expanduser(str(text)))
-        kept.setdefault(os.path.realpath(absolute), absolute)
-    return list(kept.values())
-
-
-def _matches(text: str) -> list[Path]:
-    path = Path(text).expanduser()
-    try:
-        if path.is_dir():  # any file named like a video (a FIFO, a device, a dangling link: quarantined)
-            return sorted(p for p in path.rglob("*") if (p.is_symlink() or not p.is_dir())
-                          and p.suffix.lower() in VIDEO_SUFFIXES)
-        if path.is_file():  # a FIFO or a device given by name matches nothing: quarantined, or refused when alone
-            return [path]
-    except OSError:  # e.g. a name longer than the system allows: it matches nothing
-        return []
-    return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-
-
-def missing_inputs(inputs: list[str]) -> list[str]:
-    """The inputs that match no video file (the frames stage quarantines them)."""
-    return [text for text in inputs if not _matches(text)]
-
-
-def discover_videos(inputs: list[str]) -> list[Path]:
-    """Expand video files, folders of videos and globs into a sorted list of files, each file once.
-
-    An input that matches nothing stays in the list as itself (the stage quarantines it: it cannot be
-    read); FileNotFoundError naming the inputs when none matches anything (and, for a folder of
-    images, the command that takes images).
-    """
-    found: list[Path] = []
-    missing: list[str] = []
-    for text in inputs:
-        matches = _matches(text)
-        if not matches:
-            missing.append(text)
-        found.extend(m.absolute() for m in matches or [Path(text).expanduser()])
-    if len(missing) == len(inputs):
-        raise FileNotFoundError("; ".join(f"input '{t}' matched no video files{_images_hint(Path(t).expanduser())}"
-                                          for t in missing) or "no inputs given")
-    unique: dict[str, Path] = {}
-    for video in found:
-        unique.setdefault(os.path.realpath(video), video)
-    return sorted(unique.values())
-
-
-def _images_hint(path: Path) -> str:
-    """When a folder holds images but no videos: which command takes images."""
-    from tasks.sources.ingest import IMAGE_SUFFIXES
-
-    if path.is_dir() and any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
-        return (f"; it holds images: for a folder of images use `episode2lora renders {path}` (product renders, "
-                f"one folder per character) or `episode2lora photos {path}` (photo sets with captions)")
-    return ""
-
-
-def episode_ids(videos: list[Path], known: dict[str, str] | None = None) -> list[str]:
-    """Stable, path-safe episode ids from file names (suffixed when two names collide).
-
-    `known` maps a video (as stored, `storable_text`) to the id it already has in the run: that id
-    never changes, so an added episode whose name collides takes the suffix.
-    """
-    known = {video: episode for video, episode in (known or {}).items()
-             if video in {storable_text(v) for v in videos}}
-    taken = set(known.values())
-    ids: list[str] = []
-    for video in videos:
-        candidate = known.get(storable_text(video))
-        if candidate is None:
-            base = safe_name(video.stem)
-            candidate, n = base, 2
-            while candidate in taken:
-                candidate, n = f"{base}-{n}", n + 1
-            taken.add(candidate)
-        ids.append(candidate)
-    return ids
-
-
 def known_episodes(store: RunStore) -> dict[str, str]:
     """Video -> episode id of every episode shard the run has committed (any fingerprint)."""
     known: dict[str, str] = {}
@@ -181,55 +94,12 @@ def known_episodes(store: RunStore) -> dict[str, str]:
     return known
 
 
-# ---- image measures -------------------------------------------------------------------------
-
-def perceptual_hash(gray: np.ndarray) -> int:
-    """64-bit DCT perceptual hash of a grayscale image."""
-    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
-    low = cv2.dct(small)[:8, :8].flatten()
-    bits = low > np.median(low[1:])
-    return int(np.packbits(bits).view(">u8")[0])
-
-
-def hamming_to_all(value: int, others: np.ndarray) -> np.ndarray:
-    return np.bitwise_count(np.bitwise_xor(others, np.uint64(value)))
-
-
-MEASURE_WIDTH = 480
-"""Frames wider than this are measured (sharpness, perceptual hash) at this width."""
-
-
-def at_width(gray: np.ndarray, width: int = MEASURE_WIDTH) -> np.ndarray:
-    """`gray` shrunk to `width` columns (unchanged when it is not wider)."""
-    if gray.shape[1] > width:
-        return cv2.resize(gray, (width, round(gray.shape[0] * width / gray.shape[1])), interpolation=cv2.INTER_AREA)
-    return gray
-
+# ---- frame measures -------------------------------------------------------------------------
 
 def sharpness(gray: np.ndarray) -> float:
     """Laplacian variance of a grey image measured at MEASURE_WIDTH (so the threshold does not
     depend on resolution); pass `at_width(gray)` to skip the resize."""
     return float(cv2.Laplacian(at_width(gray), cv2.CV_32F).var())
-
-
-_PLANAR_YUV = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p"}
-
-
-def thumbnail(frame, columns: int = 48) -> np.ndarray:
-    """A tiny int16 view of a decoded frame for cut detection (about `columns` wide, Y+U+V).
-
-    Planar 8-bit YUV frames are subsampled straight from their planes (no colour conversion,
-    this runs on every decoded frame); other formats go through swscale.
-    """
-    if frame.format.name in _PLANAR_YUV:
-        parts = []
-        for plane in frame.planes:
-            rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
-            step = max(1, plane.width // columns)
-            parts.append(rows[step // 2 :: step, step // 2 :: step].ravel())
-        return np.concatenate(parts).astype(np.int16)
-    small = frame.reformat(width=columns, height=max(1, columns * frame.height // max(1, frame.width)), format="yuv444p")
-    return np.concatenate([np.asarray(p).ravel() for p in small.to_ndarray(channel_last=False)]).astype(np.int16)
 
 
 def drop_reason_for(brightness: float, contrast: float, sharp: float, params: FramesParams) -> str | None:
@@ -263,22 +133,6 @@ QUEUED = 64
 """At most this many sampled frames wait for the analysis thread (bounds memory on slow disks)."""
 
 
-_TV_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
-"""Limited-range (16-235) luma to the 0-255 scale the thresholds are set in."""
-
-
-def luma(frame, width: int = MEASURE_WIDTH) -> np.ndarray:
-    """A decoded frame's grey values at `width` columns, read from its luma plane when it has one
-    (no colour conversion: dropped candidates are never converted to RGB), else via BGR."""
-    if frame.format.name in _PLANAR_YUV:
-        plane = frame.planes[0]
-        y = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
-        small = at_width(y, width)
-        full = frame.format.name.startswith("yuvj") or getattr(frame, "color_range", 0) == 2  # 2: JPEG (full) range
-        return small if full else cv2.LUT(np.ascontiguousarray(small), _TV_TO_FULL)
-    return at_width(cv2.cvtColor(frame.to_ndarray(format="bgr24"), cv2.COLOR_BGR2GRAY), width)
-
-
 @dataclass
 class _Candidate:
     frame_index: int
@@ -294,14 +148,14 @@ class _Candidate:
 
     def __post_init__(self) -> None:
         if self.frame is not None:
-            self.turns = round((getattr(self.frame, "rotation", 0) or 0) / 90) % 4  # phone clips
+            self.turns = quarter_turns(self.frame)  # phone clips
             self.width, self.height = self.frame.width, self.frame.height
             if self.turns % 2:
                 self.width, self.height = self.height, self.width
 
     def upright(self, image: np.ndarray) -> np.ndarray:
         """`image` (a decoded frame's pixels) as the frame is meant to be shown."""
-        return np.ascontiguousarray(np.rot90(image, self.turns)) if self.turns else image
+        return turn_upright(image, self.turns)
 
     def image(self) -> np.ndarray:
         """The frame as BGR, the order cv2 encodes, upright (converted once, on the analysis thread)."""
@@ -432,6 +286,8 @@ class _Episode:
                 self.record(candidates[i], m)
 
 
+
+
 def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, prefix: str,
                    stamp: tuple[int, int] | None = None) -> tuple[pa.Table, dict]:
     """Sample one episode's frames into `out/images/`.
@@ -458,7 +314,7 @@ def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, p
     try:
         container = av.open(str(video))
     except Exception as exc:  # PyAV raises many kinds: all mean "cannot read this file"
-        return _quarantined(video, episode, report, _reason(exc))
+        return _quarantined(video, episode, report, error_text(exc))
     with container:
         stream = main_stream(container)
         if stream is None:
@@ -481,7 +337,7 @@ def extract_frames(video: Path, episode: str, params: FramesParams, out: Path, p
         return _quarantined(video, episode, report, report["reason"] or "no decodable frames")
     if report["decode_errors"]:
         report["status"] = "damaged"
-    moved = _moved(video, stamp)
+    moved = changed_since(video, stamp)
     if moved:  # a file still being written (a download, a recording): what was read may be partial
         report.update(status="damaged", reason="; ".join(filter(None, [moved, report["reason"]])))
     report["sampled"] = len(state.rows)
@@ -509,8 +365,6 @@ def _maybe_sampled(packet, start: float, next_sample: float, last_t: float, para
 def _decode(container, stream, rate: float, state: _Episode, report: dict, bar: StageProgress) -> None:
     """Decode the frames that may be sampled and those they reference (or key frames only), detect
     cuts, sample. Frame indexes come from frame times, so they do not depend on what was skipped."""
-    import av
-
     params = state.params
     index, shot, prev_thumb, last_t = -1, 0, None, float("-inf")
     next_sample = 0.0
@@ -518,118 +372,50 @@ def _decode(container, stream, rate: float, state: _Episode, report: dict, bar: 
     cap = 4 * params.max_per_shot
     step = params.scene_sample_s
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    packets = container.demux(stream)
-    while True:
-        try:
-            packet = next(packets)
-        except StopIteration:
-            break
-        except av.error.FFmpegError as exc:  # truncated or corrupt container: keep what was read
-            report["decode_errors"] += 1
-            report["reason"] = f"stream ends early: {_reason(exc)}"
-            break
-        if params.mode != "keyframes":
-            wanted = _maybe_sampled(packet, start, next_sample, last_t, params)
-            stream.codec_context.skip_frame = "DEFAULT" if wanted else "NONREF"
-        try:
-            frames = packet.decode()
-        except av.error.FFmpegError:
-            report["decode_errors"] += 1
-            continue
-        for frame in frames:
-            report["frames_decoded"] += 1
-            t = float(frame.time) - start if frame.time is not None else (index + 1) / rate
-            bar.advance(max(1, round(t * rate) - index))
-            index, last_t = max(index + 1, round(t * rate)), t
-            thumb = thumbnail(frame)
-            is_cut = prev_thumb is not None and np.abs(thumb - prev_thumb).mean() / 255.0 > params.cut_threshold
-            if is_cut or prev_thumb is None:
-                report["shot_starts"].append(index)
-            prev_thumb = thumb
-            if is_cut:
-                shot += 1
-                if params.mode == "scene":
-                    state.submit(state.close_shot, shot_candidates)
-                    shot_candidates, step, next_sample = [], params.scene_sample_s, t
-            if params.mode == "keyframes":
-                state.submit(state.record, _Candidate(index, t, shot, frame))
-            elif t + 1e-6 >= next_sample:
-                cand = _Candidate(index, t, shot, frame)
-                if params.mode == "interval":
-                    next_sample += params.interval_s
-                    state.submit(state.record, cand)
-                else:
-                    next_sample = t + step
-                    shot_candidates.append(cand)
-                    state.submit(state.measure, cand)  # convert and measure now, decide at the cut
-                    if len(shot_candidates) > cap:  # long shot: thin evenly, sample half as often
-                        for dropped in shot_candidates[1::2]:
-                            state.submit(state.record, dropped, forced_reason="shot_limit")
-                        shot_candidates = shot_candidates[0::2]
-                        step *= 2
+
+    def wanted(packet) -> bool:  # reads the sampling state as it is when the packet comes up
+        return _maybe_sampled(packet, start, next_sample, last_t, params)
+
+    for frame in decoded_frames(container, stream, report, None if params.mode == "keyframes" else wanted):
+        report["frames_decoded"] += 1
+        t = float(frame.time) - start if frame.time is not None else (index + 1) / rate
+        bar.advance(max(1, round(t * rate) - index))
+        index, last_t = max(index + 1, round(t * rate)), t
+        thumb = thumbnail(frame)
+        is_cut = prev_thumb is not None and np.abs(thumb - prev_thumb).mean() / 255.0 > params.cut_threshold
+        if is_cut or prev_thumb is None:
+            report["shot_starts"].append(index)
+        prev_thumb = thumb
+        if is_cut:
+            shot += 1
+            if params.mode == "scene":
+                state.submit(state.close_shot, shot_candidates)
+                shot_candidates, step, next_sample = [], params.scene_sample_s, t
+        if params.mode == "keyframes":
+            state.submit(state.record, _Candidate(index, t, shot, frame))
+        elif t + 1e-6 >= next_sample:
+            cand = _Candidate(index, t, shot, frame)
+            if params.mode == "interval":
+                next_sample += params.interval_s
+                state.submit(state.record, cand)
+            else:
+                next_sample = t + step
+                shot_candidates.append(cand)
+                state.submit(state.measure, cand)  # convert and measure now, decide at the cut
+                if len(shot_candidates) > cap:  # long shot: thin evenly, sample half as often
+                    for dropped in shot_candidates[1::2]:
+                        state.submit(state.record, dropped, forced_reason="shot_limit")
+                    shot_candidates = shot_candidates[0::2]
+                    step *= 2
     if params.mode == "scene":
         state.submit(state.close_shot, shot_candidates)
     report["shots"] = shot + 1 if report["frames_decoded"] else 0
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def _new_report(video: Path, episode: str) -> dict:
     """An episode's report (EPISODE_SCHEMA fields) before anything is read."""
     return {"episode": episode, "video": storable_text(video), "status": "ok", "reason": None, "frames_decoded": 0,
             "decode_errors": 0, "shots": 0, "shot_starts": [], "sampled": 0, "kept": 0, "bytes_written": 0}
-
-
-_KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-          stat.S_IFSOCK: "a socket"}
-
-
-def unreadable(video: Path) -> str | None:
-    """Why `video` cannot be read as a video file, found without opening it (a FIFO would block);
-    None for a regular file that is not empty."""
-    try:
-        st = video.stat()
-    except OSError as exc:
-        if exc.errno == errno.ENAMETOOLONG:
-            return "missing: the path is longer than the system allows"
-        what = "a dangling or looping link" if video.is_symlink() else "no such file (or a folder or glob without videos)"
-        return f"missing: {what}"
-    if stat.S_ISDIR(st.st_mode):
-        return "no such file: a folder (holding no video) named like one"
-    if not stat.S_ISREG(st.st_mode):
-        return f"not a regular file: {_KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')}; only video files are read"
-    if st.st_size == 0:
-        return "empty file (0 bytes)"
-    return None
-
-
-def file_stamp(video: Path) -> tuple[int, int]:
-    """(size, mtime_ns) of a file, to tell whether it changed while it was read."""
-    st = video.stat()
-    return st.st_size, st.st_mtime_ns
-
-
-def _moved(video: Path, expected: tuple[int, int]) -> str | None:
-    """'changed while read ...' when the file's size or mtime is no longer `expected`."""
-    try:
-        now = file_stamp(video)
-    except OSError:
-        return "changed while read: the file is gone; resume the run once it is back"
-    if tuple(now) == tuple(expected):
-        return None
-    return (f"changed while read (size {expected[0]} -> {now[0]} bytes): still being written? "
-            "resume the run once the file is complete")
-
-
-def main_stream(container) -> Any:
-    """The main video stream: the largest one that is not an attached picture (a cover); None if none."""
-    from av.stream import Disposition
-
-    streams = [s for s in container.streams.video if not s.disposition & Disposition.attached_pic]
-    return max(streams, key=lambda s: (s.codec_context.width or 0) * (s.codec_context.height or 0), default=None)
 
 
 def _quarantined(video: Path, episode: str, report: dict, reason: str) -> tuple[pa.Table, dict]:
@@ -688,87 +474,55 @@ def summarize(table: pa.Table, episodes: list[dict]) -> dict:
         "bytes_written": sum(e["bytes_written"] for e in episodes),
     }
 
-
-# ---- run-store wiring (plain functions; the spec below makes the Prefect tasks from them) ---------
-
-class FramesShard(BaseModel):
-    """One episode of the run: its video, the fingerprint its shard will have, and what the plan saw:
-    the file's (size, mtime_ns), or why it cannot be read at all (a name that is not UTF-8)."""
-
-    key: str
-    video: str
-    fingerprint: str
-    stamp: tuple[int, int] | None = None
-    problem: str | None = None
-
-
-class FramesPlan(BaseModel):
-    """The episodes of a run and the fingerprint the stage will have."""
-
-    shards: list[FramesShard]
-    fingerprint: str
-
-    def shard_fingerprints(self) -> dict[str, str]:
-        return {s.key: s.fingerprint for s in self.shards}
-
-
-def plan_frames(store: RunStore, inputs: list[str], params: FramesParams) -> FramesPlan:
-    """Find the episodes and fingerprint them; start the stage unless it is already done."""
-    videos = discover_videos(inputs)
-    settings = params.model_dump(mode="json")
-    ids = episode_ids(videos, known_episodes(store))  # ids the run already has never change
-    shards = [_plan_episode(video, episode, settings) for video, episode in zip(videos, ids)]
-    fp = plan_sharded_stage(store, STAGE, VERSION, settings, {s.key: s.fingerprint for s in shards})
-    return FramesPlan(shards=shards, fingerprint=fp)
-
+# ---- plan, shard, merge ---------------------------------------------------------------------
 
 NOT_UTF8 = "the file name is not valid UTF-8, so it cannot be stored: rename the file (e.g. with convmv) to read it"
 
 
-def _plan_episode(video: Path, episode: str, settings: dict) -> FramesShard:
+def plan_frames(store: RunStore, params: Any, inputs: Inputs) -> Plan:
+    """One shard per episode the sources name, fingerprinted by its file; the ids the run already has
+    never change."""
+    videos = discover_videos(inputs[SOURCES].summary["paths"])
+    settings = params.frames.model_dump(mode="json")
+    ids = episode_ids(videos, known_episodes(store))
+    return Plan(shards=[_plan_episode(video, episode, settings) for video, episode in zip(videos, ids)])
+
+
+def _plan_episode(video: Path, episode: str, settings: dict) -> Shard:
     """One episode's shard, fingerprinted from the file's identity (`file_identity` opens only a regular
-    file: a FIFO would block), with the (size, mtime_ns) it has now."""
+    file: a FIFO would block). Its payload: the video as stored, the (size, mtime_ns) it has now, or why
+    it cannot be read at all (a name that is not UTF-8)."""
     name = storable_text(video)
     if name != str(video):  # carried as its escaped name, quarantined
-        return FramesShard(key=episode, video=name, problem=NOT_UTF8,
-                           fingerprint=fingerprint(STAGE, VERSION, settings, {"video": f"not-utf8:{name}"}))
+        return Shard(key=episode, payload={"video": name, "stamp": None, "problem": NOT_UTF8},
+                     fingerprint=fingerprint(STAGE, VERSION, settings, {"video": f"not-utf8:{name}"}))
     identity = fingerprint(STAGE, VERSION, settings, {"video": file_identity(video)})
-    return FramesShard(key=episode, video=name, fingerprint=identity,
-                       stamp=None if unreadable(video) else file_stamp(video))
+    stamp = None if unreadable(video) else file_stamp(video)
+    return Shard(key=episode, fingerprint=identity, payload={"video": name, "stamp": stamp, "problem": None})
 
 
-def frames_for_episode(store: RunStore, shard: FramesShard, params: FramesParams) -> StageResult:
+def frames_for_episode(store: RunStore, shard: Shard, params: Any, plan: Plan) -> StageResult:
     """Extract one episode into its shard, unless that shard is already committed."""
+    video, problem = Path(shard.payload["video"]), shard.payload["problem"]
+
     def build(out: Path, prefix: str) -> tuple[pa.Table, dict]:
-        if shard.problem:
-            return _quarantined(Path(shard.video), shard.key, _new_report(Path(shard.video), shard.key), shard.problem)
-        return extract_frames(Path(shard.video), shard.key, params, out, prefix, stamp=shard.stamp)
+        if problem:
+            return _quarantined(video, shard.key, _new_report(video, shard.key), problem)
+        return extract_frames(video, shard.key, params.frames, out, prefix, stamp=shard.payload["stamp"])
 
     return run_shard(store, STAGE, shard.key, shard.fingerprint, build)
 
 
-def merge_frames(store: RunStore, plan: FramesPlan, params: FramesParams) -> StageResult:
+def merge_frames(store: RunStore, plan: Plan, params: Any) -> StageResult:
     """Merge committed episode shards into `frames/manifest.parquet` (cross-episode dedup)."""
     def merge(tables: list[pa.Table], reports: list[dict]) -> tuple[pa.Table, dict, list[str]]:
-        table = merge_episodes(tables, params)
+        table = merge_episodes(tables, params.frames)
         write_table(pa.Table.from_pylist(reports, schema=EPISODE_SCHEMA), store.stage_dir(STAGE) / "episodes.parquet")
         return table, summarize(table, reports), [f"{STAGE}/episodes.parquet"]
 
     return merge_shards(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), merge)
 
 
-FRAMES = ShardedStage(
-    name=STAGE, version=VERSION, params=FramesParams, inputs=(SOURCES,), title="frames",
-    plan=lambda store, params, inputs: plan_frames(store, inputs[SOURCES].summary["paths"], params.frames),
-    shard=lambda store, shard, params, plan: frames_for_episode(store, shard, params.frames),
-    merge=lambda store, plan, params: merge_frames(store, plan, params.frames),
-)
-"""The frames stage: one shard per episode, merged with cross-episode dedup."""
-
-
-def run_frames(store: RunStore, inputs: list[str], params: FramesParams) -> StageResult:
-    """The whole stage as one plain call (no Prefect): plan, every episode, merge."""
-    plan = plan_frames(store, inputs, params)
-    for shard in plan.shards:
-        frames_for_episode(store, shard, params)
-    return merge_frames(store, plan, params)
+FRAMES = ShardedStage(name=STAGE, version=VERSION, params=FramesParams, inputs=(SOURCES,), title="frames",
+                      plan=plan_frames, shard=frames_for_episode, merge=merge_frames)
+"""The frames stage: one shard per episode of the sources, merged with cross-episode dedup."""

@@ -42,8 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tasks.characterness import ShotMotion
 from tasks.run.progress import StageProgress
-from tasks.run.spec import ShardedStage
-from tasks.run.stage import StageResult, merge_shard_parts, plan_sharded_stage, run_shard
+from tasks.run.spec import Inputs, ShardedStage
+from tasks.run.stage import Plan, Shard, StageResult, merge_shard_parts, run_shard
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, write_error
 
 STAGE = "segment"
@@ -164,6 +164,10 @@ class SegmentParams(BaseModel):
         if self.empty_mask_frac >= self.full_mask_frac:
             raise ValueError(f"empty_mask_frac must be < full_mask_frac, got {self.empty_mask_frac} >= {self.full_mask_frac}")
         return self
+
+    def fingerprint_settings(self) -> dict[str, Any]:
+        """The settings in the stage's fingerprint: `params_affecting_output`."""
+        return params_affecting_output(self)
 
 
 def params_affecting_output(params: SegmentParams) -> dict[str, Any]:
@@ -554,27 +558,9 @@ def mark_recurring(rows: list[dict], shots: dict[str, Any], params: SegmentParam
     return marked
 
 
-# ---- run-store wiring (plain functions; the Prefect tasks below only wrap them) --------------
+# ---- plan, shard, merge ---------------------------------------------------------------------
 
 FRAME_FIELDS = ("item_id", "episode", "frame_index", "shot_id", "path", "phash", "width", "height")
-
-
-class SegmentShard(BaseModel):
-    """One shard: its key, fingerprint and frames."""
-
-    key: str
-    fingerprint: str
-    frames: list[dict[str, Any]]
-
-
-class SegmentPlan(BaseModel):
-    """The shards of the stage and the stage fingerprint."""
-
-    shards: list[SegmentShard]
-    fingerprint: str
-
-    def shard_fingerprints(self) -> dict[str, str]:
-        return {s.key: s.fingerprint for s in self.shards}
 
 
 def shard_frames(frames: pa.Table, shard_size: int) -> dict[str, list[dict]]:
@@ -592,23 +578,26 @@ def shard_frames(frames: pa.Table, shard_size: int) -> dict[str, list[dict]]:
     return shards
 
 
-def plan_segment(store: RunStore, params: SegmentParams, frames: str = "frames") -> SegmentPlan:
-    """Shard the kept frames (of the stage `frames`) and fingerprint each shard; start the stage unless done."""
-    settings = params_affecting_output(params)
+def plan_segment(store: RunStore, params: Any, inputs: Inputs) -> Plan:
+    """One shard per chunk of an episode's kept frames (of the `frames` input), its payload those frames,
+    fingerprinted by their ids and perceptual hashes."""
+    own = params.segment
+    settings = params_affecting_output(own)
     shards = []
-    for key, rows in shard_frames(store.read_manifest(frames), params.shard_size).items():
+    for key, rows in shard_frames(store.read_manifest(inputs["frames"].stage), own.shard_size).items():
         identity = {r["item_id"]: r["phash"] for r in rows}
-        shards.append(SegmentShard(key=key, fingerprint=fingerprint(STAGE, VERSION, settings, identity), frames=rows))
-    fp = plan_sharded_stage(store, STAGE, VERSION, settings, {s.key: s.fingerprint for s in shards})
-    return SegmentPlan(shards=shards, fingerprint=fp)
+        shards.append(Shard(key=key, fingerprint=fingerprint(STAGE, VERSION, settings, identity), payload=rows))
+    return Plan(shards=shards)
 
 
-def segment_shard(store: RunStore, shard: SegmentShard, params: SegmentParams) -> StageResult:
+def segment_shard(store: RunStore, shard: Shard, params: Any, plan: Plan) -> StageResult:
     """Segment one shard's frames, unless that shard is already committed."""
     from models.segmenters import segmenter
 
+    own = params.segment
+
     def build(out: Path, prefix: str) -> tuple[pa.Table, dict]:
-        return segment_frames(shard.frames, store.root, params, segmenter(params.model), out, prefix,
+        return segment_frames(shard.payload, store.root, own, segmenter(own.model), out, prefix,
                               label=f"segment {shard.key}")
 
     return run_shard(store, STAGE, shard.key, shard.fingerprint, build)
@@ -638,23 +627,11 @@ def summarize(totals: dict[str, int], reports: list[dict]) -> dict:
     }
 
 
-def merge_segment(store: RunStore, plan: SegmentPlan) -> StageResult:
+def merge_segment(store: RunStore, plan: Plan, params: Any) -> StageResult:
     """Commit the shards' rows as the parts of `segment/manifest.parquet` (an episode added: its parts only)."""
     return merge_shard_parts(store, STAGE, plan.fingerprint, plan.shard_fingerprints(), SCHEMA, summarize, count_layers)
 
 
-def run_segment(store: RunStore, params: SegmentParams) -> StageResult:
-    """The whole stage as one plain call (no Prefect): plan, every shard, merge."""
-    plan = plan_segment(store, params)
-    for shard in plan.shards:
-        segment_shard(store, shard, params)
-    return merge_segment(store, plan)
-
-
-SEGMENT = ShardedStage(
-    name=STAGE, version=VERSION, params=SegmentParams, inputs=("frames",), title="segment",
-    plan=lambda store, params, inputs: plan_segment(store, params.segment, inputs["frames"].stage),
-    shard=lambda store, shard, params, plan: segment_shard(store, shard, params.segment),
-    merge=lambda store, plan, params: merge_segment(store, plan),
-)
-"""The segment stage: one shard per episode of kept frames."""
+SEGMENT = ShardedStage(name=STAGE, version=VERSION, params=SegmentParams, inputs=("frames",), title="segment",
+                       plan=plan_segment, shard=segment_shard, merge=merge_segment)
+"""The segment stage: one shard per chunk of an episode's kept frames."""

@@ -372,30 +372,39 @@ def test_bit_rot_in_a_manifest_part_is_found_on_first_read_and_by_status_verify(
 # ---- episodes that change, collide or fill the disk -----------------------------------------------
 
 def test_an_episode_still_growing_is_marked_changed_while_read(tmp_path):
-    from tasks.frames import FramesParams, frames_for_episode, plan_frames
+    from tasks.frames import FRAMES, frames_for_episode
+    from tasks.run.spec import SOURCES, sources_result
+    from tasks.run.stage import start_sharded
+    from tests.stages import run_params
 
     video = write_video(tmp_path / "growing.mp4", 160, 96, 16)
     store = RunStore(tmp_path / "runs", "grow")
-    plan = plan_frames(store, [str(video)], FramesParams())
+    params, inputs = run_params(), {SOURCES: sources_result([str(video)])}
+    plan = FRAMES.planned(store, params, inputs)
+    start_sharded(store, "frames", plan)
     with open(video, "ab") as fh:  # a download still in progress
         fh.write(b"\0" * 4096)
-    report = frames_for_episode(store, plan.shards[0], FramesParams()).summary
+    report = frames_for_episode(store, plan.shards[0], params, plan).summary
     CORPUS.append(("episode file still growing during the run", report["status"], report["reason"]))
     assert report["status"] == "damaged" and report["reason"].startswith("changed while read")
-    assert plan_frames(store, [str(video)], FramesParams()).shards[0].fingerprint != plan.shards[0].fingerprint
+    assert FRAMES.planned(store, params, inputs).shards[0].fingerprint != plan.shards[0].fingerprint
 
 
 def test_an_added_episode_with_the_same_file_name_leaves_existing_ids_alone(tmp_path):
-    from tasks.frames import FramesParams, frames_for_episode, plan_frames, run_frames
+    from tasks.frames import FRAMES, frames_for_episode
+    from tasks.run.spec import SOURCES, sources_result
+    from tasks.run.stage import start_sharded
+    from tests.stages import run_params, run_plain
 
-    params = FramesParams()
+    params = run_params()
     existing = write_video((tmp_path / "z").mkdir() or tmp_path / "z" / "ep.mp4", 160, 96, 16)
     added = write_video((tmp_path / "a").mkdir() or tmp_path / "a" / "ep.mp4", 160, 96, 8)  # sorts first
     store = RunStore(tmp_path / "runs", "show")
-    run_frames(store, [str(existing)], params)
-    plan = plan_frames(store, [str(existing), str(added)], params)
-    ids = {shard.key: Path(shard.video).parent.name for shard in plan.shards}
-    recomputed = {shard.key: frames_for_episode(store, shard, params).recomputed for shard in plan.shards}
+    run_plain(store, "frames", sources=[str(existing)], params=params)
+    plan = FRAMES.planned(store, params, {SOURCES: sources_result([str(existing), str(added)])})
+    start_sharded(store, "frames", plan)
+    ids = {shard.key: Path(shard.payload["video"]).parent.name for shard in plan.shards}
+    recomputed = {shard.key: frames_for_episode(store, shard, params, plan).recomputed for shard in plan.shards}
     CORPUS.append(("added episode whose file stem equals an existing one's", "existing id kept",
                    f"ids {ids}, recomputed {recomputed}"))
     assert ids == {"ep": "z", "ep-2": "a"} and recomputed == {"ep": False, "ep-2": True}
@@ -406,19 +415,23 @@ def test_a_failed_whole_run_stage_leaves_no_temporaries(tmp_path):
 
     from pydantic import BaseModel
 
-    from tasks.run.stage import run_global_stage
+    from tasks.run.spec import GlobalStage, run_stage
 
     class Toy(BaseModel):
         size: int = 1
+
+    class ToyRun(BaseModel):
+        package: Toy = Toy()
 
     def build(folder: Path):  # as package writes .train-<character> before the disk fills
         (folder / ".train-kyana").mkdir()
         (folder / ".train-kyana" / "0001.png").write_bytes(b"x" * 4096)
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    toy = GlobalStage(name="package", version=1, params=Toy, build=lambda store, params, inputs, folder: build(folder))
     store = RunStore(tmp_path, "full")
     with pytest.raises(OSError, match="No space left"):
-        run_global_stage(store, "package", 1, Toy(), {}, build)
+        run_stage(toy, store, ToyRun(), {})
     left = sorted(p.name for p in store.stage_dir("package").iterdir())
     CORPUS.append(("disk full while package writes .train-<character>", "stopped, temporaries removed",
                    f"left in package/: {left}"))

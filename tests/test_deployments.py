@@ -248,7 +248,8 @@ def test_dask_task_runner_spreads_episodes_over_two_workers(prefect_ui, tmp_path
     from distributed import Client, LocalCluster
 
     from flows.episode_to_lora import episode_to_lora
-    from tasks.frames import FramesParams, run_frames
+    from tasks.frames import FramesParams
+    from tests.stages import run_plain
 
     inputs = [str(SAMPLE / "episode01.mp4"), str(SAMPLE / "episode02.mp4")]
     with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster, \
@@ -260,7 +261,7 @@ def test_dask_task_runner_spreads_episodes_over_two_workers(prefect_ui, tmp_path
 
     on_dask = RunStore(tmp_path, "dask")
     assert results["frames"].manifest_digest == on_dask.manifest_digest("frames")
-    reference = run_frames(RunStore(tmp_path, "plain"), inputs, FramesParams())
+    reference = run_plain(RunStore(tmp_path, "plain"), "frames", sources=inputs, frames=FramesParams())
     assert reference.summary == results["frames"].summary
     assert pq.read_table(on_dask.manifest_path("frames")).equals(pq.read_table(RunStore(tmp_path, "plain").manifest_path("frames")))
 

@@ -11,9 +11,10 @@ from pydantic import ValidationError
 
 from models.embedders import (ColourShapeEmbedder, ModelNotAvailable, layer_on_background, load_embedder,
                               parse_spec, supports_text)
-from tasks.embed import EmbedParams, read_embeddings, run_embed
+from tasks.embed import EmbedParams, read_embeddings
 from tasks.composite import read_layer
 from tasks.run.store import QUARANTINE, RunStore
+from tests.stages import run_plain
 from tests.truth_layers import commit_truth_segment
 
 
@@ -133,7 +134,7 @@ def test_embed_stage_writes_fixed_size_vectors_and_quarantines_bad_layers(tmp_pa
     table, _ = commit_truth_segment(store, [episode], stride=4)
     broken = table.column("path").to_pylist()[3]
     (store.root / broken).write_bytes(b"not a png")
-    result = run_embed(store, EmbedParams())
+    result = run_plain(store, "embed", after="segment", embed=EmbedParams())
     manifest = store.read_manifest("embed")
     dim = ColourShapeEmbedder().dim
     assert manifest.schema.field("embedding").type.list_size == dim
@@ -147,16 +148,16 @@ def test_embed_stage_writes_fixed_size_vectors_and_quarantines_bad_layers(tmp_pa
     vectors = read_embeddings(kept)
     assert vectors.shape == (table.num_rows - 1, dim)
     assert all(len(r["phash"]) == 16 and r["sharpness"] > 0 for r in kept.to_pylist())
-    assert not run_embed(store, EmbedParams()).recomputed  # same inputs: cached
+    assert not run_plain(store, "embed", after="segment", embed=EmbedParams()).recomputed  # same inputs: cached
 
 
 def test_a_new_episode_embeds_only_its_own_layers(tmp_path, episode, two_episodes):
     store = RunStore(tmp_path, "run")
     commit_truth_segment(store, [episode], stride=6)
-    run_embed(store, EmbedParams(shard_size=10_000))
+    run_plain(store, "embed", after="segment", embed=EmbedParams(shard_size=10_000))
     first_shards = {p.name: os.stat(p / "_DONE.json").st_mtime_ns for p in (store.stage_dir("embed") / "shards").iterdir()}
     table, _ = commit_truth_segment(store, [episode, two_episodes[0]], stride=6)
-    run_embed(store, EmbedParams(shard_size=10_000))
+    run_plain(store, "embed", after="segment", embed=EmbedParams(shard_size=10_000))
     shards = {p.name: os.stat(p / "_DONE.json").st_mtime_ns for p in (store.stage_dir("embed") / "shards").iterdir()}
     assert set(first_shards) < set(shards)
     assert all(shards[k] == first_shards[k] for k in first_shards)  # untouched

@@ -17,10 +17,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.frames import FramesParams, at_width, discover_videos, extract_frames, luma, run_frames
+from tasks.decode import at_width, luma
+from tasks.frames import FramesParams, extract_frames
 from tasks.run.store import RunStore
+from tasks.sources.episodes import discover_videos
 from tests.conftest import ROOT, run_cli
 from tests.footage import ShotSpec, render_episode
+from tests.stages import run_plain
 
 
 def truth_of(video: Path) -> dict:
@@ -137,7 +140,7 @@ def test_repeated_opening_is_dropped_across_episodes(tmp_path):
         shots = [opening, ShotSpec(seed, ("zombie", "male_person"), 2.0), ShotSpec(seed + 50, ("female_person",), 2.0, "pan")]
         render_episode(tmp_path / "in" / f"ep{n}.mp4", shots=shots, seed=11, repeat_shot=None)
     store = RunStore(tmp_path / "runs", "r")
-    run_frames(store, [str(tmp_path / "in")], FramesParams())
+    run_plain(store, "frames", sources=[str(tmp_path / "in")], frames=FramesParams())
     rows = store.read_manifest("frames").to_pylist()
     across = [r for r in rows if r["drop_reason"] == "duplicate_across_run"]
     assert across and all(r["episode"] == "ep2" and r["duplicate_of"].startswith("ep1:") for r in across)
@@ -168,7 +171,7 @@ def bad_inputs(tmp_path, episode) -> Path:
 
 def test_bad_inputs_are_quarantined_and_the_rest_goes_on(tmp_path, bad_inputs):
     store = RunStore(tmp_path / "runs", "bad")
-    result = run_frames(store, [str(bad_inputs)], FramesParams())
+    result = run_plain(store, "frames", sources=[str(bad_inputs)], frames=FramesParams())
     episodes = {r["episode"]: r for r in pq.read_table(store.stage_dir("frames") / "episodes.parquet").to_pylist()}
     assert set(episodes) == {"good", "empty", "truncated", "notavideo", "unreadable", "damaged"}
     assert episodes["good"]["status"] == "ok" and episodes["good"]["kept"] > 0
@@ -194,7 +197,7 @@ def test_an_episode_that_keeps_nothing_does_not_break_the_cross_run_dedupe(tmp_p
     shutil.copy(episode, folder / "b_good.mp4")
     shutil.copy(episode, folder / "c_again.mp4")
     store = RunStore(tmp_path / "runs", "keeps-nothing")
-    run_frames(store, [str(folder)], FramesParams())
+    run_plain(store, "frames", sources=[str(folder)], frames=FramesParams())
     rows = store.read_manifest("frames").to_pylist()
     assert any(r["kept"] for r in rows if r["episode"] == "b_good")
     repeated = [r for r in rows if r["episode"] == "c_again" and r["drop_reason"] == "duplicate_across_run"]
@@ -208,15 +211,15 @@ def test_inputs_that_match_nothing_fail_naming_the_input(tmp_path):
 
 def test_second_run_recomputes_nothing(tmp_path, episode):
     store = RunStore(tmp_path, "again")
-    first = run_frames(store, [str(episode)], FramesParams())
+    first = run_plain(store, "frames", sources=[str(episode)], frames=FramesParams())
     marker = store.stage_dir("frames") / "_DONE.json"
     shard = store.shard_dir("frames", episode.stem) / "_DONE.json"
     stamps = (marker.stat().st_mtime_ns, shard.stat().st_mtime_ns)
-    second = run_frames(store, [str(episode)], FramesParams())
+    second = run_plain(store, "frames", sources=[str(episode)], frames=FramesParams())
     assert first.recomputed and not second.recomputed
     assert second.manifest_digest == first.manifest_digest
     assert (marker.stat().st_mtime_ns, shard.stat().st_mtime_ns) == stamps
-    third = run_frames(store, [str(episode)], FramesParams(max_per_shot=1))  # a parameter change recomputes
+    third = run_plain(store, "frames", sources=[str(episode)], frames=FramesParams(max_per_shot=1))  # a parameter change recomputes
     assert third.recomputed and third.fingerprint != first.fingerprint
 
 

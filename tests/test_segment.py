@@ -17,14 +17,15 @@ from PIL import Image
 
 from models.segmenters import ModelFileMissing, check_model_name, segmenter
 from models.weights import U2NETP_MD5, ensure_u2netp, md5_of
-from tasks.frames import FramesParams, run_frames
-from tasks.segment import (
-    SegmentParams, layer_frame, merge_segment, plan_segment, run_segment, segment_frames, segment_shard,
-)
+from tasks.frames import FramesParams
+from tasks.run.runner import on_disk
+from tasks.run.stage import start_sharded
+from tasks.segment import SEGMENT, SegmentParams, layer_frame, merge_segment, segment_frames, segment_shard
 from tasks.run.store import QUARANTINE, RunStore
 from tests.conftest import ROOT, run_cli
 from tests.footage import default_shots, render_episode, sprite_dir
 from tests.segment_scores import box_iou, score
+from tests.stages import run_params, run_plain
 
 # Floors set from what u2netp (the offline default, a general salient-object model) measures on
 # the generated episode (seed 3, the frames left after breaking three): mean IoU 0.535, recall
@@ -42,7 +43,7 @@ def framed_run(tmp_path_factory, episode) -> Path:
     runs = tmp_path_factory.mktemp("framed")
     store = RunStore(runs, "r")
     with store.lock():
-        run_frames(store, [str(episode)], FramesParams())
+        run_plain(store, "frames", sources=[str(episode)], frames=FramesParams())
     return runs
 
 
@@ -60,7 +61,7 @@ def short_framed_run(tmp_path_factory, short_episode) -> Path:
     runs = tmp_path_factory.mktemp("short-framed")
     store = RunStore(runs, "r")
     with store.lock():
-        run_frames(store, [str(short_episode)], FramesParams())
+        run_plain(store, "frames", sources=[str(short_episode)], frames=FramesParams())
     return runs
 
 
@@ -84,7 +85,7 @@ def segmented(framed_run, tmp_path_factory):
         else:
             path.write_bytes(b"")
     with store.lock():
-        result = run_segment(store, SegmentParams(shard_size=8))
+        result = run_plain(store, "segment", after="frames", segment=SegmentParams(shard_size=8))
     return store, result, broken
 
 
@@ -228,11 +229,12 @@ def test_parts_are_joined_specks_dropped_and_flags_raised(tmp_path):
 def test_killed_run_resumes_and_loses_at_most_one_shard(short_framed_run, tmp_path):
     store = copy_run(short_framed_run, tmp_path)
     script = textwrap.dedent(f"""
-        from tasks.segment import SegmentParams, run_segment
+        from tasks.segment import SegmentParams
         from tasks.run.store import RunStore
+        from tests.stages import run_plain
         store = RunStore({str(tmp_path)!r}, "r")
         with store.lock():
-            run_segment(store, SegmentParams(shard_size=2))
+            run_plain(store, "segment", after="frames", segment=SegmentParams(shard_size=2))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = store.stage_dir("segment") / "shards"
@@ -246,11 +248,12 @@ def test_killed_run_resumes_and_loses_at_most_one_shard(short_framed_run, tmp_pa
     assert done_before and len(in_flight) <= 1
     assert not store.is_done("segment") and store.stage_status("segment")["state"] == "partial"
 
-    params = SegmentParams(shard_size=2)
+    params = run_params(segment=SegmentParams(shard_size=2))
     with store.lock():
-        plan = plan_segment(store, params)
-        redone = [s.key for s in plan.shards if segment_shard(store, s, params).recomputed]
-        result = merge_segment(store, plan)
+        plan = SEGMENT.planned(store, params, {"frames": on_disk(store, "frames")})
+        start_sharded(store, "segment", plan)
+        redone = [s.key for s in plan.shards if segment_shard(store, s, params, plan).recomputed]
+        result = merge_segment(store, plan, params)
     assert len(plan.shards) > len(done_before), "the kill should land before the last shard"
     assert sorted(redone) == sorted(set(s.key for s in plan.shards) - set(done_before))
     for key, stamp in done_before.items():  # finished shards were kept, not redone
