@@ -36,8 +36,11 @@ import numpy as np
 os.environ.setdefault("EPISODE2LORA_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tasks.cluster import ClusterParams, cluster_embeddings, run_cluster  # noqa: E402
-from tasks.embed import EmbedParams, run_embed  # noqa: E402
+from flows.params import RunParams  # noqa: E402
+from tasks.cluster import CLUSTER, ClusterParams, cluster_embeddings  # noqa: E402
+from tasks.pipelines import PIPELINES  # noqa: E402
+from tasks.run.runner import run_steps  # noqa: E402
+from tasks.run.spec import run_stage  # noqa: E402
 from tasks.run.store import RunStore  # noqa: E402
 from tests.truth_layers import commit_in_parts, commit_truth_segment, identities_of_layers, scores  # noqa: E402
 
@@ -102,7 +105,7 @@ def add_episode_timing(sizes: list[int], cast: int = 0, per_episode: int = 1000,
     (around `cast` characters; 0: n/250, so the clusters grow with the run as well)."""
     from tasks.run.store import write_table
 
-    params = ClusterParams(fit_layers=2000)  # the first clustering is not what is measured here
+    params = RunParams(cluster=ClusterParams(fit_layers=2000))  # the first clustering is not what is measured here
     print(f"\nadding one episode ({per_episode} layers) to a clustered run, through the stage (run store, "
           f"manifests on disk in parts; {cast or 'n/250'} characters); load {os.getloadavg()[0]:.1f}")
     print(f"{'layers':>7} {'first (s)':>9} {'+1 ep (s)':>14} {'vs first size':>13} {'parts written':>13} "
@@ -119,7 +122,7 @@ def add_episode_timing(sizes: list[int], cast: int = 0, per_episode: int = 1000,
             (store.root / "layers" / "layer.png").write_bytes(b"")
             episodes = n // per_episode
             start = time.perf_counter()
-            run_cluster(store, params, _commit_inputs(store, episodes, per_episode, centres, range(episodes)))
+            run_stage(CLUSTER, store, params, _commit_inputs(store, episodes, per_episode, centres, range(episodes)))
             first = time.perf_counter() - start
             took, inputs, summary = [], [], {}
             for k in range(1, adds + 1):
@@ -128,7 +131,7 @@ def add_episode_timing(sizes: list[int], cast: int = 0, per_episode: int = 1000,
                 upstream = _commit_inputs(store, episodes + k, per_episode, centres, range(episodes + k - 1, episodes + k))
                 inputs.append(time.perf_counter() - start)
                 start = time.perf_counter()
-                summary = run_cluster(store, params, upstream).summary
+                summary = run_stage(CLUSTER, store, params, upstream).summary
                 took.append(time.perf_counter() - start)
                 written = sum(before.get(key) != e["mtime_ns"] for key, e in store.committed_parts("cluster").items())
             start = time.perf_counter()  # what the stage paid before parts: rewriting its whole manifest as one file
@@ -152,9 +155,9 @@ def quality(episodes: int, real: bool) -> None:
             videos.append(video)
         store = RunStore(tmp / "runs", "truth")
         _, identities = commit_truth_segment(store, videos, stride=2)
-        run_embed(store, EmbedParams())
+        run_steps(store, RunParams(), PIPELINES["episode"], "embed", after="segment")
         start = time.perf_counter()
-        run_cluster(store, ClusterParams())
+        run_steps(store, RunParams(), PIPELINES["episode"], "cluster", after="embed")
         table = store.read_manifest("cluster")
         got = scores([identities[i] for i in table.column("item_id").to_pylist()], table.column("cluster_id").to_pylist())
         print(f"true layers, {episodes} episodes, {table.num_rows} layers: ARI {got['ari']:.3f}, purity "
@@ -162,14 +165,8 @@ def quality(episodes: int, real: bool) -> None:
               f"clustered in {time.perf_counter() - start:.1f} s")
         if not real:
             return
-        from tasks.frames import FramesParams, run_frames
-        from tasks.segment import SegmentParams, run_segment
-
         store = RunStore(tmp / "runs", "real")
-        run_frames(store, [str(v) for v in videos], FramesParams())
-        run_segment(store, SegmentParams())
-        run_embed(store, EmbedParams())
-        run_cluster(store, ClusterParams())
+        run_steps(store, RunParams(), PIPELINES["episode"], "cluster", sources=[str(v) for v in videos])
         matched = identities_of_layers(store.read_manifest("segment"), videos)
         table = store.read_manifest("cluster").to_pylist()
         known = [r for r in table if matched.get(r["item_id"])]

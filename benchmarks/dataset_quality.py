@@ -43,22 +43,14 @@ CLEAN_PRECISION, CLEAN_RECALL = 0.9, 0.8
 
 
 def run_to_select(store, videos: list[Path], params) -> None:
-    """frames -> segment -> embed -> cluster -> tier -> select, as plain calls."""
-    from tasks.cluster import run_cluster
-    from tasks.embed import run_embed
-    from tasks.frames import run_frames
-    from tasks.segment import run_segment
-    from tasks.select import NothingSelected, run_select
-    from tasks.tier import run_tier
+    """frames -> segment -> embed -> cluster -> tier -> select, as plain calls (the cluster report after select)."""
+    from tasks.pipelines import PIPELINES
+    from tasks.run.runner import run_steps
+    from tasks.select import NothingSelected
 
     with store.lock():
-        run_frames(store, [str(v) for v in videos], params.frames)
-        run_segment(store, params.segment)
-        run_embed(store, params.embed)
-        run_cluster(store, params.cluster)
-        run_tier(store, params.tier, params.embed)
         try:
-            run_select(store, params.select)
+            run_steps(store, params, PIPELINES["episode"], "select", sources=[str(v) for v in videos])
         except NothingSelected as exc:
             print(f"   {exc}")
 

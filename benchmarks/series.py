@@ -175,8 +175,10 @@ def growth_point(n: int, root: str) -> dict:
     """Cluster (full + one episode incrementally + full again), tier, select, package at n layers."""
     import numpy as np
 
-    from tasks.cluster import ClusterParams, run_cluster
+    from flows.params import RunParams
+    from tasks.cluster import CLUSTER, ClusterParams
     from tasks.package import PackageParams, package_dataset
+    from tasks.run.spec import run_stage
     from tasks.run.store import RunStore
     from tasks.select import SelectParams, select_characters
     from tasks.tier import TierParams, tier_clusters
@@ -200,16 +202,17 @@ def growth_point(n: int, root: str) -> dict:
     upstream = _commit_episodes(store, {"embed": embeds, "segment": layers})
 
     start = time.perf_counter()
-    summary = run_cluster(store, ClusterParams(), upstream).summary
+    summary = run_stage(CLUSTER, store, RunParams(), upstream).summary
     times["cluster"] = time.perf_counter() - start
     table = store.read_manifest("cluster")
     upstream = _commit_episodes(store, {"embed": extra_embeds, "segment": extra_layers}, keep=True)
     start = time.perf_counter()
-    inc = run_cluster(store, ClusterParams(), upstream).summary
+    inc = run_stage(CLUSTER, store, RunParams(), upstream).summary
     times["add episode"] = time.perf_counter() - start
     inc_table = store.read_manifest("cluster").sort_by("item_id")
     start = time.perf_counter()
-    full = run_cluster(store, ClusterParams(incremental=False), upstream).summary  # ids matched to the last
+    full_params = RunParams(cluster=ClusterParams(incremental=False))
+    full = run_stage(CLUSTER, store, full_params, upstream).summary  # ids matched to the last
     times["re-cluster"] = time.perf_counter() - start
     full_table = store.read_manifest("cluster").sort_by("item_id")
     truth = [int(g) for g in np.concatenate([groups, extra_groups])]  # names sort in this order

@@ -45,8 +45,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.groups import split_two_groups
-from tasks.run.spec import GlobalStage
-from tasks.run.stage import StageResult, finished, run_global_stage
+from tasks.run.spec import GlobalStage, Inputs
+from tasks.run.stage import StageResult
 from tasks.run.store import RunStore, write_table
 
 STAGE = "cluster"
@@ -616,7 +616,7 @@ def cluster_layers(embeds: pa.Table, layers: pa.Table, params: ClusterParams,
     `params.incremental`, the earlier layers keep their clusters and only the layers not in
     `placement` are placed; the whole run is clustered again when the parameters or embedder
     changed, when earlier layers are gone, when too many new layers fit no cluster (drift) or when
-    the run has grown by `refit_growth`. (The stage does the same by manifest parts: `run_cluster`.)
+    the run has grown by `refit_growth`. (The stage does the same by manifest parts: `build_cluster`.)
 
     Args:
         embeds: embed manifest (item_id, source_id, embedder, kept, embedding).
@@ -703,61 +703,59 @@ def _committed_after(centroids: Path, manifest: Path) -> bool:
     return index.is_file() and centroids.is_file() and index.stat().st_mtime_ns >= centroids.stat().st_mtime_ns
 
 
-def run_cluster(store: RunStore, params: ClusterParams, upstream: dict[str, StageResult] | None = None) -> StageResult:
-    """The stage as one plain call: cluster the kept layers (or place a new episode's), match ids, commit.
+def build_cluster(store: RunStore, params: Any, inputs: Inputs, folder: Path
+                  ) -> tuple[dict[str, pa.Table | None], dict, list[str]]:
+    """Cluster the kept layers of the `embed` input (or place a new episode's), match ids; the manifest
+    in parts, one per embed part (episode), layer files from the `segment` input.
 
-    The manifest is stored in parts, one per embed part (episode). When the earlier clustering may
-    take new layers (`_previous_fit`), the embed parts it has not seen are the new layers: only they
-    are read (embeddings, and their layer files from the segment manifest's parts that hold them),
-    placed and written as new parts; the other parts are kept as they are, so adding an episode
-    costs that episode. An embed part that changed or went away means a full clustering.
-    `summary["embeddings_read"]` counts the embeddings decoded.
+    When the earlier clustering may take new layers (`_previous_fit`), the embed parts it has not seen
+    are the new layers: only they are read (embeddings, and their layer files from the segment
+    manifest's parts that hold them), placed and written as new parts; the other parts are kept as
+    they are, so adding an episode costs that episode. An embed part that changed or went away means a
+    full clustering. `summary["embeddings_read"]` counts the embeddings decoded.
     """
     from tasks.embed import read_embeddings
 
-    upstream = upstream or {s: finished(store, s) for s in ("embed", "segment")}
-    embed, segment = upstream["embed"].stage, upstream["segment"].stage
-
-    def build(folder: Path) -> tuple[dict[str, pa.Table | None], dict, list[str]]:
-        previous = read_previous_centroids(folder)  # the last result, read before it is replaced
-        (folder / "placement.parquet").unlink(missing_ok=True)  # cluster VERSION 2 kept this; the manifest holds it now
-        digests = _embed_parts(store, upstream["embed"])
-        fit, why_full = _previous_fit(previous, params)
-        outcome = None
-        if fit is not None:
-            seen = fit.get("parts", {})
-            changed = [k for k, d in seen.items() if digests.get(k) != d]
-            if not set(seen) <= set(store.committed_parts(STAGE)) or not _committed_after(folder / CENTROIDS, store.manifest_path(STAGE)):
-                why_full = "the earlier clustering was not committed"
-            elif changed:
-                why_full = f"{len(changed)} embed part(s) of the earlier clustering changed or are gone ({changed[0]}, ...)"
-            else:
-                new_keys = [k for k in digests if k not in seen]
-                kept, embedder, part_of = _read_kept(store, embed, new_keys)
-                if kept.num_rows and embedder != fit["embedder"]:
-                    why_full = "the embedder changed"
-                else:
-                    outcome, why_full = _place_new(read_embeddings(kept), previous, fit, params)
-        if outcome is not None:
-            layers = store.read_items(segment, kept.column("item_id"), ["path"])
-            parts = {k: None for k in seen} | _split_parts(_layer_rows(kept, outcome.clustering, layers), part_of, new_keys)
-            embedder, why_full = fit["embedder"], None
+    own = params.cluster
+    embed, segment = inputs["embed"].stage, inputs["segment"].stage
+    previous = read_previous_centroids(folder)  # the last result, read before it is replaced
+    (folder / "placement.parquet").unlink(missing_ok=True)  # cluster VERSION 2 kept this; the manifest holds it now
+    digests = _embed_parts(store, inputs["embed"])
+    fit, why_full = _previous_fit(previous, own)
+    outcome = None
+    if fit is not None:
+        seen = fit.get("parts", {})
+        changed = [k for k, d in seen.items() if digests.get(k) != d]
+        if not set(seen) <= set(store.committed_parts(STAGE)) or \
+                not _committed_after(folder / CENTROIDS, store.manifest_path(STAGE)):
+            why_full = "the earlier clustering was not committed"
+        elif changed:
+            why_full = f"{len(changed)} embed part(s) of the earlier clustering changed or are gone ({changed[0]}, ...)"
         else:
-            kept, embedder, part_of = _read_kept(store, embed, list(digests))
-            outcome = _full_fit(read_embeddings(kept), embedder, params, previous)
-            layers = store.read_manifest(segment, columns=["item_id", "path"])
-            parts = _split_parts(_layer_rows(kept, outcome.clustering, layers), part_of, list(digests))
-        dim = kept.schema.field("embedding").type.list_size
-        centroids, summary = _results(outcome, embedder, previous, dim, why_full, {"parts": digests})
-        summary["embeddings_read"] = kept.num_rows
-        write_table(centroids, folder / CENTROIDS)
-        return parts, summary, [f"{STAGE}/{CENTROIDS}"]
-
-    return run_global_stage(store, STAGE, VERSION, params, upstream, build)
+            new_keys = [k for k in digests if k not in seen]
+            kept, embedder, part_of = _read_kept(store, embed, new_keys)
+            if kept.num_rows and embedder != fit["embedder"]:
+                why_full = "the embedder changed"
+            else:
+                outcome, why_full = _place_new(read_embeddings(kept), previous, fit, own)
+    if outcome is not None:
+        layers = store.read_items(segment, kept.column("item_id"), ["path"])
+        parts = {k: None for k in seen} | _split_parts(_layer_rows(kept, outcome.clustering, layers), part_of, new_keys)
+        embedder, why_full = fit["embedder"], None
+    else:
+        kept, embedder, part_of = _read_kept(store, embed, list(digests))
+        outcome = _full_fit(read_embeddings(kept), embedder, own, previous)
+        layers = store.read_manifest(segment, columns=["item_id", "path"])
+        parts = _split_parts(_layer_rows(kept, outcome.clustering, layers), part_of, list(digests))
+    dim = kept.schema.field("embedding").type.list_size
+    centroids, summary = _results(outcome, embedder, previous, dim, why_full, {"parts": digests})
+    summary["embeddings_read"] = kept.num_rows
+    write_table(centroids, folder / CENTROIDS)
+    return parts, summary, [f"{STAGE}/{CENTROIDS}"]
 
 
 CLUSTER = GlobalStage(
     name=STAGE, version=VERSION, params=ClusterParams, inputs=("embed", "segment"), title="clusters",
-    build=lambda store, params, inputs: run_cluster(store, params.cluster, inputs),
+    build=build_cluster,
 )
 """The cluster stage: the run's layers grouped by identity."""

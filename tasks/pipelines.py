@@ -48,7 +48,7 @@ def _dataset(images: str, **optional: str) -> list:
 
 
 PIPELINES: dict[str, list] = {
-    "episode": [step(FRAMES), step(SEGMENT), step(EMBED), step(CLUSTER), step(TIER), step(SELECT), CLUSTER_REPORT,
+    "episode": [step(FRAMES), step(SEGMENT), step(EMBED), step(CLUSTER), step(TIER), step(SELECT, segment="segment"), CLUSTER_REPORT,
                 *_dataset("select", backgrounds="segment"), step(EVALUATE)],
     "renders": [step(INGEST_RENDERS), *_dataset("ingest", given_captions="ingest")],
     "photos": [step(INGEST_PHOTOS), *_dataset("ingest", given_captions="ingest")],

@@ -37,7 +37,7 @@ import hashlib
 import re
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -46,8 +46,7 @@ import yaml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.run.spec import GlobalStage
-from tasks.run.stage import StageResult, finished, run_global_stage, stage_fingerprint
+from tasks.run.spec import GlobalStage, Inputs
 from tasks.run.store import RunStore, safe_name, write_table
 from tasks.tier import KINDS, MEMBERS, Tier
 
@@ -255,6 +254,17 @@ class SelectParams(BaseModel):
             raise ValueError(str(exc)) from None
         return str(path)
 
+    def fingerprint_settings(self) -> dict[str, Any]:
+        """The parameters and the overrides file's content digest (the fingerprint's settings).
+        Raises OverridesError when the file is gone."""
+        digest = ""
+        if self.overrides:
+            try:
+                digest = hashlib.sha256(Path(self.overrides).read_bytes()).hexdigest()
+            except FileNotFoundError:
+                raise OverridesError(f"overrides file not found: {self.overrides} (select.overrides)") from None
+        return {**self.model_dump(mode="json"), "overrides_digest": digest}
+
 
 # ---- selection -----------------------------------------------------------------------------------
 
@@ -273,6 +283,74 @@ def _purity(layers: list[dict], tier_rows: dict[int, dict]) -> float | None:
     estimates = [tier_rows[r["cluster_id"]].get("purity") for r in layers if r["cluster_id"] in tier_rows]
     estimates = [e for e in estimates if e is not None]
     return float(sum(estimates) / len(estimates)) if estimates else None
+
+
+def passes_batch(tier_row: dict, params: SelectParams) -> bool:
+    """Whether one cluster's tier row passes the batch filters: its tier is wanted (default: the tier
+    stage recommends it) and its kind is among `params.kinds` (or unknown)."""
+    by_tier = tier_row["tier"] in params.tiers if params.tiers is not None else bool(tier_row["recommended"])
+    return by_tier and (tier_row.get("kind") or "unknown") in (*params.kinds, "unknown")
+
+
+def would_select(tier_row: dict, entry: ClusterOverride | None, params: SelectParams, usable: int | None = None,
+                 merged: Sequence[dict] = ()) -> bool:
+    """The one rule for whether `select` makes a character of a cluster (the merge root of a character).
+
+    Args:
+        tier_row: the tier stage's row of the cluster (tier, recommended, kind, size, used).
+        entry: the overrides file's entry for it (None: none).
+        params: tiers / min_images / kinds.
+        usable: the layers the character would train on. `select` counts them after the overrides'
+            layer moves and exclusions, without the layers the tier stage did not mark used; the
+            default is the tier stage's count, `tier_row.get("used", tier_row["size"])`.
+        merged: tier rows of the other clusters merged into it (one passing the tier and kind
+            filters is enough).
+    Returns:
+        False when excluded or when it has no usable layer; else True when included, or when it
+        (or a merged cluster) passes the tier and kind filters and has at least `min_images` layers.
+    """
+    entry = entry or ClusterOverride()
+    count = tier_row.get("used", tier_row["size"]) if usable is None else usable
+    if entry.exclude or count <= 0:
+        return False
+    by_tier = any(passes_batch(row, params) for row in (tier_row, *merged))
+    return entry.include or (by_tier and count >= params.min_images)
+
+
+def _effective_layers(clusters: pa.Table, members: pa.Table | None, overrides: Overrides, known: set[int],
+                      warnings: list[str]) -> dict[str, dict]:
+    """Layer id -> its clustered row after the overrides' moves and exclusions; layers the tier stage did
+    not mark used are left out unless an override names them."""
+    layers = {r["item_id"]: r for r in clusters.to_pylist()}
+    if members is not None:
+        unused = {r["item_id"] for r in members.select(["item_id", "used"]).to_pylist() if not r["used"]}
+        layers = {k: v for k, v in layers.items() if k not in unused or k in overrides.layers}
+    for item, entry in sorted(overrides.layers.items()):
+        if item not in layers:
+            warnings.append(f"layer {item} in the overrides does not exist in this run; ignored")
+        elif entry.exclude:
+            layers.pop(item)
+        elif entry.move_to not in known:
+            warnings.append(f"layer {item}: move_to {entry.move_to} is not a cluster of this run; not moved")
+        else:
+            layers[item] = {**layers[item], "cluster_id": entry.move_to}
+    return layers
+
+
+def _character(root: int, cids: list[int], layers: list[dict], tier_rows: dict[int, dict], entry: ClusterOverride,
+               params: SelectParams) -> dict | None:
+    """The character made of the clusters `cids` merged into `root` (CHARACTER_SCHEMA), or None when
+    `would_select` does not take it."""
+    if not would_select(tier_rows[root], entry, params, usable=len(layers),
+                        merged=[tier_rows[c] for c in cids if c != root]):
+        return None
+    name, trigger = default_name(root)
+    if entry.name:
+        name, trigger = safe_name(entry.name), _trigger_from_name(entry.name, root)
+    largest = max(cids, key=lambda c: (tier_rows[c]["size"], -c))
+    return {"character": name, "trigger": entry.trigger or trigger,
+            "kind": entry.kind or tier_rows[largest].get("sub_kind") or tier_rows[largest]["kind"],
+            "cluster_ids": sorted(cids), "n_images": len(layers), "purity": _purity(layers, tier_rows)}
 
 
 def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
@@ -300,23 +378,7 @@ def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
             warnings.append(f"cluster {cid} in the overrides does not exist in this run; ignored")
         elif entry.merge_into is not None and entry.merge_into not in known:
             warnings.append(f"cluster {cid}: merge_into {entry.merge_into} does not exist in this run; not merged")
-
-    # layers -> effective cluster (moves, exclusions); trimmed and scenery layers left out
-    layers = {r["item_id"]: r for r in clusters.to_pylist()}
-    if members is not None:
-        unused = {r["item_id"] for r in members.select(["item_id", "used"]).to_pylist() if not r["used"]}
-        layers = {k: v for k, v in layers.items() if k not in unused or k in overrides.layers}
-    for item, entry in sorted(overrides.layers.items()):
-        if item not in layers:
-            warnings.append(f"layer {item} in the overrides does not exist in this run; ignored")
-        elif entry.exclude:
-            layers.pop(item)
-        elif entry.move_to not in known:
-            warnings.append(f"layer {item}: move_to {entry.move_to} is not a cluster of this run; not moved")
-        else:
-            layers[item] = {**layers[item], "cluster_id": entry.move_to}
-
-    # clusters -> characters (merge roots)
+    layers = _effective_layers(clusters, members, overrides, known, warnings)
     groups: dict[int, list[int]] = {}
     for cid in sorted(known):
         groups.setdefault(overrides.root_of(cid, known), []).append(cid)
@@ -326,44 +388,31 @@ def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
         if row["cluster_id"] in root_of:
             members_of[root_of[row["cluster_id"]]].append(row)
 
-    wanted = set(params.tiers) if params.tiers is not None else None
     characters, rows, names = [], [], {}
-    excluded = 0
     for root, cids in sorted(groups.items()):
-        entry = overrides.clusters.get(root, ClusterOverride())
         layers_c = sorted(members_of[root], key=lambda r: r["item_id"])
-        by_tier = any(((tier_rows[c]["tier"] in wanted) if wanted is not None else tier_rows[c]["recommended"])
-                      and tier_rows[c]["kind"] in (*params.kinds, "unknown") for c in cids)
-        if entry.exclude:
-            excluded += 1
+        character = _character(root, cids, layers_c, tier_rows, overrides.clusters.get(root, ClusterOverride()), params)
+        if character is None:
             continue
-        if not (entry.include or (by_tier and len(layers_c) >= params.min_images)) or not layers_c:
-            continue
-        name, trigger = default_name(root)
-        if entry.name:
-            name, trigger = safe_name(entry.name), _trigger_from_name(entry.name, root)
-        trigger = entry.trigger or trigger
+        name = character["character"]
         if name in names:
             raise OverridesError(f"clusters {names[name]} and {root} would both be the character folder {name!r}; "
                                  f"give them different names, or merge them with merge_into")
         names[name] = root
-        largest = max(cids, key=lambda c: (tier_rows[c]["size"], -c))
-        kind = entry.kind or tier_rows[largest].get("sub_kind") or tier_rows[largest]["kind"]
-        characters.append({"character": name, "trigger": trigger, "kind": kind, "cluster_ids": sorted(cids),
-                           "n_images": len(layers_c), "purity": _purity(layers_c, tier_rows)})
-        rows += [{"item_id": r["item_id"], "source_id": r["item_id"], "character": name, "trigger": trigger,
-                  "cluster_id": r["cluster_id"], "kind": kind, "path": r["path"], "crop": "full"} for r in layers_c]
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    table_c = pa.Table.from_pylist(characters, schema=CHARACTER_SCHEMA)
+        characters.append(character)
+        rows += [{"item_id": r["item_id"], "source_id": r["item_id"], "character": name,
+                  "trigger": character["trigger"], "cluster_id": r["cluster_id"], "kind": character["kind"],
+                  "path": r["path"], "crop": "full"} for r in layers_c]
     summary = {
         "characters": len(characters), "kept": len(rows), "images": len(rows),
-        "clusters_considered": len(known), "excluded_clusters": excluded,
+        "clusters_considered": len(known),
+        "excluded_clusters": sum(overrides.clusters.get(root, ClusterOverride()).exclude for root in groups),
         "tiers": list(params.tiers) if params.tiers is not None else "recommended",
         "min_images": params.min_images, "kinds": list(params.kinds), "warnings": warnings,
         "names": {c["character"]: c["trigger"] for c in characters},
         "purity": {c["character"]: None if c["purity"] is None else round(c["purity"], 3) for c in characters},
     }
-    return table, table_c, summary
+    return pa.Table.from_pylist(rows, schema=SCHEMA), pa.Table.from_pylist(characters, schema=CHARACTER_SCHEMA), summary
 
 
 # ---- head and upper-body crops -------------------------------------------------------------------
@@ -473,63 +522,35 @@ def nothing_selected_message(tiers: pa.Table, params: SelectParams, shown: int =
     return "\n".join(lines)
 
 
-# ---- run-store wiring ---------------------------------------------------------------------------
+# ---- the stage -----------------------------------------------------------------------------------
 
-class _SelectSettings(SelectParams):
-    """SelectParams plus the overrides file's content digest (part of the fingerprint)."""
-
-    overrides_digest: str = ""
-    layer_margin: int = LAYER_MARGIN
-
-
-def _margin(params: object) -> int:
-    """The segment stage's margin of the run's parameters (where layers sit in their frames)."""
-    return getattr(getattr(params, "segment", None), "margin", LAYER_MARGIN)
-
-
-def _settings(params: SelectParams, margin: int = LAYER_MARGIN) -> _SelectSettings:
-    digest = ""
-    if params.overrides:
-        try:
-            digest = hashlib.sha256(Path(params.overrides).read_bytes()).hexdigest()
-        except FileNotFoundError:
-            raise OverridesError(f"overrides file not found: {params.overrides} (select.overrides)") from None
-    return _SelectSettings(**params.model_dump(), overrides_digest=digest, layer_margin=margin)
-
-
-def run_select(store: RunStore, params: SelectParams, upstream: dict[str, StageResult] | None = None,
-               margin: int = LAYER_MARGIN) -> StageResult:
-    """The stage as one plain call: read cluster and tier manifests, select, cut the crops of the layers
-    the segment manifest says hold a face (`margin`: the segment stage's), commit."""
-    upstream = upstream or {s: finished(store, s) for s in ("cluster", "tier", "segment")
-                            if s != "segment" or store.is_done(s)}
-
-    def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
-        clusters, tiers = (store.read_manifest(upstream[role].stage) for role in ("cluster", "tier"))
-        members_path = store.stage_dir(upstream["tier"].stage) / MEMBERS
-        members = pq.read_table(members_path) if members_path.is_file() else None
-        table, characters, summary = select_characters(clusters, tiers, params, load_overrides(params.overrides), members)
-        if not characters.num_rows:
-            raise NothingSelected(nothing_selected_message(tiers, params))
-        write_table(characters, folder / CHARACTERS)
-        shutil.rmtree(folder / CROPS, ignore_errors=True)  # crops of an earlier selection go
-        faces = _faces(store.read_manifest(upstream["segment"].stage)) if "segment" in upstream else {}
-        layers = table.to_pylist()
-        crops, counts = cut_crops(store.root, layers, faces, params, folder / CROPS, f"{STAGE}/{CROPS}", margin)
-        crops_of: dict[str, list[dict]] = {}
-        for crop in crops:
-            crops_of.setdefault(crop["source_id"], []).append(crop)
-        rows = [row for layer in layers for row in ([layer] if "full" in params.crops else []) + crops_of.get(layer["item_id"], [])]
-        summary.update(images=len(rows), layers_with_face=sum(r["item_id"] in faces for r in layers), crops=counts)
-        return pa.Table.from_pylist(rows, schema=SCHEMA), summary, [f"{STAGE}/{CHARACTERS}"]
-
-    return run_global_stage(store, STAGE, VERSION, _settings(params, margin), upstream, build)
+def build_select(store: RunStore, params: Any, inputs: Inputs, folder: Path) -> tuple[pa.Table, dict, list[str]]:
+    """Read the cluster and tier manifests, select, and cut the crops of the layers the `segment` input
+    (when handed) says hold a face, where the segment stage's `margin` put them in their frames."""
+    own = params.select
+    clusters, tiers = (store.read_manifest(inputs[role].stage) for role in ("cluster", "tier"))
+    members_path = store.stage_dir(inputs["tier"].stage) / MEMBERS
+    members = pq.read_table(members_path) if members_path.is_file() else None
+    table, characters, summary = select_characters(clusters, tiers, own, load_overrides(own.overrides), members)
+    if not characters.num_rows:
+        raise NothingSelected(nothing_selected_message(tiers, own))
+    write_table(characters, folder / CHARACTERS)
+    shutil.rmtree(folder / CROPS, ignore_errors=True)  # crops of an earlier selection go
+    faces = _faces(store.read_manifest(inputs["segment"].stage)) if "segment" in inputs else {}
+    layers = table.to_pylist()
+    crops, counts = cut_crops(store.root, layers, faces, own, folder / CROPS, f"{STAGE}/{CROPS}", params.segment.margin)
+    crops_of: dict[str, list[dict]] = {}
+    for crop in crops:
+        crops_of.setdefault(crop["source_id"], []).append(crop)
+    rows = [row for layer in layers
+            for row in ([layer] if "full" in own.crops else []) + crops_of.get(layer["item_id"], [])]
+    summary.update(images=len(rows), layers_with_face=sum(r["item_id"] in faces for r in layers), crops=counts)
+    return pa.Table.from_pylist(rows, schema=SCHEMA), summary, [f"{STAGE}/{CHARACTERS}"]
 
 
 SELECT = GlobalStage(
-    name=STAGE, version=VERSION, params=SelectParams, inputs=("cluster", "tier", "segment"), title="selected characters",
-    build=lambda store, params, inputs: run_select(store, params.select, inputs, _margin(params)),
-    probe=lambda params, inputs: stage_fingerprint(STAGE, VERSION, _settings(params.select, _margin(params)), inputs),
+    name=STAGE, version=VERSION, params=SelectParams, inputs=("cluster", "tier"), optional=("segment",),
+    reads=(STAGE, "segment.margin"), title="selected characters", build=build_select,
     rows=lambda store, result: pq.read_table(store.stage_dir(STAGE) / CHARACTERS).to_pylist(),
 )
 """The select stage: the characters to train, with their names and triggers."""

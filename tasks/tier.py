@@ -33,8 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.embed import EmbedParams, read_embeddings
 from tasks.groups import medoid, second_group
-from tasks.run.spec import GlobalStage
-from tasks.run.stage import StageResult, finished, run_global_stage
+from tasks.run.spec import GlobalStage, Inputs
 from tasks.run.store import RunStore, write_table
 
 STAGE = "tier"
@@ -47,6 +46,8 @@ UNKNOWN = "unknown"
 CLUSTERS = "clusters.parquet"
 MEMBERS = "members.parquet"
 KINDS: tuple[str, ...] = ("character", "scenery", "mixed")
+EMBED_OPTIONS: tuple[str, ...] = ("device", "batch_size", "input_size", "mean", "std", "background")
+"""The embed parameters the text embedder is loaded with (`EmbedParams.options`): what tier reads of them."""
 
 SCHEMA = pa.schema([
     ("cluster_id", pa.int32()),
@@ -240,6 +241,79 @@ def cluster_kind(character_scores: list[float], params: TierParams, cues: list[b
 
 # ---- the stage ------------------------------------------------------------------------------------
 
+class _Evidence:
+    """What the tier stage reads per layer: embeddings (by item id), sharpness, hashes, segment rows."""
+
+    def __init__(self, embeds: pa.Table, layers: pa.Table) -> None:
+        rows = embeds.filter(pc.equal(embeds.column("kept"), True))
+        self.index = {item: i for i, item in enumerate(rows.column("item_id").to_pylist())}
+        self.vectors = read_embeddings(rows)
+        self.sharpness = rows.column("sharpness").to_pylist()
+        self.phash = rows.column("phash").to_pylist()
+        fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score", "split_from", "motion",
+                              "faces", "cut_edges", "kept_share") if f in layers.column_names]
+        self.segment = {r["item_id"]: r for r in layers.select(fields).to_pylist()}
+
+    def seg(self, item_id: str, field: str, default: Any = None) -> Any:
+        """A layer's segment value (default when the layer or the column is missing)."""
+        return self.segment.get(item_id, {}).get(field, default)
+
+
+def _outliers(x: np.ndarray, scores: list[float], cut: np.ndarray, params: TierParams) -> tuple[np.ndarray, ...]:
+    """(distance to the medoid, robust z, outlier flag) per member: stricter for cut layers, looser for
+    moving ones, and the group away from the medoid when the members form two."""
+    dist, z, outlier = typicality(x, params.outlier_mads)
+    moving = ~cut & (np.array(scores) >= params.moving_score)
+    outlier &= ~moving | (z > params.moving_outlier_mads)
+    outlier |= cut & (z > params.cut_outlier_mads)
+    outlier |= second_group(x, params.min_group, params.split_silhouette)
+    return dist, z, outlier
+
+
+def tier_cluster(cid: int, rows_c: list[dict], ev: _Evidence, params: TierParams
+                 ) -> tuple[dict, list[dict], np.ndarray]:
+    """One cluster's tier row (SCHEMA, `sub_kind` unknown), its members' verdicts (MEMBER_SCHEMA) and its
+    unit centroid. `rows_c`: its cluster manifest rows in item_id order."""
+    items = [r["item_id"] for r in rows_c]
+    idx = [ev.index[item] for item in items]
+    x = ev.vectors[idx]
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    centroid = x.mean(0)
+    stats = {
+        "mean_sharpness": float(np.mean([ev.sharpness[i] or 0.0 for i in idx])),
+        "mean_alpha_coverage": float(np.mean([ev.seg(item, "alpha_coverage") or 0.0 for item in items])),
+        "duplicate_ratio": duplicate_ratio([ev.phash[i] for i in idx if ev.phash[i]], params.duplicate_distance),
+        "mean_layer_area": float(np.mean([ev.seg(item, "area_frac") or 0.0 for item in items])),
+    }
+    scores = [1.0 if s is None else float(s) for s in (ev.seg(item, "character_score") for item in items)]
+    cut = np.array([ev.seg(item, "split_from") is not None for item in items])
+    dist, z, outlier = _outliers(x, scores, cut, params)
+    faces = [bool(ev.seg(item, "faces")) for item in items]
+    cues = [ev.seg(item, "motion", 0.0) is not None or f  # unscored layers: no cue needed
+            or ev.seg(item, "character_score") is None for item, f in zip(items, faces)]
+    kind = cluster_kind([s for s, o in zip(scores, outlier) if not o], params,
+                        [c for c, o in zip(cues, outlier) if not o], [f for f, o in zip(faces, outlier) if not o])
+    used = [not o and s >= params.min_character_score and kind != "scenery" for s, o in zip(scores, outlier)]
+    verdicts = [{"item_id": r["item_id"], "cluster_id": cid, "distance": float(d), "typicality": float(t),
+                 "character_score": s, "outlier": bool(o), "used": bool(u), "path": r["path"]}
+                for r, d, t, s, o, u in zip(rows_c, dist, z, scores, outlier, used)]
+    taken = [s for s, u in zip(scores, used) if u]
+    atypical = [rows_c[i] for i in sorted((i for i, u in enumerate(used) if u), key=lambda i: -z[i])][:params.samples]
+    best = sorted(rows_c, key=lambda r: (-(r["probability"] or 0.0), r["item_id"]))
+    picks = [best[round(j)] for j in np.linspace(0, len(best) - 1, min(params.samples, len(best)))]
+    tier = assign_tier(len(taken), stats, params)
+    row = {"cluster_id": cid, "size": len(rows_c), **stats, "tier": tier, "kind": kind, "sub_kind": UNKNOWN,
+           "purity": float(np.mean(taken)) if taken else 0.0, "used": len(taken),
+           "trimmed": int(outlier.sum()), "faces": int(sum(faces)),
+           "cut_by_frame": sum(bool(ev.seg(item, "cut_edges")) for item in items),
+           "glue_trimmed": sum((ev.seg(item, "kept_share") or 1.0) < 1.0 for item in items),
+           "moving": sum((ev.seg(item, "motion") or 0.0) >= MOVING for item in items),
+           "recommended": tier in params.recommended_tiers and kind == "character",
+           "sample_paths": [r["path"] for r in picks],
+           "atypical_ids": [r["item_id"] for r in atypical], "atypical_paths": [r["path"] for r in atypical]}
+    return row, verdicts, centroid / max(float(np.linalg.norm(centroid)), 1e-12)
+
+
 def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params: TierParams,
                   text_embedder: Any = None) -> tuple[pa.Table, dict, pa.Table]:
     """One row per cluster (noise excluded) with size, quality, tier, kind, purity, recommendation.
@@ -254,71 +328,19 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
     Returns:
         (table with SCHEMA sorted by cluster_id, summary, per-layer verdicts with MEMBER_SCHEMA).
     """
-    members = clusters.filter(pc.not_equal(clusters.column("cluster_id"), -1)).to_pylist()
-    emb_rows = embeds.filter(pc.equal(embeds.column("kept"), True))
-    emb_index = {item: i for i, item in enumerate(emb_rows.column("item_id").to_pylist())}
-    vectors = read_embeddings(emb_rows)
-    sharp = emb_rows.column("sharpness").to_pylist()
-    phash = emb_rows.column("phash").to_pylist()
-    fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score", "split_from", "motion", "faces",
-                          "cut_edges", "kept_share")
-              if f in layers.column_names]
-    seg = {r["item_id"]: r for r in layers.select(fields).to_pylist()}
+    ev = _Evidence(embeds, layers)
     by_cluster: dict[int, list[dict]] = {}
-    for row in members:
+    for row in clusters.filter(pc.not_equal(clusters.column("cluster_id"), -1)).to_pylist():
         by_cluster.setdefault(row["cluster_id"], []).append(row)
-    ids = sorted(by_cluster)
-    centroids = []
-    rows, verdicts = [], []
-    for cid in ids:
-        rows_c = sorted(by_cluster[cid], key=lambda r: r["item_id"])
-        idx = [emb_index[r["item_id"]] for r in rows_c]
-        x = vectors[idx]
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        centroid = x.mean(0)
-        centroids.append(centroid / max(float(np.linalg.norm(centroid)), 1e-12))
-        stats = {
-            "mean_sharpness": float(np.mean([sharp[i] or 0.0 for i in idx])),
-            "mean_alpha_coverage": float(np.mean([seg.get(r["item_id"], {}).get("alpha_coverage") or 0.0 for r in rows_c])),
-            "duplicate_ratio": duplicate_ratio([phash[i] for i in idx if phash[i]], params.duplicate_distance),
-            "mean_layer_area": float(np.mean([seg.get(r["item_id"], {}).get("area_frac") or 0.0 for r in rows_c])),
-        }
-        scores = [seg.get(r["item_id"], {}).get("character_score") for r in rows_c]
-        scores = [1.0 if s is None else float(s) for s in scores]
-        cut = np.array([seg.get(r["item_id"], {}).get("split_from") is not None for r in rows_c])
-        dist, z, outlier = typicality(x, params.outlier_mads)
-        moving = ~cut & (np.array(scores) >= params.moving_score)
-        outlier &= ~moving | (z > params.moving_outlier_mads)
-        outlier |= cut & (z > params.cut_outlier_mads)
-        outlier |= second_group(x, params.min_group, params.split_silhouette)
-        faces = [bool(seg.get(r["item_id"], {}).get("faces")) for r in rows_c]
-        cues = [seg.get(r["item_id"], {}).get("motion", 0.0) is not None or f  # unscored layers: no cue needed
-                or seg.get(r["item_id"], {}).get("character_score") is None for r, f in zip(rows_c, faces)]
-        kind = cluster_kind([s for s, o in zip(scores, outlier) if not o], params,
-                            [c for c, o in zip(cues, outlier) if not o], [f for f, o in zip(faces, outlier) if not o])
-        used = [not o and s >= params.min_character_score and kind != "scenery" for s, o in zip(scores, outlier)]
-        for r, d, t, s, o, u in zip(rows_c, dist, z, scores, outlier, used):
-            verdicts.append({"item_id": r["item_id"], "cluster_id": cid, "distance": float(d), "typicality": float(t),
-                             "character_score": s, "outlier": bool(o), "used": bool(u), "path": r["path"]})
-        taken = [s for s, u in zip(scores, used) if u]
-        atypical = [rows_c[i] for i in sorted((i for i, u in enumerate(used) if u), key=lambda i: -z[i])][:params.samples]
-        best = sorted(rows_c, key=lambda r: (-(r["probability"] or 0.0), r["item_id"]))
-        picks = [best[round(j)] for j in np.linspace(0, len(best) - 1, min(params.samples, len(best)))]
-        tier = assign_tier(len(taken), stats, params)
-        rows.append({"cluster_id": cid, "size": len(rows_c), **stats, "tier": tier, "kind": kind, "sub_kind": UNKNOWN,
-                     "purity": float(np.mean(taken)) if taken else 0.0, "used": len(taken),
-                     "trimmed": int(outlier.sum()), "faces": int(sum(faces)),
-                     "cut_by_frame": sum(bool(seg.get(r["item_id"], {}).get("cut_edges")) for r in rows_c),
-                     "glue_trimmed": sum((seg.get(r["item_id"], {}).get("kept_share") or 1.0) < 1.0 for r in rows_c),
-                     "moving": sum((seg.get(r["item_id"], {}).get("motion") or 0.0) >= MOVING
-                                   for r in rows_c),
-                     "recommended": tier in params.recommended_tiers and kind == "character",
-                     "sample_paths": [r["path"] for r in picks],
-                     "atypical_ids": [r["item_id"] for r in atypical], "atypical_paths": [r["path"] for r in atypical]})
+    rows, verdicts, centroids = [], [], []
+    for cid in sorted(by_cluster):
+        row, mine, centroid = tier_cluster(cid, sorted(by_cluster[cid], key=lambda r: r["item_id"]), ev, params)
+        rows.append(row)
+        verdicts += mine
+        centroids.append(centroid)
     sub_kinds = classify_kinds(np.stack(centroids) if centroids else np.zeros((0, 1)), text_embedder, params)
     for row, sub_kind in zip(rows, sub_kinds):
         row["sub_kind"] = sub_kind
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
     summary = {
         "clusters": len(rows),
         "kept": int(sum(r["size"] for r in rows)),
@@ -331,7 +353,7 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
         "demoted": sum(r["tier"] != size_tier(r["used"], params) for r in rows),
         "kind_from": getattr(text_embedder, "name", None) or "none (no text tower: unknown)",
     }
-    return table, summary, pa.Table.from_pylist(verdicts, schema=MEMBER_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=SCHEMA), summary, pa.Table.from_pylist(verdicts, schema=MEMBER_SCHEMA)
 
 
 def text_embedder_for(embeds: pa.Table, embed_params: EmbedParams | None) -> Any:
@@ -351,26 +373,21 @@ def text_embedder_for(embeds: pa.Table, embed_params: EmbedParams | None) -> Any
     return load_embedder(spec, **(embed_params.options() if embed_params else {}))
 
 
-def run_tier(store: RunStore, params: TierParams, embed_params: EmbedParams | None = None,
-             upstream: dict[str, StageResult] | None = None) -> StageResult:
-    """The stage as one plain call: read cluster, embed and segment manifests, tier, commit."""
-    upstream = upstream or {s: finished(store, s) for s in ("cluster", "embed", "segment")}
-
-    def build(folder: Path) -> tuple[pa.Table, dict, list[str]]:
-        embeds = store.read_manifest(upstream["embed"].stage)
-        table, summary, verdicts = tier_clusters(store.read_manifest(upstream["cluster"].stage), embeds,
-                                                 store.read_manifest(upstream["segment"].stage),
-                                                 params, text_embedder_for(embeds, embed_params))
-        write_table(table, folder / CLUSTERS)
-        write_table(verdicts, folder / MEMBERS)
-        return table, summary, [f"{STAGE}/{CLUSTERS}", f"{STAGE}/{MEMBERS}"]
-
-    return run_global_stage(store, STAGE, VERSION, params, upstream, build)
+def build_tier(store: RunStore, params: Any, inputs: Inputs, folder: Path) -> tuple[pa.Table, dict, list[str]]:
+    """Read the cluster, embed and segment manifests, tier the clusters (`sub_kind` with the embedder of the
+    embed manifest, loaded with the embed stage's options), write `clusters.parquet` and `members.parquet`."""
+    embeds = store.read_manifest(inputs["embed"].stage)
+    table, summary, verdicts = tier_clusters(store.read_manifest(inputs["cluster"].stage), embeds,
+                                             store.read_manifest(inputs["segment"].stage),
+                                             params.tier, text_embedder_for(embeds, params.embed))
+    write_table(table, folder / CLUSTERS)
+    write_table(verdicts, folder / MEMBERS)
+    return table, summary, [f"{STAGE}/{CLUSTERS}", f"{STAGE}/{MEMBERS}"]
 
 
 TIER = GlobalStage(
     name=STAGE, version=VERSION, params=TierParams, inputs=("cluster", "embed", "segment"), title="tiers",
-    build=lambda store, params, inputs: run_tier(store, params.tier, params.embed, inputs),
+    reads=(STAGE, *(f"embed.{option}" for option in EMBED_OPTIONS)), build=build_tier,
     rows=lambda store, result: store.read_manifest(STAGE).drop_columns(["sample_paths", "atypical_ids", "atypical_paths"]).to_pylist(),
 )
 """The tier stage: every cluster graded S..D (and by kind)."""

@@ -209,7 +209,7 @@ def test_a_missing_detector_file_is_named(tmp_path):
 
 
 def test_a_folder_of_images_is_pointed_to_renders_or_photos(tmp_path):
-    from tasks.frames import discover_videos
+    from tasks.sources.episodes import discover_videos
 
     (tmp_path / "shots").mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "shots" / "a.png")
@@ -227,22 +227,18 @@ def test_a_folder_of_images_is_pointed_to_renders_or_photos(tmp_path):
 def tiered(tmp_path_factory, two_episodes):
     """Two generated episodes through frames -> segment (u2netp) -> embed -> cluster -> tier."""
     from models.weights import ensure_u2netp
-    from tasks.cluster import ClusterParams, run_cluster
-    from tasks.embed import EmbedParams, run_embed
-    from tasks.frames import FramesParams, run_frames
-    from tasks.segment import run_segment
+    from tasks.cluster import ClusterParams
     from tasks.run.store import RunStore
-    from tasks.tier import TierParams, run_tier
+    from tasks.tier import TierParams
+    from tests.stages import run_plain
 
     ensure_u2netp()
     videos = list(two_episodes)
     store = RunStore(tmp_path_factory.mktemp("tiered"), "t")
     with store.lock():
-        run_frames(store, [str(v) for v in videos], FramesParams())
-        run_segment(store, SegmentParams())
-        run_embed(store, EmbedParams())
-        run_cluster(store, ClusterParams(n_neighbors=5, min_cluster_size=3, min_samples=2))
-        run_tier(store, TierParams(recommended_tiers=["S", "A", "B", "C", "D"]))  # only kind decides
+        run_plain(store, "tier", sources=[str(v) for v in videos],
+                  cluster=ClusterParams(n_neighbors=5, min_cluster_size=3, min_samples=2),
+                  tier=TierParams(recommended_tiers=["S", "A", "B", "C", "D"]))  # only kind decides
     return store, videos
 
 

@@ -9,10 +9,11 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from tasks.cluster import (CENTROIDS, ClusterParams, centroid_table, cluster_embeddings, cluster_layers,
-                           match_ids, merge_close_clusters, read_previous_centroids, run_cluster)
-from tasks.embed import EmbedParams, run_embed
+from tasks.cluster import (CENTROIDS, CLUSTER, ClusterParams, centroid_table, cluster_embeddings, cluster_layers,
+                           match_ids, merge_close_clusters, read_previous_centroids)
+from tasks.run.spec import run_stage
 from tasks.run.store import RunStore
+from tests.stages import run_params, run_plain
 from tests.truth_layers import commit_in_parts, commit_truth_segment, scores
 
 # Floors set from what the colour-shape embedder achieves on the generated footage (true
@@ -106,13 +107,13 @@ def incremental_run(tmp_path_factory, episode, two_episodes):
     """One run clustered twice: first with one episode, then with two more (ids must persist)."""
     store = RunStore(tmp_path_factory.mktemp("runs"), "grow")
     _, first_ids = commit_truth_segment(store, [episode, two_episodes[0]], stride=2)
-    run_embed(store, EmbedParams())
-    first = run_cluster(store, ClusterParams())
+    run_plain(store, "embed", after="segment")
+    first = run_plain(store, "cluster", after="embed")
     before = _majority_ids(store, first_ids)
     centroids_before = read_previous_centroids(store.stage_dir("cluster"))
     table, identities = commit_truth_segment(store, [episode, *two_episodes], stride=2)
-    run_embed(store, EmbedParams())
-    second = run_cluster(store, ClusterParams())
+    run_plain(store, "embed", after="segment")
+    second = run_plain(store, "cluster", after="embed")
     return store, identities, before, centroids_before, first, second
 
 
@@ -200,16 +201,16 @@ def test_incremental_placement_on_generated_footage(tmp_path, episode, two_episo
     only the new episode's embeddings are decoded and only its manifest parts written."""
     store = RunStore(tmp_path / "runs", "series")
     _, first_ids = commit_truth_segment(store, [episode, two_episodes[0]], stride=2)
-    run_embed(store, EmbedParams())
-    full = run_cluster(store, ClusterParams()).summary
+    run_plain(store, "embed", after="segment")
+    full = run_plain(store, "cluster", after="embed").summary
     assert full["mode"] == "full" and full["embeddings_read"] == full["layers"]
     first = store.read_manifest("cluster")
     first_parts = store.manifest_parts("cluster")
     before = dict(zip(first.column("item_id").to_pylist(), first.column("cluster_id").to_pylist()))
     character_ids = _majority_ids(store, first_ids)
     _, identities = commit_truth_segment(store, [episode, *two_episodes], stride=2)
-    run_embed(store, EmbedParams())
-    second = run_cluster(store, ClusterParams())
+    run_plain(store, "embed", after="segment")
+    second = run_plain(store, "cluster", after="embed")
     print(second.summary)
     assert second.summary["mode"] == "incremental" and second.summary["placed"] > 0
     assert second.summary["embeddings_read"] == second.summary["placed"] < second.summary["layers"]
@@ -242,12 +243,12 @@ def test_centroids_left_by_a_killed_attempt_are_not_placed_into(tmp_path):
     x = x[np.random.default_rng(0).permutation(len(x))]
     store = RunStore(tmp_path, "r")
     store.root.mkdir(parents=True)
-    assert run_cluster(store, ClusterParams(), _commit_episodes(store, x[:80], 40)).summary["mode"] == "full"
-    placed = run_cluster(store, ClusterParams(), _commit_episodes(store, x[:120], 40)).summary
+    assert run_stage(CLUSTER, store, run_params(), _commit_episodes(store, x[:80], 40)).summary["mode"] == "full"
+    placed = run_stage(CLUSTER, store, run_params(), _commit_episodes(store, x[:120], 40)).summary
     assert placed["mode"] == "incremental" and placed["embeddings_read"] == 40
     centroids = store.stage_dir("cluster") / CENTROIDS
     later = os.stat(centroids).st_mtime_ns + 10**9
     os.utime(centroids, ns=(later, later))  # an attempt rewrote them and was killed before its commit
-    again = run_cluster(store, ClusterParams(), _commit_episodes(store, x, 40)).summary
+    again = run_stage(CLUSTER, store, run_params(), _commit_episodes(store, x, 40)).summary
     assert again["mode"] == "full" and again["full_because"] == "the earlier clustering was not committed"
     assert store.read_manifest("cluster").num_rows == len(x)

@@ -11,11 +11,15 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from tasks.augment import AugmentParams, run_augment
-from tasks.caption import CaptionParams, frame_caption, run_caption
-from tasks.package import PackageParams, run_package
+from tasks.augment import AugmentParams
+from tasks.caption import frame_caption
+from tasks.package import PackageParams
 from tasks.run.store import RunStore, fingerprint
-from tasks.select import HEAD_SCALE, SelectParams, crop_boxes, run_select
+from tasks.run.runner import on_disk
+from tasks.run.spec import run_stage
+from tasks.run.stage import StageResult
+from tasks.select import HEAD_SCALE, SELECT, SelectParams, crop_boxes
+from tests.stages import run_params, run_plain
 
 MARGIN = 8  # the segment stage's default
 FACE = (255, 0, 0)
@@ -71,6 +75,13 @@ def run(tmp_path) -> RunStore:
         for item, (size, (ox, oy), face) in LAYERS.items()})
 
 
+def _select(store: RunStore, params: SelectParams) -> StageResult:
+    """The select stage alone, on the committed segment, cluster and tier stages (no cluster report:
+    the tier rows here are only what select reads)."""
+    inputs = {stage: on_disk(store, stage) for stage in ("segment", "cluster", "tier")}
+    return run_stage(SELECT, store, run_params(select=params), inputs)
+
+
 def _selected(store: RunStore) -> dict[str, dict]:
     return {r["item_id"]: r for r in store.read_manifest("select").to_pylist()}
 
@@ -86,7 +97,7 @@ def test_crop_boxes_are_centred_on_the_face_and_clipped_to_the_layer():
 
 
 def test_select_adds_head_and_upper_body_crops_of_layers_with_a_face(run):
-    result = run_select(run, SelectParams(min_images=1))
+    result = _select(run, SelectParams(min_images=1))
     rows = _selected(run)
     layer = "ep01:0000010:01"
     assert sorted(rows) == sorted([*LAYERS, f"{layer}#head", f"{layer}#upper_body"])
@@ -107,14 +118,23 @@ def test_select_adds_head_and_upper_body_crops_of_layers_with_a_face(run):
     assert crops["head"] == crops["upper_body"] == 1 and crops["too_small"] == 2  # the small figure's two
 
 
+def test_the_episode_pipeline_hands_select_the_segment_layers():
+    """Crops need the segment rows (face boxes): the pipeline binds select's optional `segment` role."""
+    from tasks.pipelines import PIPELINES
+
+    select = next(row for row in PIPELINES["episode"] if getattr(row, "name", "") == "select")
+    results = {name: StageResult(stage=name, fingerprint=name) for name in ("segment", "cluster", "tier")}
+    assert set(select.inputs(results)) == {"segment", "cluster", "tier"}
+
+
 def test_the_resolution_floor_and_the_crops_parameter(run):
-    run_select(run, SelectParams(min_images=1, crop_min_side=16))
+    _select(run, SelectParams(min_images=1, crop_min_side=16))
     assert {i for i in _selected(run) if "#" in i} == {f"{i}#{k}" for i in ("ep01:0000010:01", "ep01:0000020:01")
                                                        for k in ("head", "upper_body")}
-    run_select(run, SelectParams(min_images=1, crops=["full"]))
+    _select(run, SelectParams(min_images=1, crops=["full"]))
     rows = _selected(run)
     assert sorted(rows) == sorted(LAYERS) and not (run.root / "select" / "crops").exists()
-    run_select(run, SelectParams(min_images=1, crops=["head"]))
+    _select(run, SelectParams(min_images=1, crops=["head"]))
     assert sorted(_selected(run)) == ["ep01:0000010:01#head"]
     with pytest.raises(ValidationError, match="crops"):
         SelectParams(crops=[])
@@ -131,14 +151,16 @@ def test_crop_captions_say_their_framing():
 
 
 def test_crops_reach_the_kohya_package_with_their_captions(run):
-    run_select(run, SelectParams(min_images=1))
-    run_augment(run, AugmentParams(min_original=40, max_original=40))  # no new images: originals only
+    params = run_params(select=SelectParams(min_images=1), package=PackageParams(validation_split=0.0),
+                        augment=AugmentParams(min_original=40, max_original=40))  # no new images: originals only
+    _select(run, params.select)
+    run_plain(run, "augment", after="select", params=params)
     augmented = {r["item_id"]: r for r in run.read_manifest("augment").to_pylist()}
     assert augmented["ep01:0000010:01#head"]["group_id"] == "ep01:0000010:01"  # split with its layer
-    run_caption(run, CaptionParams())
+    run_plain(run, "caption", after="augment", params=params)
     captions = {r["item_id"]: r for r in run.read_manifest("caption").to_pylist()}
     assert captions["ep01:0000010:01#head"]["crop"] == "head"
-    run_package(run, PackageParams(validation_split=0.0))
+    run_plain(run, "package", after="caption", params=params)
     package = {r["item_id"]: r for r in run.read_manifest("package").to_pylist()}
     for kind, word in (("head", "portrait"), ("upper_body", "upper body")):
         row = package[f"ep01:0000010:01#{kind}"]
@@ -165,7 +187,7 @@ def test_an_anime_sprite_gets_crops_centred_on_the_face_the_detector_found(tmp_p
     face = face_fields(face_detector("animeface", pad=0.25), layer, origin, 0.7)
     assert face["faces"] == 1
     store = make_layers_run(tmp_path / "runs", {"ep01:0000001:01": (layer, origin, face["face_box"])})
-    run_select(store, SelectParams(min_images=1))
+    _select(store, SelectParams(min_images=1))
     rows = _selected(store)
     fx0, fy0, fx1, fy1 = (v - o for v, o in zip(face["face_box"], origin * 2))
     head = np.asarray(Image.open(store.root / rows["ep01:0000001:01#head"]["path"]))

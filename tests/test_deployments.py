@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,10 @@ def test_full_run_through_the_api_has_outputs_artifacts_and_webhook(prefect_ui, 
         f"{prefect_ui.api_url}/artifacts/filter", {"flow_runs": {"id": {"any_": [str(api_run.id)]}},
                                                    "artifacts": {"key": {"like_": pattern}}, "limit": 200})}
     report = store.root / "report" / "cluster_report.html"
-    assert report.is_file() and links["cluster-report"]["data"].startswith(f"[{report}]({report.as_uri()})")
+    served = f"{prefect_ui.url}/episode2lora/files{report.resolve()}"  # served by the UI's server: it opens from the run page
+    assert report.is_file() and links["cluster-report"]["data"] == f"[{report.resolve()}]({served})"
+    with urllib.request.urlopen(served, timeout=30) as response:
+        assert response.read() == report.read_bytes()
     loras = sorted(store.root.glob("*/shards/*/*.safetensors"))
     assert loras and {k for k in links if k.startswith("lora-")} == {artifact_key(f"lora-{p.parts[-4]}-{p.stem}") for p in loras}
     assert api_run.name == "api"  # the flow run is named as its run folder

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tasks.embed import EmbedParams
 from tasks.run.stage import RunRef, StageResult
 from tasks.run.store import RunStore
 from tests.conftest import ARTIFACTS, ROOT
@@ -153,22 +152,20 @@ def test_report_opens_in_headless_chromium_without_errors(finished_run):
 def test_a_run_without_layers_goes_through_every_stage_and_stops_clearly_at_select(tmp_path):
     import pyarrow as pa
 
-    from tasks.cluster import ClusterParams, run_cluster
-    from tasks.embed import run_embed
     from tasks.report import write_report
     from tasks.segment import SCHEMA as SEGMENT_SCHEMA
-    from tasks.select import NothingSelected, SelectParams, run_select
+    from tasks.select import NothingSelected
     from tasks.run.store import fingerprint
-    from tasks.tier import TierParams, run_tier
+    from tests.stages import run_plain
 
     store = RunStore(tmp_path, "empty")
     store.begin_stage("segment", {})
     store.commit_stage("segment", SEGMENT_SCHEMA.empty_table(), fingerprint("segment", 0, {}, {}))
-    assert run_embed(store, EmbedParams()).summary["kept"] == 0
-    assert run_cluster(store, ClusterParams()).summary["clusters"] == 0
-    assert run_tier(store, TierParams()).summary["clusters"] == 0
+    assert run_plain(store, "embed", after="segment").summary["kept"] == 0
+    assert run_plain(store, "cluster", after="embed").summary["clusters"] == 0
+    assert run_plain(store, "tier", after="cluster").summary["clusters"] == 0
     with pytest.raises(NothingSelected, match="no character selected, because clustering found no cluster"):
-        run_select(store, SelectParams())
+        run_plain(store, "select", after="tier")
     html_path, _, report = write_report(store)  # the report still shows what there is
     assert report["summary"]["layers"] == 0 and "tier-table" in html_path.read_text()
     assert isinstance(store.read_manifest("tier"), pa.Table) and not store.is_done("select")

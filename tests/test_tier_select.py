@@ -12,11 +12,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from tasks.select import (CHARACTER_SCHEMA, SCHEMA, OverridesError, SelectParams, load_overrides, run_select,
-                          select_characters)
+from tasks.select import CHARACTER_SCHEMA, SCHEMA, OverridesError, SelectParams, load_overrides, select_characters
 from tasks.run.store import RunStore, safe_name
 from tasks.tier import (SCHEMA as TIER_SCHEMA, TierParams, assign_tier, classify_kinds, duplicate_ratio,
                         quality_issues, size_tier, tier_clusters)
+from tests.stages import run_plain
 
 GOOD = {"mean_sharpness": 500.0, "mean_alpha_coverage": 0.6, "duplicate_ratio": 0.2}
 
@@ -77,13 +77,14 @@ def test_kind_comes_from_the_nearest_prompt_set_or_unknown():
 def test_kind_with_a_tiny_clip_embedder_end_to_end(tmp_path, episode):
     """Layers embedded by a (tiny, random) CLIP: the tier stage finds its text tower and decides kinds."""
     from models.tiny_embedders import build_tiny_clip
-    from tasks.embed import EmbedParams, run_embed
+    from tasks.embed import EmbedParams
     from tasks.tier import text_embedder_for
     from tests.truth_layers import commit_truth_segment
 
     store = RunStore(tmp_path / "runs", "clip")
     segment, identities = commit_truth_segment(store, [episode], stride=8)
-    run_embed(store, EmbedParams(embedder=f"clip:{build_tiny_clip(tmp_path / 'clip')}", device="cpu"))
+    run_plain(store, "embed", after="segment", embed=EmbedParams(embedder=f"clip:{build_tiny_clip(tmp_path / 'clip')}",
+                                                                 device="cpu"))
     embeds = store.read_manifest("embed")
     names = sorted(set(identities.values()))
     paths = dict(zip(segment.column("item_id").to_pylist(), segment.column("path").to_pylist()))
@@ -158,6 +159,26 @@ def test_batch_selection_by_recommendation_tiers_and_min_images(tables):
     assert characters.column("character").to_pylist() == ["char_000", "char_001"]
     _, characters, _ = select_characters(clusters, tiers, SelectParams(tiers=["S", "A", "B", "C"], min_images=30))
     assert characters.column("n_images").to_pylist() == [120, 60]
+
+
+def test_would_select_is_the_rule_select_applies(tables, tmp_path):
+    from tasks.select import would_select
+
+    clusters, _ = tables
+    _, embeds, layers = _cluster_tables({0: 120, 1: 60, 2: 25, 3: 16, 4: 4})
+    tiers, _, members = tier_clusters(clusters, embeds, layers, TierParams())
+    overrides = _overrides(tmp_path, "clusters:\n  4: {include: true}\n  0: {exclude: true}\n")
+    for params in (SelectParams(), SelectParams(tiers=["S", "A", "B", "C"], min_images=30),
+                   SelectParams(tiers=list("SABCD"), min_images=1)):
+        for given in (None, overrides):
+            _, characters, _ = select_characters(clusters, tiers, params, given, members)
+            chosen = {c for ids in characters.column("cluster_ids").to_pylist() for c in ids}
+            entries = given.clusters if given else {}
+            assert chosen == {r["cluster_id"] for r in tiers.to_pylist()
+                              if would_select(r, entries.get(r["cluster_id"]), params)}
+    row = tiers.to_pylist()[4]
+    assert would_select(row, overrides.clusters[4], SelectParams()) and not would_select(row, None, SelectParams())
+    assert not would_select(row, overrides.clusters[4], SelectParams(), usable=0)  # nothing to train
 
 
 def test_overrides_name_trigger_and_kind(tables, tmp_path):
@@ -276,11 +297,11 @@ def test_select_stage_rereads_an_edited_overrides_file(tmp_path):
     overrides = tmp_path / "names.yaml"
     overrides.write_text("clusters:\n  0: {name: Alpha}\n")
     params = SelectParams(overrides=str(overrides))
-    first = run_select(store, params)
+    first = run_plain(store, "select", after="tier", select=params)
     assert first.summary["names"] == {"Alpha": "alpha", "char_001": "char001"}
-    assert not run_select(store, params).recomputed
+    assert not run_plain(store, "select", after="tier", select=params).recomputed
     overrides.write_text("clusters:\n  0: {name: Beta, trigger: b3ta}\n")
-    second = run_select(store, params)
+    second = run_plain(store, "select", after="tier", select=params)
     assert second.recomputed and second.summary["names"] == {"Beta": "b3ta", "char_001": "char001"}
     characters = pq.read_table(store.stage_dir("select") / "characters.parquet")
     assert characters.column("character").to_pylist() == ["Beta", "char_001"]
@@ -394,7 +415,7 @@ def test_select_stage_stops_with_the_largest_clusters_when_nothing_is_selected(t
         store.begin_stage(stage, {})
         store.commit_stage(stage, table, fingerprint(stage, 0, {}, {}))
     with pytest.raises(NothingSelected) as caught:
-        run_select(store, SelectParams())  # default: recommended tiers (S, A, B), 20 images: none qualifies
+        run_plain(store, "select", after="tier")  # default: recommended tiers (S, A, B), 20 images: none qualifies
     message = str(caught.value)
     assert message.startswith("select: no character selected")
     used = dict(zip(tiers.column("cluster_id").to_pylist(), tiers.column("used").to_pylist()))
@@ -402,5 +423,6 @@ def test_select_stage_stops_with_the_largest_clusters_when_nothing_is_selected(t
     assert f"cluster 1: {used[1]} usable layers of 9, tier D, kind character" in message
     assert message.endswith(f"--set select.tiers=[D] --set select.min_images={min(used.values())}")
     assert not store.is_done("select")
-    taken = run_select(store, SelectParams(tiers=["D"], min_images=min(used.values())))  # what the message says
+    taken = run_plain(store, "select", after="tier",  # what the message says
+                      select=SelectParams(tiers=["D"], min_images=min(used.values())))
     assert taken.summary["characters"] == 2
