@@ -33,8 +33,10 @@ def _train_params(profile: str, base: Optional[str], trainer: str, kohya_scripts
 
 def train(
     directory: Path = typer.Argument(..., help="a kohya-style folder: <repeats>_<name>/ image + .txt caption pairs"),
-    profile: str = typer.Option("fast", "--profile", help="fast | final (FLUX guide tables) | package (the folder's kohya TOMLs) | demo"),
-    base: Optional[str] = typer.Option(None, "--base", help="base model: Hugging Face id, local diffusers folder, or tiny"),
+    profile: str = typer.Option("fast", "--profile", help="fast | final (FLUX guide tables) | package (the folder's kohya "
+                                "TOMLs; on a FLUX base its AI-Toolkit jobs) | demo"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model: Hugging Face id (SD 1.5, SDXL or FLUX.1), local "
+                                       "diffusers folder, single .safetensors file, or tiny / tiny-flux (stand-ins)"),
     sets: list[str] = typer.Option([], "--set", help="override one training setting, e.g. --set rank=16"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder (default: <DIR>-lora beside DIR)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoints in the output folder"),

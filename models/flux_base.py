@@ -4,8 +4,9 @@ single-file transformer in BFL's key names (read by our converter, the rest from
 `load_flux_base(name)` returns a `LoadedBase` of family `flux` whose `unet` slot holds the
 `FluxTransformer2DModel` (the module that gets the LoRA), `text_encoders` CLIP-L (pooled) and T5
 (sequence), `vae` the 16-channel VAE and `noise_scheduler` the flow-matching scheduler. The
-flow-matching helpers used by the trainer (models/flux_trainer.py) live here too: packing latents
-2x2 into tokens as diffusers' FluxPipeline does, and drawing sigmas.
+flow-matching helpers used by the trainer (models/flux_trainer.py) and the learning check
+(models/lora_check.py) live here too: embedding captions (`encode_text`), the transformer call
+(`predict`), packing latents 2x2 into tokens as diffusers' FluxPipeline does, and drawing sigmas.
 """
 
 from __future__ import annotations
@@ -236,6 +237,38 @@ def flux_pipeline(base: Any, scheduler: Any | None = None) -> Any:
     return FluxPipeline(scheduler=scheduler or base.noise_scheduler, vae=base.vae, text_encoder=encoders[0],
                         tokenizer=base.tokenizers[0], text_encoder_2=encoders[1], tokenizer_2=base.tokenizers[1],
                         transformer=base.unet)
+
+
+def encode_text(tokenizers: list, encoders: list, captions: list[str], device: Any) -> tuple[Any, Any]:
+    """(T5 sequence embeddings, CLIP-L pooled embeddings) of captions, as the trainer conditions FLUX.1:
+    CLIP padded to its length, T5 to min(T5_MAX_LENGTH, the tokenizer's length)."""
+    import torch
+
+    clip, t5 = encoders
+    clip_tok, t5_tok = tokenizers
+    with torch.no_grad():
+        ids = clip_tok(captions, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids.to(device)
+        pooled = clip(ids, output_hidden_states=False).pooler_output
+        length = min(T5_MAX_LENGTH, t5_tok.model_max_length)
+        ids = t5_tok(captions, padding="max_length", max_length=length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+        return t5(ids)[0], pooled
+
+
+def predict(transformer: Any, noisy: Any, sigmas: Any, embeds: Any, pooled: Any, guidance: float | None,
+            dtype: Any) -> Any:
+    """The transformer's packed velocity prediction for (B, C, H, W) noisy latents at noise levels `sigmas`;
+    `guidance`: the guidance embedding's value (FLUX.1-dev), None for a model without one (schnell)."""
+    import torch
+
+    b, _, h, w = noisy.shape
+    device = noisy.device
+    guide = None if guidance is None else torch.full((b,), guidance, device=device, dtype=dtype)
+    return transformer(hidden_states=pack(noisy).to(dtype), timestep=sigmas.to(dtype), guidance=guide,
+                       pooled_projections=pooled.to(device, dtype), encoder_hidden_states=embeds.to(device, dtype),
+                       txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
+                       img_ids=image_ids(h, w, device, dtype), return_dict=False)[0]
 
 
 # ---- flow matching ---------------------------------------------------------------------------

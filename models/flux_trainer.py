@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from models.flux_base import T5_MAX_LENGTH, flow_pair, flux_pipeline, image_ids, load_flux_base, pack, sample_sigmas
+from models.flux_base import encode_text, flow_pair, flux_pipeline, load_flux_base, pack, predict, sample_sigmas
 from models.lora_settings import flux_ignored
 
 _IN_BLOCKS = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.")
@@ -97,16 +97,7 @@ class FluxParts:
         if missing:
             if not self.base.text_encoders:
                 raise RuntimeError(f"caption {missing[0]!r} was not embedded at set-up and the text encoders are freed")
-            clip, t5 = self.base.text_encoders
-            clip_tok, t5_tok = self.base.tokenizers
-            with torch.no_grad():
-                ids = clip_tok(missing, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
-                               return_tensors="pt").input_ids.to(self.device)
-                pooled = clip(ids, output_hidden_states=False).pooler_output
-                length = min(T5_MAX_LENGTH, t5_tok.model_max_length)
-                ids = t5_tok(missing, padding="max_length", max_length=length, truncation=True,
-                             return_tensors="pt").input_ids.to(self.device)
-                embeds = t5(ids)[0]
+            embeds, pooled = encode_text(self.base.tokenizers, self.base.text_encoders, missing, self.device)
             for i, caption in enumerate(missing):
                 self._text_cache[caption] = (embeds[i].detach(), pooled[i].detach())
         pairs = [self._text_cache[c] for c in captions]
@@ -124,22 +115,15 @@ class FluxParts:
 
         s = self.s
         latents = latents.to(self.device)
-        b, c, h, w = latents.shape
+        b, c = latents.shape[:2]
         noise = torch.randn(latents.shape, generator=gen).to(self.device)
         sigmas = (sample_sigmas(s.timestep_sampling, b, gen, s.flow_shift) if timesteps is None
                   else timesteps.float() / 1000.0).to(self.device)
         noisy, target = flow_pair(latents, noise, sigmas)
         embeds, pooled = self._encode(captions, False)
-        dtype = self.weight_dtype
-        transformer = self.acc.unwrap_model(self.unet)
-        guidance = (torch.full((b,), s.guidance, device=self.device, dtype=dtype)
-                    if transformer.config.guidance_embeds else None)
+        guidance = s.guidance if self.base.unet.config.guidance_embeds else None  # unwrap_model costs ms a step
         with self.acc.autocast():
-            pred = self.unet(hidden_states=pack(noisy).to(dtype), timestep=sigmas.to(dtype), guidance=guidance,
-                             pooled_projections=pooled.to(self.device, dtype),
-                             encoder_hidden_states=embeds.to(self.device, dtype),
-                             txt_ids=torch.zeros(embeds.shape[1], 3, device=self.device, dtype=dtype),
-                             img_ids=image_ids(h, w, self.device, dtype), return_dict=False)[0]
+            pred = predict(self.unet, noisy, sigmas, embeds, pooled, guidance, self.weight_dtype)
         loss = F.mse_loss(pred.float(), pack(target).float(), reduction="none")
         if masks is not None:
             loss = loss * pack(masks.to(loss.device).expand(-1, c, -1, -1))

@@ -206,12 +206,34 @@ def from_kohya(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+AI_TOOLKIT = "ai_toolkit_job"
+"""Key of `read_kohya_config`'s result holding the TrainSettings fields of the AI-Toolkit FLUX job
+packaged beside the TOMLs (`configs/<name>_ai_toolkit.yaml`): a FLUX base trains those under profile package."""
+
+
+def _ai_toolkit_beside(paths: tuple[Path, ...]) -> Path | None:
+    """`configs/<name>_ai_toolkit.yaml` beside a `<name>_config.toml` / `<name>_dataset.toml` of `paths`."""
+    for path in (Path(p) for p in paths if p is not None):
+        for suffix in ("_config.toml", "_dataset.toml"):
+            if path.name.endswith(suffix):
+                job = path.with_name(path.name[: -len(suffix)] + "_ai_toolkit.yaml")
+                if job.is_file():
+                    return job
+    return None
+
+
 def read_kohya_config(*paths: Path) -> dict[str, Any]:
-    """TrainSettings fields from kohya TOML files (missing files are skipped; later files win)."""
+    """TrainSettings fields from kohya TOML files (missing files are skipped; later files win), and under
+    AI_TOOLKIT those of the AI-Toolkit job packaged beside them, if there is one."""
     out: dict[str, Any] = {}
     for path in paths:
         if path is not None and Path(path).is_file():
             out.update(from_kohya(tomllib.loads(Path(path).read_text())))
+    job = _ai_toolkit_beside(paths)
+    if job is not None:
+        from models.ai_toolkit_format import job_settings, read_job
+
+        out[AI_TOOLKIT] = job_settings(read_job(job))
     return out
 
 
@@ -225,30 +247,37 @@ def _optional(model: type[BaseModel], name: str) -> type[BaseModel]:
 SettingsOverrides = _optional(TrainSettings, "SettingsOverrides")
 
 
+def _is_flux(base: str) -> bool:
+    from models.flux_base import is_flux
+
+    return is_flux(base)
+
+
 def resolve_settings(profile: str, package_config: dict[str, Any] | None = None,
                      overrides: dict[str, Any] | None = None) -> TrainSettings:
     """Defaults < profile < package kohya config < explicit overrides.
 
-    The package config counts whole under profile `package`; under other profiles only its
+    The package config counts whole under profile `package` (on a FLUX base: the AI-Toolkit job
+    packaged beside it, when `read_kohya_config` found one); under other profiles only its
     caption handling (CAPTION_FIELDS: shuffle, keep_tokens, dropout) counts, since it describes
     how the packaged captions are meant to be read.
     """
     if profile not in PROFILES:
         raise KeyError(f"unknown profile '{profile}'; known profiles: {', '.join(PROFILES)}")
-    data: dict[str, Any] = dict(PROFILES["fast"] if profile == "package" else PROFILES[profile])
-    if profile == "package":
-        data.update(package_config or {})
-    else:
-        data.update({k: v for k, v in (package_config or {}).items() if k in CAPTION_FIELDS})
     explicit = {k: v for k, v in (overrides or {}).items() if v is not None}
+    base = str(explicit.get("base", DEFAULT_BASE))
+    flux = base != DEFAULT_BASE and _is_flux(base)
+    package_config = dict(package_config or {})
+    job = package_config.pop(AI_TOOLKIT, None)
+    data: dict[str, Any] = dict(PROFILES["fast"] if profile == "package" else PROFILES[profile])
+    if profile == "package":  # a FLUX base trains the packaged AI-Toolkit job when there is one
+        data.update(job if flux and job is not None else package_config)
+    else:
+        data.update({k: v for k, v in package_config.items() if k in CAPTION_FIELDS})
     if "epochs" in explicit and "max_steps" not in explicit:
         data["max_steps"] = None  # asking for epochs means epochs decide the length
-    base = explicit.get("base", data.get("base", DEFAULT_BASE))
-    if base != DEFAULT_BASE:
-        from models.flux_base import is_flux
-
-        if is_flux(str(base)):
-            data.update(FLUX_PROFILES[profile])
+    if flux:
+        data.update(FLUX_PROFILES[profile])
     data.update(explicit)
     try:
         return TrainSettings.model_validate(data)

@@ -3,7 +3,8 @@
 - `diffusers` — our trainer (models/lora_trainer.py): diffusers + peft + accelerate, resumable.
 - `kohya` — kohya sd-scripts' own `train_network.py` (or `sdxl_train_network.py`), run as a
   subprocess with the package's generated TOML files; needs `scripts_dir` (an sd-scripts checkout
-  with its requirements installed) and produces whatever sd-scripts writes.
+  with its requirements installed) and produces whatever sd-scripts writes. SD 1.5 / SDXL only: a
+  FLUX.1 base is refused (the package's FLUX job is the AI-Toolkit YAML).
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ class KohyaScriptsTrainer:
         return cmd
 
     def train(self, job: TrainJob, *, resume: bool = False, on_step: OnStep | None = None) -> TrainOutcome:
+        from models.flux_base import is_flux
+
+        if is_flux(job.settings.base):
+            raise ValueError(f"trainer 'kohya' runs the package's SD 1.5 / SDXL TOMLs, not FLUX.1 (base "
+                             f"{job.settings.base!r}): train FLUX with trainer 'diffusers' (profile package trains "
+                             "the packaged AI-Toolkit job's settings) or run configs/<name>_ai_toolkit.yaml in AI-Toolkit")
         out = Path(job.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         started = time.time()

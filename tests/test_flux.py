@@ -312,3 +312,162 @@ def test_diffusers_kohya_converter_reads_our_fused_keys_at_flux1_widths():
     assert set(converted) == {f"transformer.{k}" for k in peft}
     for key, value in peft.items():  # scale alpha / rank = 0.5 folded into lora_A by the converter
         assert torch.allclose(converted[f"transformer.{key}"], value * 0.5 if "lora_A" in key else value), key
+
+
+# ---- the learning check (models/lora_check.py) on a FLUX base --------------------------------
+
+FLUX_LEARNING = dict(base="tiny-flux", max_steps=100, batch_size=2, rank=8, alpha=8, unet_lr=1e-2, save_every_steps=100)
+FLUX_MIN_GAIN, FLUX_MIN_CAPTION_GAIN = 1.1, 1.01
+"""What a working tiny-FLUX training reaches on held-out poses against empty captions (measured:
+gain 1.18, caption gain 1.027) and a disabled LoRA cannot (gain 1.0 exactly, caption gain 0.997:
+the base alone)."""
+
+
+@pytest.fixture(scope="module")
+def robo_flux(tmp_path_factory):
+    """A tiny-FLUX LoRA of one arcade character (held-out poses under validation/), and its held-out images."""
+    from models.lora_data import read_package
+    from models.lora_trainer import train_lora
+    from tests.lora_fixtures import make_renders
+
+    package = tmp_path_factory.mktemp("robo-flux")
+    make_renders(package, "robo", "zqrobo", "robot", repeats=3, seed=0, backdrop=(70, 110, 220))
+    outcome = train_lora(tiny_job(package, tmp_path_factory.mktemp("robo-flux-out"), **FLUX_LEARNING))
+    return outcome, read_package(package)[0][0].validation
+
+
+def test_learning_check_passes_for_a_flux_training_and_fails_with_the_lora_disabled(robo_flux):
+    from models.lora_check import learning_check
+
+    outcome, heldout = robo_flux
+    empty = [""] * len(heldout)
+    on = learning_check("tiny-flux", outcome.lora_path, heldout, empty)
+    assert on.velocity and on.passed(FLUX_MIN_GAIN, FLUX_MIN_CAPTION_GAIN), on.to_json()
+    off = learning_check("tiny-flux", outcome.lora_path, heldout, empty, lora_scale=0.0)
+    assert not off.passed(FLUX_MIN_GAIN, FLUX_MIN_CAPTION_GAIN), off.to_json()
+    assert off.gain == pytest.approx(1.0) and off.loss_base == on.loss_base
+    peft = learning_check("tiny-flux", outcome.diffusers_path, heldout, empty)  # the diffusers form: the same LoRA
+    assert peft.loss_lora == pytest.approx(on.loss_lora, rel=1e-5)
+    assert peft.loss_other == pytest.approx(on.loss_other, rel=1e-5)
+
+
+# ---- the packaged AI-Toolkit job and the trainer ---------------------------------------------
+
+def test_packaged_ai_toolkit_job_and_the_flux_trainer_agree(tmp_path):
+    """Under profile package a FLUX base trains what the packaged AI-Toolkit job says (rank, alpha, LR,
+    steps, resolution, schedule, timestep sampling), not the SD-oriented kohya TOML beside it; an SD
+    base still trains the kohya TOML. Read as the train stage reads a character's configs."""
+    import yaml
+
+    from models.ai_toolkit_format import ai_toolkit_job, job_settings
+    from models.lora_data import read_package
+    from models.lora_settings import AI_TOOLKIT, read_kohya_config, resolve_settings
+
+    make_character(tmp_path, "blob", "zqx")
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "blob_config.toml").write_text(
+        "[additional_network_arguments]\nnetwork_dim = 32\nnetwork_alpha = 16\nunet_lr = 5e-4\n"
+        "[training_arguments]\nmax_train_steps = 900\nlr_scheduler = \"cosine\"\nlr_warmup_steps = 50\n"
+        "[dataset_arguments]\nresolution = 1024\nnoise_offset = 0.05\n")
+    job = ai_toolkit_job("blob_flux_lora", "zqx", ["2_blob"], "train/blob/ai_toolkit", rank=12, steps=700, lr=2e-4,
+                         base_model="black-forest-labs/FLUX.1-dev", resolution=[640], prompts=["zqx, standing"],
+                         save_every=100, sample_every=100)
+    (configs / "blob_ai_toolkit.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+
+    character = read_package(tmp_path)[0][0]
+    package = read_kohya_config(*character.config_files)
+    assert package[AI_TOOLKIT] == job_settings(job)
+    flux = resolve_settings("package", package, {"base": "tiny-flux"})
+    process = job["config"]["process"][0]
+    assert (flux.rank, flux.alpha) == (process["network"]["linear"], process["network"]["linear_alpha"]) == (12, 12)
+    assert (flux.unet_lr, flux.max_steps, flux.resolution) == (process["train"]["lr"], process["train"]["steps"],
+                                                               process["datasets"][0]["resolution"][0]) == (2e-4, 700, 640)
+    assert (flux.lr_scheduler, flux.warmup_steps, flux.batch_size, flux.train_text_encoder) == ("constant", 0, 1, False)
+    assert process["train"]["timestep_type"] == flux.timestep_sampling == "sigmoid"
+    assert flux.caption_dropout_rate == process["datasets"][0]["caption_dropout_rate"] and flux.noise_offset == 0.0
+    assert flux.min_bucket_reso <= flux.resolution <= flux.max_bucket_reso
+    assert flux.sample_prompts == ["zqx, standing"] and flux.save_every_steps == 100
+    explicit = resolve_settings("package", package, {"base": "tiny-flux", "max_steps": 5})
+    assert explicit.max_steps == 5 and explicit.rank == 12  # the user's fields still win
+    sd = resolve_settings("package", package, {"base": "tiny"})
+    assert (sd.rank, sd.alpha, sd.unet_lr, sd.max_steps, sd.resolution) == (32, 16, 5e-4, 900, 1024)
+    fast = resolve_settings("fast", package, {"base": "tiny-flux"})  # other profiles: the profile decides
+    assert (fast.rank, fast.max_steps) == (32, 1500)
+
+
+# ---- the CLI -----------------------------------------------------------------------------------
+
+def test_cli_trains_a_flux_lora_in_kohya_flux_form_that_diffusers_loads(package, tmp_path):
+    """`episode2lora train DIR --base tiny-flux --profile demo --output OUT` in a subprocess: kohya FLUX
+    keys with an explicit .alpha per module, flux metadata, and FluxPipeline.load_lora_weights takes
+    both forms (the kohya file without single_blocks linear1, whose widths diffusers' converter
+    hard-codes at FLUX.1's: see test_both_forms_load_in_diffusers_and_give_the_same_images)."""
+    import os
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from models.kohya_format import read_kohya
+    from tests.conftest import ROOT, run_cli
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = run_cli(["train", str(package), "--base", "tiny-flux", "--profile", "demo", "--output", str(tmp_path / "out"),
+                   "--runs-dir", str(tmp_path)], env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lora = tmp_path / "out" / "blob" / "blob.safetensors"
+    tensors, meta = read_kohya(lora)
+    downs = [k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")]
+    assert downs and all(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in downs)
+    assert all(f"{k}.alpha" in tensors and f"{k}.lora_up.weight" in tensors for k in downs)
+    assert "flux" in meta["ss_base_model_version"] and meta["modelspec.architecture"].startswith("flux-1")
+    assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "30"  # the demo profile on a FLUX base
+
+    pipe = _pipe()
+    base = _images(pipe)
+    pipe.load_lora_weights(str(tmp_path / "out" / "blob" / "diffusers"), adapter_name="peft")
+    assert np.abs(_images(pipe) - base).max() > 1e-4
+    pipe.unload_lora_weights()
+    kohya = {k: v for k, v in load_file(lora).items() if "single_blocks_0_linear1" not in k}
+    pipe.load_lora_weights(kohya, adapter_name="kohya")
+    assert np.abs(_images(pipe) - base).max() > 1e-4
+
+
+# ---- benchmarks/gpu_check.py's FLUX.1-dev memory estimate ---------------------------------------
+
+def test_flux_memory_estimate_counts_the_real_modules_and_gives_sane_figures(trained):
+    """Parameter and LoRA counts from a config match the tiny transformer and its trained LoRA exactly;
+    for FLUX.1-dev: 11.9 B parameters, and memory that moves the right way with each setting."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    from benchmarks.gpu_check import FLUX1_DEV_TRANSFORMER, flux_lora_memory, flux_transformer_params
+    from models.sd_base import resolve_base
+
+    tiny = FluxTransformer2DModel.from_pretrained(resolve_base("tiny-flux"), subfolder="transformer")
+    assert sum(flux_transformer_params(dict(tiny.config))) == sum(p.numel() for p in tiny.parameters())
+    lora = sum(v.numel() for v in load_file(trained.diffusers_path).values())  # rank 4 on FLUX_TARGETS
+    assert flux_lora_memory(rank=4, cfg=dict(tiny.config))["lora_params_m"] * 1e6 == pytest.approx(lora)
+
+    assert sum(flux_transformer_params(FLUX1_DEV_TRANSFORMER)) / 1e9 == pytest.approx(11.9, abs=0.05)
+    bf16 = flux_lora_memory(1024, 32, base="bf16", checkpointing=False)
+    ckpt = flux_lora_memory(1024, 32, base="bf16", checkpointing=True)
+    eight = flux_lora_memory(1024, 32, base="8bit", checkpointing=True, optimizer="adamw8bit")
+    assert 21 < bf16["weights"] < 23.5 and 10 < eight["weights"] < 12.5  # 11.9 B x 2 bytes, then mostly 1 byte
+    assert bf16["training"] > 40 and 24 < ckpt["training"] < 32 and eight["training"] < 20
+    assert ckpt["activations"] < bf16["activations"] / 8
+    assert flux_lora_memory(512)["activations"] < flux_lora_memory(1024)["activations"]
+    assert flux_lora_memory(rank=64)["lora_and_optimizer"] == pytest.approx(2 * flux_lora_memory(rank=32)["lora_and_optimizer"])
+    assert all(v > 0 for v in bf16.values()) and eight["setup"] < bf16["setup"]
+    with pytest.raises(ValueError, match="base"):
+        flux_lora_memory(base="fp4")
+
+
+def test_kohya_scripts_trainer_refuses_a_flux_base_with_the_way_out(package, tmp_path):
+    from models.trainers import get_trainer
+
+    (tmp_path / "train_network.py").write_text("")
+    job = tiny_job(package, tmp_path / "out", base="tiny-flux", max_steps=1)
+    with pytest.raises(ValueError, match="ai_toolkit.yaml"):
+        get_trainer("kohya", scripts_dir=str(tmp_path)).train(job)
+    assert not (tmp_path / "out").exists()
