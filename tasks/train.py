@@ -60,8 +60,8 @@ SCHEMA = pa.schema([
 class TrainParams(SettingsOverrides):
     """Which trainer and profile, plus any training setting (unset fields come from the profile)."""
 
-    profile: Profile = Field("fast", description="fast / final (FLUX guide tables), package (the package's kohya TOMLs), demo (tiny CPU stand-in)")
-    base: str = Field(DEFAULT_BASE, description="base model: Hugging Face id, local diffusers folder, or tiny (an UNTRAINED stand-in for demos and tests)")
+    profile: Profile = Field("fast", description="fast / final (FLUX guide tables), package (the package's kohya TOMLs; on a FLUX base its AI-Toolkit job), demo (tiny CPU stand-in)")
+    base: str = Field(DEFAULT_BASE, description="base model: a Hugging Face id (SD 1.5, SDXL, FLUX.1-dev/schnell), a local diffusers folder, a single .safetensors file, or tiny / tiny-sdxl / tiny-flux (UNTRAINED stand-ins for demos and tests)")
     trainer: Literal["diffusers", "kohya"] = Field("diffusers", description="our trainer, or kohya sd-scripts in a subprocess")
     kohya_scripts: str | None = Field(None, description="folder of a kohya sd-scripts checkout (trainer kohya)")
     characters: list[str] = Field([], description="train only these characters (empty: all)")
