@@ -56,7 +56,12 @@ def baseline_steps_per_s(base: str, images: list[Path], captions: list[str], ste
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(5):
+    return timed_steps(step, steps)
+
+
+def timed_steps(step, steps: int, warmup: int = 5) -> tuple[float, float]:
+    """(steps/s wall-clock, steps/s CPU time) of `steps` calls of `step` after `warmup` calls."""
+    for _ in range(warmup):
         step()
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
@@ -105,12 +110,7 @@ def flux_baseline_steps_per_s(base: str, images: list[Path], captions: list[str]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(5):
-        step()
-    start, cpu = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        step()
-    return steps / (time.perf_counter() - start), steps / (time.process_time() - cpu)
+    return timed_steps(step, steps)
 
 
 def ours_steps_per_s(package: Path, out: Path, steps: int, batch: int, rank: int,

@@ -42,12 +42,12 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.run.spec import GlobalStage, Inputs
 from tasks.run.store import RunStore, safe_name, write_table
+from tasks.run.yaml_file import read_yaml_mapping
 from tasks.tier import KINDS, MEMBERS, Tier
 
 STAGE = "select"
@@ -192,14 +192,7 @@ def load_overrides(path: str | Path | None) -> Overrides:
     if path is None:
         return Overrides()
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise OverridesError(f"overrides file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise OverridesError(f"overrides file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise OverridesError(f"overrides file {path} must hold a mapping with 'clusters' and/or 'layers'")
+    data = read_yaml_mapping(path, "overrides", "with 'clusters' and/or 'layers'", OverridesError)
     try:
         return Overrides.model_validate(data)
     except ValidationError as exc:
