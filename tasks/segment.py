@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -85,6 +85,14 @@ SCHEMA = pa.schema([
     ("plate_residual", pa.float32()),   # share of the background layer the segmenter still marks (null: not checked)
     ("clean_plate", pa.bool_()),        # the background layer holds no character: a plate for background swaps
 ])
+
+
+def known_name(check: Callable[[str], str], name: str) -> str:
+    """`check(name)` (a model registry's name check), its KeyError a ValueError for pydantic."""
+    try:
+        return check(name)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
 
 
 class SegmentParams(BaseModel):
@@ -144,20 +152,14 @@ class SegmentParams(BaseModel):
     def _known_faces(cls, name: str) -> str:
         from models.faces import check_face_detector
 
-        try:
-            return check_face_detector(name)
-        except KeyError as exc:
-            raise ValueError(exc.args[0]) from None
+        return known_name(check_face_detector, name)
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
         from models.segmenters import check_model_name
 
-        try:
-            return check_model_name(name)
-        except KeyError as exc:
-            raise ValueError(exc.args[0]) from None
+        return known_name(check_model_name, name)
 
     @model_validator(mode="after")
     def _flags_ordered(self) -> "SegmentParams":
