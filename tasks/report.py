@@ -10,6 +10,10 @@ least typical layers first, each with a tick box that adds `exclude: true` for i
 overrides snippet on the page (paste it into the select overrides file); scenery clusters are
 listed apart, as background material. Images are embedded as data URIs, so the file can be
 mailed or archived.
+
+The markup is in Jinja2 templates (`tasks/templates/report.html.j2`, autoescaped); this module
+prepares what they show. `render_review` makes the same page the review page of a paused run
+(`review.html.j2`: name, trigger, train tick and layer exclusion per cluster; flows/review.py).
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from __future__ import annotations
 import base64
 import colorsys
 import datetime as dt
-import html
+import functools
 import io
 import json
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -56,7 +61,7 @@ def build_report(store: RunStore, stages: dict[str, str] = RUN_STAGES) -> dict[s
     """The report's data (what the JSON file holds), from the stages bound to its roles."""
     clusters = store.read_manifest(stages["clusters"])
     tiers = store.read_manifest(stages["tiers"])
-    tier_params = TierParams.model_validate(_stage_params(store, stages["tiers"]) or {})
+    tier_params = TierParams.model_validate(_own_params(store, stages["tiers"]))
     selection = stages.get("selection")
     selected: dict[int, dict] = {}
     characters: list[dict] = []
@@ -114,6 +119,13 @@ def _stage_params(store: RunStore, stage: str) -> dict[str, Any] | None:
         return json.loads((store.stage_dir(stage) / "params.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def _own_params(store: RunStore, stage: str) -> dict[str, Any]:
+    """A stage's own section of its params.json: the whole file, or its `stage` entry where the file also
+    holds other parameters the stage reads (`reads=`, by dotted path)."""
+    params = _stage_params(store, stage) or {}
+    return params[stage] if isinstance(params.get(stage), dict) else params
 
 
 def _read_characters(store: RunStore, selection: str) -> list[dict]:
@@ -185,167 +197,120 @@ def contact_sheet(root: Path, paths: list[str], *, thumb: int = 96, columns: int
     return _png(sheet)
 
 
-# ---- HTML ---------------------------------------------------------------------------------------
+# ---- HTML ----------------------------------------------------------------------------------------
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
-h1{font-size:1.5em;margin-bottom:4px} h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
-.meta{color:#666;font-size:.9em} table{border-collapse:collapse;margin:8px 0;background:#fff}
-th,td{border:1px solid #ddd;padding:4px 10px;text-align:right} th{background:#f0f0f0}
-td.l,th.l{text-align:left} .cards{display:flex;flex-wrap:wrap;gap:16px}
-.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px;max-width:820px}
-.card h3{margin:0 0 6px 0;font-size:1.05em} .tier{display:inline-block;min-width:1.6em;text-align:center;
-border-radius:4px;color:#fff;font-weight:bold;margin-right:6px}
-.tS{background:#b8860b}.tA{background:#2e7d32}.tB{background:#1565c0}.tC{background:#6a1b9a}.tD{background:#757575}
-.issues{color:#b71c1c;font-size:.9em} .rec{color:#2e7d32;font-weight:bold} .swatch{display:inline-block;width:10px;
-height:10px;border-radius:5px;margin-right:6px} img{image-rendering:auto}
-.atypical{display:flex;flex-wrap:wrap;gap:6px} .layer{font-size:.75em;color:#555;text-align:center}
-"""
+TEMPLATES = Path(__file__).parent / "templates"
+"""The page's Jinja2 templates (report.html.j2; review.html.j2 extends it) with their CSS and script."""
 
 
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
+@functools.cache
+def templates() -> jinja2.Environment:
+    """The template environment: autoescaped HTML (the CSS and script files are included as they are)."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+        autoescape=jinja2.select_autoescape(disabled_extensions=("css", "js"), default_for_string=True, default=True),
+        finalize=lambda value: "" if value is None else value)
 
 
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def _estimate(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}"
+def _tier_rows(s: dict[str, Any], kinds: list[str]) -> list[dict[str, Any]]:
+    """The tier table's rows: clusters and layers per tier, per kind, and the tier's status."""
+    recommended = set(s["recommended_tiers"])
+    return [{"tier": t, "clusters": s["by_tier"][t], "layers": s["layers_by_tier"][t],
+             "by_kind": [s["by_tier_kind"][t][k] for k in kinds],
+             "status": "recommended" if t in recommended else ("needs augmentation" if t == "C" else "not recommended")}
+            for t in TIERS]
 
 
-def _purity(c: dict[str, Any]) -> str:
-    if c.get("purity") is None:
-        return ""
-    return (f", estimated purity {c['purity']:.2f} ({c.get('used', c['size'])} layers usable, "
-            f"{c.get('trimmed', 0)} outliers trimmed)")
+def _card_view(c: dict[str, Any], sheets: dict[int, bytes], atypical: dict[str, bytes],
+               choice: dict[str, Any] | None, review: bool = False) -> dict[str, Any]:
+    """One cluster's card: the row with defaults filled in, its pictures as data URIs, and (on the review
+    page) the review choice; the least typical layers are shown for non-scenery clusters or to review."""
+    view = {"purity": None, "trimmed": 0, "faces": None, "moving": 0, "cut_by_frame": 0, "glue_trimmed": 0, **c}
+    view.update(used=c.get("used", c["size"]), colour="#%02x%02x%02x" % cluster_colour(c["cluster_id"]),
+                sheet_uri=_data_uri(sheets[c["cluster_id"]]), choice=choice)
+    shown = choice is not None if review else c["kind"] != "scenery"
+    excluded = set(choice["exclude"]) if choice else set()
+    view["layers"] = [{"item_id": item, "thumb_uri": _data_uri(atypical[item]) if item in atypical else None,
+                       "excluded": item in excluded} for item in (c.get("atypical_ids") or [])] if shown else []
+    return view
 
 
 def render_html(report: dict[str, Any], map_image: bytes, sheets: dict[int, bytes],
-                atypical: dict[str, bytes] | None = None) -> str:
-    """The report page; every picture inline."""
+                atypical: dict[str, bytes] | None = None, review: dict[str, Any] | None = None) -> str:
+    """The report page, every picture inline; with `review` (flow_run_id, api, choices by cluster id)
+    the review page that resumes that paused flow run."""
     s = report["summary"]
     kinds = list(next(iter(s["by_tier_kind"].values())).keys()) if s["by_tier_kind"] else [UNKNOWN]
-    recommended = set(s["recommended_tiers"])
-    out = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        "<link rel='icon' href='data:,'>",
-        f"<title>Cluster report: {_e(report['run'])}</title><style>{CSS}</style></head><body>",
-        f"<h1>Cluster report: {_e(report['run'])}</h1>",
-        f"<p class='meta'>{s['layers']} layers, {s['clusters']} clusters, {s['noise_layers']} noise layers "
-        f"({100 * s['noise_fraction']:.1f} %), embedder {_e(report['embedder'])}; "
-        f"{s['recommended']} clusters recommended (tiers {_e(', '.join(s['recommended_tiers']))}), "
-        f"{s['selected_characters']} characters selected. Generated {_e(report['generated_at'])}.</p>",
-        "<h2>Tiers</h2><table id='tier-table'><thead><tr><th class='l'>tier</th><th>clusters</th><th>layers</th>",
-        *[f"<th>{_e(k)}</th>" for k in kinds], "<th class='l'>status</th></tr></thead><tbody>",
-    ]
-    for t in TIERS:
-        status = "recommended" if t in recommended else ("needs augmentation" if t == "C" else "not recommended")
-        out.append(f"<tr><td class='l'><span class='tier t{t}'>{t}</span></td><td>{s['by_tier'][t]}</td>"
-                   f"<td>{s['layers_by_tier'][t]}</td>" + "".join(f"<td>{s['by_tier_kind'][t][k]}</td>" for k in kinds)
-                   + f"<td class='l'>{status}</td></tr>")
-    out.append(f"<tr><td class='l'>noise</td><td></td><td>{s['noise_layers']}</td>" + "<td></td>" * len(kinds)
-               + "<td class='l'>not clustered</td></tr></tbody></table>")
-    out.append("<h2>Map</h2><p class='meta'>2-D UMAP of the layer embeddings, coloured by cluster; grey: noise.</p>")
-    out.append(f"<img id='cluster-map' alt='2-D map of the layers coloured by cluster' width='880' height='600' "
-               f"src='{_data_uri(map_image)}'>")
-    if report["characters"]:
-        out.append("<h2>Selected characters</h2><table id='characters'><thead><tr><th class='l'>character</th>"
-                   "<th class='l'>trigger</th><th class='l'>kind</th><th class='l'>clusters</th><th>images</th>"
-                   "<th>est. purity</th></tr></thead><tbody>")
-        for c in report["characters"]:
-            out.append(f"<tr><td class='l'>{_e(c['character'])}</td><td class='l'>{_e(c['trigger'])}</td>"
-                       f"<td class='l'>{_e(c['kind'])}</td><td class='l'>{_e(', '.join(map(str, c['cluster_ids'])))}</td>"
-                       f"<td>{c['n_images']}</td><td>{_estimate(c.get('purity'))}</td></tr>")
-        out.append("</tbody></table>")
-    for warning in report["warnings"]:
-        out.append(f"<p class='issues'>{_e(warning)}</p>")
-    scenery = [c for c in report["clusters"] if c["kind"] == "scenery"]
-    for title, group in (("Clusters", [c for c in report["clusters"] if c["kind"] != "scenery"]),
-                         ("Scenery (background material, never trained as a character)", scenery)):
-        if group or title == "Clusters":
-            out.append(f"<h2>{_e(title)}</h2><div class='cards'>")
-            out += [_card(c, sheets, atypical or {}) for c in group]
-            out.append("</div>")
-    out.append("<h2>Overrides</h2><p class='meta'>Tick layers above to exclude them; paste this into the select "
-               "overrides file (<code>--set select.overrides=FILE</code>):</p>"
-               "<textarea id='overrides' rows='8' cols='80' readonly>layers: {}</textarea>")
-    out.append(f"<script>{SCRIPT}</script></body></html>")
-    return "\n".join(out)
+    choices = {int(k): v for k, v in (review or {}).get("choices", {}).items()}
+    cards = [_card_view(c, sheets, atypical or {}, choices.get(c["cluster_id"]), review is not None)
+             for c in report["clusters"]]
+    scenery = [c for c in cards if c["kind"] == "scenery"]
+    sections = [{"title": "Clusters", "cards": [c for c in cards if c["kind"] != "scenery"]}]
+    if scenery:
+        sections.append({"title": "Scenery (background material, never trained as a character)", "cards": scenery})
+    context = {"report": report, "kinds": kinds, "tier_rows": _tier_rows(s, kinds), "map_uri": _data_uri(map_image),
+               "sections": sections}
+    if review:
+        context["review"] = {"flow_run_id": review["flow_run_id"], "api": review.get("api", "/api"),
+                             "clusters": [c["cluster_id"] for c in cards if c["choice"] is not None]}
+    return templates().get_template("review.html.j2" if review else "report.html.j2").render(context)
 
 
-SCRIPT = """
-document.addEventListener('change', () => {
-  const ids = [...document.querySelectorAll('input.exclude:checked')].map(b => b.dataset.layer);
-  document.getElementById('overrides').value = ids.length
-    ? 'layers:\\n' + ids.map(i => '  "' + i + '": {exclude: true}').join('\\n') : 'layers: {}';
-});
-"""
+def pictures(store: RunStore, report: dict[str, Any], stages: dict[str, str], layers: dict[str, str]
+             ) -> tuple[bytes, dict[int, bytes], dict[str, bytes]]:
+    """The page's pictures: the 2-D map, each cluster's contact sheet, and a thumbnail of each of `layers`
+    (item id -> path in the run folder)."""
+    clusters = store.read_manifest(stages["clusters"], columns=["cluster_id", "umap_x", "umap_y"])
+    xy = np.stack([clusters.column("umap_x").to_numpy(zero_copy_only=False),
+                   clusters.column("umap_y").to_numpy(zero_copy_only=False)], axis=1) if clusters.num_rows else np.zeros((0, 2))
+    labels = clusters.column("cluster_id").to_numpy(zero_copy_only=False) if clusters.num_rows else np.zeros(0, int)
+    sheets = {c["cluster_id"]: contact_sheet(store.root, c["sample_paths"]) for c in report["clusters"]}
+    thumbs = {item: contact_sheet(store.root, [path], thumb=72, columns=1) for item, path in layers.items()}
+    return map_png(xy, labels), sheets, thumbs
 
 
-def _evidence(c: dict[str, Any]) -> str:
-    """What says 'character' in a cluster (members holding an anime face, members that move) and how
-    clean its layers are (cut by the frame's edge, trimmed of static scenery glued to them)."""
-    if c.get("faces") is None:
-        return ""
-    return (f"; {c['faces']} of {c['size']} hold a face, {c.get('moving', 0)} move, "
-            f"{c.get('cut_by_frame', 0)} cut by the frame, {c.get('glue_trimmed', 0)} trimmed of glued scenery")
-
-
-def _card(c: dict[str, Any], sheets: dict[int, bytes], atypical: dict[str, bytes]) -> str:
-    """One cluster's card: tier, kind, purity, measures, samples, least typical layers with exclude boxes."""
-    out = []
-    colour = "#%02x%02x%02x" % cluster_colour(c["cluster_id"])
-    demoted = f" (size tier {c['size_tier']})" if c["size_tier"] != c["tier"] else ""
-    who = f" &rarr; <b>{_e(c['character'])}</b> (trigger <code>{_e(c['trigger'])}</code>)" if c["selected"] else ""
-    out.append(
-        f"<div class='card' id='cluster-{c['cluster_id']}'><h3><span class='tier t{c['tier']}'>{c['tier']}</span>"
-        f"<span class='swatch' style='background:{colour}'></span>cluster {c['cluster_id']}{who}</h3>"
-        f"<div class='meta'>{c['size']} layers{demoted}, kind {_e(c['kind'])}{_purity(c)}"
-        f"{', <span class=rec>recommended</span>' if c['recommended'] else ''}; sharpness {c['mean_sharpness']:.1f}, "
-        f"alpha coverage {c['mean_alpha_coverage']:.2f}, duplicates {100 * c['duplicate_ratio']:.0f} %, "
-        f"mean layer area {100 * c['mean_layer_area']:.1f} % of the frame{_evidence(c)}</div>"
-    )
-    for issue in c["quality_issues"]:
-        out.append(f"<div class='issues'>{_e(issue)}</div>")
-    out.append(f"<img alt='sample layers of cluster {c['cluster_id']}' src='{_data_uri(sheets[c['cluster_id']])}'>")
-    if c.get("atypical_ids") and c["kind"] != "scenery":
-        out.append("<div class='meta'>least typical first (tick to exclude):</div><div class='atypical'>")
-        for item in c["atypical_ids"]:
-            thumb = f"<img alt='{_e(item)}' src='{_data_uri(atypical[item])}'>" if item in atypical else ""
-            out.append(f"<label class='layer'>{thumb}<br><input type='checkbox' class='exclude' "
-                       f"data-layer='{_e(item)}'> {_e(item)}</label>")
-        out.append("</div>")
-    out.append("</div>")
-    return "\n".join(out)
+def _check_done(store: RunStore, stages: dict[str, str]) -> None:
+    if not (store.is_done(stages["clusters"]) and store.is_done(stages["tiers"])):
+        raise StageNotDoneError(f"run '{store.name}' has no finished cluster and tier stages; run it with "
+                                f"--until tier (or later) first")
 
 
 def write_report(store: RunStore, out: Path | None = None, stages: dict[str, str] = RUN_STAGES
                  ) -> tuple[Path, Path, dict[str, Any]]:
     """Write `cluster_report.html` and `.json` (default folder `<run>/report/`) from the stages bound to
     the report's roles. Returns (html, json, data). Raises StageNotDoneError without clusters and tiers."""
-
-    if not (store.is_done(stages["clusters"]) and store.is_done(stages["tiers"])):
-        raise StageNotDoneError(f"run '{store.name}' has no finished cluster and tier stages; run it with "
-                                f"--until tier (or later) first")
+    _check_done(store, stages)
     report = build_report(store, stages)
-    clusters = store.read_manifest(stages["clusters"], columns=["cluster_id", "umap_x", "umap_y"])
-    xy = np.stack([clusters.column("umap_x").to_numpy(zero_copy_only=False),
-                   clusters.column("umap_y").to_numpy(zero_copy_only=False)], axis=1) if clusters.num_rows else np.zeros((0, 2))
-    labels = clusters.column("cluster_id").to_numpy(zero_copy_only=False) if clusters.num_rows else np.zeros(0, int)
-    sheets = {c["cluster_id"]: contact_sheet(store.root, c["sample_paths"]) for c in report["clusters"]}
-    atypical = {item: contact_sheet(store.root, [path], thumb=72, columns=1) for c in report["clusters"]
-                if c["kind"] != "scenery" for item, path in zip(c.get("atypical_ids") or [], c.get("atypical_paths") or [])}
+    atypical = {item: path for c in report["clusters"] if c["kind"] != "scenery"
+                for item, path in zip(c.get("atypical_ids") or [], c.get("atypical_paths") or [])}
+    map_image, sheets, thumbs = pictures(store, report, stages, atypical)
     folder = Path(out) if out else store.root / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     html_path, json_path = folder / HTML_NAME, folder / JSON_NAME
-    for path, text in ((html_path, render_html(report, map_png(xy, labels), sheets, atypical)),
+    for path, text in ((html_path, render_html(report, map_image, sheets, thumbs)),
                        (json_path, json.dumps(report, indent=2, default=str))):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
     return html_path, json_path, report
+
+
+def render_review(store: RunStore, choices: dict[int, dict[str, Any]], flow_run_id: str, api: str = "/api",
+                  stages: dict[str, str] = RUN_STAGES) -> str:
+    """The review page of a paused flow run: the report with, per cluster of `choices` (cluster id ->
+    selected, name, trigger, exclude: layer ids, layers: least typical layer id -> path), its controls.
+    It resumes `flow_run_id` through the Prefect API at `api` (the page's own server by default)."""
+    _check_done(store, stages)
+    report = build_report(store, stages)
+    layers = {item: path for choice in choices.values() for item, path in choice["layers"].items()}
+    map_image, sheets, thumbs = pictures(store, report, stages, layers)
+    review = {"flow_run_id": flow_run_id, "api": api,
+              "choices": {cid: {k: v for k, v in c.items() if k != "layers"} for cid, c in choices.items()}}
+    return render_html(report, map_image, sheets, thumbs, review)
 
 
 def write_cluster_report(run: RunRef, inputs: dict[str, StageResult]) -> str:
@@ -365,11 +330,8 @@ def summary_table(report: dict[str, Any]) -> Any:
                         f"noise {s['noise_layers']} ({100 * s['noise_fraction']:.1f} %)")
     for column in ("tier", "clusters", "layers", *kinds, "status"):
         table.add_column(column, justify="left" if column in ("tier", "status") else "right")
-    recommended = set(s["recommended_tiers"])
-    for t in TIERS:
-        status = "recommended" if t in recommended else ("needs augmentation" if t == "C" else "not recommended")
-        table.add_row(t, str(s["by_tier"][t]), str(s["layers_by_tier"][t]),
-                      *(str(s["by_tier_kind"][t][k]) for k in kinds), status)
+    for row in _tier_rows(s, kinds):
+        table.add_row(row["tier"], str(row["clusters"]), str(row["layers"]), *map(str, row["by_kind"]), row["status"])
     table.add_row("all", str(s["clusters"]), str(s["layers"] - s["noise_layers"]),
                   *(str(s["by_kind"].get(k, 0)) for k in kinds), f"{s['selected_characters']} characters selected")
     return table
