@@ -6,7 +6,7 @@ from __future__ import annotations
 from flows.params import LAST_STAGE, RunParams, Stage
 from flows.review import pause_for_review
 from flows.scale import TaskRunnerKind, check_runner, on_dask, run_on_dask
-from flows.pipeline_flow import OptionalText, pipeline_flow, recorded_run, refuse_programs_from_api
+from flows.pipeline_flow import OptionalText, pipeline_flow, recorded_run, refuse_programs_from_api, with_training
 from tasks.sources.episodes import discover_videos, normalize_inputs
 from tasks.pipelines import PIPELINES
 from tasks.run.runner import run_pipeline, stages_between
@@ -18,6 +18,8 @@ def episode_to_lora(
     inputs: list[str],
     name: str,
     until: Stage = LAST_STAGE,
+    profile: OptionalText = "",
+    base: OptionalText = "",
     runs_dir: str = "data/runs",
     params: RunParams = RunParams(),
     webhook_url: OptionalText = "",
@@ -32,6 +34,9 @@ def episode_to_lora(
         inputs: video files, folders of videos or globs (relative: to the project folder).
         name: the run's folder under runs_dir; the flow run takes the same name.
         until: the last stage to run (the whole pipeline by default; `frames` stops after sampling frames).
+        profile: training profile: fast or final (the FLUX guide's tables), package (the package's kohya
+            TOMLs) or demo (a tiny CPU stand-in); empty: params.train.profile.
+        base: base model: a Hugging Face id, a local folder or file, tiny / tiny-flux; empty: params.train.base.
         runs_dir: folder holding all runs (relative: to the project folder).
         params: every stage's parameters, one card per stage in pipeline order.
         webhook_url: POST a JSON summary here when the run completes or fails (optional).
@@ -42,6 +47,7 @@ def episode_to_lora(
             attempts/ and run with these (else such a run is refused, unchanged).
     """
     check_runner(task_runner)
+    params = with_training(params, profile, base)
     refuse_programs_from_api(params)
     inputs = normalize_inputs(inputs)
     discover_videos(inputs)  # nothing to read at all: fail before the run record changes

@@ -75,6 +75,16 @@ def told_in_one_line(fn: Callable) -> Callable:
     return run
 
 
+def with_training(params: Any, profile: str, base: str) -> Any:
+    """`params` with `train.profile` and `train.base` set where the form's top fields give them (empty: as
+    `params` says): what a person sets on every run sits first in the form, and means what --set means."""
+    given = {field: value for field, value in (("profile", profile), ("base", base)) if value}
+    if not given:
+        return params
+    train = type(params.train).model_validate({**params.train.model_dump(), **given})
+    return params.model_copy(update={"train": train})
+
+
 @contextmanager
 def recorded_run(source: str, run: RunRef, params: Any, inputs: list[str], until: str,
                  new_attempt: bool) -> Iterator[None]:
