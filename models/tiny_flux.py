@@ -13,13 +13,9 @@ same `from_pretrained(local dir)` the real ids use. Untrained: it proves code pa
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
-from models.tiny_sd import TINY_CACHE, TINY_VERSION, _save, _text_config, tiny_clip_tokenizer
+from models.tiny_sd import TINY_CACHE, _save, _text_config, built_once, tiny_clip_tokenizer
 
 FLUX_VAE_SCALING = 2.8
 """Latent scaling of the tiny VAE (FLUX.1's is 0.3611 with shift 0.1159): about unit-variance latents."""
@@ -63,12 +59,4 @@ def ensure_tiny_flux(name: str, cache: Path | None = None) -> Path:
     if name not in TINY_FLUX_BASES:
         raise KeyError(f"unknown tiny FLUX base '{name}'; known: {', '.join(TINY_FLUX_BASES)}")
     folder, guidance = TINY_FLUX_BASES[name]
-    path = Path(cache or TINY_CACHE) / folder
-    stamp = path / "episode2lora_tiny.json"
-    if path.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("version") != TINY_VERSION):
-        stale = path.with_name(f".{path.name}.stale-{uuid.uuid4().hex[:6]}")
-        os.rename(path, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    if not (path / "model_index.json").is_file():
-        build_tiny_flux(path, guidance=guidance)
-    return path
+    return built_once(Path(cache or TINY_CACHE) / folder, lambda path: build_tiny_flux(path, guidance=guidance))

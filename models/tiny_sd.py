@@ -16,6 +16,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CACHE = REPO / ".cache"
@@ -181,7 +182,11 @@ def ensure_tiny_base(name: str, cache: Path | None = None) -> Path:
     if name not in TINY_BASES:
         raise KeyError(f"unknown tiny base '{name}'; known: {', '.join(TINY_BASES)}")
     folder, build = TINY_BASES[name]
-    path = Path(cache or TINY_CACHE) / folder
+    return built_once(Path(cache or TINY_CACHE) / folder, build)
+
+
+def built_once(path: Path, build: Callable[[Path], Path]) -> Path:
+    """`path`, built by `build(path)` unless a build of this TINY_VERSION is there (an older one is replaced)."""
     stamp = path / "episode2lora_tiny.json"
     if path.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("version") != TINY_VERSION):
         stale = path.with_name(f".{path.name}.stale-{uuid.uuid4().hex[:6]}")
