@@ -112,7 +112,9 @@ def test_a_stage_is_fingerprinted_by_what_it_declares_it_reads(tmp_path, capsys)
     changed = Params(numbers=CountParams(factor=3))
     assert reading.fingerprint(Params(), {"values": numbers}) != reading.fingerprint(changed, {"values": numbers})
     assert TOTAL.fingerprint(Params(), {"values": numbers}) == TOTAL.fingerprint(changed, {"values": numbers})
-    run_stage(reading, store, Params(), {"values": numbers})
+    run_stage(TOTAL, store, Params(), {"values": numbers})
     capsys.readouterr()
+    run_stage(reading, store, Params(), {"values": numbers})  # the same stage, now declaring a read of numbers.factor
+    assert "total: recomputed, it now reads other parameters (numbers.factor, total)" in capsys.readouterr().err
     again = run_stage(reading, store, changed, {"values": numbers})
-    assert again.recomputed and "total: recomputed, its settings changed (numbers.factor)" in capsys.readouterr().out
+    assert again.recomputed and "total: recomputed, its settings changed (numbers.factor)" in capsys.readouterr().err

@@ -4,6 +4,7 @@ artifacts. Their Prefect tasks and cache keys are made from their specs (tasks/r
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -112,14 +113,35 @@ def commit_global(store: RunStore, stage: str, fp: str, settings: dict[str, Any]
 
 
 def say_why_recomputed(store: RunStore, stage: str, settings: dict[str, Any]) -> None:
-    """Print one line when a stage done before is computed again: which of its settings changed, or that
-    its inputs did (a first run, or one after `clean`, says nothing)."""
+    """Say, as a warning (the terminal and the run's logs), why a stage done before is computed again:
+    which of its settings changed, that it now reads other parameters (a newer version of this project),
+    or that its inputs did. A first run, or one after `clean`, says nothing."""
     if store.marker(stage) is None:
         return
     before = read_json_object(store.stage_dir(stage) / "params.json") or {}
     changed = sorted(key for key in {*before, *settings} if before.get(key) != settings.get(key))
-    why = f"its settings changed ({', '.join(changed[:6])})" if changed else "its inputs or version changed"
-    print(f"{stage}: recomputed, {why}")
+    if set(before) != set(settings):
+        why = f"it now reads other parameters ({', '.join(sorted(set(settings) - set(before))[:6]) or 'fewer'}) " \
+              "than the version that made it; once"
+    elif changed:
+        why = f"its settings changed ({', '.join(changed[:6])})"
+    else:
+        why = "its inputs or its version changed"
+    warn(f"{stage}: recomputed, {why}")
+
+
+def warn(line: str) -> None:
+    """A warning line: in the run's logs inside a Prefect run (and so in the terminal), else on stderr."""
+    try:
+        from prefect.context import FlowRunContext, TaskRunContext
+        from prefect.logging import get_run_logger
+
+        if FlowRunContext.get() or TaskRunContext.get():
+            get_run_logger().warning(line)
+            return
+    except ImportError:  # pragma: no cover
+        pass
+    print(f"warning: {line}", file=sys.stderr)
 
 
 def reused(store: RunStore, stage: str, fp: str) -> Optional[StageResult]:
