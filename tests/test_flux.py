@@ -471,3 +471,30 @@ def test_kohya_scripts_trainer_refuses_a_flux_base_with_the_way_out(package, tmp
     with pytest.raises(ValueError, match="ai_toolkit.yaml"):
         get_trainer("kohya", scripts_dir=str(tmp_path)).train(job)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_pipelines_train_stage_trains_a_flux_lora_from_a_packaged_run(tmp_path):
+    """The train stage (not only `episode2lora train`) on a FLUX base: kohya FLUX keys, flux metadata,
+    the manifest and the versions registry say so."""
+    from safetensors import safe_open
+
+    from tasks.run.spec import run_stage
+    from tasks.run.stage import StageResult
+    from tasks.run.store import RunStore
+    from tasks.run.versions import read_versions
+    from tasks.train import TRAIN, TrainParams
+    from tests.lora_fixtures import make_character
+    from tests.stages import run_params
+
+    store = RunStore(tmp_path, "flux")
+    make_character(store.root / "package", "blob", "zqx", n_train=4, n_validation=0)
+    params = run_params(train=TrainParams(profile="demo", base="tiny-flux", max_steps=4, sample_prompts=[]))
+    result = run_stage(TRAIN, store, params, {"package": StageResult(stage="package", fingerprint="p")})
+    row = store.read_manifest("train").to_pylist()[0]
+    assert result.recomputed and row["steps"] == 4
+    with safe_open(row["lora_path"] if row["lora_path"].startswith("/") else str(store.root / row["lora_path"]),
+                   "pt") as lora:
+        keys, meta = list(lora.keys()), lora.metadata()
+    assert any(k.startswith("lora_unet_double_blocks_0_") for k in keys) and any(k.endswith(".alpha") for k in keys)
+    assert "flux" in meta["ss_base_model_version"]
+    assert [(v["base"], v["status"]) for v in read_versions(tmp_path).to_pylist()] == [("tiny-flux", "completed")]
