@@ -47,7 +47,7 @@ from tasks.run.stage import Plan, Shard, StageResult, merge_shard_parts, run_sha
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, write_error
 
 STAGE = "segment"
-VERSION = 3
+VERSION = 4  # 4: no split or trim of a figure standing still (head or body); what a pan hides stays with the figure
 LOOK = "_look"
 """Row key of a layer's appearance thumbnail while a shard is built (not a manifest column)."""
 RECURRENCE_PENALTY = 0.5

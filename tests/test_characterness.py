@@ -513,3 +513,53 @@ def test_a_still_patch_inside_a_moving_figure_is_kept():
     figure = ((xx - 80) / 30.0) ** 2 + ((yy - 100) / 60.0) ** 2 <= 1
     still = ((xx - 80) / 18.0) ** 2 + ((yy - 100) / 30.0) ** 2 <= 1  # the torso overlaps itself across frames
     assert trim_static_parts(_motion(figure & ~still), figure, moving_share=0.3) is None
+
+
+# ---- a glued layer is cut only where the still rest is scenery ------------------------------------
+
+def _figure_with_still_head() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(layer pixels, the moving body, the still head) in a 180x320 frame: a figure whose arms and legs
+    move while its head stays where it was."""
+    yy, xx = np.mgrid[:180, :320]
+    head = ((xx - 80) / 30.0) ** 2 + ((yy - 50) / 30.0) ** 2 <= 1
+    body = (xx >= 58) & (xx < 102) & (yy >= 78) & (yy < 150)
+    return head | body, body, head
+
+
+def _split(motion: ShotMotion, pixels: np.ndarray) -> list[np.ndarray] | None:
+    from tasks.characterness import split_glued
+
+    return split_glued(motion, pixels, 0.01 * pixels.size, max_share=0.7, reach=5)
+
+
+def test_a_figure_whose_head_stands_still_is_not_split_from_its_head():
+    pixels, body, head = _figure_with_still_head()
+    everywhere = np.ones_like(pixels)
+    stays = head | (body & (np.indices(body.shape)[0] < 120))  # where every other frame has foreground too
+    standing = ShotMotion(differs=body.copy(), known=everywhere, others=2, occupied=stays)  # the figure in place
+    assert _split(standing, pixels) is None
+    glued = ShotMotion(differs=body.copy(), known=everywhere, others=2, occupied=head.copy())  # scenery marked in every frame, the figure walked on
+    parts = _split(glued, pixels)
+    assert parts is not None and (np.logical_or.reduce(parts) & head).sum() < 0.5 * head.sum()
+
+
+def test_what_no_other_frame_shows_stays_with_the_moving_part():
+    pixels, _, _ = _figure_with_still_head()
+    left = np.indices(pixels.shape)[1] < 80
+    panned = ShotMotion(differs=pixels & left, known=left, others=2)  # the camera panned: the right half is unseen
+    parts = _split(panned, pixels)
+    assert parts is None or (np.logical_or.reduce(parts) & pixels).sum() > 0.95 * pixels.sum()
+
+
+def test_a_still_body_with_swinging_arms_is_not_trimmed_but_a_sign_the_figure_walked_past_is():
+    yy, xx = np.mgrid[:180, :320]
+    body = ((xx - 80) / 20.0) ** 2 + ((yy - 100) / 45.0) ** 2 <= 1
+    arms = ((xx >= 52) & (xx < 62) | (xx >= 98) & (xx < 108)) & (yy >= 90) & (yy < 120)
+    figure = body | arms
+    standing = ShotMotion(differs=arms.copy(), known=np.ones_like(figure), others=2, occupied=body | (arms & (yy < 100)))
+    assert trim_static_parts(standing, figure, moving_share=0.3) is None  # the body is there in every frame
+    pixels, figure, sign = _figure_with_sign()
+    moving = figure & ((np.indices(figure.shape).sum(0) % 3) != 0)
+    walked = ShotMotion(differs=moving, known=np.ones_like(moving), others=2, occupied=sign.copy())  # the sign stays
+    kept = trim_static_parts(walked, pixels, moving_share=0.3)
+    assert kept is not None and (kept & sign & ~figure).sum() < 0.05 * (sign & ~figure).sum()

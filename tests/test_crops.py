@@ -198,3 +198,15 @@ def test_an_anime_sprite_gets_crops_centred_on_the_face_the_detector_found(tmp_p
     assert abs((x0 + x1) / 2 - (fx0 + fx1) / 2) < 0.03 * side and abs((y0 + y1) / 2 - (fy0 + fy1) / 2) < 0.03 * side
     upper = np.asarray(Image.open(store.root / rows["ep01:0000001:01#upper_body"]["path"]))
     assert fy1 < upper.shape[0] < layer.shape[0] * 0.8
+
+
+def test_the_select_stage_leaves_out_a_layer_cut_from_a_glued_one_while_min_images_allows(run):
+    """The stage hands select the segment rows' clean figures (here `split_from`); select.prefer_clean."""
+    segment = run.read_manifest("segment")
+    cut = [1 if i == "ep01:0000030:01" else None for i in segment.column("item_id").to_pylist()]
+    run.begin_stage("segment", {})
+    run.commit_stage("segment", segment.append_column("split_from", pa.array(cut, pa.int32())), fingerprint("segment", 1, {}, {}))
+    result = _select(run, SelectParams(min_images=2, crops=["full"]))
+    assert sorted(_selected(run)) == ["ep01:0000010:01", "ep01:0000020:01"] and result.summary["left_out_unclean"] == 1
+    _select(run, SelectParams(min_images=3, crops=["full"]))
+    assert sorted(_selected(run)) == sorted(LAYERS)  # never below min_images

@@ -426,3 +426,42 @@ def test_select_stage_stops_with_the_largest_clusters_when_nothing_is_selected(t
     taken = run_plain(store, "select", after="tier",  # what the message says
                       select=SelectParams(tiers=["D"], min_images=min(used.values())))
     assert taken.summary["characters"] == 2
+
+
+# ---- clean layers preferred --------------------------------------------------------------------------
+
+def test_prefer_clean_leaves_out_the_likely_unclean_layers_but_never_below_min_images():
+    from tasks.select import prefer_clean, unclean_signs
+
+    layers = [{"item_id": f"l{j}"} for j in range(10)]
+    segment = {f"l{j}": {"split_from": None, "cut_edges": "", "area_frac": 0.05} for j in range(10)}
+    segment["l1"]["split_from"] = 1                                  # cut from a glued layer
+    segment["l2"].update(split_from=2, area_frac=0.03)               # cut, and it lost part of the figure: two signs
+    segment["l4"].update(cut_edges="bottom", area_frac=0.03)         # framed at the waist: no sign
+    segment["l5"]["area_frac"] = 0.09                                # much larger: scenery glued on
+    typicality = {f"l{j}": 0.0 for j in range(10)} | {"l3": 3.0}     # unlike its cluster
+    assert unclean_signs(segment["l2"], 0.0, 0.05) == ["cut from a glued layer", "only 0.60 of the character's median size"]
+    assert unclean_signs(segment["l4"], 0.0, 0.05) == [] and unclean_signs(segment["l5"], 0.0, 0.05) == \
+        ["1.80 times the character's median size"]
+    kept, dropped = prefer_clean(layers, segment, typicality, keep=8)
+    assert dropped == ["l2", "l3"] and [r["item_id"] for r in kept] == ["l0", "l1", *(f"l{j}" for j in range(4, 10))]
+    assert prefer_clean(layers, segment, typicality, keep=9)[1] == ["l2"]      # most signs first, then the least typical
+    assert prefer_clean(layers, segment, typicality, keep=5)[1] == ["l1", "l2", "l3", "l5"]  # only layers with a sign
+    assert prefer_clean(layers, segment, typicality, keep=10)[1] == []         # never below min_images
+    assert prefer_clean(layers, segment, typicality, keep=5, pinned={"l2"})[1] == ["l1", "l3", "l5"]  # an override's move stays
+
+
+def test_select_prefers_clean_layers_down_to_min_images(tables):
+    clusters, tiers = tables
+    segment = {r["item_id"]: {"split_from": 1 if r["item_id"].endswith(("1", "3")) else None, "cut_edges": "",
+                              "area_frac": 0.1} for r in clusters.to_pylist()}
+    params = SelectParams(tiers=list("SABCD"), min_images=20)
+    rows, characters, summary = select_characters(clusters, tiers, params, None, None, segment)
+    n = dict(zip(characters.column("character").to_pylist(), characters.column("n_images").to_pylist()))
+    assert n == {"char_000": 96, "char_001": 48, "char_002": 20}  # 24, 12 and 5 cut layers left out: 20 kept
+    taken = rows.column("item_id").to_pylist()
+    assert not any(i.endswith(("1", "3")) for i in taken if i.startswith(("ep:+0:", "ep:+1:")))
+    assert summary["left_out_unclean"] == 24 + 12 + 5
+    rows, characters, _ = select_characters(clusters, tiers, params.model_copy(update={"prefer_clean": False}),
+                                            None, None, segment)
+    assert characters.column("n_images").to_pylist() == [120, 60, 25]
