@@ -30,7 +30,7 @@ from tasks.run.stage import Plan, Shard, StageResult, merge_shards, rows_by_char
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, safe_name
 
 STAGE = "caption"
-VERSION = 3  # 2: template framing from the edges a figure was cut at (portrait, cropped); 3: crops' framing
+VERSION = 4  # 2: template framing from the edges a figure was cut at (portrait, cropped); 3: crops' framing; 4: crumbs dropped
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),          # the augment row's item id (the image)

@@ -104,9 +104,40 @@ def cover(background: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(big[y0:y0 + size, x0:x0 + size])
 
 
+CRUMB_SHARE = 0.1
+"""A part of a layer smaller than this share of its largest part, and apart from it, is a crumb."""
+CRUMB_GAP = 0.03
+"""Apart: further from the largest part than this share of its longer side (and more than 2 pixels)."""
+
+
+def drop_crumbs(layer: np.ndarray) -> np.ndarray:
+    """The layer without its crumbs: bits of scenery the segmenter kept beside the figure (a leaf, a
+    sign's corner). A part is a crumb when it is under CRUMB_SHARE of the largest part's area and further
+    from it than the gap (a hand or a tuft of hair held apart from the body by a thin gap stays). Crumbs
+    would otherwise widen the crop, shrinking the figure, and be learnt as part of it."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats((layer[..., 3] > ALPHA_ON).astype(np.uint8), 8)
+    if count <= 2:
+        return layer
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    main = 1 + int(np.argmax(areas))
+    small = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] < CRUMB_SHARE * areas.max()]
+    if not small:
+        return layer
+    distance = cv2.distanceTransform((labels != main).astype(np.uint8), cv2.DIST_L2, 3)
+    gap = max(2.0, CRUMB_GAP * max(stats[main, cv2.CC_STAT_WIDTH], stats[main, cv2.CC_STAT_HEIGHT]))
+    crumbs = [i for i in small if distance[labels == i].min() > gap]
+    if not crumbs:
+        return layer
+    out = layer.copy()
+    out[np.isin(labels, crumbs), 3] = 0
+    return out
+
+
 def render(layer: np.ndarray, background: np.ndarray | None, spec: RenderSpec) -> np.ndarray:
-    """Composite one RGBA layer onto the canvas; returns RGBA (RGB image, alpha = character)."""
+    """Composite one RGBA layer (without its crumbs) onto the canvas; returns RGBA (RGB image, alpha =
+    character)."""
     size = spec.resolution
+    layer = drop_crumbs(layer)
     x0, y0, x1, y1 = alpha_box(layer[..., 3])
     h, w = layer.shape[:2]
     touches = {"left": x0 == 0, "right": x1 == w, "top": y0 == 0, "bottom": y1 == h}

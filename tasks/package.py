@@ -50,7 +50,7 @@ from tasks.run.stage import StageResult, rows_by_character
 from tasks.run.store import QUARANTINE, RunStore, safe_name, write_table
 
 STAGE = "package"
-VERSION = 4  # 4: column `crop`
+VERSION = 5  # 4: column `crop`; 5: crumbs dropped before rendering
 
 TABLE: tuple[tuple[float, int, int, float, float], ...] = (
     (10, 30, 30, 5e-5, 2e-5),

@@ -46,3 +46,34 @@ def test_the_wrap_check_finds_a_wrapped_contour_and_nothing_in_clean_pictures():
     dark = np.full((64, 64, 3), 255, np.uint8)
     dark[30:34, 10:50] = (10, 10, 10)  # a black outline is not a wrapped colour
     assert wrapped_pixels(dark) == 0
+
+
+def _figure_with(*parts: tuple[int, int, int, int]) -> np.ndarray:
+    """A 100x100 layer: a 40x60 body at (30, 20), plus opaque boxes (x, y, w, h)."""
+    layer = np.zeros((100, 100, 4), np.uint8)
+    layer[20:80, 30:70] = (0, 128, 0, 255)
+    for x, y, w, h in parts:
+        layer[y:y + h, x:x + w] = (200, 100, 0, 255)
+    return layer
+
+
+def test_a_crumb_of_scenery_apart_from_the_figure_is_dropped_and_does_not_shrink_it():
+    from tasks.composite import drop_crumbs
+
+    crumb = (92, 2, 6, 6)  # a leaf in the top right corner, far from the body
+    layer = _figure_with(crumb)
+    cleaned = drop_crumbs(layer)
+    assert cleaned[2:8, 92:98, 3].max() == 0 and (cleaned[20:80, 30:70, 3] == 255).all()
+    spec = RenderSpec(resolution=128, fill=0.8)
+    with_crumb, without = render(layer, None, spec), render(_figure_with(), None, spec)
+    assert np.array_equal(with_crumb, without)  # the crop is the body's: the figure keeps its size
+
+
+def test_a_hand_held_apart_by_a_gap_and_a_large_part_stay():
+    from tasks.composite import drop_crumbs
+
+    hand = (71, 40, 5, 5)  # 2 px beside the body (x 30..69): within the gap
+    large = (0, 0, 20, 20)  # far away, but over a tenth of the body's area: not a crumb
+    for part in (hand, large):
+        layer = _figure_with(part)
+        assert np.array_equal(drop_crumbs(layer), layer), part
