@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -56,7 +57,8 @@ from tasks.run.yaml_file import read_yaml_mapping
 from tasks.tier import KINDS, MEMBERS, Tier
 
 STAGE = "select"
-VERSION = 4  # 3: head and upper-body crops of layers with a face (column `crop`); 4: clean layers preferred
+VERSION = 5  # 3: head and upper-body crops of layers with a face (column `crop`); 4: clean layers preferred;
+# 5: characters.parquet counts training images (crops included) and layers (`n_layers`)
 CHARACTERS = "characters.parquet"
 CROPS = "crops"
 Crop = Literal["full", "upper_body", "head"]
@@ -88,7 +90,8 @@ CHARACTER_SCHEMA = pa.schema([
     ("trigger", pa.string()),
     ("kind", pa.string()),
     ("cluster_ids", pa.list_(pa.int32())),
-    ("n_images", pa.int64()),
+    ("n_images", pa.int64()),        # training images: its layers and their crops (`crops`)
+    ("n_layers", pa.int64()),        # the layers they come from
     ("purity", pa.float32()),        # estimated (the tier stage's, weighted by the clusters' usable layers)
 ])
 
@@ -395,7 +398,8 @@ def _character(root: int, cids: list[int], layers: list[dict], tier_rows: dict[i
     largest = max(cids, key=lambda c: (tier_rows[c]["size"], -c))
     return {"character": name, "trigger": entry.trigger or trigger,
             "kind": entry.kind or tier_rows[largest].get("sub_kind") or tier_rows[largest]["kind"],
-            "cluster_ids": sorted(cids), "n_images": len(layers), "purity": _purity(layers, tier_rows)}
+            "cluster_ids": sorted(cids), "n_images": len(layers), "n_layers": len(layers),
+            "purity": _purity(layers, tier_rows)}
 
 
 def select_characters(clusters: pa.Table, tiers: pa.Table, params: SelectParams,
@@ -598,7 +602,6 @@ def build_select(store: RunStore, params: Any, inputs: Inputs, folder: Path) -> 
                                                    _clean_fields(segment))
     if not characters.num_rows:
         raise NothingSelected(nothing_selected_message(tiers, own))
-    write_table(characters, folder / CHARACTERS)
     shutil.rmtree(folder / CROPS, ignore_errors=True)  # crops of an earlier selection go
     faces = _faces(segment) if segment is not None else {}
     layers = table.to_pylist()
@@ -609,6 +612,10 @@ def build_select(store: RunStore, params: Any, inputs: Inputs, folder: Path) -> 
     rows = [row for layer in layers
             for row in ([layer] if "full" in own.crops else []) + crops_of.get(layer["item_id"], [])]
     summary.update(images=len(rows), layers_with_face=sum(r["item_id"] in faces for r in layers), crops=counts)
+    images = Counter(row["character"] for row in rows)
+    write_table(characters.set_column(characters.schema.get_field_index("n_images"), "n_images",
+                                      pa.array([images[c] for c in characters.column("character").to_pylist()],
+                                               pa.int64())), folder / CHARACTERS)
     return pa.Table.from_pylist(rows, schema=SCHEMA), summary, [f"{STAGE}/{CHARACTERS}"]
 
 

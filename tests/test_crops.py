@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pydantic import ValidationError
@@ -116,6 +117,9 @@ def test_select_adds_head_and_upper_body_crops_of_layers_with_a_face(run):
     assert abs(xs.mean() - upper.shape[1] / 2) < 1
     crops = result.summary["crops"]
     assert crops["head"] == crops["upper_body"] == 1 and crops["too_small"] == 2  # the small figure's two
+    characters = pq.read_table(run.root / "select" / "characters.parquet").to_pylist()
+    assert sum(c["n_images"] for c in characters) == len(rows)  # training images: layers and their crops
+    assert sum(c["n_layers"] for c in characters) == len(LAYERS)
 
 
 def test_the_episode_pipeline_hands_select_the_segment_layers():
@@ -136,6 +140,8 @@ def test_the_resolution_floor_and_the_crops_parameter(run):
     assert sorted(rows) == sorted(LAYERS) and not (run.root / "select" / "crops").exists()
     _select(run, SelectParams(min_images=1, crops=["head"]))
     assert sorted(_selected(run)) == ["ep01:0000010:01#head"]
+    (character,) = pq.read_table(run.root / "select" / "characters.parquet").to_pylist()
+    assert (character["n_images"], character["n_layers"]) == (1, len(LAYERS))
     with pytest.raises(ValidationError, match="crops"):
         SelectParams(crops=[])
     with pytest.raises(ValidationError, match="crops"):
