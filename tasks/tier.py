@@ -8,9 +8,15 @@ member whose segment `character_score` is below `min_character_score` is not cha
 material. `kind` is `character` when at least `character_share` of the members are character
 material (one without a motion cue, from a shot of one sampled frame, counts half), `scenery`
 when at most `scenery_share` are, else `mixed`; only character clusters are recommended.
-`purity` estimates the share of true character layers among those `select` will take (their
-mean character score). `tier/members.parquet` holds the per-layer verdicts (typicality,
-outlier, used) that `select` and the report read.
+`evidence` is the share of the members that are character material (one without a motion or
+face cue counts half; trimmed ones count 0), over all members: the scenery a cluster holds, used
+or not, tells how far its appearance is a character's. `purity` estimates the share of true
+character layers among those `select` will take from it: 0 at `purity_floor` evidence or below,
+rising linearly to 1 at `character_share` (issue 22: the mean character score of the used layers
+it was before ignored the cluster's scenery and trimmed members: mean absolute error 0.27, bias
++0.13 on the test footage; benchmarks/purity.py compares the two with the footage truth).
+`tier/members.parquet` holds the per-layer verdicts (typicality, outlier, used) that `select` and
+the report read.
 
 Tiers follow the Yokai guide by cluster size (S 100+, A 50-99, B 20-49, C 15-19, D < 15; the
 thresholds are parameters). A cluster of poor quality moves down one tier: low mean
@@ -37,7 +43,7 @@ from tasks.run.spec import GlobalStage, Inputs
 from tasks.run.store import RunStore, write_table
 
 STAGE = "tier"
-VERSION = 4  # 4: faces as evidence of kind; faces and moving counts
+VERSION = 5  # 5: purity from the evidence over all members (issue 22); 4: faces as evidence of kind
 MOVING = 0.15
 """Share of a layer's pixels moving against its shot at which the report counts it as moving."""
 TIERS: tuple[str, ...] = ("S", "A", "B", "C", "D")
@@ -59,6 +65,7 @@ SCHEMA = pa.schema([
     ("tier", pa.string()),
     ("kind", pa.string()),                  # character / scenery / mixed
     ("sub_kind", pa.string()),              # human / creature / unknown (zero-shot, CLIP-type embedders)
+    ("evidence", pa.float32()),             # character evidence over all members (trimmed: 0, no cue: 1/2)
     ("purity", pa.float32()),               # estimated share of true character layers among the used ones
     ("used", pa.int64()),                   # layers select may take (not trimmed, character material)
     ("trimmed", pa.int64()),                # outliers trimmed to noise
@@ -111,6 +118,10 @@ class TierParams(BaseModel):
                               "of its members hold an anime face, whatever their motion")
     scenery_share: float = Field(0.3, ge=0, lt=1, description="a cluster is kind 'scenery' when at most this share "
                                  "of its members are character material (between the two: 'mixed')")
+    purity_floor: float = Field(0.6, ge=0, lt=1, description="a cluster whose character evidence (share of its "
+                                "members that are character material, one without a cue counting half, a trimmed "
+                                "one 0) is at most this has purity 0; it rises linearly to 1 at character_share. "
+                                "Tuned on the sample, 2 generated and 2 anime episodes (benchmarks/purity.py)")
     outlier_mads: float = Field(4.5, gt=0, description="members further from the medoid than the median distance plus "
                                 "this many robust deviations (1.4826 MAD) are trimmed to noise")
     cut_outlier_mads: float = Field(2.5, gt=0, description="the same, stricter, for layers cut from a glued layer "
@@ -135,6 +146,8 @@ class TierParams(BaseModel):
             raise ValueError(f"kind_prompts needs at least two kinds with prompts, got {self.kind_prompts}")
         if UNKNOWN in self.kind_prompts:
             raise ValueError(f"kind_prompts cannot define the kind {UNKNOWN!r} (it means: no decision)")
+        if self.purity_floor >= self.character_share:
+            raise ValueError(f"purity_floor must be < character_share, got {self.purity_floor} >= {self.character_share}")
         if self.scenery_share >= self.character_share:
             raise ValueError(f"scenery_share must be < character_share, got {self.scenery_share} >= {self.character_share}")
         return self
@@ -231,12 +244,34 @@ def cluster_kind(character_scores: list[float], params: TierParams, cues: list[b
         return "scenery"
     if faces and float(np.mean(faces)) >= params.face_share:
         return "character"
-    cues = [True] * len(character_scores) if cues is None else cues
-    material = [s >= params.min_character_score for s in character_scores]
-    evidence = float(np.mean([(1.0 if c else 0.5) if m else 0.0 for m, c in zip(material, cues)]))
-    if evidence >= params.character_share:
+    if character_evidence(character_scores, params, cues) >= params.character_share:
         return "character"
+    material = [s >= params.min_character_score for s in character_scores]
     return "scenery" if float(np.mean(material)) <= params.scenery_share else "mixed"
+
+
+def character_evidence(character_scores: list[float], params: TierParams, cues: list[bool] | None = None,
+                       trimmed: list[bool] | None = None) -> float:
+    """Mean over members: 1 for character material with a cue (`cues`, default all), 1/2 without one,
+    0 for a member that is not character material or is `trimmed` (default none). 0 for no members."""
+    if not character_scores:
+        return 0.0
+    cues = [True] * len(character_scores) if cues is None else cues
+    trimmed = [False] * len(character_scores) if trimmed is None else trimmed
+    return float(np.mean([0.0 if t or s < params.min_character_score else (1.0 if c else 0.5)
+                          for s, c, t in zip(character_scores, cues, trimmed)]))
+
+
+def estimate_purity(evidence: float, params: TierParams) -> float:
+    """A cluster's estimated share of true character layers among its used ones, from its `evidence` over
+    all members (`character_evidence` with the trimmed ones): 0 at `purity_floor` or below, 1 at
+    `character_share` or above, linear between.
+
+    On the test footage (benchmarks/purity.py) a cluster whose members are partly scenery or were
+    trimmed was scenery, a fragment or a second character even where its used layers moved like a
+    character: their own scores cannot tell, the company they keep does.
+    """
+    return float(np.clip((evidence - params.purity_floor) / (params.character_share - params.purity_floor), 0.0, 1.0))
 
 
 # ---- the stage ------------------------------------------------------------------------------------
@@ -298,12 +333,13 @@ def tier_cluster(cid: int, rows_c: list[dict], ev: _Evidence, params: TierParams
                  "character_score": s, "outlier": bool(o), "used": bool(u), "path": r["path"]}
                 for r, d, t, s, o, u in zip(rows_c, dist, z, scores, outlier, used)]
     taken = [s for s, u in zip(scores, used) if u]
+    evidence = character_evidence(scores, params, cues, list(outlier))
     atypical = [rows_c[i] for i in sorted((i for i, u in enumerate(used) if u), key=lambda i: -z[i])][:params.samples]
     best = sorted(rows_c, key=lambda r: (-(r["probability"] or 0.0), r["item_id"]))
     picks = [best[round(j)] for j in np.linspace(0, len(best) - 1, min(params.samples, len(best)))]
     tier = assign_tier(len(taken), stats, params)
     row = {"cluster_id": cid, "size": len(rows_c), **stats, "tier": tier, "kind": kind, "sub_kind": UNKNOWN,
-           "purity": float(np.mean(taken)) if taken else 0.0, "used": len(taken),
+           "evidence": evidence, "purity": estimate_purity(evidence, params) if taken else 0.0, "used": len(taken),
            "trimmed": int(outlier.sum()), "faces": int(sum(faces)),
            "cut_by_frame": sum(bool(ev.seg(item, "cut_edges")) for item in items),
            "glue_trimmed": sum((ev.seg(item, "kept_share") or 1.0) < 1.0 for item in items),

@@ -292,6 +292,34 @@ def test_a_cluster_of_scenery_layers_is_not_called_a_character(tiered):
     assert checked >= 1  # the footage holds such a cluster (else this test proves nothing)
 
 
+def test_estimated_purity_is_close_to_the_truth_and_not_optimistic(tiered):
+    """Per cluster with used layers, tier's `purity` against the share of them that match the cluster's
+    majority character (issue 22). Seeds 4 and 5 are not the footage purity_floor was tuned on; here the
+    mean character score of the used layers it was before erred by 0.27 on average, +0.21 optimistic
+    (scenery clusters estimated 0.63-0.87); the evidence rule by 0.17, bias -0.01."""
+    import pyarrow.parquet as pq
+    from collections import Counter
+
+    from tests.truth_layers import identities_of_layers
+
+    store, videos = tiered
+    truth = identities_of_layers(store.read_manifest("segment"), videos)
+    members = pq.read_table(store.stage_dir("tier") / "members.parquet").to_pylist()
+    pairs = []
+    for row in store.read_manifest("tier").to_pylist():
+        ids = [truth.get(m["item_id"]) for m in members if m["cluster_id"] == row["cluster_id"] and m["used"]]
+        if ids:
+            named = Counter(i for i in ids if i is not None)
+            pairs.append((row["purity"], named.most_common(1)[0][1] / len(ids) if named else 0.0, row["cluster_id"]))
+    errors = [est - true for est, true, _ in pairs]
+    assert len(pairs) >= 4, pairs
+    assert sum(map(abs, errors)) / len(errors) <= 0.2, pairs
+    assert abs(sum(errors) / len(errors)) <= 0.1, pairs  # neither optimistic nor pessimistic
+    clean = [est for est, true, _ in pairs if true == 1.0]
+    none = [est for est, true, _ in pairs if true == 0.0]
+    assert clean and none and sum(clean) / len(clean) - sum(none) / len(none) >= 0.5, pairs  # before: 0.18
+
+
 def test_cluster_kind_counts_layers_without_a_motion_cue_half():
     from tasks.tier import TierParams, cluster_kind
 

@@ -335,9 +335,30 @@ def test_outliers_and_a_second_group_are_trimmed_and_kind_follows_character_scor
     assert all(verdict[f"ep:+1:{j:03d}"]["outlier"] for j in range(6)) and rows[1]["used"] <= 14
     assert [rows[c]["kind"] for c in (0, 1, 2)] == ["character", "character", "scenery"]
     assert rows[2]["used"] == 0 and not rows[2]["recommended"] and rows[0]["recommended"]
-    assert rows[0]["purity"] == pytest.approx(0.9)
+    assert rows[0]["purity"] == 1.0 and rows[0]["evidence"] == pytest.approx(rows[0]["used"] / 30)  # trimmed and not material: 0
     assert rows[0]["atypical_ids"][0] != "ep:+0:000"  # trimmed layers are not offered for review
     assert summary["by_kind"] == {"character": 2, "scenery": 1, "mixed": 0}
+
+
+def test_purity_falls_with_the_scenery_a_cluster_holds_used_or_not():
+    """Issue 22: the used layers of a cluster that is partly scenery score as high as a clean cluster's; the
+    estimate follows the cluster's evidence over all members (0 at purity_floor, 1 at character_share)."""
+    from tasks.tier import character_evidence, estimate_purity
+
+    clusters, embeds, layers = _cluster_tables({0: 20, 1: 20, 2: 20})
+    ids = layers.column("item_id").to_pylist()
+    scenery = {0: 0, 1: 7, 2: 12}  # members of each cluster that are not character material
+    score = [0.1 if int(i.split(":")[2]) < scenery.get(int(i.split(":")[1]), 0) else 1.0 for i in ids]
+    layers = layers.append_column("character_score", pa.array(score, pa.float32()))
+    params = TierParams(outlier_mads=100, split_silhouette=1.0)
+    rows = {r["cluster_id"]: r for r in tier_clusters(clusters, embeds, layers, params)[0].to_pylist()}
+    assert [rows[c]["evidence"] for c in (0, 1, 2)] == pytest.approx([1.0, 0.65, 0.4])
+    assert rows[0]["purity"] == 1.0 and rows[1]["purity"] == pytest.approx(0.5) and rows[2]["purity"] == 0.0
+    assert rows[1]["kind"] == "mixed" and rows[1]["used"] == 13  # its used layers all score 1.0: the old estimate
+    assert character_evidence([1.0, 1.0, 0.9, 0.2], params, [True, False, True, True], [False, False, True, False]) == 0.375
+    assert estimate_purity(0.6, params) == 0.0 and estimate_purity(0.7, params) == 1.0
+    with pytest.raises(ValueError, match="purity_floor must be < character_share"):
+        TierParams(purity_floor=0.8)
 
 
 def test_an_atypical_layer_that_moves_like_a_character_is_kept_unless_it_is_a_cut():
