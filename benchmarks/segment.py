@@ -129,7 +129,7 @@ def main() -> None:
         print(f"peak RSS              : {peak_rss_mib():.0f} MiB ({rss_before:.0f} MiB before the model was loaded)")
         print(f"layers                : {result.summary['kept']} from {result.summary['frames']} frames, "
               f"{result.summary['frames_with_2plus']} frames with 2+, flags empty/full "
-              f"{result.summary['mask_empty']}/{result.summary['mask_full']}")
+              f"{result.summary['mask_empty']}/{result.summary['mask_full']}, clean plates {result.summary['clean_plates']}")
         print(f"mean mask IoU         : {figures['mean_iou']:.3f} over {figures['frames']} frames with characters")
         print(f"instance recall       : {figures['recall']:.3f} ({figures['instances']} instances), "
               f"layer precision {figures['precision']:.3f}, two-character frames split "

@@ -12,7 +12,8 @@ that glues moving parts to static scenery is cut down to its moving parts, and w
 (`kept_share`: what is left of the instance); `cut_edges` names the frame edges a layer touches.
 A static layer that recurs at the same place, looking the same, in
 `recurrence_shots` shots of a shard is scenery. With `plate_check`, the background layer of each
-shot's least covered frame is segmented again; where nothing is found it is a `clean_plate`, and
+shot's least covered frame is checked: motion against the shot outside the inpainted holes, then (unless
+that already rules it out) the segmenter again; where nothing is found it is a `clean_plate`, and
 only clean plates serve background swaps (tasks/composite.background_layers).
 Frames whose mask is nearly empty or nearly the whole frame are flagged, not passed on.
 
@@ -47,7 +48,7 @@ from tasks.run.stage import Plan, Shard, StageResult, merge_shard_parts, run_sha
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, write_error
 
 STAGE = "segment"
-VERSION = 4  # 4: no split or trim of a figure standing still (head or body); what a pan hides stays with the figure
+VERSION = 5  # 5: a plate the motion already rules out is not segmented again (plate_residual: the motion's share)
 LOOK = "_look"
 """Row key of a layer's appearance thumbnail while a shard is built (not a manifest column)."""
 RECURRENCE_PENALTY = 0.5
@@ -82,7 +83,7 @@ SCHEMA = pa.schema([
     ("face_colours", pa.string()),      # JSON {"hair", "eyes", "skin": [r, g, b] | null} of that face
     ("kept_share", pa.float32()),       # share of the instance's pixels left after static parts were trimmed
     ("cut_edges", pa.string()),         # frame edges the layer touches ("top,left"; "": none): cut by the frame
-    ("plate_residual", pa.float32()),   # share of the background layer the segmenter still marks (null: not checked)
+    ("plate_residual", pa.float32()),   # share of the background layer that still looks like a character (null: not checked)
     ("clean_plate", pa.bool_()),        # the background layer holds no character: a plate for background swaps
 ])
 
@@ -510,9 +511,11 @@ def check_plate(shot_rows: list[dict], evidence: dict[str, tuple[np.ndarray, Any
     """Check the background layer of the shot's least covered frame for characters left in it.
 
     `evidence`: background path -> (the frame's mask, its ShotMotion or None). The plate's residual
-    (`plate_residual`) is the share of its pixels that still look like a character: what the segmenter
-    marks on the plate itself (at half the threshold), or what moves against the shot outside the
-    inpainted holes (a figure the first pass missed). Below `plate_max_residual` it is a `clean_plate`.
+    (`plate_residual`) is the share of its pixels that still look like a character: what moves against
+    the shot outside the inpainted holes (a figure the first pass missed), or what the segmenter marks on
+    the plate itself (at half the threshold). Below `plate_max_residual` it is a `clean_plate`. When the
+    motion alone reaches `plate_max_residual` the plate is not clean whatever the segmenter would add, so
+    it is not segmented again and its residual is the motion's share.
     Returns 1 for a clean plate, else 0.
     """
     covered: dict[str, float] = {}
@@ -522,21 +525,29 @@ def check_plate(shot_rows: list[dict], evidence: dict[str, tuple[np.ndarray, Any
     if not covered:
         return 0
     plate_path = min(covered, key=lambda path: (covered[path], path))
-    plate, _ = read_frame(out / "background" / Path(plate_path).name)
-    if plate is None:
-        return 0
     mask, motion = evidence[plate_path]
-    (plate_mask,) = segmenter.segment([plate])
-    left = plate_mask >= params.threshold / 2
-    if motion is not None:
-        holes = cv2.dilate((mask >= params.threshold).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
-        left |= motion.differs & motion.known & ~holes
+    left = missed_motion(mask, motion, params.threshold)
+    if left.mean() < params.plate_max_residual:
+        plate, _ = read_frame(out / "background" / Path(plate_path).name)
+        if plate is None:
+            return 0
+        (plate_mask,) = segmenter.segment([plate])
+        left |= plate_mask >= params.threshold / 2
     residual = float(left.mean())
     clean = residual < params.plate_max_residual
     for row in shot_rows:
         if row.get("background_path") == plate_path:
             row.update(plate_residual=residual, clean_plate=clean)
     return int(clean)
+
+
+def missed_motion(mask: np.ndarray, motion: Any, threshold: float) -> np.ndarray:
+    """Pixels that move against the shot outside the frame's (dilated) character pixels: a figure the
+    segmenter missed. None for `motion` (no other frame in the shot): no pixel."""
+    if motion is None:
+        return np.zeros(mask.shape, bool)
+    holes = cv2.dilate((mask >= threshold).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    return motion.differs & motion.known & ~holes
 
 
 def mark_recurring(rows: list[dict], shots: dict[str, Any], params: SegmentParams) -> int:

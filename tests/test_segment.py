@@ -364,3 +364,49 @@ def test_clean_plates_hold_no_character_and_only_they_serve_background_swaps(seg
         assert all(share <= 0.1 for share in left.values()), (path, left)
     assert set(background_layers(store, "segment")) == clean
     assert store.marker("segment")["summary"]["clean_plates"] == len(clean)
+
+
+class _Counting:
+    """The u2netp segmenter, counting the images it is handed."""
+
+    def __init__(self):
+        self.inner, self.images = segmenter("u2netp"), 0
+
+    def segment(self, images):
+        self.images += len(images)
+        return self.inner.segment(images)
+
+
+def _plate_shot(tmp_path: Path) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """A shot of one frame whose background layer is on disk: (rows, its mask, a moving patch outside it)."""
+    from tests.footage import make_background
+
+    (tmp_path / "background").mkdir()
+    plate = make_background(4, (320, 180))[:, :320]
+    cv2.imwrite(str(tmp_path / "background" / "0000001.png"), cv2.cvtColor(plate, cv2.COLOR_RGB2BGR))
+    mask = np.zeros(plate.shape[:2], np.float32)
+    mask[40:140, 20:70] = 1.0  # the figure the first pass found (inpainted)
+    moving = np.zeros(plate.shape[:2], bool)
+    moving[60:120, 200:240] = True  # 4% of the plate: a figure the first pass missed, moving
+    rows = [{"background_path": "p/background/0000001.png", "area_frac": 0.09}]
+    return rows, mask, moving
+
+
+def test_a_plate_the_motion_rules_out_is_not_segmented_again(tmp_path):
+    from tasks.characterness import ShotMotion
+    from tasks.segment import check_plate
+
+    rows, mask, moving = _plate_shot(tmp_path)
+    params = SegmentParams(model="u2netp")
+    known = np.ones(mask.shape, bool)
+    model = _Counting()
+    assert check_plate(rows, {rows[0]["background_path"]: (mask, ShotMotion(moving, known, 1))}, tmp_path, model, params) == 0
+    assert model.images == 0 and rows[0]["clean_plate"] is False
+    assert rows[0]["plate_residual"] == pytest.approx(moving.mean())
+    still = np.zeros(mask.shape, bool)  # nothing moves: only the segmenter can tell
+    rows[0].pop("clean_plate"), rows[0].pop("plate_residual")
+    check_plate(rows, {rows[0]["background_path"]: (mask, ShotMotion(still, known, 1))}, tmp_path, model, params)
+    assert model.images == 1 and rows[0]["clean_plate"] is not None
+    again = SegmentParams(model="u2netp", plate_max_residual=0.5)  # the motion's 4% no longer rules it out
+    check_plate(rows, {rows[0]["background_path"]: (mask, ShotMotion(moving, known, 1))}, tmp_path, model, again)
+    assert model.images == 2 and rows[0]["plate_residual"] >= moving.mean()
