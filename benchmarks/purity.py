@@ -21,18 +21,13 @@ optimistic) of est. against true, over all clusters and over those of kind `char
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from collections import Counter
 from pathlib import Path
 
-import yaml
-
 os.environ.setdefault("EPISODE2LORA_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def cluster_truth(store, videos: list[Path], margin: int = 8) -> list[dict]:
@@ -94,45 +89,18 @@ def report(name: str, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    from flows.params import load_params
     from models.weights import ensure_u2netp
     from tasks.run.store import RunStore
-    from tests.anime_footage import default_shots as anime_shots
-    from tests.anime_footage import render_episode as render_anime
-    from tests.footage import render_episode
 
-    from benchmarks.dataset_quality import run_to_select
+    from benchmarks.dataset_quality import arguments_params, build_footage, footage_arguments, run_to_select
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--episodes", type=int, default=2, help="generated cartoon episodes (one run)")
-    ap.add_argument("--anime", type=int, default=2, help="generated anime episodes (Live2D, tests/anime_footage.py)")
-    ap.add_argument("--anime-shots", type=int, default=12, help="shots per anime episode")
-    ap.add_argument("--config", type=Path, default=REPO / "data" / "demo.yaml")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
-    ap.add_argument("--keep", type=Path, help="keep the footage and runs in this folder (reused when there)")
-    args = ap.parse_args()
-    overrides = dict(s.split("=", 1) for s in args.set)
-    params = load_params(args.config, {k: yaml.safe_load(v) for k, v in overrides.items()})
+    args = footage_arguments(__doc__.splitlines()[0], episodes=2).parse_args()
+    params = arguments_params(args)
     ensure_u2netp()
     everything: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
-        footage = {"sample": sorted((REPO / "data" / "sample").glob("*.mp4")), "generated": [], "anime": []}
-        for seed in range(21, 21 + args.episodes):
-            video = root / "footage" / f"gen{seed:02d}.mp4"
-            if not video.is_file():
-                render_episode(video, seed=seed)
-            footage["generated"].append(video)
-        for seed in range(31, 31 + args.anime):
-            video = root / "anime" / f"anime{seed:02d}.mp4"
-            if not video.is_file():
-                try:
-                    render_anime(video, seed=seed, shots=anime_shots(seed, n_shots=args.anime_shots))
-                except Exception as exc:  # Live2D models come from npm; without them, no anime footage
-                    print(f"   anime footage unavailable: {exc}")
-                    break
-            footage["anime"].append(video)
-        for name, videos in footage.items():
+        for name, videos in build_footage(root, args).items():
             if not videos:
                 continue
             store = RunStore(root / "runs", name)
