@@ -203,25 +203,31 @@ def build_footage(root: Path, args: argparse.Namespace) -> dict[str, list[Path]]
     return footage
 
 
-def main() -> None:
+def footage_runs(args: argparse.Namespace, params):
+    """Run each footage of `build_footage` to `select` (under `--keep`, else a temporary folder that goes
+    when the loop ends); yields (run name, RunStore, videos)."""
     from models.weights import ensure_u2netp
     from tasks.run.store import RunStore
 
+    ensure_u2netp()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.keep or Path(tmp)
+        for name, videos in build_footage(root, args).items():
+            if videos:
+                store = RunStore(root / "runs", name)
+                run_to_select(store, videos, params)
+                yield name, store, videos
+
+
+def main() -> None:
     ap = footage_arguments(__doc__.splitlines()[0], episodes=4)
     ap.add_argument("--baseline-coverage", default="{}", help='JSON {"run": covered identities} measured before')
     args = ap.parse_args()
     params = arguments_params(args)
-    ensure_u2netp()
     runs: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = args.keep or Path(tmp)
-        for name, videos in build_footage(root, args).items():
-            if not videos:
-                continue
-            store = RunStore(root / "runs", name)
-            run_to_select(store, videos, params)
-            runs[name] = measure(store, videos, params.segment.margin)
-            report(name, runs[name])
+    for name, store, videos in footage_runs(args, params):
+        runs[name] = measure(store, videos, params.segment.margin)
+        report(name, runs[name])
     print()
     ok = goals(runs, json.loads(args.baseline_coverage))
     print("all goals met" if ok else "goals NOT met")

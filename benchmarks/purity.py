@@ -22,7 +22,6 @@ optimistic) of est. against true, over all clusters and over those of kind `char
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -89,25 +88,15 @@ def report(name: str, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    from models.weights import ensure_u2netp
-    from tasks.run.store import RunStore
-
-    from benchmarks.dataset_quality import arguments_params, build_footage, footage_arguments, run_to_select
+    from benchmarks.dataset_quality import arguments_params, footage_arguments, footage_runs
 
     args = footage_arguments(__doc__.splitlines()[0], episodes=2).parse_args()
     params = arguments_params(args)
-    ensure_u2netp()
     everything: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = args.keep or Path(tmp)
-        for name, videos in build_footage(root, args).items():
-            if not videos:
-                continue
-            store = RunStore(root / "runs", name)
-            run_to_select(store, videos, params)
-            rows = cluster_truth(store, videos, params.segment.margin)
-            report(name, rows)
-            everything += rows
+    for name, store, videos in footage_runs(args, params):
+        rows = cluster_truth(store, videos, params.segment.margin)
+        report(name, rows)
+        everything += rows
     print()
     for label, chosen in (("all", everything), ("character", [r for r in everything if r["kind"] == "character"])):
         mae, bias = errors(chosen)
