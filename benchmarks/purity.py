@@ -32,6 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def cluster_truth(store, videos: list[Path], margin: int = 8) -> list[dict]:
     """Per tier cluster with used layers: estimated purity, true purity (majority identity share of its
     used layers), clean share, kind, recommended."""
+    import pyarrow.parquet as pq
+    from tasks.tier import MEMBERS
     from tests.truth_layers import identities_of_layers, layer_cleanliness
 
     from benchmarks.dataset_quality import CLEAN_PRECISION
@@ -39,10 +41,6 @@ def cluster_truth(store, videos: list[Path], margin: int = 8) -> list[dict]:
     segment = store.read_manifest("segment")
     matched = identities_of_layers(segment, videos)
     layers = {r["item_id"]: r for r in segment.to_pylist()}
-    import pyarrow.parquet as pq
-
-    from tasks.tier import MEMBERS
-
     members = pq.read_table(store.stage_dir("tier") / MEMBERS).to_pylist()
     used: dict[int, list[str]] = {}
     for m in members:

@@ -588,6 +588,14 @@ def nothing_selected_message(tiers: pa.Table, params: SelectParams, shown: int =
     return "\n".join(lines)
 
 
+def with_image_counts(characters: pa.Table, rows: list[dict]) -> pa.Table:
+    """`characters` with `n_images` counting each character's training images in `rows` (crops included;
+    `select_characters` counts the layers, as it cuts no crops)."""
+    images = Counter(row["character"] for row in rows)
+    counts = pa.array([images[name] for name in characters.column("character").to_pylist()], pa.int64())
+    return characters.set_column(characters.schema.get_field_index("n_images"), "n_images", counts)
+
+
 # ---- the stage -----------------------------------------------------------------------------------
 
 def build_select(store: RunStore, params: Any, inputs: Inputs, folder: Path) -> tuple[pa.Table, dict, list[str]]:
@@ -612,10 +620,7 @@ def build_select(store: RunStore, params: Any, inputs: Inputs, folder: Path) -> 
     rows = [row for layer in layers
             for row in ([layer] if "full" in own.crops else []) + crops_of.get(layer["item_id"], [])]
     summary.update(images=len(rows), layers_with_face=sum(r["item_id"] in faces for r in layers), crops=counts)
-    images = Counter(row["character"] for row in rows)
-    write_table(characters.set_column(characters.schema.get_field_index("n_images"), "n_images",
-                                      pa.array([images[c] for c in characters.column("character").to_pylist()],
-                                               pa.int64())), folder / CHARACTERS)
+    write_table(with_image_counts(characters, rows), folder / CHARACTERS)
     return pa.Table.from_pylist(rows, schema=SCHEMA), summary, [f"{STAGE}/{CHARACTERS}"]
 
 
