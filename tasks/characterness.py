@@ -337,24 +337,37 @@ def look_of(image: np.ndarray, pixels: np.ndarray, bbox: list[int]) -> np.ndarra
     return cv2.resize(grey, (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA)
 
 
-def recurring_shots(layers: list[tuple[object, list[int], np.ndarray]], *, min_iou: float = 0.8,
-                    max_difference: float = 0.06) -> list[int]:
-    """Per layer (shot, bbox, look): in how many shots (its own included) a layer lies at the same
-    place (box IoU >= `min_iou`) and looks the same (mean grey difference <= `max_difference`).
+def recurring_shots(shots: list[object], boxes: np.ndarray, looks: np.ndarray, *, min_iou: float = 0.8,
+                    max_difference: float = 0.06, chunk: int = 100_000) -> np.ndarray:
+    """Per layer: in how many shots (its own included) a layer lies at the same place (box IoU >=
+    `min_iou`) and looks the same (mean grey difference of the LOOK_SIDE^2 looks <= `max_difference`).
 
-    The same object at the same place in several shots is part of the set (a sun, a tree, a
-    window of a recurring room), not a character walking through it.
+    `boxes` (n, 4) are in frame fractions, so episodes of other sizes compare. The same object at
+    the same place in several shots is part of the set (a sun, a tree, a window of a recurring
+    room), not a character walking through it. Two boxes with IoU >= `min_iou` have every edge
+    within (1 - min_iou) / min_iou^2 of either's longer side, so a k-d tree of the box corners
+    gives each layer's few candidates and only those pairs are compared (`chunk` at a time).
     """
-    boxes = np.array([b for _, b, _ in layers], np.float64).reshape(-1, 4)
+    from scipy.spatial import cKDTree
+
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    looks = np.asarray(looks, np.float32).reshape(len(boxes), -1)
+    shot_ids = np.unique(np.array([str(s) for s in shots], dtype=object), return_inverse=True)[1].ravel()
+    n_shots = int(shot_ids.max(initial=0)) + 1
+    sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    near = cKDTree(boxes).query_ball_point(boxes, (1 - min_iou) / min_iou ** 2 * sides, p=np.inf)
+    i = np.repeat(np.arange(len(boxes)), [len(n) for n in near])
+    j = np.concatenate([np.asarray(n, np.int64) for n in near]) if len(boxes) else np.zeros(0, np.int64)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    counts = []
-    for i, (shot, box, look) in enumerate(layers):
-        ix = np.clip(np.minimum(boxes[:, 2], box[2]) - np.maximum(boxes[:, 0], box[0]), 0, None)
-        iy = np.clip(np.minimum(boxes[:, 3], box[3]) - np.maximum(boxes[:, 1], box[1]), 0, None)
-        iou = ix * iy / np.maximum(area + area[i] - ix * iy, 1e-9)
-        shots = {shot}
-        for j in np.flatnonzero(iou >= min_iou):
-            if layers[j][0] not in shots and float(np.abs(layers[j][2] - look).mean()) <= max_difference:
-                shots.add(layers[j][0])
-        counts.append(len(shots))
-    return counts
+    found = []
+    for lo in range(0, len(i), chunk):
+        a, b = i[lo:lo + chunk], j[lo:lo + chunk]
+        inter = (np.clip(np.minimum(boxes[a, 2], boxes[b, 2]) - np.maximum(boxes[a, 0], boxes[b, 0]), 0, None)
+                 * np.clip(np.minimum(boxes[a, 3], boxes[b, 3]) - np.maximum(boxes[a, 1], boxes[b, 1]), 0, None))
+        same = inter >= min_iou * (area[a] + area[b] - inter)
+        a, b = a[same], b[same]
+        alike = np.abs(looks[a] - looks[b]).mean(1) <= max_difference
+        found.append(a[alike] * n_shots + shot_ids[b[alike]])
+    keys = np.sort(np.concatenate([*found, np.arange(len(boxes)) * n_shots + shot_ids]))  # layer * n_shots + shot
+    first = np.concatenate([[True], keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, bool)
+    return np.bincount(keys[first] // n_shots, minlength=len(boxes))  # distinct shots per layer

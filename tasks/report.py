@@ -229,7 +229,7 @@ def _card_view(c: dict[str, Any], sheets: dict[int, bytes], atypical: dict[str, 
                choice: dict[str, Any] | None, review: bool = False) -> dict[str, Any]:
     """One cluster's card: the row with defaults filled in, its pictures as data URIs, and (on the review
     page) the review choice; the least typical layers are shown for non-scenery clusters or to review."""
-    view = {"purity": None, "trimmed": 0, "faces": None, "moving": 0, "cut_by_frame": 0, "glue_trimmed": 0, **c}
+    view = {"purity": None, "trimmed": 0, "faces": None, "moving": 0, "cut_by_frame": 0, "glue_trimmed": 0, "recurring": 0, **c}
     view.update(used=c.get("used", c["size"]), colour="#%02x%02x%02x" % cluster_colour(c["cluster_id"]),
                 sheet_uri=_data_uri(sheets[c["cluster_id"]]), choice=choice)
     shown = choice is not None if review else c["kind"] != "scenery"

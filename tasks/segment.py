@@ -10,8 +10,8 @@ that glues moving parts to static scenery is cut down to its moving parts, and w
 (tasks/characterness.py); the pieces keep the number of the layer they came from in
 `split_from`. With `trim_static`, the static parts glued to a moving layer are trimmed off it
 (`kept_share`: what is left of the instance); `cut_edges` names the frame edges a layer touches.
-A static layer that recurs at the same place, looking the same, in
-`recurrence_shots` shots of a shard is scenery. With `plate_check`, the background layer of each
+Each layer keeps its shot and its `look` (a small grey thumbnail of its own pixels) so that the
+tier stage can tell set scenery recurring across the whole run (tasks/tier.py). With `plate_check`, the background layer of each
 shot's least covered frame is checked: motion against the shot outside the inpainted holes, then (unless
 that already rules it out) the segmenter again; where nothing is found it is a `clean_plate`, and
 only clean plates serve background swaps (tasks/composite.background_layers).
@@ -48,11 +48,8 @@ from tasks.run.stage import Plan, Shard, StageResult, merge_shard_parts, run_sha
 from tasks.run.store import QUARANTINE, RunStore, fingerprint, write_error
 
 STAGE = "segment"
-VERSION = 5  # 5: a plate the motion already rules out is not segmented again (plate_residual: the motion's share)
-LOOK = "_look"
-"""Row key of a layer's appearance thumbnail while a shard is built (not a manifest column)."""
-RECURRENCE_PENALTY = 0.5
-"""Character score taken off a static layer that recurs at the same place across shots."""
+VERSION = 6  # 6: `shot_id` and `look` per layer, recurrence judged run-wide by tier; 5: a plate the motion
+# already rules out is not segmented again (plate_residual: the motion's share)
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),          # <frame item_id>:<instance:02d>
@@ -85,6 +82,8 @@ SCHEMA = pa.schema([
     ("cut_edges", pa.string()),         # frame edges the layer touches ("top,left"; "": none): cut by the frame
     ("plate_residual", pa.float32()),   # share of the background layer that still looks like a character (null: not checked)
     ("clean_plate", pa.bool_()),        # the background layer holds no character: a plate for background swaps
+    ("shot_id", pa.int32()),            # the frame's shot in its episode (null: none)
+    ("look", pa.list_(pa.float32())),   # the layer's grey LOOK_SIDE^2 thumbnail (tasks/characterness.look_of)
 ])
 
 
@@ -122,8 +121,6 @@ class SegmentParams(BaseModel):
     split_glued: bool = Field(True, description="cut a layer that glues moving parts to static scenery down to the moving parts")
     glued_max_share: float = Field(0.7, gt=0, lt=1, description="a layer is glued when its moving parts cover at most "
                                    "this share of it and the static rest is not a speck")
-    recurrence_shots: int = Field(3, ge=0, description="a layer that does not move and lies at the same place, looking "
-                                  "the same, in at least this many shots of a shard is set scenery (0: off)")
     split_pairs: bool = Field(False, description="cut a layer that holds two figures side by side (two heads, one "
                               "mask), both moving against the shot, into one layer per figure (off by default: on "
                               "u2netp masks of the generated footage it cuts more single figures than it finds pairs)")
@@ -184,8 +181,6 @@ def params_affecting_output(params: SegmentParams) -> dict[str, Any]:
         unused |= {"glued_max_share"}
     if not params.split_pairs:
         unused |= {"split_pairs", "pair_valley"}
-    if not params.recurrence_shots:
-        unused |= {"recurrence_shots"}  # off: the output (and fingerprint) of the stage before it existed
     if params.faces == "none":
         unused |= {"faces", "face_min_likelihood", "face_pad"}  # off: as before faces were looked for
     if not params.trim_static:
@@ -309,7 +304,7 @@ def read_frame(path: Path) -> tuple[np.ndarray | None, str | None]:
 def _frame_row(frame: dict, model: str, **values: Any) -> dict:
     row = {name: None for name in SCHEMA.names}
     row.update(item_id=f"{frame['item_id']}:00", source_id=frame["item_id"], episode=frame["episode"],
-               frame_index=frame["frame_index"], instance=0, model=model,
+               frame_index=frame["frame_index"], instance=0, model=model, shot_id=frame.get("shot_id"),
                width=frame.get("width"), height=frame.get("height"), kept=False)
     row.update(values)
     return row
@@ -419,7 +414,8 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
             "confidence": confidence, "flag": None, "kept": drop is None, "drop_reason": drop,
             "motion": moving, "character_score": score, "character_reasons": "; ".join(reasons),
             "split_from": split_from, "kept_share": float(pixels.sum()) / max(whole, 1),
-            "cut_edges": cut_edges([x0, y0, x1, y1], w, h), **face, LOOK: look_of(image, pixels, [x0, y0, x1, y1]),
+            "cut_edges": cut_edges([x0, y0, x1, y1], w, h), **face,
+            "shot_id": frame.get("shot_id"), "look": look_of(image, pixels, [x0, y0, x1, y1]).ravel().tolist(),
         })
     return rows
 
@@ -501,9 +497,8 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
                 bar.advance()  # per frame: a Ctrl-C stops the shard within a frame
             if params.plate_check:
                 report["clean_plates"] += check_plate(rows[first_row:], evidence, out, segmenter, params)
-    report["recurring"] = mark_recurring(rows, {f["item_id"]: f.get("shot_id") for f in frames}, params)
     report["seconds"] = round(time.perf_counter() - started, 3)
-    return pa.Table.from_pylist([{k: v for k, v in r.items() if k != LOOK} for r in rows], schema=SCHEMA), report
+    return pa.Table.from_pylist(rows, schema=SCHEMA), report
 
 
 def check_plate(shot_rows: list[dict], evidence: dict[str, tuple[np.ndarray, Any]], out: Path, segmenter: Any,
@@ -548,27 +543,6 @@ def missed_motion(mask: np.ndarray, motion: Any, threshold: float) -> np.ndarray
         return np.zeros(mask.shape, bool)
     holes = cv2.dilate((mask >= threshold).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
     return motion.differs & motion.known & ~holes
-
-
-def mark_recurring(rows: list[dict], shots: dict[str, Any], params: SegmentParams) -> int:
-    """Lower the score of static layers that recur at the same place, looking the same, in at least
-    `recurrence_shots` shots (tasks/characterness.recurring_shots); the reason is recorded. Returns
-    how many layers were marked."""
-    from tasks.characterness import recurring_shots
-
-    layers = [r for r in rows if LOOK in r and shots.get(r["source_id"]) is not None]
-    if not params.recurrence_shots or len(layers) < params.recurrence_shots:
-        return 0
-    counts = recurring_shots([(shots[r["source_id"]], r["bbox"], r[LOOK]) for r in layers])
-    marked = 0
-    for row, count in zip(layers, counts):
-        if row.get("faces"):
-            continue  # a face recurring at the same place is a character standing there, not the set
-        if count >= params.recurrence_shots and (row["motion"] is None or row["motion"] < params.moving_share / 2):
-            row["character_score"] = max(0.0, row["character_score"] - RECURRENCE_PENALTY)
-            row["character_reasons"] += f"; recurs in {count} shots at the same place, looking the same"
-            marked += 1
-    return marked
 
 
 # ---- plan, shard, merge ---------------------------------------------------------------------
@@ -634,7 +608,6 @@ def summarize(totals: dict[str, int], reports: list[dict]) -> dict:
         "mask_full": sum(r.get("mask_full", 0) for r in reports),
         "no_layers": sum(r.get("no_layers", 0) for r in reports),
         "quarantined": sum(r.get("quarantined", 0) for r in reports),
-        "recurring": sum(r.get("recurring", 0) for r in reports),
         "clean_plates": sum(r.get("clean_plates", 0) for r in reports),
         "seconds": round(sum(r.get("seconds", 0.0) for r in reports), 2),
     }

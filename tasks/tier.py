@@ -5,7 +5,12 @@ medoid; a member further than `outlier_mads` robust deviations (median + MAD) is
 noise (a layer cut from a glued one already beyond `cut_outlier_mads`; an uncut layer that
 moves like a character, score >= `moving_score`, only beyond `moving_outlier_mads`), and a
 member whose segment `character_score` is below `min_character_score` is not character
-material. `kind` is `character` when at least `character_share` of the members are character
+material. So is a still, faceless member that recurs at the same place, looking the same, in at
+least `recurrence_shots` shots of the whole run (any episode; `recurs_in`): set scenery (a sun, a
+sign, the window of a recurring room) loses RECURRENCE_PENALTY of its score. The run-wide test
+reads the `shot_id` and `look` segment keeps per layer and compares each layer only with the
+layers whose boxes could overlap it, so adding an episode costs its own layers, not a rerun of
+segment. `kind` is `character` when at least `character_share` of the members are character
 material (one without a motion cue, from a shot of one sampled frame, counts half), `scenery`
 when at most `scenery_share` are, else `mixed`; only character clusters are recommended.
 `evidence` is the share of the members that are character material (one without a motion or
@@ -43,9 +48,11 @@ from tasks.run.spec import GlobalStage, Inputs
 from tasks.run.store import RunStore, write_table
 
 STAGE = "tier"
-VERSION = 5  # 5: purity from the evidence over all members (issue 22); 4: faces as evidence of kind
+VERSION = 6  # 6: recurring set scenery judged over the whole run (was: inside one segment shard); 5: purity from the evidence over all members (issue 22); 4: faces as evidence of kind
 MOVING = 0.15
 """Share of a layer's pixels moving against its shot at which the report counts it as moving."""
+RECURRENCE_PENALTY = 0.5
+"""Character score taken off a still layer that recurs at the same place across shots."""
 TIERS: tuple[str, ...] = ("S", "A", "B", "C", "D")
 Tier = Literal["S", "A", "B", "C", "D"]
 UNKNOWN = "unknown"
@@ -73,6 +80,7 @@ SCHEMA = pa.schema([
     ("moving", pa.int64()),                 # members that move against their shot (segment `motion`)
     ("cut_by_frame", pa.int64()),           # members that touch the frame's edge (segment `cut_edges`)
     ("glue_trimmed", pa.int64()),           # members whose glued static parts were trimmed (`kept_share` < 1)
+    ("recurring", pa.int64()),              # members that recur at the same place in recurrence_shots shots (set scenery)
     ("recommended", pa.bool_()),
     ("sample_paths", pa.list_(pa.string())),
     ("atypical_ids", pa.list_(pa.string())),    # least typical used layers first (for review)
@@ -83,7 +91,8 @@ MEMBER_SCHEMA = pa.schema([
     ("cluster_id", pa.int32()),
     ("distance", pa.float32()),             # cosine distance to the cluster medoid
     ("typicality", pa.float32()),           # robust z of that distance (high: atypical)
-    ("character_score", pa.float32()),
+    ("character_score", pa.float32()),      # segment's, less RECURRENCE_PENALTY when it recurs as set scenery
+    ("recurs_in", pa.int32()),              # shots of the run where it lies at the same place, looking the same
     ("outlier", pa.bool_()),
     ("used", pa.bool_()),                   # select may take it
     ("path", pa.string()),
@@ -135,6 +144,9 @@ class TierParams(BaseModel):
                                     "silhouette of at least this has the group away from the medoid trimmed to noise "
                                     "(cluster.split_silhouette makes it a cluster of its own instead)")
     min_group: int = Field(3, ge=2, description="the smaller of two groups needs at least this many members to split")
+    recurrence_shots: int = Field(3, ge=0, description="a layer that does not move, holds no face and lies at the same "
+                                  "place, looking the same, in at least this many shots of the run is set scenery "
+                                  "(0: off)")
 
     @model_validator(mode="after")
     def _ordered(self) -> "TierParams":
@@ -279,7 +291,7 @@ def estimate_purity(evidence: float, params: TierParams) -> float:
 class _Evidence:
     """What the tier stage reads per layer: embeddings (by item id), sharpness, hashes, segment rows."""
 
-    def __init__(self, embeds: pa.Table, layers: pa.Table) -> None:
+    def __init__(self, embeds: pa.Table, layers: pa.Table, recurrence_shots: int = 0) -> None:
         rows = embeds.filter(pc.equal(embeds.column("kept"), True))
         self.index = {item: i for i, item in enumerate(rows.column("item_id").to_pylist())}
         self.vectors = read_embeddings(rows)
@@ -288,10 +300,42 @@ class _Evidence:
         fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score", "split_from", "motion",
                               "faces", "cut_edges", "kept_share") if f in layers.column_names]
         self.segment = {r["item_id"]: r for r in layers.select(fields).to_pylist()}
+        self.recurs = recurrence(layers) if recurrence_shots else {}
+        self.recurrence_shots = recurrence_shots
 
     def seg(self, item_id: str, field: str, default: Any = None) -> Any:
         """A layer's segment value (default when the layer or the column is missing)."""
         return self.segment.get(item_id, {}).get(field, default)
+
+    def set_scenery(self, item_id: str) -> bool:
+        """A still, faceless layer that recurs in `recurrence_shots` shots of the run: part of the set."""
+        return bool(self.recurrence_shots) and self.recurs.get(item_id, 1) >= self.recurrence_shots \
+            and not self.seg(item_id, "faces") and (self.seg(item_id, "motion") or 0.0) < MOVING
+
+    def score(self, item_id: str) -> float:
+        """A layer's character score: segment's (1 when unscored), less RECURRENCE_PENALTY for set scenery."""
+        score = self.seg(item_id, "character_score")
+        score = 1.0 if score is None else float(score)
+        return max(0.0, score - RECURRENCE_PENALTY) if self.set_scenery(item_id) else score
+
+
+def recurrence(layers: pa.Table) -> dict[str, int]:
+    """Per kept layer with a shot and a look: in how many shots of the whole run it lies at the same
+    place, looking the same (tasks/characterness.recurring_shots)."""
+    from tasks.characterness import recurring_shots
+
+    if "look" not in layers.column_names:
+        return {}  # a segment manifest from before looks were kept
+    known = pc.and_(pc.and_(pc.equal(layers.column("kept"), True), pc.is_valid(layers.column("look"))),
+                    pc.is_valid(layers.column("shot_id")))
+    rows = layers.filter(pc.fill_null(known, False))
+    if not rows.num_rows:
+        return {}
+    size = np.stack([rows.column("width").to_numpy(), rows.column("height").to_numpy()], 1).astype(np.float64)
+    boxes = np.array(rows.column("bbox").to_pylist(), np.float64) / np.tile(size, 2)
+    looks = pc.list_flatten(rows.column("look")).to_numpy().reshape(rows.num_rows, -1)
+    shots = list(zip(rows.column("episode").to_pylist(), rows.column("shot_id").to_pylist()))
+    return dict(zip(rows.column("item_id").to_pylist(), recurring_shots(shots, boxes, looks).tolist()))
 
 
 def _outliers(x: np.ndarray, scores: list[float], cut: np.ndarray, params: TierParams) -> tuple[np.ndarray, ...]:
@@ -320,7 +364,7 @@ def tier_cluster(cid: int, rows_c: list[dict], ev: _Evidence, params: TierParams
         "duplicate_ratio": duplicate_ratio([ev.phash[i] for i in idx if ev.phash[i]], params.duplicate_distance),
         "mean_layer_area": float(np.mean([ev.seg(item, "area_frac") or 0.0 for item in items])),
     }
-    scores = [1.0 if s is None else float(s) for s in (ev.seg(item, "character_score") for item in items)]
+    scores = [ev.score(item) for item in items]
     cut = np.array([ev.seg(item, "split_from") is not None for item in items])
     dist, z, outlier = _outliers(x, scores, cut, params)
     faces = [bool(ev.seg(item, "faces")) for item in items]
@@ -330,7 +374,8 @@ def tier_cluster(cid: int, rows_c: list[dict], ev: _Evidence, params: TierParams
                         [c for c, o in zip(cues, outlier) if not o], [f for f, o in zip(faces, outlier) if not o])
     used = [not o and s >= params.min_character_score and kind != "scenery" for s, o in zip(scores, outlier)]
     verdicts = [{"item_id": r["item_id"], "cluster_id": cid, "distance": float(d), "typicality": float(t),
-                 "character_score": s, "outlier": bool(o), "used": bool(u), "path": r["path"]}
+                 "character_score": s, "recurs_in": ev.recurs.get(r["item_id"]), "outlier": bool(o), "used": bool(u),
+                 "path": r["path"]}
                 for r, d, t, s, o, u in zip(rows_c, dist, z, scores, outlier, used)]
     taken = [s for s, u in zip(scores, used) if u]
     evidence = character_evidence(scores, params, cues, list(outlier))
@@ -343,6 +388,7 @@ def tier_cluster(cid: int, rows_c: list[dict], ev: _Evidence, params: TierParams
            "trimmed": int(outlier.sum()), "faces": int(sum(faces)),
            "cut_by_frame": sum(bool(ev.seg(item, "cut_edges")) for item in items),
            "glue_trimmed": sum((ev.seg(item, "kept_share") or 1.0) < 1.0 for item in items),
+           "recurring": sum(ev.set_scenery(item) for item in items),
            "moving": sum((ev.seg(item, "motion") or 0.0) >= MOVING for item in items),
            "recommended": tier in params.recommended_tiers and kind == "character",
            "sample_paths": [r["path"] for r in picks],
@@ -364,7 +410,7 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
     Returns:
         (table with SCHEMA sorted by cluster_id, summary, per-layer verdicts with MEMBER_SCHEMA).
     """
-    ev = _Evidence(embeds, layers)
+    ev = _Evidence(embeds, layers, params.recurrence_shots)
     by_cluster: dict[int, list[dict]] = {}
     for row in clusters.filter(pc.not_equal(clusters.column("cluster_id"), -1)).to_pylist():
         by_cluster.setdefault(row["cluster_id"], []).append(row)
@@ -382,6 +428,7 @@ def tier_clusters(clusters: pa.Table, embeds: pa.Table, layers: pa.Table, params
         "kept": int(sum(r["size"] for r in rows)),
         "used": int(sum(r["used"] for r in rows)),
         "trimmed": int(sum(r["trimmed"] for r in rows)),
+        "recurring": int(sum(r["recurring"] for r in rows)),
         "by_tier": {t: sum(r["tier"] == t for r in rows) for t in TIERS},
         "by_kind": {k: sum(r["kind"] == k for r in rows) for k in KINDS},
         "by_sub_kind": {k: sum(r["sub_kind"] == k for r in rows) for k in sorted({r["sub_kind"] for r in rows})},

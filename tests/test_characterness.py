@@ -456,42 +456,115 @@ def _three_shots(tmp_path: Path, shots: int) -> tuple[list[dict], list[tuple[int
     return frames, robots
 
 
+def _segment_shots(tmp_path: Path, frames: list[dict], robots: list, name: str):
+    return segment_frames(frames, tmp_path, SegmentParams(model="u2netp", plate_check=False), _SunAndRobot(robots),
+                          tmp_path / name, "p")[0]
+
+
+def _tier_of(layers, params=None):
+    """Tier the kept layers as two clusters, the sun's (left) and the robot's, with well-separated embeddings."""
+    import pyarrow as pa
+
+    from tasks.tier import TierParams, tier_clusters
+
+    rows = [r for r in layers.to_pylist() if r["kept"]]
+    sun = [r["bbox"][0] < 100 for r in rows]
+    clusters = pa.Table.from_pylist([{"item_id": r["item_id"], "cluster_id": int(not s), "probability": 1.0,
+                                      "path": r["path"]} for r, s in zip(rows, sun)])
+    embeds = pa.Table.from_pylist([{"item_id": r["item_id"], "embedding": [1.0, 0.0] if s else [0.0, 1.0],
+                                    "sharpness": 100.0, "phash": None, "kept": True} for r, s in zip(rows, sun)],
+                                  schema=pa.schema([("item_id", pa.string()), ("embedding", pa.list_(pa.float32(), 2)),
+                                                    ("sharpness", pa.float32()), ("phash", pa.string()),
+                                                    ("kept", pa.bool_())]))
+    params = params or TierParams(min_size_c=1, min_size_b=2, min_size_a=3, min_size_s=4)
+    tiers, summary, members = tier_clusters(clusters, embeds, layers, params)
+    return tiers.to_pylist(), summary, members.to_pylist()
+
+
 def test_a_static_layer_at_the_same_place_in_three_shots_is_scenery(tmp_path):
+    from tasks.characterness import LOOK_SIDE
+    from tasks.tier import TierParams, recurrence
+
     frames, robots = _three_shots(tmp_path, 3)
-    table, report = segment_frames(frames, tmp_path, SegmentParams(model="u2netp", plate_check=False), _SunAndRobot(robots),
-                                   tmp_path / "out", "p")
+    table = _segment_shots(tmp_path, frames, robots, "out")
     rows = [r for r in table.to_pylist() if r["kept"]]
-    sun = [r for r in rows if r["bbox"][0] < 100]
-    robot = [r for r in rows if r["bbox"][0] >= 100]
-    assert len(sun) == 3 and len(robot) == 3
-    assert all(r["character_score"] < 0.5 and "recurs in 3 shots at the same place" in r["character_reasons"] for r in sun)
-    assert all(r["character_score"] == 0.5 and "recurs" not in r["character_reasons"] for r in robot)  # no cue either way
-    assert report["recurring"] == 3
-    off, _ = segment_frames(frames, tmp_path, SegmentParams(model="u2netp", plate_check=False, recurrence_shots=0), _SunAndRobot(robots),
-                            tmp_path / "off", "p")
-    assert all(r["character_score"] == 0.5 for r in off.to_pylist() if r["kept"])
+    assert all(len(r["look"]) == LOOK_SIDE ** 2 and r["shot_id"] in (1, 2, 3) for r in rows)
+    counts = recurrence(table)
+    assert sorted(counts[r["item_id"]] for r in rows if r["bbox"][0] < 100) == [3, 3, 3]  # the sun
+    assert sorted(counts[r["item_id"]] for r in rows if r["bbox"][0] >= 100) == [1, 1, 1]  # the robot walks on
+    tiers, summary, members = _tier_of(table)
+    sun, robot = tiers
+    assert sun["kind"] == "scenery" and sun["recurring"] == 3 and summary["recurring"] == 3
+    assert robot["recurring"] == 0 and robot["kind"] != "scenery"
+    assert all(m["character_score"] == 0.0 and m["recurs_in"] == 3 for m in members if m["cluster_id"] == 0)
+    assert all(m["character_score"] == 0.5 and m["recurs_in"] == 1 for m in members if m["cluster_id"] == 1)
+    off = _tier_of(table, TierParams(min_size_c=1, min_size_b=2, min_size_a=3, min_size_s=4, recurrence_shots=0))
+    assert off[0][0]["recurring"] == 0 and all(m["character_score"] == 0.5 and m["recurs_in"] is None for m in off[2])
+
+
+def test_recurrence_is_judged_over_the_whole_run_not_one_shard(tmp_path):
+    """The set seen in one shot of one episode and two of another: three shots of the run, though each
+    shard (and each episode) sees fewer; equal shot numbers of two episodes are two shots."""
+    import pyarrow as pa
+
+    frames, robots = _three_shots(tmp_path, 3)
+    frames[2].update(episode="ep2", item_id="ep2:0000002", shot_id=1)
+    first = _segment_shots(tmp_path, frames[:2], robots[:2], "ep1")
+    second = _segment_shots(tmp_path, frames[2:], robots[2:], "ep2")
+    tiers, _, members = _tier_of(pa.concat_tables([first, second]))
+    assert tiers[0]["recurring"] == 3 and tiers[0]["kind"] == "scenery"
+    assert {m["recurs_in"] for m in members if m["cluster_id"] == 0} == {3}
+    alone = _tier_of(first)
+    assert alone[0][0]["recurring"] == 0 and {m["recurs_in"] for m in alone[2] if m["cluster_id"] == 0} == {2}
 
 
 def test_a_shot_seen_twice_is_not_recurrence(tmp_path):
     """A recap shows a shot again: two shots are not enough to call what stays in place scenery."""
     frames, robots = _three_shots(tmp_path, 2)
-    table, _ = segment_frames(frames, tmp_path, SegmentParams(model="u2netp", plate_check=False), _SunAndRobot(robots), tmp_path / "o", "p")
-    assert all("recurs" not in r["character_reasons"] for r in table.to_pylist() if r["kept"])
+    tiers, _, members = _tier_of(_segment_shots(tmp_path, frames, robots, "o"))
+    assert all(t["recurring"] == 0 for t in tiers) and all(m["character_score"] == 0.5 for m in members)
 
 
-def test_the_recurrence_parameter_changes_only_the_fingerprints_it_should():
-    base = params_affecting_output(SegmentParams())
-    assert base["recurrence_shots"] == 3 and params_affecting_output(SegmentParams(recurrence_shots=4)) != base
-    assert "recurrence_shots" not in params_affecting_output(SegmentParams(recurrence_shots=0))
+def test_the_k_d_tree_recurrence_counts_as_comparing_every_pair():
+    """recurring_shots compares each layer only with the layers whose boxes could overlap it: the counts
+    equal those of comparing every pair, on layers crowded at a few places."""
+    from tasks.characterness import recurring_shots
+
+    rng = np.random.default_rng(3)
+    places = rng.uniform(0, 0.6, (6, 2))
+    boxes, looks, shots = [], [], []
+    for k in range(400):
+        x, y = places[k % 6] + rng.normal(0, 0.01 + 0.04 * (k % 3 == 0), 2)
+        w, h = 0.2 + 0.02 * rng.normal(size=2)
+        boxes.append([x, y, x + w, y + h])
+        looks.append(np.full(16, (k % 6) / 6) + rng.normal(0, 0.03, 16))
+        shots.append(("ep", int(rng.integers(0, 40))))
+    boxes, looks = np.array(boxes), np.array(looks)
+    expected = []
+    for i in range(len(boxes)):
+        ix = np.clip(np.minimum(boxes[:, 2], boxes[i, 2]) - np.maximum(boxes[:, 0], boxes[i, 0]), 0, None)
+        iy = np.clip(np.minimum(boxes[:, 3], boxes[i, 3]) - np.maximum(boxes[:, 1], boxes[i, 1]), 0, None)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        iou = ix * iy / (area + area[i] - ix * iy)
+        same = (iou >= 0.8) & (np.abs(looks - looks[i]).mean(1) <= 0.06)
+        expected.append(len({shots[j] for j in np.flatnonzero(same)} | {shots[i]}))
+    counts = recurring_shots(shots, boxes, looks)
+    assert counts.tolist() == expected and 1 < max(expected) and min(expected) == 1
 
 
 def test_no_true_character_layer_is_called_recurring_scenery(tiered):
+    import pyarrow.parquet as pq
+
     from tests.truth_layers import identities_of_layers
 
     store, videos = tiered
     truth = identities_of_layers(store.read_manifest("segment"), videos)
-    rows = [r for r in store.read_manifest("segment").to_pylist() if r["kept"]]
-    assert not [r for r in rows if truth.get(r["item_id"]) and "recurs in" in (r["character_reasons"] or "")]
+    members = pq.read_table(store.stage_dir("tier") / "members.parquet").to_pylist()
+    scores = {r["item_id"]: r["character_score"] for r in store.read_manifest("segment").to_pylist()}
+    assert all(m["recurs_in"] is not None for m in members)
+    lowered = [m for m in members if m["character_score"] < (1.0 if scores[m["item_id"]] is None else scores[m["item_id"]])]
+    assert all(m["recurs_in"] >= 3 for m in lowered)
+    assert not [m for m in lowered if truth.get(m["item_id"])]
 
 
 def test_a_face_makes_a_still_close_up_character_material_but_not_a_fragmented_spread():
