@@ -486,3 +486,17 @@ def test_select_prefers_clean_layers_down_to_min_images(tables):
     rows, characters, _ = select_characters(clusters, tiers, params.model_copy(update={"prefer_clean": False}),
                                             None, None, segment)
     assert characters.column("n_images").to_pylist() == [120, 60, 25]
+
+
+def test_a_layer_much_narrower_than_its_character_is_likely_unclean_and_left_out_first():
+    """A window or a sign glued above a still figure makes its layer taller than the figure usually is."""
+    from tasks.select import prefer_clean, unclean_signs
+
+    layers = [{"item_id": f"l{j}"} for j in range(6)]
+    segment = {f"l{j}": {"split_from": None, "area_frac": 0.05, "bbox": [0, 100, 50, 200]} for j in range(6)}
+    segment["l2"]["bbox"] = [0, 40, 50, 200]    # 50 x 160: a sign above the head
+    segment["l4"]["bbox"] = [0, 130, 50, 200]   # 50 x 70: cut by the frame, or crouching: wider is no sign
+    assert unclean_signs(segment["l2"], 0.0, 0.05, 0.5) == ["0.62 of the character's median width / height"]
+    assert unclean_signs(segment["l4"], 0.0, 0.05, 0.5) == []
+    assert prefer_clean(layers, segment, {}, keep=4)[1] == ["l2"]
+    assert prefer_clean(layers, segment, {}, keep=6)[1] == []  # never below min_images
