@@ -15,7 +15,8 @@ pan and zoom shots, up to two characters per shot), then matches each selected l
 - why each missed identity was missed: never segmented, every layer dropped, clustered as noise,
   or its cluster's kind / tier / usable count;
 - cleanliness: selected layers whose opaque pixels lie >= 90% on their true character and that
-  hold >= 80% of it (pixels against the truth masks), with the mean pixel precision and recall.
+  hold >= 80% of it (pixels against the truth masks), with the mean pixel precision and recall, and
+  each layer that is not clean (to look at: its PNG is the segment row's `path`).
 
 The goals (issue 13) are checked at the end: precision >= 0.95, every selected character's
 purity >= 0.9, no selected character whose majority is not a true character, coverage not
@@ -97,11 +98,14 @@ def measure(store, videos: list[Path], margin: int = 8) -> dict:
     missed = {identity: why_missed(store, identity, matched) for identity in sorted(frequent - covered)}
     hits = sum(i is not None for ids in by_char.values() for i in ids)
     good = sum(p >= CLEAN_PRECISION and r >= CLEAN_RECALL for p, r in clean.values())
+    character_of = {r["item_id"]: r["character"] for r in selected}
+    unclean = [(item, character_of[item], p, r) for item, (p, r) in sorted(clean.items())
+               if not (p >= CLEAN_PRECISION and r >= CLEAN_RECALL)]
     return {"selected": len(selected), "precision": hits / len(selected) if selected else 0.0,
             "clean": good / len(clean) if clean else 0.0,
             "pixel_precision": sum(p for p, _ in clean.values()) / max(len(clean), 1),
             "pixel_recall": sum(r for _, r in clean.values()) / max(len(clean), 1),
-            "characters": characters, "covered": len(covered), "frequent": len(frequent), "missed": missed,
+            "unclean": unclean, "characters": characters, "covered": len(covered), "frequent": len(frequent), "missed": missed,
             "scenery_clusters": sum(r["kind"] == "scenery" for r in tiers.values())}
 
 
@@ -140,6 +144,8 @@ def report(name: str, m: dict) -> None:
         print(f"   {c['character']:<12} {c['layers']:>6} {str(c['majority']):<18} {c['purity']:>6.2f} {est:>6}  {c['kind']}")
     for identity, why in m["missed"].items():
         print(f"   missed {identity}: {why}")
+    for item, character, p, r in m["unclean"]:
+        print(f"   unclean {item} ({character}): pixel precision {p:.3f}, recall {r:.3f}")
 
 
 def goals(runs: dict[str, dict], baseline_coverage: dict[str, int]) -> bool:

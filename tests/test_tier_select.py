@@ -500,3 +500,15 @@ def test_a_layer_much_narrower_than_its_character_is_likely_unclean_and_left_out
     assert unclean_signs(segment["l4"], 0.0, 0.05, 0.5) == []
     assert prefer_clean(layers, segment, {}, keep=4)[1] == ["l2"]
     assert prefer_clean(layers, segment, {}, keep=6)[1] == []  # never below min_images
+
+
+def test_the_select_stage_leaves_out_a_layer_taller_than_its_character_usually_is(tmp_path):
+    """The stage hands select the segment rows' boxes: a figure with a window glued above it is left out."""
+    from tests.test_crops import _figure, _select, _selected, make_layers_run
+
+    sizes = {"ep01:0000010:01": (200, 300), "ep01:0000020:01": (200, 310), "ep01:0000030:01": (200, 290),
+             "ep01:0000040:01": (200, 480)}  # the last: 0.42 wide per height, the character's median 0.69
+    store = make_layers_run(tmp_path / "runs", {item: (_figure(size, (0, 0, 0, 0)), (10, 10), None)
+                                                for item, size in sizes.items()})
+    result = _select(store, SelectParams(min_images=3, crops=["full"]))
+    assert sorted(_selected(store)) == sorted(sizes)[:3] and result.summary["left_out_unclean"] == 1
