@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.characterness import ShotMotion, align, character_score, trim_static_parts
+from tasks.characterness import AlignedShot, ShotMotion, align, character_score, trim_static_parts
 from tasks.segment import SegmentParams, params_affecting_output, segment_frames
 from tests.footage import _sprite, make_background
 from tests.segment_scores import box_iou
@@ -93,11 +93,26 @@ def test_a_glued_layer_is_cut_down_to_the_moving_character(tmp_path, pan):
     assert all(box_iou(r["bbox"], t) < 0.5 for r, t in zip(whole.to_pylist(), boxes))  # without the split: glued
 
 
+def test_frames_layered_in_threads_give_the_rows_and_files_of_one_thread(tmp_path, monkeypatch):
+    import tasks.segment
+
+    frames, _, boxes, _ = _shot(tmp_path, 6)
+    params = SegmentParams(model="u2netp", plate_check=False)
+    tables = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(tasks.segment, "FRAME_THREADS", threads)
+        tables[threads], _ = segment_frames(frames, tmp_path, params, _GluedSegmenter(boxes, 6), tmp_path / f"{threads}", "p")
+    assert tables[1].equals(tables[2]) and tables[1].num_rows >= 3
+    for row in tables[1].to_pylist():
+        written = [(tmp_path / f"{threads}" / row["path"].removeprefix("p/")).read_bytes() for threads in (1, 2)]
+        assert written[0] == written[1]
+
+
 def test_static_scenery_scores_low_and_the_camera_pan_is_aligned(tmp_path):
     frames, images, boxes, _ = _shot(tmp_path, pan=10)
     warp = align(images[1], images[0])
     assert abs(warp[0, 2] + 10) < 1.5 and abs(warp[1, 2]) < 1.5  # frame 0 at x is frame 1 at x - 10 (a pan)
-    motion = ShotMotion.of(images[0], images[1:], 40)
+    motion = AlignedShot(images).motion(0, 40)
     tree = np.zeros(images[0].shape[:2], bool)
     yy, xx = np.mgrid[:180, :320]
     tree[(xx - 150) ** 2 + (yy - 70) ** 2 <= 30 ** 2] = True
@@ -109,6 +124,17 @@ def test_static_scenery_scores_low_and_the_camera_pan_is_aligned(tmp_path):
     x0, y0, x1, y1 = boxes[0]
     robot[y0:y1, x0:x1] = True
     assert motion.differs[robot].mean() > 0.3
+
+
+@pytest.mark.parametrize("pan", [0, 10])
+def test_a_shot_aligned_once_gives_each_pair_the_warp_and_motion_of_aligning_that_pair(tmp_path, pan):
+    _, images, _, _ = _shot(tmp_path, pan)
+    shot = AlignedShot(images)  # each frame's greys and blur computed once for all its pairs
+    for moving, fixed in ((1, 0), (0, 2), (2, 1)):
+        assert np.array_equal(shot.warps[(moving, fixed)], align(images[moving], images[fixed]))
+    motion = shot.motion(0, 40)
+    assert abs(shot.warps[(2, 0)][0, 2] + 2 * pan) < 1.5 and motion.others == 2 and motion.known.all() == (pan == 0)
+    assert motion.differs.mean() > 0.01  # the walking robot moves
 
 
 def test_a_layer_touching_the_top_edge_without_motion_cue_is_not_a_character():

@@ -20,7 +20,8 @@ from models.weights import U2NETP_MD5, ensure_u2netp, md5_of
 from tasks.frames import FramesParams
 from tasks.run.runner import on_disk
 from tasks.run.stage import start_sharded
-from tasks.segment import SEGMENT, SegmentParams, layer_frame, merge_segment, segment_frames, segment_shard
+from tasks.segment import (SEGMENT, SegmentParams, inpaint_background, layer_frame, merge_segment, segment_frames,
+                           segment_shard)
 from tasks.run.store import QUARANTINE, RunStore
 from tests.conftest import ROOT, run_cli
 from tests.footage import default_shots, render_episode, sprite_dir
@@ -410,3 +411,15 @@ def test_a_plate_the_motion_rules_out_is_not_segmented_again(tmp_path):
     again = SegmentParams(model="u2netp", plate_max_residual=0.5)  # the motion's 4% no longer rules it out
     check_plate(rows, {rows[0]["background_path"]: (mask, ShotMotion(moving, known, 1))}, tmp_path, model, again)
     assert model.images == 2 and rows[0]["plate_residual"] >= moving.mean()
+
+
+def test_the_background_is_inpainted_inside_the_holes_only():
+    image = np.full((90, 160, 3), (40, 120, 200), np.uint8)
+    image[:, 100:] = (200, 60, 40)  # a second colour, away from the figure
+    figure = np.zeros((90, 160), bool)
+    figure[30:60, 21:50] = True
+    image[figure] = (255, 255, 0)
+    background = inpaint_background(image, figure, 3)  # filled at half size, pasted into the holes
+    holes = cv2.dilate(figure.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    assert np.array_equal(background[~holes], image[~holes])
+    assert np.abs(background[holes].astype(int) - (40, 120, 200)).max() <= 8  # no trace of the figure (255, 255, 0)
