@@ -553,7 +553,8 @@ def check_plate(shot_rows: list[dict], evidence: dict[str, tuple[np.ndarray, Any
     the shot outside the inpainted holes (a figure the first pass missed), or what the segmenter marks on
     the plate itself (at half the threshold). Below `plate_max_residual` it is a `clean_plate`. When the
     motion alone reaches `plate_max_residual` the plate is not clean whatever the segmenter would add, so
-    it is not segmented again and its residual is the motion's share.
+    it is not segmented again and its residual is the motion's share; a frame with nothing to inpaint is
+    its own plate, so its mask is not computed again either.
     Returns 1 for a clean plate, else 0.
     """
     covered: dict[str, float] = {}
@@ -566,10 +567,12 @@ def check_plate(shot_rows: list[dict], evidence: dict[str, tuple[np.ndarray, Any
     mask, motion = evidence[plate_path]
     left = missed_motion(mask, motion, params.threshold)
     if left.mean() < params.plate_max_residual:
-        plate, _ = read_frame(out / "background" / Path(plate_path).name)
-        if plate is None:
-            return 0
-        (plate_mask,) = segmenter.segment([plate])
+        plate_mask = mask  # nothing was inpainted: the plate is the frame, and its mask is known
+        if (mask >= params.threshold).any():
+            plate, _ = read_frame(out / "background" / Path(plate_path).name)
+            if plate is None:
+                return 0
+            (plate_mask,) = segmenter.segment([plate])
         left |= plate_mask >= params.threshold / 2
     residual = float(left.mean())
     clean = residual < params.plate_max_residual

@@ -413,6 +413,16 @@ def test_a_plate_the_motion_rules_out_is_not_segmented_again(tmp_path):
     assert model.images == 2 and rows[0]["plate_residual"] >= moving.mean()
 
 
+def test_a_frame_with_nothing_inpainted_is_its_own_plate_and_is_not_segmented_again(tmp_path):
+    from tasks.segment import check_plate
+
+    rows, _, faint = _plate_shot(tmp_path)
+    mask = np.where(faint, 0.3, 0.0).astype(np.float32)  # below the threshold, above half of it: 4% of the frame
+    model = _Counting()
+    assert check_plate(rows, {rows[0]["background_path"]: (mask, None)}, tmp_path, model, SegmentParams(model="u2netp")) == 0
+    assert model.images == 0 and rows[0]["plate_residual"] == pytest.approx(faint.mean())
+
+
 def test_the_background_is_inpainted_inside_the_holes_only():
     image = np.full((90, 160, 3), (40, 120, 200), np.uint8)
     image[:, 100:] = (200, 60, 40)  # a second colour, away from the figure
