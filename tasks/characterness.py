@@ -144,7 +144,8 @@ def moving_parts(motion: ShotMotion, pixels: np.ndarray, min_pixels: float, reac
     convex hull, grown by `reach` and cut back to the layer.
 
     The work is done in the moving pixels' box grown by 2 * `reach` + 1 (a close and a grow of `reach`
-    reach no farther), which gives the same parts as the whole frame at a fraction of the cost.
+    reach no farther), which gives the same parts as the whole frame at a fraction of the cost; the box
+    starts on even pixels, so OpenCV's 2x2-block labelling numbers the blobs in the frame's order.
     """
     moving = motion.differs & pixels
     if not moving.any():
@@ -172,10 +173,11 @@ def moving_parts(motion: ShotMotion, pixels: np.ndarray, min_pixels: float, reac
 
 
 def _grown_box(pixels: np.ndarray, grow: int) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) of the pixels' box grown by `grow` on each side, inside the frame."""
+    """(x0, y0, x1, y1) of the pixels' box grown by `grow` on each side, inside the frame, x0 and y0 even."""
     ys, xs = np.flatnonzero(pixels.any(1)), np.flatnonzero(pixels.any(0))
     h, w = pixels.shape
-    return max(xs[0] - grow, 0), max(ys[0] - grow, 0), min(xs[-1] + 1 + grow, w), min(ys[-1] + 1 + grow, h)
+    x0, y0 = max(xs[0] - grow, 0), max(ys[0] - grow, 0)
+    return x0 - x0 % 2, y0 - y0 % 2, min(xs[-1] + 1 + grow, w), min(ys[-1] + 1 + grow, h)
 
 
 def split_glued(motion: ShotMotion | None, pixels: np.ndarray, min_pixels: float, *, max_share: float,
