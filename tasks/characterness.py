@@ -18,7 +18,7 @@ Pure functions over numpy arrays; `tasks/segment.py` calls them from its shards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import cv2
@@ -77,7 +77,6 @@ class ShotMotion:
     known: np.ndarray    # bool (H, W): at least one other frame covers the pixel
     others: int = 0
     occupied: np.ndarray | None = None  # bool (H, W): foreground in every other frame that sees it
-    notes: list[str] = field(default_factory=list)
 
 
 class AlignedShot:
