@@ -512,3 +512,60 @@ def test_the_select_stage_leaves_out_a_layer_taller_than_its_character_usually_i
                                                 for item, size in sizes.items()})
     result = _select(store, SelectParams(min_images=3, crops=["full"]))
     assert sorted(_selected(store)) == sorted(sizes)[:3] and result.summary["left_out_unclean"] == 1
+
+
+def _figure_layer(extra: tuple[int, int, int] | None = None, share: float = 0.3) -> np.ndarray:
+    """A 40x20 RGBA figure (red body, blue hair) on a transparent border; `extra`: a block of that colour
+    glued beside it, `share` of the opaque pixels."""
+    layer = np.zeros((60, 60, 4), np.uint8)
+    layer[10:50, 20:40] = (200, 40, 40, 255)
+    layer[10:18, 20:40] = (40, 40, 200, 255)
+    if extra is not None:
+        width = round(800 * share / (1 - share) / 40)
+        layer[10:50, 40:40 + width] = (*extra, 255)
+    return layer
+
+
+def test_a_layer_in_colours_its_character_lacks_in_other_shots_is_foreign():
+    from tasks.palette import colour_shares, foreign_shares
+
+    colours = {f"l{j}": colour_shares(_figure_layer()) for j in range(6)}
+    colours["l4"] = colour_shares(_figure_layer((40, 160, 40)))   # a tree glued beside the figure
+    colours["l5"] = colour_shares(_figure_layer((40, 160, 40)))   # the same shot: the same tree
+    shots = {f"l{j}": j for j in range(5)} | {"l5": 4}
+    foreign = foreign_shares(colours, shots)
+    assert foreign["l4"] == foreign["l5"] == pytest.approx(0.3, abs=0.02)  # its own shot does not vouch for the tree
+    assert all(foreign[f"l{j}"] == 0.0 for j in range(4))
+    colours["l3"] = colours["l2"] = colour_shares(_figure_layer((40, 160, 40)))  # now in half of the other shots
+    assert foreign_shares(colours, shots)["l4"] == 0.0
+    assert foreign_shares({"l0": colours["l0"]}, {"l0": 0}) == {}  # nothing to compare with
+
+
+def test_prefer_clean_leaves_out_the_layers_in_foreign_colours_most_foreign_first():
+    from tasks.palette import colour_shares
+    from tasks.select import prefer_clean, unclean_signs
+
+    layers = [{"item_id": f"l{j}"} for j in range(10)]
+    segment = {f"l{j}": {"split_from": None, "area_frac": 0.05, "episode": "ep", "shot_id": j} for j in range(10)}
+    colours = {f"l{j}": colour_shares(_figure_layer()) for j in range(10)}
+    colours["l3"] = colour_shares(_figure_layer((40, 160, 40), 0.3))
+    colours["l7"] = colour_shares(_figure_layer((90, 90, 90), 0.15))
+    colours["l8"] = colour_shares(_figure_layer((90, 90, 90), 0.03))   # a few pixels: shading, a soft edge
+    assert unclean_signs(segment["l3"], 0.0, 0.05, None, 0.3, 0.0) == ["30% of it in colours its character lacks (usually 0%)"]
+    assert unclean_signs(segment["l8"], 0.0, 0.05, None, 0.03, 0.0) == []
+    assert prefer_clean(layers, segment, {}, keep=9, colours=colours)[1] == ["l3"]
+    assert prefer_clean(layers, segment, {}, keep=5, colours=colours)[1] == ["l3", "l7"]  # only the signed ones
+    assert prefer_clean(layers, segment, {}, keep=5)[1] == []  # colours not looked at
+    same_shot = {k: {**v, "shot_id": 0} for k, v in segment.items()}  # one shot: nothing to compare with
+    assert prefer_clean(layers, same_shot, {}, keep=5, colours=colours)[1] == []
+
+
+def test_the_select_stage_leaves_out_a_layer_with_scenery_colours_its_character_lacks(tmp_path):
+    """The stage reads the layers' images: a figure with a green tree glued beside it is left out."""
+    from tests.test_crops import _figure, _select, _selected, make_layers_run
+
+    layers = {f"ep01:00000{j}0:01": _figure((200, 300), (0, 0, 0, 0)) for j in range(1, 5)}
+    layers["ep01:0000040:01"][20:120, 100:190] = (40, 160, 40, 255)  # a third of it: a tree's crown
+    store = make_layers_run(tmp_path / "runs", {item: (layer, (10, 10), None) for item, layer in layers.items()})
+    result = _select(store, SelectParams(min_images=3, crops=["full"]))
+    assert sorted(_selected(store)) == sorted(layers)[:3] and result.summary["left_out_unclean"] == 1
