@@ -387,8 +387,8 @@ def prefer_clean(layers: list[dict], segment: dict[str, dict], typicality: dict[
                  pinned: set[str] = frozenset(), colours: dict[str, np.ndarray] | None = None
                  ) -> tuple[list[dict], list[str]]:
     """One character's layers without those showing signs of not being clean (most signs first, then the
-    most in colours the character lacks, then the least typical), dropped only while more than `keep` remain;
-    `pinned` layers (an override moved them) stay. `colours`: layer id -> tasks/palette.colour_shares (None:
+    least typical: a blob of the character's colours that is no figure is atypical), dropped only while more
+    than `keep` remain; `pinned` layers (an override moved them) stay. `colours`: layer id -> tasks/palette.colour_shares (None:
     colours are not looked at). Returns (the layers kept in their order, the ids left out)."""
     median_area, median_aspect = (_median([f(segment.get(r["item_id"])) for r in layers])
                                   for f in (lambda row: (row or {}).get("area_frac"), aspect))
@@ -397,8 +397,7 @@ def prefer_clean(layers: list[dict], segment: dict[str, dict], typicality: dict[
     risk = {r["item_id"]: len(unclean_signs(segment.get(r["item_id"]), typicality.get(r["item_id"]), median_area,
                                             median_aspect, foreign.get(r["item_id"]), usual)) for r in layers}
     order = sorted((r for r in layers if risk[r["item_id"]] and r["item_id"] not in pinned),
-                   key=lambda r: (-risk[r["item_id"]], -foreign.get(r["item_id"], 0.0),
-                                  -(typicality.get(r["item_id"]) or 0.0), r["item_id"]))
+                   key=lambda r: (-risk[r["item_id"]], -(typicality.get(r["item_id"]) or 0.0), r["item_id"]))
     dropped = {r["item_id"] for r in order[:max(len(layers) - keep, 0)]}
     return [r for r in layers if r["item_id"] not in dropped], sorted(dropped)
 

@@ -541,7 +541,7 @@ def test_a_layer_in_colours_its_character_lacks_in_other_shots_is_foreign():
     assert foreign_shares({"l0": colours["l0"]}, {"l0": 0}) == {}  # nothing to compare with
 
 
-def test_prefer_clean_leaves_out_the_layers_in_foreign_colours_most_foreign_first():
+def test_prefer_clean_leaves_out_the_layers_in_foreign_colours():
     from tasks.palette import colour_shares
     from tasks.select import prefer_clean, unclean_signs
 
