@@ -1,7 +1,6 @@
 """Character-ness of a layer without model weights: what an episode gives for free.
 
-A shot's frames, aligned on the camera's global motion (an affine ECC fit started from a
-phase-correlation shift, so pans and zooms line up), agree wherever the picture is scenery and
+A shot's frames, aligned on the camera's global motion, agree wherever the picture is scenery and
 disagree where something moves against it. `ShotMotion.differs` marks the pixels of a frame
 that differ from the aligned other frames of its shot (the "plate" test: a pixel that matches
 the rest of the shot is background). A layer's character-ness starts from the share of its
@@ -13,6 +12,10 @@ sampled frame has no motion cue and starts from an even 0.5.
 segmenter to a tree and the sun) down to the moving part, one instance per moving blob; the still
 rest is scenery only where other frames of the shot show it and the figure does not stand there
 (a head that stays put while the arms move, and what a pan hides, stay with the figure).
+The camera fit of a pair of frames comes from their background: ORB features outside both frames'
+segmenter masks, matched and fitted with a RANSAC similarity (pan, zoom, roll), trusted from
+`MIN_INLIERS` agreeing matches on. Where the background gives fewer (repeated windows, flat skies,
+no masks), a dense fit decides: an affine ECC at half size started from a phase-correlation shift.
 Pure functions over numpy arrays; `tasks/segment.py` calls them from its shards.
 """
 
@@ -79,19 +82,75 @@ class ShotMotion:
     occupied: np.ndarray | None = None  # bool (H, W): foreground in every other frame that sees it
 
 
-class AlignedShot:
-    """The sampled frames of one shot aligned pairwise (`align`), each frame's greys and blur computed
-    once, not once per pair. Frames of different sizes are not compared."""
+ORB_FEATURES = 2000
+"""Background features found per frame for the camera fit."""
+MIN_INLIERS = 15
+"""Background matches that must agree on one camera motion before the feature fit is trusted (on the
+benchmark footage a wrong fit, on repeated windows or a flat sky, gathers at most 9)."""
+FOREGROUND_REACH = 15
+"""Pixels around the segmenter's foreground that give no background feature (an ORB patch's radius)."""
 
-    def __init__(self, images: list[np.ndarray], mapper: Callable = map):
-        """`mapper`: how the pairs' fits are run (a thread pool's `map` runs them side by side)."""
-        greys = list(mapper(_greys, images))
+
+def _background_features(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """ORB keypoints (N, 2) and descriptors of a frame, away from its foreground (soft mask >= 0.5)."""
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    side = 2 * FOREGROUND_REACH + 1
+    background = (cv2.dilate((mask >= 0.5).astype(np.uint8), np.ones((side, side), np.uint8)) == 0).astype(np.uint8)
+    keypoints, descriptors = cv2.ORB_create(nfeatures=ORB_FEATURES, fastThreshold=10).detectAndCompute(
+        grey, background * 255)
+    return np.float32([k.pt for k in keypoints]).reshape(-1, 2), descriptors
+
+
+def _feature_fit(moving: tuple[np.ndarray, np.ndarray | None], fixed: tuple[np.ndarray, np.ndarray | None]
+                 ) -> np.ndarray | None:
+    """The similarity mapping `fixed`'s background points onto `moving`'s (2x3, as `align` gives), or None
+    when fewer than MIN_INLIERS matches agree or the fit is no camera motion (scale off 0.5-2, rolled > 15 deg)."""
+    (moving_points, moving_codes), (fixed_points, fixed_codes) = moving, fixed
+    if moving_codes is None or fixed_codes is None or min(len(moving_points), len(fixed_points)) < MIN_INLIERS:
+        return None
+    matches = cv2.BFMatcher(cv2.NORM_HAMMING, crossCheck=True).match(fixed_codes, moving_codes)
+    if len(matches) < MIN_INLIERS:
+        return None
+    source = fixed_points[[m.queryIdx for m in matches]]
+    target = moving_points[[m.trainIdx for m in matches]]
+    warp, inliers = cv2.estimateAffinePartial2D(source, target, method=cv2.RANSAC, ransacReprojThreshold=2.0,
+                                                maxIters=2000, confidence=0.995, refineIters=20)
+    if warp is None or int(inliers.sum()) < MIN_INLIERS:
+        return None
+    scale, roll = np.hypot(warp[0, 0], warp[1, 0]), np.degrees(np.arctan2(warp[1, 0], warp[0, 0]))
+    if not 0.5 <= scale <= 2.0 or abs(roll) > 15:
+        return None
+    return warp.astype(np.float32)
+
+
+class AlignedShot:
+    """The sampled frames of one shot aligned pairwise, each frame's greys, blur and background features
+    computed once, not once per pair. Frames of different sizes are not compared.
+
+    With the frames' segmenter `masks`, a pair is fitted once on background features (`_feature_fit`) and
+    the reverse warp is its inverse; a pair the features do not settle, or every pair without masks, is
+    fitted both ways by `align`'s dense fit."""
+
+    def __init__(self, images: list[np.ndarray], mapper: Callable = map, masks: list[np.ndarray] | None = None):
+        """`mapper`: how the per-frame and per-pair work is run (a thread pool's `map` runs it side by side)."""
         self.shapes = [image.shape for image in images]
         self.blurred = [cv2.GaussianBlur(image, (5, 5), 0) for image in images]
-        pairs = [(moving, fixed) for moving in range(len(images)) for fixed in range(len(images))
-                 if moving != fixed and self.shapes[moving] == self.shapes[fixed]]
-        fits = mapper(lambda pair: _fit(greys[pair[0]], greys[pair[1]]), pairs)
-        self.warps = dict(zip(pairs, fits))  # (moving, fixed) -> 2x3: fixed coordinates -> moving ones
+        pairs = [(j, k) for j in range(len(images)) for k in range(j + 1, len(images))
+                 if self.shapes[j] == self.shapes[k]]
+        fitted: list[np.ndarray | None] = [None] * len(pairs)
+        if masks is not None:
+            features = list(mapper(_background_features, images, masks))
+            fitted = list(mapper(lambda pair: _feature_fit(features[pair[0]], features[pair[1]]), pairs))
+        self.warps = {}  # (moving, fixed) -> 2x3: fixed coordinates -> moving ones
+        for (j, k), warp in zip(pairs, fitted):
+            if warp is not None:
+                self.warps[(j, k)] = warp
+                self.warps[(k, j)] = cv2.invertAffineTransform(warp.astype(np.float64)).astype(np.float32)
+        dense = [pair for j, k in pairs if (j, k) not in self.warps for pair in ((j, k), (k, j))]
+        if dense:
+            needed = sorted({i for pair in dense for i in pair})
+            greys = dict(zip(needed, mapper(_greys, [images[i] for i in needed])))
+            self.warps.update(zip(dense, mapper(lambda pair: _fit(greys[pair[0]], greys[pair[1]]), dense)))
 
     def motion(self, k: int, tolerance: int, masks: list[np.ndarray] | None = None) -> ShotMotion:
         """Compare frame `k` with the shot's other frames; `tolerance` is the 0-255 colour step.

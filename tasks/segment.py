@@ -52,7 +52,8 @@ from tasks.run.store import QUARANTINE, RunStore, fingerprint, write_error
 STAGE = "segment"
 FRAME_THREADS = 2
 """Threads that layer a shot's frames (the segmenter runs on its own threads, between shots)."""
-VERSION = 7  # 7: backgrounds inpainted at half size; 6: `shot_id` and `look` per layer, recurrence judged
+VERSION = 8  # 8: shots aligned on background features (ORB outside the masks, RANSAC similarity), the dense fit
+# only where they do not settle a pair (zoom shots were off by 20-70 px); 7: backgrounds inpainted at half size; 6: `shot_id` and `look` per layer, recurrence judged
 # run-wide by tier; 5: a plate the motion already rules out is not segmented again (plate_residual: the motion's share)
 
 SCHEMA = pa.schema([
@@ -520,10 +521,10 @@ def segment_frames(frames: list[dict], run_root: Path, params: SegmentParams, se
 
 def layer_shot(readable: list[tuple[dict, np.ndarray]], masks: list[np.ndarray], boxes: list | None,
                params: SegmentParams, out: Path, prefix: str, finder: Any, pool: ThreadPoolExecutor) -> Iterator:
-    """(motion, rows) of each readable (frame, image) of one shot, in order: the shot aligned once
-    (tasks/characterness.AlignedShot), each frame layered (`layer_frame`) against its motion, in `pool`."""
+    """(motion, rows) of each readable (frame, image) of one shot, in order: the shot aligned once on its
+    background (tasks/characterness.AlignedShot, with the frames' masks), each frame layered (`layer_frame`) against its motion, in `pool`."""
     images = [image for _, image in readable]
-    aligned = AlignedShot(images, pool.map) if len(images) > 1 else None
+    aligned = AlignedShot(images, pool.map, masks) if len(images) > 1 else None
 
     def layered(k: int) -> tuple[Any, list[dict]]:
         motion = aligned.motion(k, params.motion_tolerance, masks) if aligned else None

@@ -137,6 +137,55 @@ def test_a_shot_aligned_once_gives_each_pair_the_warp_and_motion_of_aligning_tha
     assert motion.differs.mean() > 0.01  # the walking robot moves
 
 
+def _zoom_shot(size=(480, 270)) -> tuple[list[np.ndarray], list[np.ndarray], list[list[np.ndarray]]]:
+    """Five frames of a zoom shot with two walking figures (tests/footage.py's renderer), their true
+    figure masks, and for a zoom in and a zoom out the true warp of each frame against frame 0."""
+    from tests.footage import ZOOM, ShotSpec, _render_shot
+
+    frames = list(_render_shot(ShotSpec(3, ("robot", "zombie"), 2.5, "zoom"), size, 12))
+    picked = [0, 7, 14, 21, len(frames) - 1]
+    images = [frames[f][0] for f in picked]
+    masks = [(frames[f][1] > 0).astype(np.float32) for f in picked]
+    W, H = size
+    truths = []
+    for z0, z1 in ((1.0, ZOOM), (ZOOM, 1.0)):  # scale about the frame's centre
+        z = [z0 + (z1 - z0) * f / (len(frames) - 1) for f in picked]
+        truths.append([np.float32([[z[j] / z[0], 0, W / 2 * (1 - z[j] / z[0])], [0, z[j] / z[0], H / 2 * (1 - z[j] / z[0])]])
+                       for j in range(len(picked))])
+    return images, masks, truths
+
+
+def _corner_error(warp: np.ndarray, truth: np.ndarray, size: tuple[int, int]) -> float:
+    """Largest distance (px) between where two warps put the frame's corners."""
+    W, H = size
+    corners = np.float64([[0, 0, 1], [W, 0, 1], [0, H, 1], [W, H, 1]]).T
+    return float(np.abs((warp.astype(np.float64) - truth.astype(np.float64)) @ corners).max())
+
+
+def test_a_zoom_with_walking_figures_is_aligned_on_its_background_not_on_the_figures():
+    images, masks, truths = _zoom_shot()
+    shot = AlignedShot(images, masks=masks)
+    errors = {i: [_corner_error(shot.warps[(j, 0)], truth[j], (480, 270)) for j in range(1, 5)]
+              for i, truth in enumerate(truths)}
+    truth = min(errors, key=lambda i: np.median(errors[i]))  # the shot zooms in or out (its seed decides)
+    assert max(errors[truth]) < 2.0, errors[truth]  # within 2 px at every corner: the background lines up
+    for j in range(1, 5):  # the reverse warp is the inverse of the fitted one
+        back = np.vstack([shot.warps[(0, j)], [0, 0, 1]]) @ np.vstack([shot.warps[(j, 0)], [0, 0, 1]])
+        assert np.allclose(back, np.eye(3), atol=1e-3)
+    moving = shot.motion(2, 40)
+    background = masks[2] == 0
+    assert moving.differs[background & moving.known].mean() < 0.02  # scenery does not move once aligned
+    assert moving.differs[masks[2] > 0].mean() > 0.1  # the walking figures do
+
+
+def test_a_shot_whose_background_gives_no_features_is_aligned_by_the_dense_fit(tmp_path):
+    _, images, _, _ = _shot(tmp_path, pan=10)
+    everything = [np.ones(image.shape[:2], np.float32) for image in images]  # all foreground: no background feature
+    shot = AlignedShot(images, masks=everything)
+    for pair in ((1, 0), (0, 2)):
+        assert np.array_equal(shot.warps[pair], align(images[pair[0]], images[pair[1]]))
+
+
 def test_a_layer_touching_the_top_edge_without_motion_cue_is_not_a_character():
     pixels = np.zeros((100, 100), bool)
     pixels[0:30, 10:60] = True
