@@ -33,6 +33,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -52,7 +53,7 @@ from tasks.run.store import QUARANTINE, RunStore, fingerprint, write_error
 STAGE = "segment"
 FRAME_THREADS = 2
 """Threads that layer a shot's frames (the segmenter runs on its own threads, between shots)."""
-VERSION = 8  # 8: shots aligned on background features (ORB outside the masks, RANSAC similarity), the dense fit
+VERSION = 9  # 9: a faceless piece under a face-holding one joins it (a bust cut at the neck by its mask); 8: shots aligned on background features (ORB outside the masks, RANSAC similarity), the dense fit
 # only where they do not settle a pair (zoom shots were off by 20-70 px); 7: backgrounds inpainted at half size; 6: `shot_id` and `look` per layer, recurrence judged
 # run-wide by tier; 5: a plate the motion already rules out is not segmented again (plate_residual: the motion's share)
 
@@ -363,6 +364,75 @@ def split_glued_instances(instances: list[tuple[np.ndarray, np.ndarray]], motion
     return out
 
 
+@dataclass
+class Piece:
+    """One layer-to-be of a frame: its pixels, the region where its soft alpha lives, where it came from."""
+
+    pixels: np.ndarray
+    region: np.ndarray
+    split_from: int | None
+    reasons: list[str]
+    whole: int  # its pixels before static parts were trimmed
+    untrimmed: tuple[np.ndarray, np.ndarray]  # (pixels, region) before that trimming
+    face: dict[str, Any] = field(default_factory=dict)  # its face columns (`face_fields`)
+    layer: tuple[np.ndarray, tuple[int, int]] | None = None  # its `crop_layer`, once made
+
+    def box(self, margin: int = 0) -> tuple[int, int, int, int]:
+        """Its pixels' box grown by `margin`, clipped to the frame."""
+        x0, y0, x1, y1 = bbox_of(self.pixels)
+        h, w = self.pixels.shape
+        return max(x0 - margin, 0), max(y0 - margin, 0), min(x1 + margin, w), min(y1 + margin, h)
+
+
+def crop_layer(piece: Piece, rgb: np.ndarray, alpha: np.ndarray, margin: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The RGBA layer of a piece (its box plus `margin`, alpha from the soft mask inside its region) and
+    the layer's top-left corner in the frame."""
+    cx0, cy0, cx1, cy1 = piece.box(margin)
+    layer_alpha = np.where(piece.region[cy0:cy1, cx0:cx1], alpha[cy0:cy1, cx0:cx1], 0.0)
+    layer_alpha = np.clip(layer_alpha * 255 + 0.5, 0, 255).astype(np.uint8)
+    return np.dstack([rgb[cy0:cy1, cx0:cx1], layer_alpha]), (cx0, cy0)
+
+
+def body_below(face: dict[str, Any], head: Piece, body: Piece) -> bool:
+    """Whether a faceless `body` continues the figure whose face `head` holds: it starts under the face's
+    middle, within half a face height of the head's bottom, and reaches under the face's centre (a mask
+    that misses a dark neck or collar cuts a bust in two)."""
+    fx0, fy0, fx1, fy1 = face["face_box"]
+    _, _, _, head_bottom = bbox_of(head.pixels)
+    bx0, by0, bx1, _ = bbox_of(body.pixels)
+    face_height = fy1 - fy0
+    return by0 >= (fy0 + fy1) / 2 and by0 - head_bottom <= face_height / 2 and bx0 <= (fx0 + fx1) / 2 < bx1
+
+
+def join_bodies_to_faces(pieces: list[Piece]) -> list[Piece]:
+    """Pieces with each faceless one that continues a face-holding piece below its face (`body_below`)
+    joined to it, untrimmed (the face says the whole body is figure); the others as they are, in order."""
+    heads = [p for p in pieces if p.face.get("face_box")]
+    joined: dict[int, Piece] = {}
+    for body in pieces:
+        if body.face.get("faces") or not heads:
+            continue
+        below = [h for h in heads if body_below(h.face, h, body)]
+        if below:
+            head = min(below, key=lambda h: bbox_of(body.pixels)[1] - bbox_of(h.pixels)[3])
+            joined[id(body)] = head
+    out = []
+    for piece in pieces:
+        if id(piece) in joined:
+            continue
+        bodies = [b for b in pieces if joined.get(id(b)) is piece]
+        for body in bodies:
+            pixels, region = body.untrimmed
+            bridge = np.zeros_like(region)
+            fx0, _, fx1, _ = piece.face["face_box"]
+            bridge[bbox_of(piece.pixels)[3] - 1:bbox_of(pixels)[1] + 1, fx0:fx1] = True
+            piece = Piece(piece.pixels | pixels, piece.region | region | bridge, piece.split_from,
+                          piece.reasons + [f"joined with the body below its face ({body.whole} px)"],
+                          piece.whole + body.whole, piece.untrimmed, piece.face)
+        out.append(piece)
+    return out
+
+
 def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: SegmentParams, model: str,
                 out: Path, prefix: str, motion: Any = None, detections: np.ndarray | None = None,
                 finder: Any = None) -> list[dict]:
@@ -396,30 +466,34 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
 
         matte = alpha_matte(image, mask)
         rgb, alpha = matte[..., :3], matte[..., 3].astype(np.float32) / 255.0
-    rows = []
-    for number, (pixels, region, split_from, why) in enumerate(split_glued_instances(instances, motion, params), start=1):
-        whole = int(pixels.sum())
+    pieces = []
+    for pixels, region, split_from, why in split_glued_instances(instances, motion, params):
+        whole, untrimmed = int(pixels.sum()), (pixels, region)
         kept = trim_static_parts(motion, pixels, moving_share=params.moving_share) if params.trim_static else None
         if kept is not None:
             region = (region & ~(cv2.dilate((pixels & ~kept).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0)) | kept
             pixels = kept
+        reasons = [why] if why is not None else []
+        if kept is not None:
+            reasons.append(f"static parts trimmed ({1 - pixels.sum() / whole:.0%} of it)")
+        piece = Piece(pixels, region, split_from, reasons, whole, untrimmed)
+        piece.layer = crop_layer(piece, rgb, alpha, params.margin)
+        piece.face = face_fields(finder, *piece.layer, params.face_min_likelihood)
+        pieces.append(piece)
+    rows = []
+    for number, piece in enumerate(join_bodies_to_faces(pieces), start=1):
+        pixels = piece.pixels
         x0, y0, x1, y1 = bbox_of(pixels)
-        m = params.margin
-        cx0, cy0, cx1, cy1 = max(x0 - m, 0), max(y0 - m, 0), min(x1 + m, w), min(y1 + m, h)
-        layer_alpha = np.where(region[cy0:cy1, cx0:cx1], alpha[cy0:cy1, cx0:cx1], 0.0)
-        layer_alpha = np.clip(layer_alpha * 255 + 0.5, 0, 255).astype(np.uint8)
+        layer, _ = piece.layer or crop_layer(piece, rgb, alpha, params.margin)
+        layer_alpha = layer[..., 3]
         name = f"{stem}_{number:02d}.png"
-        layer = np.dstack([rgb[cy0:cy1, cx0:cx1], layer_alpha])
         _write_png(out / "character" / name, layer)
-        face = face_fields(finder, layer, (cx0, cy0), params.face_min_likelihood)
+        face = piece.face
         confidence = float(mask[pixels].mean())
         moving = motion_share(motion, pixels)
         score, reasons = character_score(moving, [x0, y0, x1, y1], pixels, confidence,
                                          moving_share=params.moving_share, face=face.get("face_likelihood"))
-        if why is not None:
-            reasons.append(why)
-        if kept is not None:
-            reasons.append(f"static parts trimmed ({1 - pixels.sum() / whole:.0%} of it)")
+        reasons += piece.reasons
         drop = "faint" if confidence < params.min_confidence else None
         if drop is None and detections is not None:
             from models.detectors import overlaps_detection
@@ -435,7 +509,7 @@ def layer_frame(frame: dict, image: np.ndarray, mask: np.ndarray, params: Segmen
             "mask_path": mask_path, "background_path": base["background_path"],
             "confidence": confidence, "flag": None, "kept": drop is None, "drop_reason": drop,
             "motion": moving, "character_score": score, "character_reasons": "; ".join(reasons),
-            "split_from": split_from, "kept_share": float(pixels.sum()) / max(whole, 1),
+            "split_from": piece.split_from, "kept_share": float(pixels.sum()) / max(piece.whole, 1),
             "cut_edges": cut_edges([x0, y0, x1, y1], w, h), **face,
             "shot_id": frame.get("shot_id"), "look": look_of(image, pixels, [x0, y0, x1, y1]).ravel().tolist(),
         })

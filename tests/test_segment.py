@@ -433,3 +433,40 @@ def test_the_background_is_inpainted_inside_the_holes_only():
     holes = cv2.dilate(figure.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
     assert np.array_equal(background[~holes], image[~holes])
     assert np.abs(background[holes].astype(int) - (40, 120, 200)).max() <= 8  # no trace of the figure (255, 255, 0)
+
+
+class _MaskOf:
+    """A segmenter that returns given masks, in order."""
+
+    name = "given"
+
+    def __init__(self, masks: list[np.ndarray]):
+        self.masks = list(masks)
+
+    def segment(self, images):
+        return [self.masks.pop(0) for _ in images]
+
+
+def test_a_bust_whose_mask_misses_the_neck_is_one_layer_with_its_face(tmp_path):
+    from models.faces import face_detector
+    from tests import anime_art
+
+    rgb, alpha = anime_art.load("eileen happy"), anime_art.alpha("eileen happy")
+    (face,) = face_detector("animeface").detect([rgb])[0]
+    mask = (alpha / 255.0).astype(np.float32)
+    neck = face.box[3] + 4  # a dark collar the segmenter misses: a band right under the chin
+    mask[neck:neck + 12] = 0.0
+    Image.fromarray(rgb).save(tmp_path / "0.png")
+    frame = {"item_id": "ep:0000000", "episode": "ep", "frame_index": 0, "shot_id": 1, "path": "0.png",
+             "width": rgb.shape[1], "height": rgb.shape[0]}
+    tables = {}
+    for faces in ("animeface", "none"):
+        params = SegmentParams(model="u2netp", plate_check=False, faces=faces)
+        tables[faces], _ = segment_frames([frame], tmp_path, params, _MaskOf([mask]), tmp_path / faces, "p")
+    assert tables["none"].num_rows == 2  # without faces: the head and the body are two layers
+    (layer,) = tables["animeface"].to_pylist()
+    assert layer["faces"] == 1 and "joined with the body below its face" in layer["character_reasons"]
+    ys = np.flatnonzero((alpha > 128).any(axis=1))
+    assert layer["bbox"][1] <= face.box[1] and layer["bbox"][3] >= ys[-1]  # from the hair down to the body's end
+    written = np.asarray(Image.open(tmp_path / "animeface" / layer["path"].removeprefix("p/")))
+    assert written.shape[0] >= ys[-1] - face.box[1] and (written[..., 3] > 128).mean() > 0.3
