@@ -44,13 +44,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.groups import split_two_groups
+from tasks.groups import face_signature, same_faces, split_two_groups
 from tasks.run.spec import GlobalStage, Inputs
 from tasks.run.stage import StageResult
 from tasks.run.store import RunStore, write_table
 
 STAGE = "cluster"
-VERSION = 3
+VERSION = 4  # 4: clusters whose faces have the same hair and eye colours merge at FACE_MERGE x merge_threshold
 NOISE = -1
 CENTROIDS = "centroids.parquet"
 FIT_KEY = "episode2lora.fit"
@@ -224,6 +224,43 @@ def merge_close_clusters(x: np.ndarray, labels: np.ndarray, threshold: float) ->
     return merged, len(ids) - len(set(groups.tolist()))
 
 
+FACE_MERGE = 1.5
+"""Clusters whose members mostly hold faces of the same hair and eye colours merge up to this many times
+`merge_threshold` apart: one character as a bust close-up and at full length embeds farther apart than
+one framing does (anime test footage, colour-shape embedder: 0.10-0.12 between one character's framings,
+0.13 between two different characters, 0.16 between one face in two outfits)."""
+def merge_same_faces(x: np.ndarray, labels: np.ndarray, faces: list[str | None], threshold: float
+                     ) -> tuple[np.ndarray, int]:
+    """Join clusters whose faces agree (tasks/groups.same_faces) and whose centroids are
+    within `threshold` cosine distance; a cluster without faces is left as it is.
+
+    Returns (new labels, number of clusters merged away)."""
+    members: dict[int, list[str | None]] = {}
+    for label, face in zip(labels.tolist(), faces):
+        if label != NOISE:
+            members.setdefault(label, []).append(face)
+    signatures = {k: sig for k, v in members.items() if (sig := face_signature(v)) is not None}
+    ids = sorted(signatures)
+    if threshold <= 0 or len(ids) < 2:
+        return labels, 0
+    means = centroids_of(x, labels)
+    root = {k: k for k in ids}
+
+    def find(k: int) -> int:
+        while root[k] != k:
+            k = root[k]
+        return k
+
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            close = 1.0 - float(_l2(means[a][None])[0] @ _l2(means[b][None])[0]) <= threshold
+            if close and same_faces(signatures[a], signatures[b]):
+                root[find(b)] = find(a)
+    lookup = {k: find(k) for k in ids}
+    merged = np.array([lookup.get(v, v) for v in labels.tolist()], dtype=np.int64)
+    return merged, len(ids) - len(set(lookup.values()))
+
+
 def _by_size(labels: np.ndarray) -> np.ndarray:
     """Renumber clusters 0.. by size (largest first; ties by first member), noise stays -1."""
     ids, first, sizes = np.unique(labels, return_index=True, return_counts=True)
@@ -237,7 +274,7 @@ MAP_EPOCHS = 100
 """At most this many optimisation epochs for the report's 2-D map (a picture, not a result)."""
 
 
-def cluster_embeddings(x: np.ndarray, params: ClusterParams) -> Clustering:
+def cluster_embeddings(x: np.ndarray, params: ClusterParams, faces: list[str | None] | None = None) -> Clustering:
     """PCA -> UMAP -> HDBSCAN -> merge -> numbering by size, plus a 2-D map. Deterministic for `params.seed`.
 
     Above `params.fit_layers` layers the clustering is fitted on an even random sample of that
@@ -247,14 +284,15 @@ def cluster_embeddings(x: np.ndarray, params: ClusterParams) -> Clustering:
     Args:
         x: (n, d) L2-normalised embeddings.
         params: clustering parameters.
+        faces: each layer's face colours (segment's `face_colours`), for `merge_same_faces` (None: not used).
     Returns:
         a Clustering (labels 0.. by size, -1 noise; `seconds` per phase).
     """
     n = len(x)
     if not params.fit_layers or n <= params.fit_layers:
-        return _fit(x, params)
+        return _fit(x, params, faces)
     sample = np.sort(np.random.default_rng(params.seed).choice(n, params.fit_layers, replace=False))
-    fitted = _fit(x[sample], params)
+    fitted = _fit(x[sample], params, None if faces is None else [faces[i] for i in sample])
     clock = time.perf_counter()
     labels = np.full(n, NOISE, np.int64)
     probabilities = np.zeros(n, np.float32)
@@ -270,7 +308,7 @@ def cluster_embeddings(x: np.ndarray, params: ClusterParams) -> Clustering:
     return Clustering(_by_size(labels), probabilities, map_xy, fitted.merged, seconds)
 
 
-def _fit(x: np.ndarray, params: ClusterParams) -> Clustering:
+def _fit(x: np.ndarray, params: ClusterParams, faces: list[str | None] | None = None) -> Clustering:
     """The full clustering of `x` (every layer enters UMAP and HDBSCAN)."""
     n = len(x)
     seconds: dict[str, float] = {}
@@ -296,6 +334,9 @@ def _fit(x: np.ndarray, params: ClusterParams) -> Clustering:
     labels, probabilities = hdbscan_on_neighbours(reduced, params.min_cluster_size, min_samples)
     lap("hdbscan")
     labels, merged = merge_close_clusters(x, labels, params.merge_threshold)
+    if faces is not None:
+        labels, by_face = merge_same_faces(x, labels, faces, params.merge_threshold * FACE_MERGE)
+        merged += by_face
     if params.split_silhouette is not None:  # before ids are matched: a split-off group gets its own stable id
         labels = split_two_groups(x, labels, params.min_cluster_size, params.split_silhouette)[0]
     labels = _by_size(labels)
@@ -470,8 +511,10 @@ def centroid_table(centroids: dict[int, np.ndarray], sizes: dict[int, int], embe
 
 
 def _fit_settings(params: ClusterParams) -> dict:
-    """The parameters a clustering depends on (not the ones deciding when to cluster again)."""
-    return params.model_dump(mode="json", exclude={"incremental", "refit_unplaced", "refit_growth", "match_threshold"})
+    """What a clustering depends on: the stage's version and its parameters (not the ones deciding when to
+    cluster again)."""
+    return {"version": VERSION,
+            **params.model_dump(mode="json", exclude={"incremental", "refit_unplaced", "refit_growth", "match_threshold"})}
 
 
 def _previous_fit(previous: pa.Table | None, params: ClusterParams) -> tuple[dict | None, str]:
@@ -485,7 +528,7 @@ def _previous_fit(previous: pa.Table | None, params: ClusterParams) -> tuple[dic
     if "map" not in fit or "weight" not in previous.schema.names:
         return None, "the earlier clustering has no placement record"
     if fit.get("settings") != _fit_settings(params):
-        return None, "clustering parameters changed"
+        return None, "the clustering parameters or the stage's version changed"
     return fit, ""
 
 
@@ -503,9 +546,10 @@ class _Outcome:
     merged: int = 0
 
 
-def _full_fit(x: np.ndarray, embedder: str, params: ClusterParams, previous: pa.Table | None) -> _Outcome:
+def _full_fit(x: np.ndarray, embedder: str, params: ClusterParams, previous: pa.Table | None,
+              faces: list[str | None] | None = None) -> _Outcome:
     """Cluster all layers and give the clusters the earlier run's ids where their centroids match."""
-    result = cluster_embeddings(x, params)
+    result = cluster_embeddings(x, params, faces)
     sums = cluster_sums(x, result.labels)
     centroids = {k: _l2(v[None])[0] for k, v in sums.items()}
     mapping, matched = match_ids(centroids, previous, embedder, params.match_threshold)
@@ -620,7 +664,7 @@ def cluster_layers(embeds: pa.Table, layers: pa.Table, params: ClusterParams,
 
     Args:
         embeds: embed manifest (item_id, source_id, embedder, kept, embedding).
-        layers: segment manifest (item_id, path) for the layer files.
+        layers: segment manifest (item_id, path; face_colours, when there, for `merge_same_faces`).
         params: clustering parameters.
         previous: the earlier run's centroid table, for id matching (None: ids from 0).
         placement: the earlier run's cluster manifest, for incremental placement.
@@ -654,9 +698,17 @@ def cluster_layers(embeds: pa.Table, layers: pa.Table, params: ClusterParams,
         outcome.clustering = Clustering(labels, probs, map_xy)
         why_full = None
     else:
-        outcome = _full_fit(read_embeddings(kept), embedder, params, previous)
+        outcome = _full_fit(read_embeddings(kept), embedder, params, previous, faces_of(kept, layers))
     centroids, summary = _results(outcome, embedder, previous, dim, why_full)
     return _layer_rows(kept, outcome.clustering, layers), centroids, summary
+
+
+def faces_of(kept: pa.Table, layers: pa.Table) -> list[str | None] | None:
+    """Each kept layer's `face_colours` from the segment manifest `layers` (None: the column is not there)."""
+    if "face_colours" not in layers.column_names:
+        return None
+    colours = dict(zip(layers.column("item_id").to_pylist(), layers.column("face_colours").to_pylist()))
+    return [colours.get(item) for item in kept.column("item_id").to_pylist()]
 
 
 EMBED_COLUMNS = ["item_id", "source_id", "embedder", "kept", "embedding"]
@@ -744,8 +796,9 @@ def build_cluster(store: RunStore, params: Any, inputs: Inputs, folder: Path
         embedder, why_full = fit["embedder"], None
     else:
         kept, embedder, part_of = _read_kept(store, embed, list(digests))
-        outcome = _full_fit(read_embeddings(kept), embedder, own, previous)
-        layers = store.read_manifest(segment, columns=["item_id", "path"])
+        faces = ["face_colours"] if "face_colours" in store.manifest_columns(segment) else []
+        layers = store.read_manifest(segment, columns=["item_id", "path", *faces])
+        outcome = _full_fit(read_embeddings(kept), embedder, own, previous, faces_of(kept, layers))
         parts = _split_parts(_layer_rows(kept, outcome.clustering, layers), part_of, list(digests))
     dim = kept.schema.field("embedding").type.list_size
     centroids, summary = _results(outcome, embedder, previous, dim, why_full, {"parts": digests})

@@ -74,3 +74,27 @@ def split_two_groups(x: np.ndarray, labels: np.ndarray, min_group: int, min_silh
             following += 1
             split += 1
     return out, split
+
+
+FACE_COLOUR_STEP = 48
+"""Largest 0-255 channel difference at which two clusters' hair and eye colours are the same."""
+
+
+def face_signature(colours: list[str | None]) -> np.ndarray | None:
+    """The median hair and eye colours (6 values) of a cluster's faces (segment's `face_colours` JSON per
+    member); None when fewer than half of the members hold a face with both."""
+    import json
+
+    found = []
+    for text in colours:
+        face = json.loads(text) if text else {}
+        if face.get("hair") and face.get("eyes"):
+            found.append([*face["hair"], *face["eyes"]])
+    if not found or 2 * len(found) < len(colours):
+        return None
+    return np.median(np.asarray(found, np.float32), axis=0)
+
+
+def same_faces(signature: np.ndarray | None, other: np.ndarray | None) -> bool:
+    """Whether two groups' `face_signature`s are one face: both there, hair and eyes within FACE_COLOUR_STEP."""
+    return signature is not None and other is not None and float(np.abs(signature - other).max()) <= FACE_COLOUR_STEP

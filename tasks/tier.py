@@ -43,12 +43,12 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.embed import EmbedParams, read_embeddings
-from tasks.groups import medoid, second_group
+from tasks.groups import face_signature, medoid, same_faces, second_group
 from tasks.run.spec import GlobalStage, Inputs
 from tasks.run.store import RunStore, write_table
 
 STAGE = "tier"
-VERSION = 6  # 6: recurring set scenery judged over the whole run (was: inside one segment shard); 5: purity from the evidence over all members (issue 22); 4: faces as evidence of kind
+VERSION = 7  # 7: a cluster's second group is kept when it shows the same face as the first; 6: recurring set scenery judged over the whole run (was: inside one segment shard); 5: purity from the evidence over all members (issue 22); 4: faces as evidence of kind
 MOVING = 0.15
 """Share of a layer's pixels moving against its shot at which the report counts it as moving."""
 RECURRENCE_PENALTY = 0.5
@@ -298,7 +298,7 @@ class _Evidence:
         self.sharpness = rows.column("sharpness").to_pylist()
         self.phash = rows.column("phash").to_pylist()
         fields = [f for f in ("item_id", "alpha_coverage", "area_frac", "character_score", "split_from", "motion",
-                              "faces", "cut_edges", "kept_share") if f in layers.column_names]
+                              "faces", "face_colours", "cut_edges", "kept_share") if f in layers.column_names]
         self.segment = {r["item_id"]: r for r in layers.select(fields).to_pylist()}
         self.recurs = recurrence(layers) if recurrence_shots else {}
         self.recurrence_shots = recurrence_shots
@@ -338,15 +338,21 @@ def recurrence(layers: pa.Table) -> dict[str, int]:
     return dict(zip(rows.column("item_id").to_pylist(), recurring_shots(shots, boxes, looks).tolist()))
 
 
-def _outliers(x: np.ndarray, scores: list[float], cut: np.ndarray, params: TierParams) -> tuple[np.ndarray, ...]:
+def _outliers(x: np.ndarray, scores: list[float], cut: np.ndarray, params: TierParams,
+              faces: list[str | None] | None = None) -> tuple[np.ndarray, ...]:
     """(distance to the medoid, robust z, outlier flag) per member: stricter for cut layers, looser for
-    moving ones, and the group away from the medoid when the members form two."""
+    moving ones, and the group away from the medoid when the members form two, unless both groups show
+    one face (`faces`: segment's `face_colours` per member; tasks/groups.same_faces): one character as a
+    bust close-up and at full length."""
     dist, z, outlier = typicality(x, params.outlier_mads)
     moving = ~cut & (np.array(scores) >= params.moving_score)
     outlier &= ~moving | (z > params.moving_outlier_mads)
     outlier |= cut & (z > params.cut_outlier_mads)
-    outlier |= second_group(x, params.min_group, params.split_silhouette)
-    return dist, z, outlier
+    away = second_group(x, params.min_group, params.split_silhouette)
+    if away.any() and faces is not None and same_faces(
+            face_signature([f for f, a in zip(faces, away) if a]), face_signature([f for f, a in zip(faces, away) if not a])):
+        away[:] = False
+    return dist, z, outlier | away
 
 
 def tier_cluster(cid: int, rows_c: list[dict], ev: _Evidence, params: TierParams
@@ -366,7 +372,7 @@ def tier_cluster(cid: int, rows_c: list[dict], ev: _Evidence, params: TierParams
     }
     scores = [ev.score(item) for item in items]
     cut = np.array([ev.seg(item, "split_from") is not None for item in items])
-    dist, z, outlier = _outliers(x, scores, cut, params)
+    dist, z, outlier = _outliers(x, scores, cut, params, [ev.seg(item, "face_colours") for item in items])
     faces = [bool(ev.seg(item, "faces")) for item in items]
     cues = [ev.seg(item, "motion", 0.0) is not None or f  # unscored layers: no cue needed
             or ev.seg(item, "character_score") is None for item, f in zip(items, faces)]

@@ -162,7 +162,7 @@ def test_a_fit_on_a_sample_places_the_other_layers():
     assert "place" in result.seconds and result.map_xy.shape == (400, 2)
 
 
-def test_new_layers_are_placed_into_existing_clusters_until_drift(tmp_path):
+def test_new_layers_are_placed_into_existing_clusters_until_drift(tmp_path, monkeypatch):
     x, truth = blobs(n_per=40, k=5, seed=1)
     first_n = 4 * 40  # groups 0-3 clustered first; group 4 arrives later
     names = [f"l{i:04d}" for i in range(len(x))]
@@ -194,6 +194,11 @@ def test_new_layers_are_placed_into_existing_clusters_until_drift(tmp_path):
     assert grown["mode"] == "full" and grown["full_because"].startswith("growth")
     _, _, off = cluster_layers(*_embeds(more, more_names), ClusterParams(incremental=False), centroids, placement)
     assert off["mode"] == "full"
+    import tasks.cluster
+
+    monkeypatch.setattr(tasks.cluster, "VERSION", tasks.cluster.VERSION + 1)  # a new clustering: no placing into the old
+    _, _, newer = cluster_layers(*_embeds(more, more_names), ClusterParams(), centroids, placement)
+    assert newer["mode"] == "full" and "version" in newer["full_because"]
 
 
 def test_incremental_placement_on_generated_footage(tmp_path, episode, two_episodes):
@@ -252,3 +257,30 @@ def test_centroids_left_by_a_killed_attempt_are_not_placed_into(tmp_path):
     again = run_stage(CLUSTER, store, run_params(), _commit_episodes(store, x, 40)).summary
     assert again["mode"] == "full" and again["full_because"] == "the earlier clustering was not committed"
     assert store.read_manifest("cluster").num_rows == len(x)
+
+
+def test_clusters_whose_faces_agree_merge_at_a_looser_distance_and_others_do_not():
+    import json
+
+    from tasks.cluster import FACE_MERGE, merge_same_faces
+
+    rng = np.random.default_rng(0)
+    base = np.eye(4, 64, dtype=np.float32)
+
+    def group(direction: np.ndarray, n: int) -> np.ndarray:
+        x = direction + rng.normal(0, 0.01, (n, 64)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    bust = base[0]
+    full = base[0] * 0.88 + base[1] * 0.47  # 0.12 cosine distance from the bust: one character, two framings
+    x = np.vstack([group(bust, 5), group(full, 5), group(full, 5)])
+    labels = np.repeat([0, 1, 2], 5)
+    face = lambda hair, eyes: json.dumps({"hair": hair, "eyes": eyes, "skin": [250, 230, 220]})  # noqa: E731
+    dark_blue = face([40, 40, 60], [60, 90, 200])
+    faces = [dark_blue] * 10 + [face([230, 200, 90], [60, 90, 200])] * 5  # cluster 2: the same build, blonde
+    threshold = 0.08 * FACE_MERGE
+    merged, count = merge_same_faces(x, labels, faces, threshold)
+    assert count == 1 and len(set(merged[:10])) == 1 and merged[10] != merged[0]
+    assert merge_same_faces(x, labels, faces, 0.08)[1] == 0  # the plain threshold keeps the framings apart
+    faceless = [dark_blue] * 5 + [None] * 10  # most of cluster 1 without a face: no face evidence to merge on
+    assert merge_same_faces(x, labels, faceless, threshold)[1] == 0

@@ -569,3 +569,22 @@ def test_the_select_stage_leaves_out_a_layer_with_scenery_colours_its_character_
     store = make_layers_run(tmp_path / "runs", {item: (layer, (10, 10), None) for item, layer in layers.items()})
     result = _select(store, SelectParams(min_images=3, crops=["full"]))
     assert sorted(_selected(store)) == sorted(layers)[:3] and result.summary["left_out_unclean"] == 1
+
+
+def test_a_clusters_second_group_is_kept_when_it_shows_the_same_face():
+    import json
+
+    from tasks.tier import TierParams, _outliers
+
+    rng = np.random.default_rng(1)
+    a, b = np.eye(2, 32, dtype=np.float32)
+    x = np.vstack([a + rng.normal(0, 0.05, (8, 32)), a + 0.6 * b + rng.normal(0, 0.05, (5, 32))]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # two groups: 8 members (one shot's frames) and 5 (other framings)
+    face = lambda hair: json.dumps({"hair": hair, "eyes": [60, 90, 200], "skin": [250, 230, 220]})  # noqa: E731
+    params, scores, cut = TierParams(), [0.9] * 13, np.zeros(13, bool)
+    plain = _outliers(x, scores, cut, params)[2]
+    assert plain[8:].all() and not plain[:8].any()  # without faces the smaller group is trimmed
+    one_face = _outliers(x, scores, cut, params, [face([40, 40, 60])] * 13)[2]
+    assert not one_face.any()  # the same hair and eyes in both groups: one character, nothing trimmed
+    two_faces = _outliers(x, scores, cut, params, [face([40, 40, 60])] * 8 + [face([230, 200, 90])] * 5)[2]
+    assert two_faces[8:].all()  # a blonde second group is another character: trimmed as before

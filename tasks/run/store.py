@@ -577,6 +577,16 @@ class RunStore:
             raise StageNotDoneError(f"stage '{stage}' of run '{self.name}' is not done; run it first")
         return self._read(stage, columns)
 
+    def manifest_columns(self, stage: str) -> list[str]:
+        """The column names of a finished stage's manifest (from its file's, or first part's, schema)."""
+        path = self.manifest_path(stage)
+        if path.is_dir():
+            index = _read_json(path / PARTS_INDEX) or {}
+            if not index:
+                return []
+            path = path / index[min(index)]["file"]
+        return pq.read_schema(path).names
+
     def _read(self, stage: str, columns: list[str] | None = None, keys: Sequence[str] | None = None) -> pa.Table:
         path = self.manifest_path(stage)
         if not path.is_dir():
