@@ -118,3 +118,26 @@ def test_a_stage_is_fingerprinted_by_what_it_declares_it_reads(tmp_path, capsys)
     assert "total: recomputed, it now reads other parameters (numbers.factor, total)" in capsys.readouterr().err
     again = run_stage(reading, store, changed, {"values": numbers})
     assert again.recomputed and "total: recomputed, its settings changed (numbers.factor)" in capsys.readouterr().err
+
+
+class TupleParams(BaseModel):
+    factor: int = 2
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+class TupleRunParams(BaseModel):
+    numbers: CountParams = CountParams()
+    total: TupleParams = TupleParams()
+
+
+def test_a_new_version_is_not_reported_as_changed_settings_when_a_setting_is_a_tuple(tmp_path, capsys):
+    """params.json holds tuples as lists: the same tuple must not read as a changed setting."""
+    store = RunStore(tmp_path, "tuple")
+    numbers = run_stage(NUMBERS, store, TupleRunParams(), {"sources": sources_result(["1"])})
+    reads = ("total.factor", "total.mean")  # a declared read of one field gives its value as is: a tuple
+    first = GlobalStage(name="total", version=1, params=TupleParams, inputs=("values",), reads=reads, build=_total)
+    run_stage(first, store, TupleRunParams(), {"values": numbers})
+    capsys.readouterr()
+    newer = GlobalStage(name="total", version=2, params=TupleParams, inputs=("values",), reads=reads, build=_total)
+    assert run_stage(newer, store, TupleRunParams(), {"values": numbers}).recomputed
+    assert "total: recomputed, its inputs or its version changed" in capsys.readouterr().err

@@ -3,6 +3,7 @@ artifacts. Their Prefect tasks and cache keys are made from their specs (tasks/r
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -119,6 +120,7 @@ def say_why_recomputed(store: RunStore, stage: str, settings: dict[str, Any]) ->
     if store.marker(stage) is None:
         return
     before = read_json_object(store.stage_dir(stage) / "params.json") or {}
+    settings = json.loads(json.dumps(settings, default=str))  # as params.json holds them: tuples are lists there
     changed = sorted(key for key in {*before, *settings} if before.get(key) != settings.get(key))
     if set(before) != set(settings):
         why = f"it now reads other parameters ({', '.join(sorted(set(settings) - set(before))[:6]) or 'fewer'}) " \
