@@ -10,6 +10,8 @@ that glues moving parts to static scenery is cut down to its moving parts, and w
 (tasks/characterness.py); the pieces keep the number of the layer they came from in
 `split_from`. With `trim_static`, the static parts glued to a moving layer are trimmed off it
 (`kept_share`: what is left of the instance); `cut_edges` names the frame edges a layer touches.
+Each layer is searched for an anime face (`faces`); a faceless piece right under a face-holding one
+(a mask that misses a dark neck or collar cuts a bust in two) is joined to it.
 Each layer keeps its shot and its `look` (a small grey thumbnail of its own pixels) so that the
 tier stage can tell set scenery recurring across the whole run (tasks/tier.py). With `plate_check`, the background layer of each
 shot's least covered frame is checked: motion against the shot outside the inpainted holes, then (unless
