@@ -229,6 +229,8 @@ FACE_MERGE = 1.5
 `merge_threshold` apart: one character as a bust close-up and at full length embeds farther apart than
 one framing does (anime test footage, colour-shape embedder: 0.10-0.12 between one character's framings,
 0.13 between two different characters, 0.16 between one face in two outfits)."""
+
+
 def merge_same_faces(x: np.ndarray, labels: np.ndarray, faces: list[str | None], threshold: float
                      ) -> tuple[np.ndarray, int]:
     """Join clusters whose faces agree (tasks/groups.same_faces) and whose centroids are
@@ -244,6 +246,7 @@ def merge_same_faces(x: np.ndarray, labels: np.ndarray, faces: list[str | None],
     if threshold <= 0 or len(ids) < 2:
         return labels, 0
     means = centroids_of(x, labels)
+    unit = {k: _l2(means[k][None])[0] for k in ids}
     root = {k: k for k in ids}
 
     def find(k: int) -> int:
@@ -253,7 +256,7 @@ def merge_same_faces(x: np.ndarray, labels: np.ndarray, faces: list[str | None],
 
     for i, a in enumerate(ids):
         for b in ids[i + 1:]:
-            close = 1.0 - float(_l2(means[a][None])[0] @ _l2(means[b][None])[0]) <= threshold
+            close = 1.0 - float(unit[a] @ unit[b]) <= threshold
             if close and same_faces(signatures[a], signatures[b]):
                 root[find(b)] = find(a)
     lookup = {k: find(k) for k in ids}
